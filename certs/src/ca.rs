@@ -1,0 +1,275 @@
+//! The cluster's root certificate authority and its signing policy.
+//!
+//! The CA decides everything about a node certificate except its public key:
+//! subject (CN = node ID, OU = role, O = cluster ID), SANs (role and node ID, plus
+//! `swarm-ca` for managers), usages and validity. Whatever else a CSR asks for is
+//! ignored, so a joiner cannot name itself or pick its role.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use ::time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::{ca_digest, CertError, ClusterId, NodeId, Role};
+
+/// Root CA lifetime: 10 years.
+const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// NotBefore is backdated by this much to tolerate clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// How long node certificates live.
+///
+/// # Defaults
+/// 24 hours; at least 30 seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertValidity(Duration);
+
+impl CertValidity {
+    /// The shortest lifetime accepted.
+    pub const MIN: Duration = Duration::from_secs(30);
+    /// The default lifetime.
+    pub const DEFAULT: CertValidity = CertValidity(Duration::from_secs(24 * 3600));
+
+    /// A lifetime, refused below [`CertValidity::MIN`].
+    pub fn new(d: Duration) -> Result<Self, String> {
+        if d < Self::MIN {
+            return Err(format!("certificate expiry {}s is below the minimum of 30s", d.as_secs()));
+        }
+        Ok(Self(d))
+    }
+
+    /// The lifetime.
+    pub fn duration(self) -> Duration {
+        self.0
+    }
+}
+
+impl Default for CertValidity {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl FromStr for CertValidity {
+    type Err = String;
+    /// Parses `30s`, `90m`, `24h` or `7d`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::new(parse_duration(s)?)
+    }
+}
+
+impl fmt::Display for CertValidity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}s", self.0.as_secs())
+    }
+}
+
+/// Parses a duration written as a number and a unit: `ms`, `s`, `m`, `h` or `d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 30s, 5m, 24h"))?;
+    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => None,
+    };
+    d.ok_or_else(|| format!("invalid duration {s:?}: unit must be ms, s, m, h or d"))
+}
+
+/// A freshly signed node certificate.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub pem: String,
+    /// Its serial number, lowercase hex.
+    pub serial: String,
+    /// Its NotAfter, unix seconds.
+    pub not_after: i64,
+}
+
+/// The root CA: its certificate and signing key.
+pub struct RootCa {
+    cert_pem: String,
+    cluster_id: ClusterId,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for RootCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RootCa").field("cluster_id", &self.cluster_id).field("key", &"<redacted>").finish()
+    }
+}
+
+impl RootCa {
+    /// Creates a new root CA (ECDSA P-256, 10 years) for `cluster_id`.
+    pub fn generate(cluster_id: &ClusterId) -> Result<Self, CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "swarm-ca");
+        dn.push(DnType::OrganizationName, cluster_id.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ROOT_VALIDITY;
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Self::from_pem(&cert_pem, &key.serialize_pem())
+    }
+
+    /// Loads a CA from its certificate and PKCS#8 key, both PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
+        let info = crate::CertInfo::parse_ca(cert_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { cert_pem: cert_pem.to_owned(), cluster_id: info, issuer })
+    }
+
+    /// The root certificate as served to joiners (the bundle the token digest covers).
+    pub fn bundle_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// SHA-256 of [`RootCa::bundle_pem`].
+    pub fn digest(&self) -> [u8; 32] {
+        ca_digest(&self.cert_pem)
+    }
+
+    /// The cluster this CA belongs to.
+    pub fn cluster_id(&self) -> &ClusterId {
+        &self.cluster_id
+    }
+
+    /// The CA's private key as PKCS#8 PEM. Handle it as a secret: encrypt before storing.
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.issuer.key().serialize_pem())
+    }
+
+    /// Signs a node certificate for `node_id` in `role`, taking only the public key from `csr_pem`.
+    pub fn sign_node(
+        &self,
+        csr_pem: &str,
+        node_id: &NodeId,
+        role: Role,
+        validity: CertValidity,
+    ) -> Result<IssuedCert, CertError> {
+        if csr_pem.len() > 16 * 1024 {
+            return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_id.as_str());
+        dn.push(DnType::OrganizationalUnitName, role.org_unit());
+        dn.push(DnType::OrganizationName, self.cluster_id.as_str());
+        params.distinguished_name = dn;
+        let mut sans = vec![role.org_unit().to_owned(), node_id.to_string()];
+        if role == Role::Manager {
+            sans.push("swarm-ca".to_owned());
+        }
+        params.subject_alt_names = sans
+            .into_iter()
+            .map(|s| s.try_into().map(SanType::DnsName))
+            .collect::<Result<_, _>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.to_bytes());
+        params.serial_number = Some(serial);
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + validity.duration();
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    crate::random_bytes(&mut b);
+    b[0] &= 0x7f; // keep the DER integer positive
+    b[0] |= 0x01; // and of fixed length
+    SerialNumber::from_slice(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{generate_key_and_csr, CertInfo};
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!("29s".parse::<CertValidity>().is_err());
+        assert!("30s".parse::<CertValidity>().is_ok());
+    }
+
+    #[test]
+    fn ca_sets_subject_and_ignores_what_the_csr_asks() {
+        let cluster = ClusterId::random();
+        let ca = RootCa::generate(&cluster).unwrap();
+        // A CSR that claims to be a manager of another cluster.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(vec!["swarm-manager".to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "evil");
+        p.distinguished_name.push(DnType::OrganizationalUnitName, "swarm-manager");
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let node = NodeId::random();
+        let issued = ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).unwrap();
+        let info = CertInfo::parse(&issued.pem).unwrap();
+        assert_eq!(info.node_id, node);
+        assert_eq!(info.role, Role::Worker);
+        assert_eq!(&info.cluster_id, &cluster);
+        assert_eq!(info.serial, issued.serial);
+        assert!(!info.dns_names.contains(&"swarm-manager".to_string()));
+    }
+
+    #[test]
+    fn garbage_csr_is_refused() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let node = NodeId::random();
+        for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"] {
+            let err = ca.sign_node(bad, &node, Role::Worker, CertValidity::DEFAULT).unwrap_err();
+            assert!(matches!(err, CertError::InvalidCsr { .. }), "{err}");
+        }
+        let (_k, csr) = generate_key_and_csr().unwrap();
+        assert!(ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).is_ok());
+    }
+
+    #[test]
+    fn ca_reloads_from_pem() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let again = RootCa::from_pem(ca.bundle_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(again.digest(), ca.digest());
+        assert_eq!(again.cluster_id(), ca.cluster_id());
+    }
+}

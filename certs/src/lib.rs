@@ -1,0 +1,40 @@
+//! swarmd's public-key infrastructure.
+//!
+//! Everything a node needs to prove who it is and to check who it talks to:
+//! typed identifiers ([`NodeId`], [`ClusterId`], [`Role`]), the cluster's root CA
+//! and its signing policy ([`RootCa`]), join tokens that pin that CA
+//! ([`JoinToken`]), a node's own key and certificate on disk ([`NodeIdentity`]),
+//! the rustls configurations every connection uses ([`tls`]), and the schedule on
+//! which certificates are renewed ([`renew`]).
+//!
+//! Nothing here does I/O beyond reading and writing a node's certificate files.
+
+mod ca;
+mod error;
+mod identity;
+mod ids;
+pub mod renew;
+pub mod tls;
+mod token;
+
+pub use ca::{CertValidity, IssuedCert, RootCa};
+pub use error::CertError;
+pub use identity::{generate_key_and_csr, CertInfo, NodeIdentity, NodeKey};
+pub use ids::{ClusterId, IdError, NodeId, Role};
+pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
+
+/// The DNS name managers present in their certificates and clients dial.
+pub const MANAGER_SERVER_NAME: &str = "swarm-manager";
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) {
+    use rand::TryRngCore;
+    rand::rngs::OsRng
+        .try_fill_bytes(buf)
+        .expect("the operating system's random number generator failed");
+}
+
+/// Installs ring as rustls' process-wide crypto provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

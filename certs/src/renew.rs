@@ -1,0 +1,84 @@
+//! When to renew a certificate, and how to back off when renewal fails.
+//!
+//! Like Docker Swarm, a node renews at a random point between 50 % and 80 % of
+//! its certificate's remaining lifetime, so a cluster issued at one moment does
+//! not renew at one moment. Unlike Swarm, the schedule is computed at second
+//! granularity, which matters for short certificates (30 s minimum).
+
+use std::time::Duration;
+
+/// Lower bound of the renewal window, as a fraction of the lifetime.
+pub const LOWER: f64 = 0.5;
+/// Upper bound of the renewal window.
+pub const UPPER: f64 = 0.8;
+
+/// How long to wait before renewing a certificate that was received at `now`
+/// (unix seconds) and expires at `not_after`, given `u` drawn uniformly from
+/// [0, 1). An expired certificate is renewed at once.
+pub fn renewal_delay(now: i64, not_after: i64, u: f64) -> Duration {
+    let remaining = (not_after - now).max(0) as f64;
+    let frac = LOWER + (UPPER - LOWER) * u.clamp(0.0, 1.0);
+    Duration::from_secs_f64(remaining * frac)
+}
+
+/// [`renewal_delay`] with a random `u`.
+pub fn random_renewal_delay(now: i64, not_after: i64) -> Duration {
+    renewal_delay(now, not_after, rand::random::<f64>())
+}
+
+/// Exponential backoff after failed attempts: 1 s, 2 s, 4 s … capped at `max`,
+/// and never later than `deadline` (so a certificate about to expire is retried
+/// before it does).
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at `first`, doubles up to `max`.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self { next: first, max }
+    }
+    /// The next delay (with ±20 % jitter) and advances.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+    }
+    /// Back to the first delay.
+    pub fn reset(&mut self, first: Duration) {
+        self.next = first;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_falls_between_half_and_four_fifths() {
+        let now = 1_000;
+        let exp = now + 100;
+        assert_eq!(renewal_delay(now, exp, 0.0), Duration::from_secs(50));
+        assert_eq!(renewal_delay(now, exp, 0.999_999).as_secs(), 79);
+        for _ in 0..1000 {
+            let d = random_renewal_delay(now, exp);
+            assert!(d >= Duration::from_secs(50) && d < Duration::from_secs(80), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn expired_certificate_renews_now() {
+        assert_eq!(renewal_delay(100, 50, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
+        let ds: Vec<_> = (0..5).map(|_| b.next_delay().as_secs_f64()).collect();
+        assert!(ds[0] >= 0.8 && ds[0] <= 1.2);
+        assert!(ds[1] >= 1.6 && ds[1] <= 2.4);
+        assert!(ds[4] >= 3.2 && ds[4] <= 4.8);
+    }
+}

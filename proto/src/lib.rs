@@ -1,0 +1,26 @@
+//! Wire types for swarmd's gRPC services, generated from `proto/*.proto`.
+//!
+//! This crate holds generated code only. Domain crates convert these types into
+//! their own at the edge (`TryFrom`) and never pass them around inside.
+
+#![allow(clippy::all, missing_docs)]
+
+/// The certificate authority: root CA download, join, renewal.
+pub mod ca {
+    tonic::include_proto!("swarmd.ca");
+}
+
+/// Node sessions and heartbeats.
+pub mod dispatcher {
+    tonic::include_proto!("swarmd.dispatcher");
+}
+
+/// The control API behind secretctl.
+pub mod control {
+    tonic::include_proto!("swarmd.control");
+}
+
+/// Raft transport between managers.
+pub mod raft {
+    tonic::include_proto!("swarmd.raft");
+}

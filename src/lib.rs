@@ -1,0 +1,1 @@
+//! swarmd root library
