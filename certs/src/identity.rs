@@ -131,7 +131,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
 }
 
 /// Writes `data` to `path` atomically with `mode`: temp file, fsync, rename, fsync dir.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
     let mut f = fs::OpenOptions::new()

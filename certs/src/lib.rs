@@ -13,13 +13,14 @@ mod ca;
 mod error;
 mod identity;
 mod ids;
+pub mod dial;
 pub mod renew;
 pub mod tls;
 mod token;
 
 pub use ca::{CertValidity, IssuedCert, RootCa};
 pub use error::CertError;
-pub use identity::{generate_key_and_csr, CertInfo, NodeIdentity, NodeKey};
+pub use identity::{generate_key_and_csr, write_atomic, CertInfo, NodeIdentity, NodeKey};
 pub use ids::{ClusterId, IdError, NodeId, Role};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 

@@ -82,3 +82,75 @@ mod tests {
         assert!(ds[4] >= 3.2 && ds[4] <= 4.8);
     }
 }
+
+/// Something that turns a CSR into a signed certificate (PEM): the local CA on a
+/// manager, the `RenewNodeCertificate` RPC on a worker.
+pub trait CertIssuer: Send + Sync + 'static {
+    /// Issues a certificate for this node's identity with the key in `csr_pem`.
+    fn issue(&self, csr_pem: String) -> impl std::future::Future<Output = Result<String, String>> + Send;
+}
+
+/// Renews this node's certificate on schedule, for as long as it runs.
+///
+/// Each renewal uses a new key. The new certificate is validated (same node
+/// and cluster, key matches), written to `certs/` (key first), and only then
+/// published to acceptors and connectors; live connections are untouched.
+pub struct Renewer<I> {
+    creds: std::sync::Arc<crate::tls::TlsCredentials>,
+    certs_dir: std::path::PathBuf,
+    issuer: I,
+}
+
+impl<I: CertIssuer> Renewer<I> {
+    /// A renewer for the identity in `creds`, stored in `certs_dir`.
+    pub fn new(creds: std::sync::Arc<crate::tls::TlsCredentials>, certs_dir: std::path::PathBuf, issuer: I) -> Self {
+        Self { creds, certs_dir, issuer }
+    }
+
+    async fn renew_once(&self) -> Result<String, String> {
+        let (key, csr) = crate::generate_key_and_csr().map_err(|e| e.to_string())?;
+        let cert = self.issuer.issue(csr).await?;
+        let current = self.creds.identity();
+        let fresh = crate::NodeIdentity::new(current.ca_pem.clone(), cert, key).map_err(|e| e.to_string())?;
+        fresh.save(&self.certs_dir).map_err(|e| e.to_string())?;
+        let serial = fresh.info.serial.clone();
+        self.creds.publish(fresh).map_err(|e| e.to_string())?;
+        Ok(serial)
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        let mut wait = {
+            let id = self.creds.identity();
+            random_renewal_delay(now_unix(), id.info.not_after)
+        };
+        loop {
+            tracing::debug!(in_secs = wait.as_secs_f64(), "next certificate renewal");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match self.renew_once().await {
+                Ok(serial) => {
+                    backoff.reset(Duration::from_secs(1));
+                    let id = self.creds.identity();
+                    tracing::info!(%serial, not_after = id.info.not_after, "certificate renewed");
+                    wait = random_renewal_delay(now_unix(), id.info.not_after);
+                }
+                Err(e) => {
+                    wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = wait.as_secs_f64(), "certificate renewal failed");
+                }
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,1 +1,40 @@
-//! placeholder
+//! The swarmd manager.
+//!
+//! A manager runs raft (openraft over sled) for the replicated store, holds the
+//! cluster's certificate authority and data key, and serves four gRPC services
+//! on one mutual-TLS port — `Ca` (join and renewal), `Dispatcher` (node
+//! sessions), `Control` (secretctl) and `Raft` (peers) — plus `Control` on a
+//! unix socket (mode 0600) in its data dir.
+//!
+//! [`Manager::init`] creates a cluster; [`Manager::open`] restarts one from its
+//! data dir; [`Manager::run`] serves until shut down.
+
+mod auth;
+mod ca_service;
+mod cluster;
+mod config;
+mod control;
+mod dispatcher;
+mod error;
+pub mod keys;
+mod node;
+pub mod raft;
+pub mod state;
+mod store;
+
+pub use auth::{Authorizer, Caller, ConnInfo};
+pub use config::{InitOptions, ManagerConfig, CONFIG_FILE};
+pub use error::ManagerError;
+pub use node::Manager;
+pub use store::{Store, StoreError};
+
+/// Reads the cluster record and the plaintext CA key of a *stopped* manager's
+/// data dir, with its own keys. For operators' recovery tools and for tests
+/// that prove the key is never on disk in the clear.
+pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroizing<String>, ManagerError> {
+    let dek = keys::KeyDir::new(data_dir).load_dek()?;
+    let storage = raft::open_storage(&data_dir.join("raft"))?;
+    let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
+    let secrets = cluster::ClusterSecrets::open(&record, &dek)?;
+    Ok(secrets.ca.key_pem())
+}

@@ -1,0 +1,123 @@
+//! Dialing managers: tonic channels over our own rustls client configuration.
+//!
+//! tonic's built-in TLS cannot follow a rotating certificate, so the connector
+//! here reads the newest [`ClientConfig`] from a `watch` channel for each new
+//! connection. Established HTTP/2 connections keep the configuration they were
+//! made with, which is what lets a node swap certificates without dropping its
+//! session. The connector tries the known manager addresses in turn, starting
+//! with the last one that worked.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::manager_server_name;
+
+const TCP_TIMEOUT: Duration = Duration::from_secs(3);
+const TLS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The manager addresses a node knows, shared and updatable.
+#[derive(Clone, Debug, Default)]
+pub struct Remotes {
+    addrs: Arc<RwLock<Vec<String>>>,
+    preferred: Arc<AtomicUsize>,
+}
+
+impl Remotes {
+    /// A list of `host:port` addresses.
+    pub fn new(addrs: Vec<String>) -> Self {
+        Self { addrs: Arc::new(RwLock::new(addrs)), preferred: Arc::default() }
+    }
+    /// The current addresses.
+    pub fn get(&self) -> Vec<String> {
+        self.addrs.read().expect("remotes lock").clone()
+    }
+    /// Replaces the addresses (ignored when empty).
+    pub fn set(&self, addrs: Vec<String>) {
+        if !addrs.is_empty() {
+            *self.addrs.write().expect("remotes lock") = addrs;
+        }
+    }
+}
+
+/// Opens TCP then TLS to one address.
+pub async fn tls_connect(addr: &str, cfg: Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: connect timed out")))?
+        .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
+    tcp.set_nodelay(true)?;
+    tokio::time::timeout(TLS_TIMEOUT, TlsConnector::from(cfg).connect(manager_server_name(), tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: TLS handshake timed out")))?
+        .map_err(|e| io::Error::new(e.kind(), format!("{addr}: TLS: {e}")))
+}
+
+async fn connect_any(remotes: &Remotes, cfg: Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
+    let addrs = remotes.get();
+    if addrs.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no manager address known"));
+    }
+    let start = remotes.preferred.load(Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for k in 0..addrs.len() {
+        let i = (start + k) % addrs.len();
+        match tls_connect(&addrs[i], cfg.clone()).await {
+            Ok(s) => {
+                remotes.preferred.store(i, Ordering::Relaxed);
+                return Ok(s);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::ConnectionRefused, errors.join("; ")))
+}
+
+fn endpoint() -> Endpoint {
+    Endpoint::from_static("http://swarm-manager")
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+}
+
+/// A channel that connects on first use (and reconnects after failures) to any
+/// of `remotes`, with the newest configuration from `tls`.
+pub fn lazy_channel(remotes: Remotes, tls: watch::Receiver<Arc<ClientConfig>>) -> Channel {
+    endpoint().connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+        let remotes = remotes.clone();
+        let cfg = tls.borrow().clone();
+        async move { connect_any(&remotes, cfg).await.map(TokioIo::new) }
+    }))
+}
+
+/// A channel to one address with a fixed configuration, connected now so that
+/// errors surface here.
+pub async fn connect(addr: &str, cfg: Arc<ClientConfig>) -> io::Result<Channel> {
+    let addr = addr.to_owned();
+    let stream = tls_connect(&addr, cfg.clone()).await?;
+    let slot = Arc::new(std::sync::Mutex::new(Some(stream)));
+    endpoint()
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let first = slot.lock().expect("slot lock").take();
+            let addr = addr.clone();
+            let cfg = cfg.clone();
+            async move {
+                match first {
+                    Some(s) => Ok(TokioIo::new(s)),
+                    None => tls_connect(&addr, cfg).await.map(TokioIo::new),
+                }
+            }
+        }))
+        .await
+        .map_err(io::Error::other)
+}

@@ -1,0 +1,130 @@
+//! The `Ca` gRPC service: root CA download, joining, renewal.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use swarmd_certs::{IssuedCert, JoinToken, NodeId, Role};
+use swarmd_proto::ca::ca_server::{self, CaServer};
+use swarmd_proto::ca::{
+    GetRootCaRequest, GetRootCaResponse, IssueNodeCertificateRequest, IssueNodeCertificateResponse,
+    RenewNodeCertificateRequest, RenewNodeCertificateResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authorizer;
+use crate::cluster::SecretsCache;
+use crate::state::{Command, NodeRecord, NodeStatus};
+use crate::store::Store;
+
+pub(crate) fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Keeps a reported hostname printable and short.
+pub(crate) fn clean_hostname(h: &str) -> String {
+    h.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(64).collect()
+}
+
+/// The certificate authority service.
+pub struct CaService {
+    store: Store,
+    secrets: SecretsCache,
+    auth: Authorizer,
+    advertise: String,
+}
+
+impl CaService {
+    /// The service, ready to mount.
+    pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, advertise: String) -> CaServer<Self> {
+        CaServer::new(Self { store, secrets, auth, advertise })
+    }
+
+    fn sign(&self, csr: &str, node: &NodeId, role: Role) -> Result<IssuedCert, Status> {
+        let s = self.secrets.get();
+        s.ca.sign_node(csr, node, role, s.validity).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl ca_server::Ca for CaService {
+    /// Unauthenticated. Never fails while the cluster is initialised.
+    async fn get_root_ca(&self, _req: Request<GetRootCaRequest>) -> Result<Response<GetRootCaResponse>, Status> {
+        Ok(Response::new(GetRootCaResponse { ca_bundle_pem: self.secrets.get().ca.bundle_pem().to_owned() }))
+    }
+
+    /// Unauthenticated. INVALID_ARGUMENT for a malformed token or CSR;
+    /// PERMISSION_DENIED for a token of another CA, a wrong or rotated secret;
+    /// UNIMPLEMENTED for the manager token (manager join is not built yet);
+    /// UNAVAILABLE when no raft leader can take the write.
+    #[tracing::instrument(skip_all, fields(remote))]
+    async fn issue_node_certificate(
+        &self,
+        req: Request<IssueNodeCertificateRequest>,
+    ) -> Result<Response<IssueNodeCertificateResponse>, Status> {
+        let remote = Authorizer::info(&req).remote;
+        tracing::Span::current().record("remote", tracing::field::debug(remote));
+        let req = req.into_inner();
+        let token: JoinToken = req.token.parse().map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
+        let secrets = self.secrets.get();
+        if !token.pins(secrets.ca.bundle_pem()) {
+            return Err(Status::permission_denied("join token belongs to another cluster's CA"));
+        }
+        let role = if secrets.worker_token.ct_matches(&token) {
+            Role::Worker
+        } else if secrets.manager_token.ct_matches(&token) {
+            Role::Manager
+        } else {
+            tracing::warn!("join refused: wrong or rotated token secret");
+            return Err(Status::permission_denied("invalid join token: wrong secret, or the token was rotated"));
+        };
+        if role == Role::Manager {
+            return Err(Status::unimplemented("joining as a manager is not supported yet; use the worker token"));
+        }
+        let node_id = NodeId::random();
+        let issued = self.sign(&req.csr_pem, &node_id, role)?;
+        let record = NodeRecord {
+            id: node_id.clone(),
+            role,
+            status: NodeStatus::Unknown,
+            addr: remote.map(|a| a.ip().to_string()).unwrap_or_default(),
+            hostname: clean_hostname(&req.hostname),
+            cert_serial: issued.serial.clone(),
+            cert_not_after: issued.not_after,
+            created_at: now_unix(),
+            raft_id: None,
+        };
+        self.store.propose(Command::AddNode(record)).await?;
+        tracing::info!(node.id = %node_id, %role, "node joined");
+        Ok(Response::new(IssueNodeCertificateResponse {
+            node_id: node_id.to_string(),
+            certificate_pem: issued.pem,
+            ca_bundle_pem: secrets.ca.bundle_pem().to_owned(),
+            managers: vec![self.advertise.clone()],
+        }))
+    }
+
+    /// Worker or manager certificate. NOT_FOUND if the node no longer exists;
+    /// INVALID_ARGUMENT for a bad CSR; UNAVAILABLE without a raft leader.
+    #[tracing::instrument(skip_all)]
+    async fn renew_node_certificate(
+        &self,
+        req: Request<RenewNodeCertificateRequest>,
+    ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
+        let peer = self.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        let record = self
+            .store
+            .view()
+            .node(&peer.node_id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+        let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
+        self.store
+            .propose(Command::RecordCert {
+                node: peer.node_id.clone(),
+                serial: issued.serial.clone(),
+                not_after: issued.not_after,
+            })
+            .await?;
+        tracing::info!(node.id = %peer.node_id, serial = %issued.serial, "certificate renewed");
+        Ok(Response::new(RenewNodeCertificateResponse { certificate_pem: issued.pem }))
+    }
+}

@@ -1,0 +1,109 @@
+//! The cluster's secrets in memory: the CA signing key and the join tokens,
+//! opened from the replicated cluster record with the data key.
+//!
+//! They are re-opened whenever the record changes (token rotation, later CA
+//! rotation), so every manager serves the same tokens and CA.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use swarmd_certs::{CertValidity, JoinToken, RootCa, Role};
+
+use crate::keys::{purpose, KeyError, SymmetricKey};
+use crate::state::{ClusterRecord, StateError, StateView};
+
+/// Errors opening the cluster's secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The store has no cluster record yet.
+    #[error("cluster is not initialised")]
+    NotInitialised,
+    /// A sealed value did not open.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The record is unreadable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The CA or a token inside does not parse.
+    #[error("cluster record: {0}")]
+    Invalid(String),
+}
+
+/// The opened secrets and settings of the cluster.
+pub struct ClusterSecrets {
+    /// The root CA with its key.
+    pub ca: RootCa,
+    /// The worker join token.
+    pub worker_token: JoinToken,
+    /// The manager join token.
+    pub manager_token: JoinToken,
+    /// Node certificate lifetime.
+    pub validity: CertValidity,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+}
+
+impl ClusterSecrets {
+    /// Opens `record` with `dek`.
+    pub fn open(record: &ClusterRecord, dek: &SymmetricKey) -> Result<Self, ClusterError> {
+        let cid = record.id.as_str();
+        let key_pem = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
+        let key_pem = std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
+        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
+            let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
+            let text = std::str::from_utf8(&raw).map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
+            text.parse().map_err(|e: swarmd_certs::TokenError| ClusterError::Invalid(e.to_string()))
+        };
+        Ok(Self {
+            worker_token: token(Role::Worker, &record.worker_token)?,
+            manager_token: token(Role::Manager, &record.manager_token)?,
+            ca,
+            validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs)).map_err(ClusterError::Invalid)?,
+            heartbeat: Duration::from_millis(record.heartbeat_ms),
+        })
+    }
+
+    /// The join token for `role`.
+    pub fn token(&self, role: Role) -> &JoinToken {
+        match role {
+            Role::Worker => &self.worker_token,
+            Role::Manager => &self.manager_token,
+        }
+    }
+}
+
+/// The current [`ClusterSecrets`], reloadable.
+#[derive(Clone)]
+pub struct SecretsCache {
+    view: StateView,
+    dek: SymmetricKey,
+    current: Arc<RwLock<Arc<ClusterSecrets>>>,
+}
+
+impl SecretsCache {
+    /// Loads from the applied state.
+    pub fn load(view: StateView, dek: SymmetricKey) -> Result<Self, ClusterError> {
+        let record = view.cluster()?.ok_or(ClusterError::NotInitialised)?;
+        let s = ClusterSecrets::open(&record, &dek)?;
+        Ok(Self { view, dek, current: Arc::new(RwLock::new(Arc::new(s))) })
+    }
+
+    /// The data key.
+    pub fn dek(&self) -> &SymmetricKey {
+        &self.dek
+    }
+
+    /// The current secrets.
+    pub fn get(&self) -> Arc<ClusterSecrets> {
+        self.current.read().expect("secrets lock").clone()
+    }
+
+    /// Re-reads the cluster record.
+    pub fn reload(&self) -> Result<(), ClusterError> {
+        let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
+        let s = ClusterSecrets::open(&record, &self.dek)?;
+        *self.current.write().expect("secrets lock") = Arc::new(s);
+        Ok(())
+    }
+}

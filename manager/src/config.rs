@@ -1,0 +1,112 @@
+//! `manager.json`: what a manager needs to restart, written last by `init`
+//! (its presence marks a complete setup).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use swarmd_certs::{CertValidity, ClusterId, NodeId};
+
+use crate::raft::RaftSettings;
+use crate::ManagerError;
+
+/// File name of the manager's config in its data dir.
+pub const CONFIG_FILE: &str = "manager.json";
+
+/// A manager's local configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManagerConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// Its cluster.
+    pub cluster_id: ClusterId,
+    /// Its raft ID.
+    pub raft_id: u64,
+    /// Where it listens (the port actually bound).
+    pub listen_addr: String,
+    /// What it tells others to dial.
+    pub advertise_addr: String,
+    /// The control socket.
+    pub control_socket: PathBuf,
+}
+
+impl ManagerConfig {
+    /// Loads `manager.json` from `data_dir`.
+    pub fn load(data_dir: &Path) -> Result<Self, ManagerError> {
+        let p = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ManagerError::NotAManager { path: data_dir.to_owned(), file: CONFIG_FILE }
+            } else {
+                ManagerError::Io { path: p.clone(), source: e }
+            }
+        })?;
+        serde_json::from_str(&text).map_err(|e| ManagerError::Invalid(format!("{}: {e}", p.display())))
+    }
+
+    /// Writes `manager.json` atomically.
+    pub fn save(&self, data_dir: &Path) -> Result<(), ManagerError> {
+        let text = serde_json::to_string_pretty(self).expect("serialize config");
+        swarmd_certs::write_atomic(&data_dir.join(CONFIG_FILE), text.as_bytes(), 0o600)?;
+        Ok(())
+    }
+}
+
+/// Options of `swarmd manager init`.
+///
+/// # Defaults
+/// listen `0.0.0.0:4242`, advertise = the listen address (or this host's
+/// address when listening on all interfaces), control socket
+/// `<data-dir>/control.sock`, certificates 24 h, heartbeat 5 s.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Listen address; port 0 picks a free port (kept across restarts).
+    pub listen_addr: String,
+    /// Advertised address.
+    pub advertise_addr: Option<String>,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// Node certificate lifetime.
+    pub cert_expiry: CertValidity,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Raft timing.
+    pub raft: RaftSettings,
+}
+
+impl InitOptions {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen_addr: "0.0.0.0:4242".into(),
+            advertise_addr: None,
+            control_socket: None,
+            cert_expiry: CertValidity::DEFAULT,
+            heartbeat: Duration::from_secs(5),
+            raft: RaftSettings::default(),
+        }
+    }
+}
+
+/// The address to advertise for a listener bound to `bound`.
+pub(crate) fn default_advertise(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host_ip = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .and_then(|h| std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), bound.port())).ok())
+        .and_then(|mut it| it.find(|a| a.is_ipv4() && !a.ip().is_loopback()));
+    match host_ip {
+        Some(a) => a.to_string(),
+        None => {
+            tracing::warn!("could not determine this host's address; advertising 127.0.0.1 (use --advertise-addr)");
+            SocketAddr::from(([127, 0, 0, 1], bound.port())).to_string()
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The `Control` gRPC service behind secretctl.
+//!
+//! Served twice: on the unix control socket (callers are `Local`) and on the
+//! mTLS port, where only manager certificates are admitted. Worker certificates
+//! and anonymous clients are refused on every RPC.
+
+use swarmd_certs::{JoinToken, NodeId, Role};
+use swarmd_proto::control::control_server::{self, ControlServer};
+use swarmd_proto::control::{
+    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse, Node,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authorizer;
+use crate::cluster::SecretsCache;
+use crate::dispatcher::Dispatcher;
+use crate::keys::purpose;
+use crate::state::{Command, NodeRecord};
+use crate::store::Store;
+
+/// The control API.
+pub struct ControlService {
+    store: Store,
+    secrets: SecretsCache,
+    dispatcher: Dispatcher,
+    auth: Authorizer,
+}
+
+impl ControlService {
+    /// The service, ready to mount.
+    pub fn new(store: Store, secrets: SecretsCache, dispatcher: Dispatcher, auth: Authorizer) -> ControlServer<Self> {
+        ControlServer::new(Self { store, secrets, dispatcher, auth })
+    }
+
+    fn to_wire(&self, n: NodeRecord) -> Node {
+        let session = self.dispatcher.session(&n.id).unwrap_or_default();
+        Node {
+            id: n.id.to_string(),
+            role: n.role.to_string(),
+            status: n.status.to_string(),
+            addr: n.addr,
+            hostname: n.hostname,
+            cert_serial: n.cert_serial,
+            cert_not_after: n.cert_not_after,
+            created_at: n.created_at,
+            session_id: session.id,
+            session_since: session.since,
+            last_heartbeat: session.last_heartbeat,
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl control_server::Control for ControlService {
+    /// Administrator only (see module docs).
+    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let nodes = self.store.view().nodes().map_err(internal)?;
+        Ok(Response::new(ListNodesResponse { nodes: nodes.into_iter().map(|n| self.to_wire(n)).collect() }))
+    }
+
+    /// Administrator only. NOT_FOUND if no node matches; INVALID_ARGUMENT if a
+    /// prefix matches several.
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        self.auth.require_admin(&req)?;
+        let key = req.get_ref().id_or_prefix.trim();
+        if key.is_empty() {
+            return Err(Status::invalid_argument("node ID must not be empty"));
+        }
+        if let Ok(id) = key.parse::<NodeId>() {
+            if let Some(n) = self.store.view().node(&id).map_err(internal)? {
+                return Ok(Response::new(self.to_wire(n)));
+            }
+        }
+        let mut matches: Vec<_> = self
+            .store
+            .view()
+            .nodes()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|n| n.id.as_str().starts_with(key) || n.hostname == key)
+            .collect();
+        match matches.len() {
+            0 => Err(Status::not_found(format!("no node {key:?}"))),
+            1 => Ok(Response::new(self.to_wire(matches.remove(0)))),
+            k => Err(Status::invalid_argument(format!("{key:?} matches {k} nodes; give more of the ID"))),
+        }
+    }
+
+    /// Administrator only. INVALID_ARGUMENT for an unknown role; with `rotate`,
+    /// UNAVAILABLE when no raft leader can take the write.
+    async fn get_join_token(
+        &self,
+        req: Request<GetJoinTokenRequest>,
+    ) -> Result<Response<GetJoinTokenResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let role: Role = req.get_ref().role.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+        if req.get_ref().rotate {
+            let secrets = self.secrets.get();
+            let fresh = JoinToken::generate(secrets.ca.digest());
+            let cluster = secrets.ca.cluster_id().to_string();
+            let sealed = self.secrets.dek().seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes());
+            self.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;
+            self.secrets.reload().map_err(internal)?;
+            tracing::info!(%role, "join token rotated");
+        }
+        let token = self.secrets.get().token(role).expose();
+        Ok(Response::new(GetJoinTokenResponse { token: token.to_string() }))
+    }
+}

@@ -1,0 +1,273 @@
+//! The `Dispatcher` service: node sessions and heartbeats.
+//!
+//! Liveness lives in memory on the manager that holds a node's session; raft
+//! sees only transitions (ready ↔ down), written in batches by the
+//! [`StatusWriter`]. A session that misses three heartbeat periods is cut and
+//! its node marked down. After a manager restart, nodes the store lists as
+//! ready get the same grace period to come back before they are marked down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use swarmd_certs::{NodeId, Role};
+use swarmd_proto::dispatcher::dispatcher_server::{self, DispatcherServer};
+use swarmd_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authorizer;
+use crate::ca_service::{clean_hostname, now_unix};
+use crate::state::{Command, NodeStatus, StatusChange};
+use crate::store::Store;
+
+/// Missed periods after which a node is down.
+const GRACE_MULTIPLIER: u32 = 3;
+
+struct Session {
+    id: String,
+    since: i64,
+    last_beat: Instant,
+    last_beat_unix: i64,
+    // Dropping the sender ends the node's session stream.
+    _tx: mpsc::Sender<Result<SessionMessage, Status>>,
+}
+
+/// What the control API shows about a live session.
+#[derive(Clone, Debug, Default)]
+pub struct SessionInfo {
+    /// Session ID.
+    pub id: String,
+    /// Opened at, unix seconds.
+    pub since: i64,
+    /// Last heartbeat, unix seconds.
+    pub last_heartbeat: i64,
+}
+
+struct Inner {
+    store: Store,
+    auth: Authorizer,
+    period: Duration,
+    advertise: String,
+    sessions: Mutex<HashMap<NodeId, Session>>,
+    /// Nodes believed ready at startup that have not reconnected yet.
+    expected: Mutex<HashMap<NodeId, Instant>>,
+    status: mpsc::UnboundedSender<StatusChange>,
+}
+
+/// Session bookkeeping shared by the gRPC service, the control API and the
+/// liveness checker.
+#[derive(Clone)]
+pub struct Dispatcher(Arc<Inner>);
+
+impl Dispatcher {
+    /// A dispatcher with heartbeat `period`; returns it and the writer that must run beside it.
+    pub fn new(store: Store, auth: Authorizer, period: Duration, advertise: String) -> (Self, StatusWriter) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let expected = store
+            .view()
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.role == Role::Worker && n.status != NodeStatus::Down)
+            .map(|n| (n.id, now))
+            .collect();
+        let writer = StatusWriter { store: store.clone(), rx };
+        let inner = Inner {
+            store,
+            auth,
+            period,
+            advertise,
+            sessions: Mutex::default(),
+            expected: Mutex::new(expected),
+            status: tx,
+        };
+        (Self(Arc::new(inner)), writer)
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> DispatcherServer<Self> {
+        DispatcherServer::new(self.clone())
+    }
+
+    /// Queues a liveness transition.
+    pub fn report(&self, change: StatusChange) {
+        let _ = self.0.status.send(change);
+    }
+
+    /// The live session of `node` on this manager.
+    pub fn session(&self, node: &NodeId) -> Option<SessionInfo> {
+        let s = self.0.sessions.lock().expect("sessions lock");
+        s.get(node).map(|s| SessionInfo { id: s.id.clone(), since: s.since, last_heartbeat: s.last_beat_unix })
+    }
+
+    fn grace(&self) -> Duration {
+        self.0.period * GRACE_MULTIPLIER
+    }
+
+    /// Marks nodes whose sessions missed three heartbeat periods as down, until cancelled.
+    pub async fn run_checker(self, shutdown: CancellationToken) {
+        let tick = (self.0.period / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let grace = self.grace();
+            let mut down = Vec::new();
+            {
+                let mut sessions = self.0.sessions.lock().expect("sessions lock");
+                sessions.retain(|id, s| {
+                    let alive = now.duration_since(s.last_beat) <= grace;
+                    if !alive {
+                        down.push(id.clone());
+                    }
+                    alive
+                });
+            }
+            {
+                let mut expected = self.0.expected.lock().expect("expected lock");
+                expected.retain(|id, since| {
+                    let waiting = now.duration_since(*since) <= grace;
+                    if !waiting {
+                        down.push(id.clone());
+                    }
+                    waiting
+                });
+            }
+            for node in down {
+                tracing::warn!(node.id = %node, "node missed {GRACE_MULTIPLIER} heartbeats: down");
+                self.report(StatusChange { node, status: NodeStatus::Down, addr: None, hostname: None });
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl dispatcher_server::Dispatcher for Dispatcher {
+    type SessionStream = ReceiverStream<Result<SessionMessage, Status>>;
+
+    /// Worker or manager certificate. NOT_FOUND if the node was removed.
+    #[tracing::instrument(skip_all, fields(node.id))]
+    async fn session(&self, req: Request<SessionRequest>) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        tracing::Span::current().record("node.id", tracing::field::display(&peer.node_id));
+        let remote = Authorizer::info(&req).remote;
+        let record = self
+            .0
+            .store
+            .view()
+            .node(&peer.node_id)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+        let mut raw = [0u8; 12];
+        swarmd_certs::random_bytes(&mut raw);
+        let session_id = hex::encode(raw);
+        let (tx, rx) = mpsc::channel(16);
+        let first = SessionMessage {
+            session_id: session_id.clone(),
+            heartbeat_period_ms: self.0.period.as_millis() as u64,
+            node_id: peer.node_id.to_string(),
+            role: record.role.to_string(),
+            managers: vec![self.0.advertise.clone()],
+        };
+        tx.send(Ok(first)).await.map_err(|_| Status::internal("session channel closed"))?;
+        let session =
+            Session { id: session_id, since: now_unix(), last_beat: Instant::now(), last_beat_unix: now_unix(), _tx: tx };
+        self.0.sessions.lock().expect("sessions lock").insert(peer.node_id.clone(), session);
+        self.0.expected.lock().expect("expected lock").remove(&peer.node_id);
+        let addr = remote.map(|a| a.ip().to_string()).filter(|a| *a != record.addr);
+        let hostname = Some(clean_hostname(&req.get_ref().hostname)).filter(|h| !h.is_empty() && *h != record.hostname);
+        self.report(StatusChange { node: peer.node_id.clone(), status: NodeStatus::Ready, addr, hostname });
+        tracing::info!("session opened");
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    /// Worker or manager certificate. NOT_FOUND for an unknown or superseded session.
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        let mut sessions = self.0.sessions.lock().expect("sessions lock");
+        match sessions.get_mut(&peer.node_id) {
+            Some(s) if s.id == req.get_ref().session_id => {
+                s.last_beat = Instant::now();
+                s.last_beat_unix = now_unix();
+                Ok(Response::new(HeartbeatResponse { period_ms: self.0.period.as_millis() as u64 }))
+            }
+            _ => Err(Status::not_found("no such session: open a new one")),
+        }
+    }
+}
+
+/// Writes liveness transitions through raft in batches: whatever arrives within
+/// 20 ms of the first change rides the same proposal.
+pub struct StatusWriter {
+    store: Store,
+    rx: mpsc::UnboundedReceiver<StatusChange>,
+}
+
+impl StatusWriter {
+    /// Runs until cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut pending: HashMap<NodeId, StatusChange> = HashMap::new();
+        loop {
+            if pending.is_empty() {
+                tokio::select! {
+                    c = self.rx.recv() => match c { Some(c) => { pending.insert(c.node.clone(), c); } None => return },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            let window = tokio::time::sleep(Duration::from_millis(20));
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    c = self.rx.recv() => match c { Some(c) => { merge(&mut pending, c); } None => break },
+                    _ = &mut window => break,
+                }
+            }
+            let changes: Vec<StatusChange> = pending
+                .values()
+                .filter(|c| match self.store.view().node(&c.node) {
+                    Ok(Some(n)) => n.status != c.status || c.addr.is_some() || c.hostname.is_some(),
+                    _ => false,
+                })
+                .cloned()
+                .collect();
+            if changes.is_empty() {
+                pending.clear();
+                continue;
+            }
+            match self.store.propose(Command::SetStatus(changes)).await {
+                Ok(()) => pending.clear(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record node status; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn merge(pending: &mut HashMap<NodeId, StatusChange>, c: StatusChange) {
+    match pending.get_mut(&c.node) {
+        Some(p) => {
+            p.status = c.status;
+            if c.addr.is_some() {
+                p.addr = c.addr;
+            }
+            if c.hostname.is_some() {
+                p.hostname = c.hostname;
+            }
+        }
+        None => {
+            pending.insert(c.node.clone(), c);
+        }
+    }
+}

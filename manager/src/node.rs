@@ -1,0 +1,288 @@
+//! A manager's life: init or open, then run until shut down.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::BasicNode;
+use swarmd_certs::renew::{CertIssuer, Renewer};
+use swarmd_certs::tls::{DenyList, TlsCredentials};
+use swarmd_certs::{generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::auth::{tls_incoming, unix_incoming, Authorizer};
+use crate::ca_service::{now_unix, CaService};
+use crate::cluster::SecretsCache;
+use crate::config::{default_advertise, InitOptions, ManagerConfig, CONFIG_FILE};
+use crate::control::ControlService;
+use crate::dispatcher::Dispatcher;
+use crate::keys::{purpose, KeyDir, SymmetricKey};
+use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
+use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView, StatusChange};
+use crate::store::Store;
+use crate::ManagerError;
+
+/// How long in-flight requests get to finish after shutdown begins.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A started manager: raft is running; [`Manager::run`] starts serving.
+pub struct Manager {
+    cfg: ManagerConfig,
+    data_dir: PathBuf,
+    raft: Raft,
+    db: sled::Db,
+    view: StateView,
+    creds: Arc<TlsCredentials>,
+    deny: DenyList,
+    dek: SymmetricKey,
+    listener: TcpListener,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
+    move |source| ManagerError::Io { path: path.to_owned(), source }
+}
+
+/// What `init` creates in a data dir (removed again if init fails).
+const CREATED: [&str; 3] = ["keys", "certs", "raft"];
+
+fn check_fresh(data_dir: &Path) -> Result<(), ManagerError> {
+    for marker in [CONFIG_FILE, "worker.json"] {
+        if data_dir.join(marker).exists() {
+            return Err(ManagerError::AlreadyInitialised { path: data_dir.to_owned() });
+        }
+    }
+    for d in CREATED {
+        if data_dir.join(d).exists() {
+            return Err(ManagerError::PartialState { path: data_dir.to_owned(), what: format!("{d}/") });
+        }
+    }
+    Ok(())
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ManagerError> {
+    TcpListener::bind(addr).await.map_err(|source| ManagerError::Bind { addr: addr.to_owned(), source })
+}
+
+impl Manager {
+    /// Creates a new cluster in `opts.data_dir` with this node as its only
+    /// manager. On failure, removes what it created.
+    pub async fn init(opts: InitOptions) -> Result<Self, ManagerError> {
+        check_fresh(&opts.data_dir)?;
+        let listener = bind(&opts.listen_addr).await?;
+        std::fs::create_dir_all(&opts.data_dir).map_err(io_err(&opts.data_dir))?;
+        match Self::init_in(&opts, listener).await {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                for d in CREATED {
+                    let _ = std::fs::remove_dir_all(opts.data_dir.join(d));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn init_in(opts: &InitOptions, listener: TcpListener) -> Result<Self, ManagerError> {
+        let data_dir = &opts.data_dir;
+        let bound = listener.local_addr().map_err(io_err(data_dir))?;
+        let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
+        let dek = SymmetricKey::generate();
+        KeyDir::new(data_dir).create(&dek)?;
+
+        let cluster_id = ClusterId::random();
+        let node_id = NodeId::random();
+        let raft_id = loop {
+            let id = rand::random::<u64>();
+            if id != 0 {
+                break id;
+            }
+        };
+        let ca = RootCa::generate(&cluster_id)?;
+        let (key, csr) = generate_key_and_csr()?;
+        let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
+        let identity = NodeIdentity::new(ca.bundle_pem().to_owned(), issued.pem.clone(), key)?;
+        identity.save(&NodeIdentity::dir(data_dir))?;
+
+        let cid = cluster_id.as_str();
+        let seal_token = |role| {
+            let t = JoinToken::generate(ca.digest());
+            dek.seal(&purpose::join_token(cid, role), t.expose().as_bytes())
+        };
+        let cluster = ClusterRecord {
+            id: cluster_id.clone(),
+            ca_cert_pem: ca.bundle_pem().to_owned(),
+            ca_key: dek.seal(&purpose::ca_key(cid), ca.key_pem().as_bytes()),
+            worker_token: seal_token(Role::Worker),
+            manager_token: seal_token(Role::Manager),
+            cert_validity_secs: opts.cert_expiry.duration().as_secs(),
+            heartbeat_ms: opts.heartbeat.as_millis() as u64,
+            created_at: now_unix(),
+        };
+        let me = NodeRecord {
+            id: node_id.clone(),
+            role: Role::Manager,
+            status: NodeStatus::Ready,
+            addr: advertise.clone(),
+            hostname: hostname(),
+            cert_serial: issued.serial,
+            cert_not_after: issued.not_after,
+            created_at: now_unix(),
+            raft_id: Some(raft_id),
+        };
+        let cfg = ManagerConfig {
+            node_id,
+            cluster_id,
+            raft_id,
+            listen_addr: bound.to_string(),
+            advertise_addr: advertise.clone(),
+            control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
+        };
+        let manager = Self::start(cfg, data_dir, identity, dek, listener, &opts.raft).await?;
+        let init = async {
+            let members = BTreeMap::from([(raft_id, BasicNode { addr: advertise })]);
+            manager.raft.initialize(members).await.map_err(|e| ManagerError::Raft(e.to_string()))?;
+            manager.wait_leader(Duration::from_secs(10)).await?;
+            let store = Store::new(manager.raft.clone(), manager.view.clone());
+            store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
+            manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
+            manager.cfg.save(data_dir)
+        };
+        if let Err(e) = init.await {
+            let _ = manager.raft.shutdown().await;
+            return Err(e);
+        }
+        tracing::info!(cluster.id = %manager.cfg.cluster_id, node.id = %manager.cfg.node_id, "cluster created");
+        Ok(manager)
+    }
+
+    /// Restarts the manager whose state is in `data_dir`.
+    pub async fn open(data_dir: &Path) -> Result<Self, ManagerError> {
+        let cfg = ManagerConfig::load(data_dir)?;
+        let dek = KeyDir::new(data_dir).load_dek()?;
+        let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
+        let listener = bind(&cfg.listen_addr).await?;
+        let manager = Self::start(cfg, data_dir, identity, dek, listener, &RaftSettings::default()).await?;
+        manager.wait_leader(Duration::from_secs(30)).await?;
+        Ok(manager)
+    }
+
+    async fn start(
+        cfg: ManagerConfig,
+        data_dir: &Path,
+        identity: NodeIdentity,
+        dek: SymmetricKey,
+        listener: TcpListener,
+        settings: &RaftSettings,
+    ) -> Result<Self, ManagerError> {
+        let deny = DenyList::default();
+        let creds = Arc::new(TlsCredentials::with_server(identity, deny.clone())?);
+        let storage = raft::open_storage(&data_dir.join("raft"))?;
+        let db = storage.db.clone();
+        let view = storage.sm.view();
+        let raft = raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
+        Ok(Self { cfg, data_dir: data_dir.to_owned(), raft, db, view, creds, deny, dek, listener })
+    }
+
+    async fn wait_leader(&self, timeout: Duration) -> Result<(), ManagerError> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a raft leader")
+            .await
+            .map_err(|e| ManagerError::Raft(format!("no raft leader: {e}")))?;
+        Ok(())
+    }
+
+    /// The address the manager listens on.
+    pub fn listen_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// This manager's configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and stops raft.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ManagerError> {
+        let store = Store::new(self.raft.clone(), self.view.clone());
+        let secrets = SecretsCache::load(self.view.clone(), self.dek.clone())?;
+        let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
+        let advertise = self.cfg.advertise_addr.clone();
+        let tasks = shutdown.child_token();
+
+        let (dispatcher, writer) =
+            Dispatcher::new(store.clone(), auth.clone(), secrets.get().heartbeat, advertise.clone());
+        tokio::spawn(writer.run(tasks.clone()));
+        tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
+        dispatcher.report(StatusChange {
+            node: self.cfg.node_id.clone(),
+            status: NodeStatus::Ready,
+            addr: Some(advertise.clone()),
+            hostname: Some(hostname()),
+        });
+        let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: self.cfg.node_id.clone() };
+        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
+        tokio::spawn(renewer.run(tasks.clone()));
+
+        let sock = &self.cfg.control_socket;
+        if sock.exists() {
+            std::fs::remove_file(sock).map_err(io_err(sock))?;
+        }
+        let unix = UnixListener::bind(sock).map_err(io_err(sock))?;
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(io_err(sock))?;
+
+        let server_tls = self.creds.server().expect("managers have server credentials");
+        let tcp = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), advertise))
+            .add_service(dispatcher.service())
+            .add_service(ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone()))
+            .add_service(RaftService::new(self.raft.clone(), auth.clone()))
+            .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
+        let local = Server::builder()
+            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth))
+            .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
+        tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
+            control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
+
+        let serving = async { tokio::try_join!(tcp, local) };
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            r = &mut serving => r.map(|_| ()),
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN).await } => Ok(()),
+        };
+        tasks.cancel();
+        let _ = self.raft.shutdown().await;
+        let _ = self.db.flush_async().await;
+        let _ = std::fs::remove_file(sock);
+        tracing::info!("manager stopped");
+        result.map_err(ManagerError::from)
+    }
+}
+
+/// Signs this manager's own renewals with the local CA.
+struct LocalIssuer {
+    store: Store,
+    secrets: SecretsCache,
+    node: NodeId,
+}
+
+impl CertIssuer for LocalIssuer {
+    async fn issue(&self, csr_pem: String) -> Result<String, String> {
+        let s = self.secrets.get();
+        let issued = s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity).map_err(|e| e.to_string())?;
+        self.store
+            .propose(Command::RecordCert { node: self.node.clone(), serial: issued.serial, not_after: issued.not_after })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(issued.pem)
+    }
+}
+
+pub(crate) fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+}

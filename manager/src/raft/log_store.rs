@@ -1,0 +1,153 @@
+//! The raft log on sled: entries keyed by big-endian index in the `log` tree;
+//! vote, committed and purged markers in `raft_meta`.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageError, StorageIOError, Vote};
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::TypeConfig;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+
+/// The sled-backed raft log. Cloning shares the same trees.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn idx(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
+    bincode::deserialize(b)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("bincode serialization of raft state cannot fail")
+}
+
+impl LogStore {
+    pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("raft_meta")? })
+    }
+
+    fn meta_get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
+        match self.meta.get(key).map_err(|e| StorageError::from(StorageIOError::read(&e)))? {
+            None => Ok(None),
+            Some(v) => decode(&v).map(Some).map_err(|e| StorageError::from(StorageIOError::read(&e))),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+}
+
+fn to_bounds<RB: RangeBounds<u64>>(r: &RB) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
+    let map = |b: Bound<&u64>| match b {
+        Bound::Included(i) => Bound::Included(idx(*i)),
+        Bound::Excluded(i) => Bound::Excluded(idx(*i)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    (map(r.start_bound()), map(r.end_bound()))
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+        let mut out = Vec::new();
+        for kv in self.log.range(to_bounds(&range)) {
+            let (_, v) = kv.map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+            out.push(decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
+        let purged: Option<LogId<u64>> = self.meta_get(PURGED)?;
+        let last = match self.log.last().map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+                Some(*e.get_log_id())
+            }
+            None => purged,
+        };
+        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        self.meta.insert(VOTE, encode(vote)).map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))?;
+        self.flush().await.map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        self.meta_get(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+        // Not flushed: after a crash raft recomputes the commit index; this only
+        // lets a restarted node re-apply what it already knew was committed.
+        self.meta.insert(COMMITTED, encode(&committed)).map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        Ok(self.meta_get::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&idx(e.get_log_id().index), encode(&e));
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        // Acknowledge only once durable.
+        let res = self.flush().await.map_err(std::io::Error::other);
+        callback.log_io_completed(res);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(idx(log_id.index)..) {
+            let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.flush().await.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        self.meta.insert(PURGED, encode(&log_id)).map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(..=idx(log_id.index)) {
+            let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        Ok(())
+    }
+}

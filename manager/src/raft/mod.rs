@@ -1,0 +1,124 @@
+//! Raft: openraft 0.9 with its v2 storage traits implemented over sled.
+//!
+//! One sled database under `raft/` holds the log (`log` tree), raft's vote and
+//! commit markers (`raft_meta`), the state machine (`sm`) and the last snapshot
+//! (`snapshot`). Durability: an append or a vote is acknowledged to openraft only
+//! after `sled::Db::flush_async` returns, i.e. after the data is fsynced; since
+//! the state machine lives in the same database, that flush also persists every
+//! apply that happened before it. Concurrent proposals that openraft batches into
+//! one append share one flush.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use log_store::LogStore;
+pub use network::{Network, RaftService};
+pub use state_machine::StateMachine;
+
+use crate::state::{Command, CommandResult};
+
+openraft::declare_raft_types!(
+    /// swarmd's raft types: commands in, command results out, u64 node IDs.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A running raft node.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Raft timing and snapshot settings.
+///
+/// # Defaults
+/// heartbeat 100 ms, election timeout 500–1000 ms, a snapshot every 10,000
+/// entries, 1,000 entries kept behind the snapshot for slow followers.
+#[derive(Clone, Debug)]
+pub struct RaftSettings {
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lower bound of the randomized election timeout.
+    pub election_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    pub election_max: Duration,
+    /// Build a snapshot after this many entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+impl RaftSettings {
+    fn to_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        openraft::Config {
+            cluster_name: "swarmd".into(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_min.as_millis() as u64,
+            election_timeout_max: self.election_max.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+    }
+}
+
+/// Errors opening or starting raft.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftStartError {
+    /// sled could not open the database.
+    #[error("raft storage at {path}: {source}")]
+    Storage { path: String, source: sled::Error },
+    /// Invalid timing settings.
+    #[error("raft settings: {0}")]
+    Config(#[from] openraft::ConfigError),
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Fatal(#[from] openraft::error::Fatal<u64>),
+}
+
+/// Storage opened from `raft/`: hand it to [`start`].
+pub struct Storage {
+    /// The sled database (kept to flush and close it).
+    pub db: sled::Db,
+    /// The log store.
+    pub log: LogStore,
+    /// The state machine.
+    pub sm: StateMachine,
+}
+
+/// Opens (or creates) the sled database in `dir`.
+pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
+    let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
+    let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
+    let log = LogStore::open(&db).map_err(storage_err)?;
+    let sm = StateMachine::open(&db).map_err(storage_err)?;
+    Ok(Storage { db, log, sm })
+}
+
+/// Starts raft node `id` on `storage`.
+pub async fn start(
+    id: u64,
+    settings: &RaftSettings,
+    storage: Storage,
+    network: Network,
+) -> Result<Raft, RaftStartError> {
+    let config = Arc::new(settings.to_config()?);
+    Ok(Raft::new(id, config, network, storage.log, storage.sm).await?)
+}

@@ -1,0 +1,158 @@
+//! Raft transport: openraft's RPCs carried as bincode bytes over the `Raft`
+//! gRPC service, on the managers' mTLS port. Only manager certificates may call
+//! it (checked in [`RaftService`]); the client side dials with this manager's
+//! own certificate.
+
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use rustls::ClientConfig;
+use serde::{de::DeserializeOwned, Serialize};
+use swarmd_certs::dial::{lazy_channel, Remotes};
+use swarmd_certs::Role;
+use swarmd_proto::raft::raft_client::RaftClient;
+use swarmd_proto::raft::raft_server;
+use swarmd_proto::raft::RaftPayload;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::{Raft, TypeConfig};
+use crate::auth::Authorizer;
+
+/// Creates clients to peer managers.
+#[derive(Clone)]
+pub struct Network {
+    tls: watch::Receiver<Arc<ClientConfig>>,
+}
+
+impl Network {
+    /// A factory that dials with the configurations published on `tls`.
+    pub fn new(tls: watch::Receiver<Arc<ClientConfig>>) -> Self {
+        Self { tls }
+    }
+}
+
+/// A client to one peer.
+pub struct PeerClient {
+    target: u64,
+    client: RaftClient<Channel>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        let channel = lazy_channel(Remotes::new(vec![node.addr.clone()]), self.tls.clone());
+        PeerClient { target, client: RaftClient::new(channel).max_decoding_message_size(64 << 20) }
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> RaftPayload {
+    RaftPayload { data: bincode::serialize(v).expect("serialize raft message") }
+}
+
+fn dec<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, bincode::Error> {
+    bincode::deserialize(&p.data)
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        req: &Req,
+        which: fn(&mut RaftClient<Channel>, RaftPayload) -> CallFuture<'_>,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
+        let reply = which(&mut self.client, enc(req)).await.map_err(|s| {
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown) {
+                RPCError::Unreachable(Unreachable::new(&s))
+            } else {
+                RPCError::Network(NetworkError::new(&s))
+            }
+        })?;
+        let res: Result<Resp, RaftError<u64, E>> =
+            dec(&reply.into_inner()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+type CallFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<RaftPayload>, Status>> + Send + 'a>,
+>;
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(&rpc, |c, p| Box::pin(c.append_entries(p))).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+        self.call(&rpc, |c, p| Box::pin(c.install_snapshot(p))).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(&rpc, |c, p| Box::pin(c.vote(p))).await
+    }
+}
+
+/// The `Raft` gRPC service: hands peers' messages to the local raft node.
+pub struct RaftService {
+    raft: Raft,
+    auth: Authorizer,
+}
+
+impl RaftService {
+    /// Serves `raft`, admitting manager certificates only.
+    pub fn new(raft: Raft, auth: Authorizer) -> raft_server::RaftServer<Self> {
+        raft_server::RaftServer::new(Self { raft, auth }).max_decoding_message_size(64 << 20)
+    }
+}
+
+fn bad_payload(e: bincode::Error) -> Status {
+    Status::invalid_argument(format!("malformed raft message: {e}"))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    /// PERMISSION_DENIED/UNAUTHENTICATED for non-managers; INVALID_ARGUMENT for undecodable payloads.
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.auth.require(&req, &[Role::Manager])?;
+        let rpc: AppendEntriesRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
+        Ok(Response::new(enc(&self.raft.append_entries(rpc).await)))
+    }
+
+    /// As `append_entries`.
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.auth.require(&req, &[Role::Manager])?;
+        let rpc: VoteRequest<u64> = dec(req.get_ref()).map_err(bad_payload)?;
+        Ok(Response::new(enc(&self.raft.vote(rpc).await)))
+    }
+
+    /// As `append_entries`; one chunk of a snapshot per call.
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.auth.require(&req, &[Role::Manager])?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
+        Ok(Response::new(enc(&self.raft.install_snapshot(rpc).await)))
+    }
+}

@@ -1,0 +1,320 @@
+//! The replicated state: records, the commands that change them, and how a
+//! command is applied.
+//!
+//! Every manager applies the same committed commands in the same order to its
+//! own sled tree, so `apply` must be deterministic: it validates against the
+//! current state and either produces a batch of writes or a rejection, never a
+//! partial change. Keys:
+//!
+//! | key             | value           |
+//! |-----------------|-----------------|
+//! | `cluster`       | [`ClusterRecord`] |
+//! | `node/<id>`     | [`NodeRecord`]  |
+//!
+//! raft's own bookkeeping (`meta/…`) lives in the same tree, written by the state
+//! machine in the same atomic batch as each command's effects.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use swarmd_certs::{ClusterId, NodeId, Role};
+
+use crate::keys::Sealed;
+
+/// Cluster-wide settings and secrets (sealed under the data key).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// The cluster's ID (O of every certificate).
+    pub id: ClusterId,
+    /// The root CA certificate, PEM: the bundle join tokens pin.
+    pub ca_cert_pem: String,
+    /// The CA private key, sealed.
+    pub ca_key: Sealed,
+    /// The worker join token, sealed.
+    pub worker_token: Sealed,
+    /// The manager join token, sealed.
+    pub manager_token: Sealed,
+    /// Node certificate lifetime, seconds.
+    pub cert_validity_secs: u64,
+    /// Heartbeat period, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Creation time, unix seconds.
+    pub created_at: i64,
+}
+
+/// A node's liveness as the managers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Known, no session seen yet.
+    Unknown,
+    /// Has a live session.
+    Ready,
+    /// Missed three heartbeats or lost its session.
+    Down,
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeStatus::Unknown => "unknown",
+            NodeStatus::Ready => "ready",
+            NodeStatus::Down => "down",
+        })
+    }
+}
+
+/// One node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// CN of its certificate.
+    pub id: NodeId,
+    /// OU of its certificate.
+    pub role: Role,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// The address its session comes from (workers) or it advertises (managers).
+    pub addr: String,
+    /// Its hostname as it reported it.
+    pub hostname: String,
+    /// Serial of its newest certificate, hex.
+    pub cert_serial: String,
+    /// NotAfter of its newest certificate, unix seconds.
+    pub cert_not_after: i64,
+    /// When it joined, unix seconds.
+    pub created_at: i64,
+    /// Its raft ID (managers only).
+    pub raft_id: Option<u64>,
+}
+
+/// A liveness transition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// The node.
+    pub node: NodeId,
+    /// Its new status.
+    pub status: NodeStatus,
+    /// Its new address, if it changed.
+    pub addr: Option<String>,
+    /// Its hostname, if reported.
+    pub hostname: Option<String>,
+}
+
+/// A change to the replicated state: one raft log entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates the cluster and its first manager. Only valid on an empty store.
+    InitCluster { cluster: Box<ClusterRecord>, manager: NodeRecord },
+    /// Adds a node that has just been issued its first certificate.
+    AddNode(NodeRecord),
+    /// Records a renewed certificate.
+    RecordCert { node: NodeId, serial: String, not_after: i64 },
+    /// Liveness transitions, batched.
+    SetStatus(Vec<StatusChange>),
+    /// Replaces a join token.
+    RotateJoinToken { role: Role, token: Sealed },
+}
+
+/// The outcome of applying one command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Applied.
+    Ok,
+    /// Refused; nothing changed. The text says why.
+    Rejected(String),
+}
+
+pub(crate) const CLUSTER_KEY: &[u8] = b"cluster";
+const NODE_PREFIX: &str = "node/";
+
+/// The key of a node record.
+pub(crate) fn node_key(id: &NodeId) -> Vec<u8> {
+    format!("{NODE_PREFIX}{id}").into_bytes()
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("bincode serialization of in-memory state cannot fail")
+}
+
+/// Read access to the state, as of the last applied entry.
+#[derive(Clone)]
+pub struct StateView {
+    tree: sled::Tree,
+}
+
+/// A stored record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// sled failed.
+    #[error("state storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A record does not decode.
+    #[error("corrupt state record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl StateView {
+    pub(crate) fn new(tree: sled::Tree) -> Self {
+        Self { tree }
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
+        match self.tree.get(key)? {
+            None => Ok(None),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The cluster record, once the cluster is initialised.
+    pub fn cluster(&self) -> Result<Option<ClusterRecord>, StateError> {
+        self.get(CLUSTER_KEY)
+    }
+
+    /// One node.
+    pub fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StateError> {
+        self.get(&node_key(id))
+    }
+
+    /// All nodes, ordered by ID.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(NODE_PREFIX) {
+            let (k, v) = kv?;
+            out.push(bincode::deserialize(&v).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+/// Validates `cmd` against `view` and returns the writes it makes, or why it is refused.
+pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
+    let mut batch = sled::Batch::default();
+    match cmd {
+        Command::InitCluster { cluster, manager } => {
+            if view.cluster()?.is_some() {
+                return Ok(Err("cluster is already initialised".into()));
+            }
+            batch.insert(CLUSTER_KEY, encode(cluster.as_ref()));
+            batch.insert(node_key(&manager.id), encode(manager));
+        }
+        Command::AddNode(node) => {
+            if view.cluster()?.is_none() {
+                return Ok(Err("cluster is not initialised".into()));
+            }
+            if view.node(&node.id)?.is_some() {
+                return Ok(Err(format!("node {} already exists", node.id)));
+            }
+            batch.insert(node_key(&node.id), encode(node));
+        }
+        Command::RecordCert { node, serial, not_after } => {
+            let Some(mut rec) = view.node(node)? else {
+                return Ok(Err(format!("node {node} does not exist")));
+            };
+            rec.cert_serial = serial.clone();
+            rec.cert_not_after = *not_after;
+            batch.insert(node_key(node), encode(&rec));
+        }
+        Command::SetStatus(changes) => {
+            for c in changes {
+                // A node removed meanwhile is skipped, not an error: liveness is advisory.
+                if let Some(mut rec) = view.node(&c.node)? {
+                    rec.status = c.status;
+                    if let Some(a) = &c.addr {
+                        rec.addr = a.clone();
+                    }
+                    if let Some(h) = &c.hostname {
+                        rec.hostname = h.clone();
+                    }
+                    batch.insert(node_key(&c.node), encode(&rec));
+                }
+            }
+        }
+        Command::RotateJoinToken { role, token } => {
+            let Some(mut cluster) = view.cluster()? else {
+                return Ok(Err("cluster is not initialised".into()));
+            };
+            match role {
+                Role::Worker => cluster.worker_token = token.clone(),
+                Role::Manager => cluster.manager_token = token.clone(),
+            }
+            batch.insert(CLUSTER_KEY, encode(&cluster));
+        }
+    }
+    Ok(Ok(batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SymmetricKey;
+
+    fn sample_cluster() -> ClusterRecord {
+        let k = SymmetricKey::generate();
+        ClusterRecord {
+            id: ClusterId::random(),
+            ca_cert_pem: "pem".into(),
+            ca_key: k.seal("a", b"k"),
+            worker_token: k.seal("w", b"w"),
+            manager_token: k.seal("m", b"m"),
+            cert_validity_secs: 86400,
+            heartbeat_ms: 5000,
+            created_at: 0,
+        }
+    }
+
+    fn node(role: Role) -> NodeRecord {
+        NodeRecord {
+            id: NodeId::random(),
+            role,
+            status: NodeStatus::Unknown,
+            addr: "127.0.0.1:1".into(),
+            hostname: "h".into(),
+            cert_serial: "01".into(),
+            cert_not_after: 0,
+            created_at: 0,
+            raft_id: None,
+        }
+    }
+
+    fn apply(view: &StateView, cmd: &Command) -> Result<(), String> {
+        let b = plan(view, cmd).unwrap()?;
+        view.tree.apply_batch(b).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn commands_apply_and_refuse_without_changing_anything() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let view = StateView::new(db.open_tree("sm").unwrap());
+        let w = node(Role::Worker);
+        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "add before init");
+        let m = node(Role::Manager);
+        apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m.clone() }).unwrap();
+        assert!(apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m }).is_err());
+        apply(&view, &Command::AddNode(w.clone())).unwrap();
+        let before = view.nodes().unwrap();
+        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "duplicate");
+        assert_eq!(view.nodes().unwrap(), before);
+        apply(
+            &view,
+            &Command::SetStatus(vec![StatusChange {
+                node: w.id.clone(),
+                status: NodeStatus::Ready,
+                addr: Some("10.0.0.1:5".into()),
+                hostname: None,
+            }]),
+        )
+        .unwrap();
+        let got = view.node(&w.id).unwrap().unwrap();
+        assert_eq!(got.status, NodeStatus::Ready);
+        assert_eq!(got.addr, "10.0.0.1:5");
+        apply(&view, &Command::RecordCert { node: w.id.clone(), serial: "ff".into(), not_after: 9 }).unwrap();
+        assert_eq!(view.node(&w.id).unwrap().unwrap().cert_serial, "ff");
+        assert!(apply(&view, &Command::RecordCert { node: NodeId::random(), serial: "1".into(), not_after: 1 }).is_err());
+    }
+}
