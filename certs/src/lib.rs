@@ -18,7 +18,7 @@ pub mod renew;
 pub mod tls;
 mod token;
 
-pub use ca::{CertValidity, IssuedCert, RootCa};
+pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
 pub use error::CertError;
 pub use identity::{generate_key_and_csr, write_atomic, CertInfo, NodeIdentity, NodeKey};
 pub use ids::{ClusterId, IdError, NodeId, Role};

@@ -1,1 +1,112 @@
-//! placeholder
+//! The swarmd worker.
+//!
+//! A worker joins with a token ([`Worker::join`]), keeps its key and
+//! certificate in `certs/`, and then holds one session with a manager for as
+//! long as it runs ([`Worker::run`]): heartbeats, and certificate renewal over
+//! the same connection. [`Worker::open`] restarts it from its data dir — no
+//! token needed.
+
+mod config;
+mod join;
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use swarmd_certs::dial::{lazy_channel, Remotes};
+use swarmd_certs::renew::{CertIssuer, Renewer};
+use swarmd_certs::tls::TlsCredentials;
+use swarmd_certs::NodeIdentity;
+use swarmd_proto::ca::ca_client::CaClient;
+use swarmd_proto::ca::RenewNodeCertificateRequest;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use config::{WorkerConfig, CONFIG_FILE};
+pub use join::{JoinError, JoinOptions};
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Joining failed.
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    /// The data dir holds no worker.
+    #[error("{path} holds no swarmd worker (no {CONFIG_FILE}); join with `swarmd worker join TOKEN --remote ADDR`")]
+    NotAWorker { path: PathBuf },
+    /// Config file problems.
+    #[error("{0}")]
+    Config(String),
+    /// Certificates.
+    #[error(transparent)]
+    Cert(#[from] swarmd_certs::CertError),
+}
+
+/// A worker ready to run.
+pub struct Worker {
+    data_dir: PathBuf,
+    cfg: WorkerConfig,
+    creds: Arc<TlsCredentials>,
+}
+
+impl Worker {
+    /// Joins a cluster and stores the new identity in `opts.data_dir`.
+    pub async fn join(opts: JoinOptions) -> Result<Self, WorkerError> {
+        let (cfg, identity) = join::join(&opts).await?;
+        Ok(Self { data_dir: opts.data_dir, cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
+    }
+
+    /// Opens the worker stored in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, WorkerError> {
+        let cfg = WorkerConfig::load(data_dir)?;
+        let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
+        if identity.info.node_id != cfg.node_id {
+            return Err(WorkerError::Config(format!(
+                "{}: certificate is for node {}, config for {}",
+                data_dir.display(),
+                identity.info.node_id,
+                cfg.node_id
+            )));
+        }
+        Ok(Self { data_dir: data_dir.to_owned(), cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
+    }
+
+    /// This worker's node ID.
+    pub fn node_id(&self) -> &swarmd_certs::NodeId {
+        &self.cfg.node_id
+    }
+
+    /// Holds a session and renews the certificate until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let remotes = Remotes::new(self.cfg.remotes.clone());
+        let channel = lazy_channel(remotes.clone(), self.creds.client());
+        let issuer = RpcIssuer { channel: channel.clone() };
+        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
+        let tasks = shutdown.child_token();
+        tokio::spawn(renewer.run(tasks.clone()));
+        tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
+        let session = session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone());
+        session.run(shutdown).await;
+        tasks.cancel();
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+/// Renews through the `RenewNodeCertificate` RPC on the session's channel, so a
+/// renewal reuses the established connection instead of a new handshake.
+struct RpcIssuer {
+    channel: Channel,
+}
+
+impl CertIssuer for RpcIssuer {
+    async fn issue(&self, csr_pem: String) -> Result<String, String> {
+        let mut client = CaClient::new(self.channel.clone());
+        client
+            .renew_node_certificate(RenewNodeCertificateRequest { csr_pem })
+            .await
+            .map(|r| r.into_inner().certificate_pem)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    }
+}

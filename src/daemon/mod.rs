@@ -1,0 +1,158 @@
+//! `swarmd`: create, join and run nodes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use swarmd_certs::CertValidity;
+use swarmd_manager::{InitOptions, Manager};
+use swarmd_worker::{JoinOptions, Worker};
+use tokio_util::sync::CancellationToken;
+
+/// swarmd: a Swarm-style cluster security plane.
+#[derive(Parser, Debug)]
+#[command(name = "swarmd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manager commands.
+    #[command(subcommand)]
+    Manager(ManagerCmd),
+    /// Worker commands.
+    #[command(subcommand)]
+    Worker(WorkerCmd),
+    /// Restart a node (manager or worker) from its saved state.
+    Run(RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ManagerCmd {
+    /// Create a new cluster with this node as its manager, then run it.
+    Init(InitArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkerCmd {
+    /// Join a cluster as a worker with a join token, then run.
+    Join(JoinArgs),
+}
+
+#[derive(Args, Debug)]
+struct DataDir {
+    /// Where the node keeps its state.
+    #[arg(long, default_value = "/var/lib/swarmd", env = "SWARMD_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// Address to listen on for nodes and peers (port 0: pick a free port, kept across restarts).
+    #[arg(long, default_value = "0.0.0.0:4242")]
+    listen_addr: String,
+    /// Address other nodes dial [default: the listen address, or this host's address]
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Control socket path [default: <data-dir>/control.sock]
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Lifetime of node certificates, e.g. 30s, 90m, 24h (minimum 30s).
+    #[arg(long, default_value = "24h")]
+    cert_expiry: CertValidity,
+    /// Heartbeat period of node sessions; a node is down after 3 missed periods.
+    #[arg(long, default_value = "5s", value_parser = parse_heartbeat)]
+    heartbeat: Duration,
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    /// The join token (SWDTKN-1-…), from `secretctl join-token worker`.
+    token: String,
+    /// Manager address(es), HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    remote: Vec<String>,
+    #[command(flatten)]
+    dir: DataDir,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    dir: DataDir,
+}
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = swarmd_certs::parse_duration(s)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err("heartbeat must be between 100ms and 1h".into());
+    }
+    Ok(d)
+}
+
+/// Cancels the returned token on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Runs `swarmd` with parsed arguments.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Manager(ManagerCmd::Init(a)) => {
+            let mut opts = InitOptions::new(a.dir.data_dir);
+            opts.listen_addr = a.listen_addr;
+            opts.advertise_addr = a.advertise_addr;
+            opts.control_socket = a.control_socket;
+            opts.cert_expiry = a.cert_expiry;
+            opts.heartbeat = a.heartbeat;
+            let manager = Manager::init(opts).await?;
+            println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
+            println!("To add a worker, run `secretctl join-token worker` on this host.");
+            manager.run(shutdown_on_signal()).await?;
+        }
+        Command::Worker(WorkerCmd::Join(a)) => {
+            let opts = JoinOptions { token: a.token, remotes: a.remote, data_dir: a.dir.data_dir, hostname: hostname() };
+            let worker = Worker::join(opts).await?;
+            println!("This node joined the cluster as a worker ({}).", worker.node_id());
+            worker.run(shutdown_on_signal()).await?;
+        }
+        Command::Run(a) => run_existing(&a.dir.data_dir).await?,
+    }
+    Ok(())
+}
+
+async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
+    if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
+        let m = Manager::open(data_dir).await.context("cannot start the manager")?;
+        m.run(shutdown_on_signal()).await?;
+    } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
+        Worker::open(data_dir)?.run(shutdown_on_signal()).await?;
+    } else {
+        anyhow::bail!(
+            "{} holds no swarmd node; create one with `swarmd manager init` or `swarmd worker join`",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! `secretctl`: the control API client. One file per verb.
+
+mod client;
+mod join_token;
+mod node;
+mod output;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use client::{connect, Host};
+
+/// secretctl: manage a swarmd cluster through its control API.
+#[derive(Parser, Debug)]
+#[command(name = "secretctl", version, about)]
+pub struct Cli {
+    /// Control API: unix:///PATH or tcp://HOST:PORT (with --tls-cert/--tls-key/--tls-ca).
+    #[arg(long, global = true, env = "SWARMD_HOST", default_value = "unix:///var/lib/swarmd/control.sock")]
+    host: String,
+    /// Client certificate for tcp:// hosts (PEM).
+    #[arg(long, global = true)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client key for tcp:// hosts (PEM).
+    #[arg(long, global = true)]
+    tls_key: Option<std::path::PathBuf>,
+    /// Cluster root CA for tcp:// hosts (PEM).
+    #[arg(long, global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats of list and inspect commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable table.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
+    /// Show (or rotate) a join token.
+    JoinToken(join_token::JoinTokenArgs),
+}
+
+/// Runs `secretctl` with parsed arguments.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let host = Host::parse(&cli.host, cli.tls_cert, cli.tls_key, cli.tls_ca)?;
+    let channel = connect(&host).await?;
+    match cli.command {
+        Command::Node(c) => node::run(channel, c, cli.format).await,
+        Command::JoinToken(a) => join_token::run(channel, a).await,
+    }
+}

@@ -1,0 +1,111 @@
+//! `secretctl node ls | inspect`.
+
+use clap::Subcommand;
+use serde::Serialize;
+use swarmd_proto::control::control_client::ControlClient;
+use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node};
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::output::{json, table, timestamp};
+use super::Format;
+
+#[derive(Subcommand, Debug)]
+pub(super) enum NodeCmd {
+    /// List nodes.
+    Ls {
+        /// Only IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show one node (ID, unique ID prefix or hostname).
+    Inspect { node: String },
+}
+
+/// A node as secretctl prints it.
+#[derive(Serialize)]
+struct NodeView {
+    id: String,
+    hostname: String,
+    role: String,
+    status: String,
+    addr: String,
+    cert_serial: String,
+    cert_expiry: String,
+    cert_not_after: i64,
+    created_at: String,
+    session: Option<SessionView>,
+}
+
+#[derive(Serialize)]
+struct SessionView {
+    id: String,
+    since: String,
+    last_heartbeat: String,
+}
+
+impl From<Node> for NodeView {
+    fn from(n: Node) -> Self {
+        let session = (!n.session_id.is_empty()).then(|| SessionView {
+            id: n.session_id,
+            since: timestamp(n.session_since),
+            last_heartbeat: timestamp(n.last_heartbeat),
+        });
+        Self {
+            cert_expiry: timestamp(n.cert_not_after),
+            created_at: timestamp(n.created_at),
+            id: n.id,
+            hostname: n.hostname,
+            role: n.role,
+            status: n.status,
+            addr: n.addr,
+            cert_serial: n.cert_serial,
+            cert_not_after: n.cert_not_after,
+            session,
+        }
+    }
+}
+
+pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyhow::Result<()> {
+    let mut client = ControlClient::new(channel);
+    match cmd {
+        NodeCmd::Ls { quiet } => {
+            let nodes: Vec<NodeView> =
+                client.list_nodes(ListNodesRequest {}).await.map_err(explain)?.into_inner().nodes.into_iter().map(Into::into).collect();
+            if quiet {
+                nodes.iter().for_each(|n| println!("{}", n.id));
+            } else if format == Format::Json {
+                json(&nodes)?;
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| vec![n.id.clone(), n.hostname.clone(), n.role.clone(), n.status.clone(), n.addr.clone(), n.cert_expiry.clone()])
+                    .collect();
+                table(&["ID", "HOSTNAME", "ROLE", "STATUS", "ADDRESS", "CERT EXPIRES"], &rows);
+            }
+        }
+        NodeCmd::Inspect { node } => {
+            let n: NodeView =
+                client.get_node(GetNodeRequest { id_or_prefix: node }).await.map_err(explain)?.into_inner().into();
+            if format == Format::Json {
+                json(&n)?;
+            } else {
+                let s = n.session.as_ref();
+                let rows = vec![
+                    vec!["ID".into(), n.id.clone()],
+                    vec!["Hostname".into(), n.hostname.clone()],
+                    vec!["Role".into(), n.role.clone()],
+                    vec!["Status".into(), n.status.clone()],
+                    vec!["Address".into(), n.addr.clone()],
+                    vec!["Certificate serial".into(), n.cert_serial.clone()],
+                    vec!["Certificate expires".into(), n.cert_expiry.clone()],
+                    vec!["Joined".into(), n.created_at.clone()],
+                    vec!["Session".into(), s.map(|s| s.id.clone()).unwrap_or_else(|| "-".into())],
+                    vec!["Last heartbeat".into(), s.map(|s| s.last_heartbeat.clone()).unwrap_or_else(|| "-".into())],
+                ];
+                table(&["FIELD", "VALUE"], &rows);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Joining a cluster with a token.
+//!
+//! 1. Download the root CA from a manager over TLS *without* verifying the
+//!    server — and refuse it unless its SHA-256 equals the token's digest.
+//! 2. Reconnect verifying the manager against that root, send a fresh CSR and
+//!    the token, and receive a certificate whose subject the CA chose.
+//! 3. Store `certs/` then `worker.json` (the marker of a complete join). If
+//!    anything fails, remove what was written.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use swarmd_certs::dial;
+use swarmd_certs::tls::{anonymous_client_config, danger};
+use swarmd_certs::{generate_key_and_csr, CertInfo, JoinToken, NodeIdentity, Role};
+use swarmd_proto::ca::ca_client::CaClient;
+use swarmd_proto::ca::{GetRootCaRequest, IssueNodeCertificateRequest};
+use tonic::Code;
+
+use crate::config::{WorkerConfig, CONFIG_FILE};
+use crate::WorkerError;
+
+/// Options of `swarmd worker join`.
+#[derive(Clone, Debug)]
+pub struct JoinOptions {
+    /// The join token text.
+    pub token: String,
+    /// Manager addresses, tried in order.
+    pub remotes: Vec<String>,
+    /// Where to keep state.
+    pub data_dir: PathBuf,
+    /// Hostname to report.
+    pub hostname: String,
+}
+
+/// Why a join failed. Each message names the cause and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The token does not parse.
+    #[error("{0}; copy the whole token printed by `secretctl join-token worker`")]
+    Token(#[from] swarmd_certs::TokenError),
+    /// No `--remote` given.
+    #[error("no manager address given: pass --remote HOST:PORT")]
+    NoRemote,
+    /// The data dir already holds a node.
+    #[error("{path} already holds a swarmd node; start it with `swarmd run --data-dir {path}`, or join with an empty --data-dir")]
+    AlreadyInitialised { path: PathBuf },
+    /// No manager answered.
+    #[error("cannot reach a manager: {detail}")]
+    Unreachable { detail: String },
+    /// The CA served does not match the token.
+    #[error("the manager at {addr} presented a root CA whose SHA-256 does not match the join token; refusing to trust it (token from another cluster, or someone in between)")]
+    DigestMismatch { addr: String },
+    /// The manager refused.
+    #[error("the manager at {addr} refused to join this node: {reason}")]
+    Refused { addr: String, reason: String },
+    /// The returned certificate is not what we asked for.
+    #[error("the manager returned an unusable certificate: {0}")]
+    BadCertificate(String),
+    /// Local I/O.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
+    match s.code() {
+        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
+        | Code::FailedPrecondition | Code::NotFound => {
+            JoinError::Refused { addr: addr.to_owned(), reason: s.message().to_owned() }
+        }
+        _ => JoinError::Unreachable { detail: format!("{addr}: {}", s.message()) },
+    }
+}
+
+fn check_fresh(data_dir: &Path) -> Result<(), JoinError> {
+    for marker in [CONFIG_FILE, "manager.json", "certs"] {
+        if data_dir.join(marker).exists() {
+            return Err(JoinError::AlreadyInitialised { path: data_dir.to_owned() });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn join(opts: &JoinOptions) -> Result<(WorkerConfig, NodeIdentity), WorkerError> {
+    let token: JoinToken = opts.token.parse().map_err(JoinError::Token)?;
+    if opts.remotes.is_empty() {
+        return Err(JoinError::NoRemote.into());
+    }
+    check_fresh(&opts.data_dir)?;
+
+    let mut last_err = None;
+    for addr in &opts.remotes {
+        match join_via(addr, &token, opts).await {
+            Ok(r) => return Ok(r),
+            Err(e @ JoinError::Unreachable { .. }) => last_err = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last_err.unwrap_or(JoinError::NoRemote).into())
+}
+
+async fn join_via(
+    addr: &str,
+    token: &JoinToken,
+    opts: &JoinOptions,
+) -> Result<(WorkerConfig, NodeIdentity), JoinError> {
+    let unreachable = |e: std::io::Error| JoinError::Unreachable { detail: e.to_string() };
+
+    // 1. Root CA, pinned by the token's digest.
+    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config())).await.map_err(unreachable)?;
+    let bundle = CaClient::new(boot)
+        .get_root_ca(GetRootCaRequest {})
+        .await
+        .map_err(|s| refused_or_unreachable(addr, s))?
+        .into_inner()
+        .ca_bundle_pem;
+    if !token.pins(&bundle) {
+        return Err(JoinError::DigestMismatch { addr: addr.to_owned() });
+    }
+    let cluster_id = CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+
+    // 2. Certificate, over TLS verified against that root.
+    let cfg = anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let chan = dial::connect(addr, Arc::new(cfg)).await.map_err(unreachable)?;
+    let (key, csr) = generate_key_and_csr().map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let resp = CaClient::new(chan)
+        .issue_node_certificate(IssueNodeCertificateRequest {
+            token: token.expose().to_string(),
+            csr_pem: csr,
+            hostname: opts.hostname.clone(),
+        })
+        .await
+        .map_err(|s| refused_or_unreachable(addr, s))?
+        .into_inner();
+    let identity = NodeIdentity::new(bundle, resp.certificate_pem, key)
+        .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    if identity.info.node_id.as_str() != resp.node_id
+        || identity.info.role != Role::Worker
+        || identity.info.cluster_id != cluster_id
+    {
+        return Err(JoinError::BadCertificate("subject does not match the join response".into()));
+    }
+
+    // 3. Persist: certs first, config last.
+    let mut remotes = opts.remotes.clone();
+    for m in resp.managers {
+        if !remotes.contains(&m) {
+            remotes.push(m);
+        }
+    }
+    let cfg = WorkerConfig { node_id: identity.info.node_id.clone(), cluster_id, remotes };
+    let certs = NodeIdentity::dir(&opts.data_dir);
+    let persisted = std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|source| JoinError::Io { path: opts.data_dir.clone(), source })
+        .and_then(|_| identity.save(&certs).map_err(|e| JoinError::BadCertificate(e.to_string())))
+        .and_then(|_| cfg.save(&opts.data_dir).map_err(|e| JoinError::BadCertificate(e.to_string())));
+    if let Err(e) = persisted {
+        let _ = std::fs::remove_dir_all(&certs);
+        return Err(e);
+    }
+    Ok((cfg, identity))
+}

@@ -1,0 +1,97 @@
+//! The worker's session with a manager: open it, heartbeat, reopen on failure.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use swarmd_certs::dial::Remotes;
+use swarmd_certs::renew::Backoff;
+use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
+use swarmd_proto::dispatcher::{HeartbeatRequest, SessionRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::WorkerConfig;
+
+/// Keeps one session open for as long as the worker runs.
+pub(crate) struct SessionLoop {
+    channel: Channel,
+    remotes: Remotes,
+    data_dir: PathBuf,
+    cfg: WorkerConfig,
+    hostname: String,
+}
+
+impl SessionLoop {
+    pub(crate) fn new(channel: Channel, remotes: Remotes, data_dir: PathBuf, cfg: WorkerConfig) -> Self {
+        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        Self { channel, remotes, data_dir, cfg, hostname }
+    }
+
+    /// Runs until `shutdown` is cancelled; failures back off and retry.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let first = Duration::from_millis(200);
+        let mut backoff = Backoff::new(first, Duration::from_secs(5));
+        loop {
+            let opened = std::time::Instant::now();
+            match self.one(&shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    if opened.elapsed() > Duration::from_secs(30) {
+                        backoff.reset(first);
+                    }
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = wait.as_secs_f64(), "session lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn one(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
+        let fmt = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+        let mut client = DispatcherClient::new(self.channel.clone());
+        let mut stream =
+            client.session(SessionRequest { hostname: self.hostname.clone() }).await.map_err(fmt)?.into_inner();
+        let first = stream.message().await.map_err(fmt)?.ok_or("manager closed the session at once")?;
+        let session_id = first.session_id;
+        let mut period = Duration::from_millis(first.heartbeat_period_ms.max(100));
+        tracing::info!(session.id = %session_id, heartbeat_ms = period.as_millis() as u64, "session established");
+        self.learn_managers(first.managers);
+        loop {
+            // Beat a little early so one slow beat does not cost a period.
+            let wait = period.mul_f64(0.75 + 0.2 * rand::random::<f64>());
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(m)) => self.learn_managers(m.managers),
+                    Ok(None) => return Err("manager closed the session".into()),
+                    Err(s) => return Err(fmt(s)),
+                },
+                _ = tokio::time::sleep(wait) => {
+                    let r = client.heartbeat(HeartbeatRequest { session_id: session_id.clone() }).await.map_err(fmt)?;
+                    period = Duration::from_millis(r.into_inner().period_ms.max(100));
+                }
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    fn learn_managers(&mut self, managers: Vec<String>) {
+        let mut all = self.remotes.get();
+        let before = all.len();
+        for m in managers {
+            if !m.is_empty() && !all.contains(&m) {
+                all.push(m);
+            }
+        }
+        if all.len() != before {
+            self.remotes.set(all.clone());
+            self.cfg.remotes = all;
+            if let Err(e) = self.cfg.save(&self.data_dir) {
+                tracing::warn!(error = %e, "could not save manager addresses");
+            }
+        }
+    }
+}
