@@ -1,0 +1,278 @@
+//! Test harness: real `swarmd` processes on 127.0.0.1.
+//!
+//! Every process is killed when its [`Proc`] drops (also on panic), each test
+//! works in its own temporary directory, ports come from free-port discovery,
+//! and every wait polls with a deadline that only a hang can exceed. When a test
+//! fails, the logs of its processes are printed.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous deadline for things that take well under a second normally.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn swarmd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_swarmd")
+}
+
+pub fn secretctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_secretctl")
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, panicking after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running process, killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        wait_for(&format!("{} to exit", self.name), DEADLINE, || self.child.try_wait().unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test's working area: a temp dir and the processes started in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub procs: Vec<Proc>,
+    counter: usize,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if std::thread::panicking() {
+            for p in &self.procs {
+                let text = p.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("----- log of {} (last {} lines) -----", p.name, tail.len());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0 }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts `swarmd ARGS` with output in `<name>.log`; returns its index.
+    pub fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        self.counter += 1;
+        let log = self.path(&format!("{name}.{}.log", self.counter));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(swarmd_bin())
+            .args(args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc { name: name.to_owned(), child, log });
+        self.procs.len() - 1
+    }
+
+    /// Runs `swarmd ARGS` to completion.
+    pub fn swarmd(&self, args: &[&str]) -> Output {
+        Command::new(swarmd_bin()).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Starts a manager in `<name>/` and waits until its control API answers.
+    pub fn start_manager(&mut self, name: &str, extra: &[&str]) -> Manager {
+        let data = self.path(name);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["manager", "init", "--data-dir", data.to_str().unwrap(), "--listen-addr", &addr];
+        args.extend_from_slice(extra);
+        let idx = self.spawn(name, &args);
+        let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
+        wait_for(&format!("{name} to serve"), DEADLINE, || m.try_ctl(&["node", "ls", "-q"]).filter(|o| o.status.success()));
+        m
+    }
+
+    /// Restarts a node with `swarmd run`.
+    pub fn run_node(&mut self, name: &str, data: &Path) -> usize {
+        self.spawn(name, &["run", "--data-dir", data.to_str().unwrap()])
+    }
+
+    /// Starts `swarmd worker join` in `<name>/`.
+    pub fn join_worker(&mut self, name: &str, token: &str, remote: &str) -> Worker {
+        let data = self.path(name);
+        let idx = self.spawn(name, &["worker", "join", token, "--remote", remote, "--data-dir", data.to_str().unwrap()]);
+        Worker { name: name.to_owned(), data, proc_idx: idx }
+    }
+
+    pub fn proc(&mut self, idx: usize) -> &mut Proc {
+        &mut self.procs[idx]
+    }
+}
+
+pub struct Manager {
+    pub name: String,
+    pub data: PathBuf,
+    pub addr: String,
+    pub proc_idx: usize,
+}
+
+pub struct Worker {
+    pub name: String,
+    pub data: PathBuf,
+    pub proc_idx: usize,
+}
+
+impl Worker {
+    pub fn node_id(&self) -> String {
+        let v: Value = serde_json::from_str(&fs::read_to_string(self.data.join("worker.json")).unwrap()).unwrap();
+        v["node_id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Manager {
+    pub fn socket(&self) -> PathBuf {
+        self.data.join("control.sock")
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Option<Output> {
+        Command::new(secretctl_bin())
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+    }
+
+    /// Runs secretctl against this manager.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.try_ctl(args).unwrap()
+    }
+
+    /// Runs secretctl and requires success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(o.status.success(), "secretctl {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn token(&self, role: &str) -> String {
+        self.ctl_ok(&["join-token", role, "-q"]).trim().to_owned()
+    }
+
+    pub fn nodes(&self) -> Vec<Value> {
+        let o = self.ctl(&["--format", "json", "node", "ls"]);
+        if !o.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    }
+
+    pub fn node(&self, id: &str) -> Option<Value> {
+        self.nodes().into_iter().find(|n| n["id"] == id)
+    }
+
+    /// Waits until `count` nodes are listed and all are ready.
+    pub fn wait_ready(&self, count: usize) -> Vec<Value> {
+        wait_for(&format!("{count} ready nodes"), DEADLINE, || {
+            let n = self.nodes();
+            (n.len() == count && n.iter().all(|n| n["status"] == "ready")).then_some(n)
+        })
+    }
+}
+
+/// Every regular file below `dir`.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Files below `dir` whose bytes contain `needle`.
+pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    assert!(needle.len() >= 8, "needle too short to be meaningful");
+    files_below(dir)
+        .into_iter()
+        .filter(|p| fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
+        .collect()
+}
+
+/// Whether a path is absent or an empty directory.
+pub fn is_absent_or_empty(p: &Path) -> bool {
+    !p.exists() || fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(false)
+}
