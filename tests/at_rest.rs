@@ -1,0 +1,47 @@
+//! Invariant 5 for the CA key and join tokens: never on disk in plaintext.
+//! The test opens the sealed key with the manager's own keys (proving it is
+//! there, encrypted), then greps every file of the data dir and every log for it.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+
+#[test]
+fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let worker_token = m.token("worker");
+    let _w1 = env.join_worker("w1", &worker_token, &m.addr);
+    m.wait_ready(2);
+    m.ctl_ok(&["join-token", "worker", "--rotate"]);
+    let rotated = m.token("worker");
+    let manager_token = m.token("manager");
+    let exit = env.proc(m.proc_idx).terminate();
+    assert!(exit.success(), "manager did not shut down cleanly: {exit:?}");
+
+    let key_pem = swarmd_manager::open_ca_key_offline(&m.data).expect("open the sealed CA key");
+    assert!(key_pem.contains("PRIVATE KEY"));
+    let body: String = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(&body).unwrap();
+
+    let mut needles: Vec<(String, Vec<u8>)> = vec![
+        ("CA key PEM body".into(), body.as_bytes().to_vec()),
+        ("CA key DER".into(), der.clone()),
+        ("CA key hex".into(), hex::encode(&der).into_bytes()),
+    ];
+    for line in key_pem.lines().filter(|l| l.len() >= 32 && !l.starts_with("-----")) {
+        needles.push(("CA key PEM line".into(), line.as_bytes().to_vec()));
+    }
+    for (what, t) in [("worker token", &worker_token), ("rotated worker token", &rotated), ("manager token", &manager_token)] {
+        let secret = t.rsplit('-').next().unwrap();
+        needles.push((format!("{what} secret"), secret.as_bytes().to_vec()));
+        needles.push((format!("{what} secret bytes"), hex::decode(secret).unwrap()));
+    }
+    let scanned = files_below(env.dir.path()).len();
+    assert!(scanned > 10, "scanned only {scanned} files");
+    for (what, needle) in &needles {
+        let hits = grep_dir(env.dir.path(), needle);
+        assert!(hits.is_empty(), "{what} found in plaintext in {hits:?}");
+    }
+}
