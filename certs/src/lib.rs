@@ -10,10 +10,10 @@
 //! Nothing here does I/O beyond reading and writing a node's certificate files.
 
 mod ca;
+pub mod dial;
 mod error;
 mod identity;
 mod ids;
-pub mod dial;
 pub mod renew;
 pub mod tls;
 mod token;

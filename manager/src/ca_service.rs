@@ -16,12 +16,18 @@ use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
 pub(crate) fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Keeps a reported hostname printable and short.
 pub(crate) fn clean_hostname(h: &str) -> String {
-    h.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(64).collect()
+    h.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(64)
+        .collect()
 }
 
 /// The certificate authority service.
@@ -34,21 +40,37 @@ pub struct CaService {
 
 impl CaService {
     /// The service, ready to mount.
-    pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, advertise: String) -> CaServer<Self> {
-        CaServer::new(Self { store, secrets, auth, advertise })
+    pub fn new(
+        store: Store,
+        secrets: SecretsCache,
+        auth: Authorizer,
+        advertise: String,
+    ) -> CaServer<Self> {
+        CaServer::new(Self {
+            store,
+            secrets,
+            auth,
+            advertise,
+        })
     }
 
     fn sign(&self, csr: &str, node: &NodeId, role: Role) -> Result<IssuedCert, Status> {
         let s = self.secrets.get();
-        s.ca.sign_node(csr, node, role, s.validity).map_err(|e| Status::invalid_argument(e.to_string()))
+        s.ca.sign_node(csr, node, role, s.validity)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
 #[tonic::async_trait]
 impl ca_server::Ca for CaService {
     /// Unauthenticated. Never fails while the cluster is initialised.
-    async fn get_root_ca(&self, _req: Request<GetRootCaRequest>) -> Result<Response<GetRootCaResponse>, Status> {
-        Ok(Response::new(GetRootCaResponse { ca_bundle_pem: self.secrets.get().ca.bundle_pem().to_owned() }))
+    async fn get_root_ca(
+        &self,
+        _req: Request<GetRootCaRequest>,
+    ) -> Result<Response<GetRootCaResponse>, Status> {
+        Ok(Response::new(GetRootCaResponse {
+            ca_bundle_pem: self.secrets.get().ca.bundle_pem().to_owned(),
+        }))
     }
 
     /// Unauthenticated. INVALID_ARGUMENT for a malformed token or CSR;
@@ -63,10 +85,15 @@ impl ca_server::Ca for CaService {
         let remote = Authorizer::info(&req).remote;
         tracing::Span::current().record("remote", tracing::field::debug(remote));
         let req = req.into_inner();
-        let token: JoinToken = req.token.parse().map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
         let secrets = self.secrets.get();
         if !token.pins(secrets.ca.bundle_pem()) {
-            return Err(Status::permission_denied("join token belongs to another cluster's CA"));
+            return Err(Status::permission_denied(
+                "join token belongs to another cluster's CA",
+            ));
         }
         let role = if secrets.worker_token.ct_matches(&token) {
             Role::Worker
@@ -74,10 +101,14 @@ impl ca_server::Ca for CaService {
             Role::Manager
         } else {
             tracing::warn!("join refused: wrong or rotated token secret");
-            return Err(Status::permission_denied("invalid join token: wrong secret, or the token was rotated"));
+            return Err(Status::permission_denied(
+                "invalid join token: wrong secret, or the token was rotated",
+            ));
         };
         if role == Role::Manager {
-            return Err(Status::unimplemented("joining as a manager is not supported yet; use the worker token"));
+            return Err(Status::unimplemented(
+                "joining as a manager is not supported yet; use the worker token",
+            ));
         }
         let node_id = NodeId::random();
         let issued = self.sign(&req.csr_pem, &node_id, role)?;
@@ -115,7 +146,9 @@ impl ca_server::Ca for CaService {
             .view()
             .node(&peer.node_id)
             .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("node {} is not part of the cluster", peer.node_id))
+            })?;
         let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
         self.store
             .propose(Command::RecordCert {
@@ -125,6 +158,8 @@ impl ca_server::Ca for CaService {
             })
             .await?;
         tracing::info!(node.id = %peer.node_id, serial = %issued.serial, "certificate renewed");
-        Ok(Response::new(RenewNodeCertificateResponse { certificate_pem: issued.pem }))
+        Ok(Response::new(RenewNodeCertificateResponse {
+            certificate_pem: issued.pem,
+        }))
     }
 }

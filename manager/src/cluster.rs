@@ -7,7 +7,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use swarmd_certs::{CertValidity, JoinToken, RootCa, Role};
+use swarmd_certs::{CertValidity, JoinToken, Role, RootCa};
 
 use crate::keys::{purpose, KeyError, SymmetricKey};
 use crate::state::{ClusterRecord, StateError, StateView};
@@ -48,18 +48,23 @@ impl ClusterSecrets {
     pub fn open(record: &ClusterRecord, dek: &SymmetricKey) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
         let key_pem = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
-        let key_pem = std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
-        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let key_pem = std::str::from_utf8(&key_pem)
+            .map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
+        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem)
+            .map_err(|e| ClusterError::Invalid(e.to_string()))?;
         let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
             let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
-            let text = std::str::from_utf8(&raw).map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
-            text.parse().map_err(|e: swarmd_certs::TokenError| ClusterError::Invalid(e.to_string()))
+            let text = std::str::from_utf8(&raw)
+                .map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
+            text.parse()
+                .map_err(|e: swarmd_certs::TokenError| ClusterError::Invalid(e.to_string()))
         };
         Ok(Self {
             worker_token: token(Role::Worker, &record.worker_token)?,
             manager_token: token(Role::Manager, &record.manager_token)?,
             ca,
-            validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs)).map_err(ClusterError::Invalid)?,
+            validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs))
+                .map_err(ClusterError::Invalid)?,
             heartbeat: Duration::from_millis(record.heartbeat_ms),
         })
     }
@@ -86,7 +91,11 @@ impl SecretsCache {
     pub fn load(view: StateView, dek: SymmetricKey) -> Result<Self, ClusterError> {
         let record = view.cluster()?.ok_or(ClusterError::NotInitialised)?;
         let s = ClusterSecrets::open(&record, &dek)?;
-        Ok(Self { view, dek, current: Arc::new(RwLock::new(Arc::new(s))) })
+        Ok(Self {
+            view,
+            dek,
+            current: Arc::new(RwLock::new(Arc::new(s))),
+        })
     }
 
     /// The data key.

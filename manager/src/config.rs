@@ -37,12 +37,19 @@ impl ManagerConfig {
         let p = data_dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                ManagerError::NotAManager { path: data_dir.to_owned(), file: CONFIG_FILE }
+                ManagerError::NotAManager {
+                    path: data_dir.to_owned(),
+                    file: CONFIG_FILE,
+                }
             } else {
-                ManagerError::Io { path: p.clone(), source: e }
+                ManagerError::Io {
+                    path: p.clone(),
+                    source: e,
+                }
             }
         })?;
-        serde_json::from_str(&text).map_err(|e| ManagerError::Invalid(format!("{}: {e}", p.display())))
+        serde_json::from_str(&text)
+            .map_err(|e| ManagerError::Invalid(format!("{}: {e}", p.display())))
     }
 
     /// Writes `manager.json` atomically.

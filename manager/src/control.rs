@@ -7,7 +7,8 @@
 use swarmd_certs::{JoinToken, NodeId, Role};
 use swarmd_proto::control::control_server::{self, ControlServer};
 use swarmd_proto::control::{
-    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse, Node,
+    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse,
+    Node,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,8 +29,18 @@ pub struct ControlService {
 
 impl ControlService {
     /// The service, ready to mount.
-    pub fn new(store: Store, secrets: SecretsCache, dispatcher: Dispatcher, auth: Authorizer) -> ControlServer<Self> {
-        ControlServer::new(Self { store, secrets, dispatcher, auth })
+    pub fn new(
+        store: Store,
+        secrets: SecretsCache,
+        dispatcher: Dispatcher,
+        auth: Authorizer,
+    ) -> ControlServer<Self> {
+        ControlServer::new(Self {
+            store,
+            secrets,
+            dispatcher,
+            auth,
+        })
     }
 
     fn to_wire(&self, n: NodeRecord) -> Node {
@@ -57,10 +68,15 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl control_server::Control for ControlService {
     /// Administrator only (see module docs).
-    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
         self.auth.require_admin(&req)?;
         let nodes = self.store.view().nodes().map_err(internal)?;
-        Ok(Response::new(ListNodesResponse { nodes: nodes.into_iter().map(|n| self.to_wire(n)).collect() }))
+        Ok(Response::new(ListNodesResponse {
+            nodes: nodes.into_iter().map(|n| self.to_wire(n)).collect(),
+        }))
     }
 
     /// Administrator only. NOT_FOUND if no node matches; INVALID_ARGUMENT if a
@@ -87,7 +103,9 @@ impl control_server::Control for ControlService {
         match matches.len() {
             0 => Err(Status::not_found(format!("no node {key:?}"))),
             1 => Ok(Response::new(self.to_wire(matches.remove(0)))),
-            k => Err(Status::invalid_argument(format!("{key:?} matches {k} nodes; give more of the ID"))),
+            k => Err(Status::invalid_argument(format!(
+                "{key:?} matches {k} nodes; give more of the ID"
+            ))),
         }
     }
 
@@ -98,17 +116,31 @@ impl control_server::Control for ControlService {
         req: Request<GetJoinTokenRequest>,
     ) -> Result<Response<GetJoinTokenResponse>, Status> {
         self.auth.require_admin(&req)?;
-        let role: Role = req.get_ref().role.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+        let role: Role = req
+            .get_ref()
+            .role
+            .parse()
+            .map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
         if req.get_ref().rotate {
             let secrets = self.secrets.get();
             let fresh = JoinToken::generate(secrets.ca.digest());
             let cluster = secrets.ca.cluster_id().to_string();
-            let sealed = self.secrets.dek().seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes());
-            self.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;
+            let sealed = self.secrets.dek().seal(
+                &purpose::join_token(&cluster, role),
+                fresh.expose().as_bytes(),
+            );
+            self.store
+                .propose(Command::RotateJoinToken {
+                    role,
+                    token: sealed,
+                })
+                .await?;
             self.secrets.reload().map_err(internal)?;
             tracing::info!(%role, "join token rotated");
         }
         let token = self.secrets.get().token(role).expose();
-        Ok(Response::new(GetJoinTokenResponse { token: token.to_string() }))
+        Ok(Response::new(GetJoinTokenResponse {
+            token: token.to_string(),
+        }))
     }
 }

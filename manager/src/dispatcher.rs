@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use swarmd_certs::{NodeId, Role};
 use swarmd_proto::dispatcher::dispatcher_server::{self, DispatcherServer};
-use swarmd_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest};
+use swarmd_proto::dispatcher::{
+    HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +66,12 @@ pub struct Dispatcher(Arc<Inner>);
 
 impl Dispatcher {
     /// A dispatcher with heartbeat `period`; returns it and the writer that must run beside it.
-    pub fn new(store: Store, auth: Authorizer, period: Duration, advertise: String) -> (Self, StatusWriter) {
+    pub fn new(
+        store: Store,
+        auth: Authorizer,
+        period: Duration,
+        advertise: String,
+    ) -> (Self, StatusWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let expected = store
@@ -75,7 +82,10 @@ impl Dispatcher {
             .filter(|n| n.role == Role::Worker && n.status != NodeStatus::Down)
             .map(|n| (n.id, now))
             .collect();
-        let writer = StatusWriter { store: store.clone(), rx };
+        let writer = StatusWriter {
+            store: store.clone(),
+            rx,
+        };
         let inner = Inner {
             store,
             auth,
@@ -101,7 +111,11 @@ impl Dispatcher {
     /// The live session of `node` on this manager.
     pub fn session(&self, node: &NodeId) -> Option<SessionInfo> {
         let s = self.0.sessions.lock().expect("sessions lock");
-        s.get(node).map(|s| SessionInfo { id: s.id.clone(), since: s.since, last_heartbeat: s.last_beat_unix })
+        s.get(node).map(|s| SessionInfo {
+            id: s.id.clone(),
+            since: s.since,
+            last_heartbeat: s.last_beat_unix,
+        })
     }
 
     fn grace(&self) -> Duration {
@@ -142,7 +156,12 @@ impl Dispatcher {
             }
             for node in down {
                 tracing::warn!(node.id = %node, "node missed {GRACE_MULTIPLIER} heartbeats: down");
-                self.report(StatusChange { node, status: NodeStatus::Down, addr: None, hostname: None });
+                self.report(StatusChange {
+                    node,
+                    status: NodeStatus::Down,
+                    addr: None,
+                    hostname: None,
+                });
             }
         }
     }
@@ -154,7 +173,10 @@ impl dispatcher_server::Dispatcher for Dispatcher {
 
     /// Worker or manager certificate. NOT_FOUND if the node was removed.
     #[tracing::instrument(skip_all, fields(node.id))]
-    async fn session(&self, req: Request<SessionRequest>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<SessionRequest>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         tracing::Span::current().record("node.id", tracing::field::display(&peer.node_id));
         let remote = Authorizer::info(&req).remote;
@@ -164,7 +186,9 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             .view()
             .node(&peer.node_id)
             .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("node {} is not part of the cluster", peer.node_id))
+            })?;
         let mut raw = [0u8; 12];
         swarmd_certs::random_bytes(&mut raw);
         let session_id = hex::encode(raw);
@@ -176,27 +200,55 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             role: record.role.to_string(),
             managers: vec![self.0.advertise.clone()],
         };
-        tx.send(Ok(first)).await.map_err(|_| Status::internal("session channel closed"))?;
-        let session =
-            Session { id: session_id, since: now_unix(), last_beat: Instant::now(), last_beat_unix: now_unix(), _tx: tx };
-        self.0.sessions.lock().expect("sessions lock").insert(peer.node_id.clone(), session);
-        self.0.expected.lock().expect("expected lock").remove(&peer.node_id);
-        let addr = remote.map(|a| a.ip().to_string()).filter(|a| *a != record.addr);
-        let hostname = Some(clean_hostname(&req.get_ref().hostname)).filter(|h| !h.is_empty() && *h != record.hostname);
-        self.report(StatusChange { node: peer.node_id.clone(), status: NodeStatus::Ready, addr, hostname });
+        tx.send(Ok(first))
+            .await
+            .map_err(|_| Status::internal("session channel closed"))?;
+        let session = Session {
+            id: session_id,
+            since: now_unix(),
+            last_beat: Instant::now(),
+            last_beat_unix: now_unix(),
+            _tx: tx,
+        };
+        self.0
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(peer.node_id.clone(), session);
+        self.0
+            .expected
+            .lock()
+            .expect("expected lock")
+            .remove(&peer.node_id);
+        let addr = remote
+            .map(|a| a.ip().to_string())
+            .filter(|a| *a != record.addr);
+        let hostname = Some(clean_hostname(&req.get_ref().hostname))
+            .filter(|h| !h.is_empty() && *h != record.hostname);
+        self.report(StatusChange {
+            node: peer.node_id.clone(),
+            status: NodeStatus::Ready,
+            addr,
+            hostname,
+        });
         tracing::info!("session opened");
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     /// Worker or manager certificate. NOT_FOUND for an unknown or superseded session.
-    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         let mut sessions = self.0.sessions.lock().expect("sessions lock");
         match sessions.get_mut(&peer.node_id) {
             Some(s) if s.id == req.get_ref().session_id => {
                 s.last_beat = Instant::now();
                 s.last_beat_unix = now_unix();
-                Ok(Response::new(HeartbeatResponse { period_ms: self.0.period.as_millis() as u64 }))
+                Ok(Response::new(HeartbeatResponse {
+                    period_ms: self.0.period.as_millis() as u64,
+                }))
             }
             _ => Err(Status::not_found("no such session: open a new one")),
         }

@@ -10,7 +10,9 @@ pub enum ManagerError {
     #[error("{path} already holds a swarmd node; use `swarmd run --data-dir {path}` to start it, or choose an empty data dir")]
     AlreadyInitialised { path: PathBuf },
     /// A data dir with leftovers of an interrupted init.
-    #[error("{path} contains {what} from an interrupted setup; remove it or choose an empty data dir")]
+    #[error(
+        "{path} contains {what} from an interrupted setup; remove it or choose an empty data dir"
+    )]
     PartialState { path: PathBuf, what: String },
     /// `run` on a data dir without a manager.
     #[error("{path} holds no swarmd manager (no {file}); create one with `swarmd manager init`")]
@@ -23,10 +25,16 @@ pub enum ManagerError {
     Invalid(String),
     /// Cannot bind a listener.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     /// Other I/O on the data dir.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Certificates.
     #[error(transparent)]
     Cert(#[from] swarmd_certs::CertError),
@@ -35,7 +43,7 @@ pub enum ManagerError {
     Key(#[from] crate::keys::KeyError),
     /// Raft start-up.
     #[error(transparent)]
-    RaftStart(#[from] crate::raft::RaftStartError),
+    RaftStart(Box<crate::raft::RaftStartError>),
     /// Raft at run time.
     #[error("raft: {0}")]
     Raft(String),
@@ -51,4 +59,10 @@ pub enum ManagerError {
     /// gRPC server.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+impl From<crate::raft::RaftStartError> for ManagerError {
+    fn from(e: crate::raft::RaftStartError) -> Self {
+        ManagerError::RaftStart(Box::new(e))
+    }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use openraft::BasicNode;
 use swarmd_certs::renew::{CertIssuer, Renewer};
 use swarmd_certs::tls::{DenyList, TlsCredentials};
-use swarmd_certs::{generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa};
+use swarmd_certs::{
+    generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa,
+};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -43,7 +45,10 @@ pub struct Manager {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
-    move |source| ManagerError::Io { path: path.to_owned(), source }
+    move |source| ManagerError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// What `init` creates in a data dir (removed again if init fails).
@@ -52,19 +57,29 @@ const CREATED: [&str; 3] = ["keys", "certs", "raft"];
 fn check_fresh(data_dir: &Path) -> Result<(), ManagerError> {
     for marker in [CONFIG_FILE, "worker.json"] {
         if data_dir.join(marker).exists() {
-            return Err(ManagerError::AlreadyInitialised { path: data_dir.to_owned() });
+            return Err(ManagerError::AlreadyInitialised {
+                path: data_dir.to_owned(),
+            });
         }
     }
     for d in CREATED {
         if data_dir.join(d).exists() {
-            return Err(ManagerError::PartialState { path: data_dir.to_owned(), what: format!("{d}/") });
+            return Err(ManagerError::PartialState {
+                path: data_dir.to_owned(),
+                what: format!("{d}/"),
+            });
         }
     }
     Ok(())
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, ManagerError> {
-    TcpListener::bind(addr).await.map_err(|source| ManagerError::Bind { addr: addr.to_owned(), source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ManagerError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 impl Manager {
@@ -88,7 +103,10 @@ impl Manager {
     async fn init_in(opts: &InitOptions, listener: TcpListener) -> Result<Self, ManagerError> {
         let data_dir = &opts.data_dir;
         let bound = listener.local_addr().map_err(io_err(data_dir))?;
-        let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
+        let advertise = opts
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| default_advertise(bound));
         let dek = SymmetricKey::generate();
         KeyDir::new(data_dir).create(&dek)?;
 
@@ -138,16 +156,32 @@ impl Manager {
             raft_id,
             listen_addr: bound.to_string(),
             advertise_addr: advertise.clone(),
-            control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
+            control_socket: opts
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| data_dir.join("control.sock")),
         };
         let manager = Self::start(cfg, data_dir, identity, dek, listener, &opts.raft).await?;
         let init = async {
             let members = BTreeMap::from([(raft_id, BasicNode { addr: advertise })]);
-            manager.raft.initialize(members).await.map_err(|e| ManagerError::Raft(e.to_string()))?;
+            manager
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.wait_leader(Duration::from_secs(10)).await?;
             let store = Store::new(manager.raft.clone(), manager.view.clone());
-            store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
-            manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
+            store
+                .propose(Command::InitCluster {
+                    cluster: Box::new(cluster),
+                    manager: me,
+                })
+                .await?;
+            manager
+                .db
+                .flush_async()
+                .await
+                .map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };
         if let Err(e) = init.await {
@@ -164,7 +198,15 @@ impl Manager {
         let dek = KeyDir::new(data_dir).load_dek()?;
         let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
         let listener = bind(&cfg.listen_addr).await?;
-        let manager = Self::start(cfg, data_dir, identity, dek, listener, &RaftSettings::default()).await?;
+        let manager = Self::start(
+            cfg,
+            data_dir,
+            identity,
+            dek,
+            listener,
+            &RaftSettings::default(),
+        )
+        .await?;
         manager.wait_leader(Duration::from_secs(30)).await?;
         Ok(manager)
     }
@@ -182,8 +224,19 @@ impl Manager {
         let storage = raft::open_storage(&data_dir.join("raft"))?;
         let db = storage.db.clone();
         let view = storage.sm.view();
-        let raft = raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
-        Ok(Self { cfg, data_dir: data_dir.to_owned(), raft, db, view, creds, deny, dek, listener })
+        let raft =
+            raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
+        Ok(Self {
+            cfg,
+            data_dir: data_dir.to_owned(),
+            raft,
+            db,
+            view,
+            creds,
+            deny,
+            dek,
+            listener,
+        })
     }
 
     async fn wait_leader(&self, timeout: Duration) -> Result<(), ManagerError> {
@@ -213,8 +266,12 @@ impl Manager {
         let advertise = self.cfg.advertise_addr.clone();
         let tasks = shutdown.child_token();
 
-        let (dispatcher, writer) =
-            Dispatcher::new(store.clone(), auth.clone(), secrets.get().heartbeat, advertise.clone());
+        let (dispatcher, writer) = Dispatcher::new(
+            store.clone(),
+            auth.clone(),
+            secrets.get().heartbeat,
+            advertise.clone(),
+        );
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
         dispatcher.report(StatusChange {
@@ -223,8 +280,16 @@ impl Manager {
             addr: Some(advertise.clone()),
             hostname: Some(hostname()),
         });
-        let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: self.cfg.node_id.clone() };
-        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
+        let issuer = LocalIssuer {
+            store: store.clone(),
+            secrets: secrets.clone(),
+            node: self.cfg.node_id.clone(),
+        };
+        let renewer = Renewer::new(
+            self.creds.clone(),
+            NodeIdentity::dir(&self.data_dir),
+            issuer,
+        );
         tokio::spawn(renewer.run(tasks.clone()));
 
         let sock = &self.cfg.control_socket;
@@ -232,19 +297,41 @@ impl Manager {
             std::fs::remove_file(sock).map_err(io_err(sock))?;
         }
         let unix = UnixListener::bind(sock).map_err(io_err(sock))?;
-        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(io_err(sock))?;
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(sock))?;
 
-        let server_tls = self.creds.server().expect("managers have server credentials");
+        let server_tls = self
+            .creds
+            .server()
+            .expect("managers have server credentials");
         let tcp = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), advertise))
+            .add_service(CaService::new(
+                store.clone(),
+                secrets.clone(),
+                auth.clone(),
+                advertise,
+            ))
             .add_service(dispatcher.service())
-            .add_service(ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone()))
+            .add_service(ControlService::new(
+                store.clone(),
+                secrets.clone(),
+                dispatcher.clone(),
+                auth.clone(),
+            ))
             .add_service(RaftService::new(self.raft.clone(), auth.clone()))
-            .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                tls_incoming(self.listener, server_tls),
+                shutdown.clone().cancelled_owned(),
+            );
         let local = Server::builder()
-            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth))
+            .add_service(ControlService::new(
+                store.clone(),
+                secrets,
+                dispatcher.clone(),
+                auth,
+            ))
             .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
         tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
             control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
@@ -274,9 +361,15 @@ struct LocalIssuer {
 impl CertIssuer for LocalIssuer {
     async fn issue(&self, csr_pem: String) -> Result<String, String> {
         let s = self.secrets.get();
-        let issued = s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity).map_err(|e| e.to_string())?;
+        let issued =
+            s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity)
+                .map_err(|e| e.to_string())?;
         self.store
-            .propose(Command::RecordCert { node: self.node.clone(), serial: issued.serial, not_after: issued.not_after })
+            .propose(Command::RecordCert {
+                node: self.node.clone(),
+                serial: issued.serial,
+                not_after: issued.not_after,
+            })
             .await
             .map_err(|e| e.to_string())?;
         Ok(issued.pem)
@@ -284,5 +377,8 @@ impl CertIssuer for LocalIssuer {
 }
 
 pub(crate) fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
 }

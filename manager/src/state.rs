@@ -103,11 +103,18 @@ pub struct StatusChange {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
     /// Creates the cluster and its first manager. Only valid on an empty store.
-    InitCluster { cluster: Box<ClusterRecord>, manager: NodeRecord },
+    InitCluster {
+        cluster: Box<ClusterRecord>,
+        manager: NodeRecord,
+    },
     /// Adds a node that has just been issued its first certificate.
     AddNode(NodeRecord),
     /// Records a renewed certificate.
-    RecordCert { node: NodeId, serial: String, not_after: i64 },
+    RecordCert {
+        node: NodeId,
+        serial: String,
+        not_after: i64,
+    },
     /// Liveness transitions, batched.
     SetStatus(Vec<StatusChange>),
     /// Replaces a join token.
@@ -160,10 +167,12 @@ impl StateView {
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| StateError::Corrupt {
-                key: String::from_utf8_lossy(key).into_owned(),
-                reason: e.to_string(),
-            }),
+            Some(v) => bincode::deserialize(&v)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    reason: e.to_string(),
+                }),
         }
     }
 
@@ -192,7 +201,10 @@ impl StateView {
 }
 
 /// Validates `cmd` against `view` and returns the writes it makes, or why it is refused.
-pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
+pub(crate) fn plan(
+    view: &StateView,
+    cmd: &Command,
+) -> Result<Result<sled::Batch, String>, StateError> {
     let mut batch = sled::Batch::default();
     match cmd {
         Command::InitCluster { cluster, manager } => {
@@ -211,7 +223,11 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             }
             batch.insert(node_key(&node.id), encode(node));
         }
-        Command::RecordCert { node, serial, not_after } => {
+        Command::RecordCert {
+            node,
+            serial,
+            not_after,
+        } => {
             let Some(mut rec) = view.node(node)? else {
                 return Ok(Err(format!("node {node} does not exist")));
             };
@@ -292,13 +308,33 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let view = StateView::new(db.open_tree("sm").unwrap());
         let w = node(Role::Worker);
-        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "add before init");
+        assert!(
+            apply(&view, &Command::AddNode(w.clone())).is_err(),
+            "add before init"
+        );
         let m = node(Role::Manager);
-        apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m.clone() }).unwrap();
-        assert!(apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m }).is_err());
+        apply(
+            &view,
+            &Command::InitCluster {
+                cluster: Box::new(sample_cluster()),
+                manager: m.clone(),
+            },
+        )
+        .unwrap();
+        assert!(apply(
+            &view,
+            &Command::InitCluster {
+                cluster: Box::new(sample_cluster()),
+                manager: m
+            }
+        )
+        .is_err());
         apply(&view, &Command::AddNode(w.clone())).unwrap();
         let before = view.nodes().unwrap();
-        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "duplicate");
+        assert!(
+            apply(&view, &Command::AddNode(w.clone())).is_err(),
+            "duplicate"
+        );
         assert_eq!(view.nodes().unwrap(), before);
         apply(
             &view,
@@ -313,8 +349,24 @@ mod tests {
         let got = view.node(&w.id).unwrap().unwrap();
         assert_eq!(got.status, NodeStatus::Ready);
         assert_eq!(got.addr, "10.0.0.1:5");
-        apply(&view, &Command::RecordCert { node: w.id.clone(), serial: "ff".into(), not_after: 9 }).unwrap();
+        apply(
+            &view,
+            &Command::RecordCert {
+                node: w.id.clone(),
+                serial: "ff".into(),
+                not_after: 9,
+            },
+        )
+        .unwrap();
         assert_eq!(view.node(&w.id).unwrap().unwrap().cert_serial, "ff");
-        assert!(apply(&view, &Command::RecordCert { node: NodeId::random(), serial: "1".into(), not_after: 1 }).is_err());
+        assert!(apply(
+            &view,
+            &Command::RecordCert {
+                node: NodeId::random(),
+                serial: "1".into(),
+                not_after: 1
+            }
+        )
+        .is_err());
     }
 }

@@ -70,9 +70,14 @@ impl Store {
                 CommandResult::Ok => Ok(()),
                 CommandResult::Rejected(why) => Err(StoreError::Rejected(why)),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(StoreError::NotLeader {
-                leader: f.leader_node.map(|n| n.addr).unwrap_or_else(|| "unknown".into()),
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(StoreError::NotLeader {
+                    leader: f
+                        .leader_node
+                        .map(|n| n.addr)
+                        .unwrap_or_else(|| "unknown".into()),
+                })
+            }
             Err(e) => Err(StoreError::Raft(e.to_string())),
         }
     }

@@ -113,7 +113,9 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Runs `swarmd` with parsed arguments.
@@ -127,14 +129,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.cert_expiry = a.cert_expiry;
             opts.heartbeat = a.heartbeat;
             let manager = Manager::init(opts).await?;
-            println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
+            println!(
+                "Swarm initialized: current node ({}) is now a manager.",
+                manager.config().node_id
+            );
             println!("To add a worker, run `secretctl join-token worker` on this host.");
             manager.run(shutdown_on_signal()).await?;
         }
         Command::Worker(WorkerCmd::Join(a)) => {
-            let opts = JoinOptions { token: a.token, remotes: a.remote, data_dir: a.dir.data_dir, hostname: hostname() };
+            let opts = JoinOptions {
+                token: a.token,
+                remotes: a.remote,
+                data_dir: a.dir.data_dir,
+                hostname: hostname(),
+            };
             let worker = Worker::join(opts).await?;
-            println!("This node joined the cluster as a worker ({}).", worker.node_id());
+            println!(
+                "This node joined the cluster as a worker ({}).",
+                worker.node_id()
+            );
             worker.run(shutdown_on_signal()).await?;
         }
         Command::Run(a) => run_existing(&a.dir.data_dir).await?,
@@ -144,7 +157,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
-        let m = Manager::open(data_dir).await.context("cannot start the manager")?;
+        let m = Manager::open(data_dir)
+            .await
+            .context("cannot start the manager")?;
         m.run(shutdown_on_signal()).await?;
     } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
         Worker::open(data_dir)?.run(shutdown_on_signal()).await?;

@@ -23,7 +23,10 @@ pub(super) struct JoinTokenArgs {
 pub(super) async fn run(channel: Channel, a: JoinTokenArgs) -> anyhow::Result<()> {
     let mut client = ControlClient::new(channel);
     let token = client
-        .get_join_token(GetJoinTokenRequest { role: a.role.clone(), rotate: a.rotate })
+        .get_join_token(GetJoinTokenRequest {
+            role: a.role.clone(),
+            rotate: a.rotate,
+        })
         .await
         .map_err(explain)?
         .into_inner()

@@ -70,8 +70,15 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
     let mut client = ControlClient::new(channel);
     match cmd {
         NodeCmd::Ls { quiet } => {
-            let nodes: Vec<NodeView> =
-                client.list_nodes(ListNodesRequest {}).await.map_err(explain)?.into_inner().nodes.into_iter().map(Into::into).collect();
+            let nodes: Vec<NodeView> = client
+                .list_nodes(ListNodesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .nodes
+                .into_iter()
+                .map(Into::into)
+                .collect();
             if quiet {
                 nodes.iter().for_each(|n| println!("{}", n.id));
             } else if format == Format::Json {
@@ -79,14 +86,37 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
             } else {
                 let rows: Vec<Vec<String>> = nodes
                     .iter()
-                    .map(|n| vec![n.id.clone(), n.hostname.clone(), n.role.clone(), n.status.clone(), n.addr.clone(), n.cert_expiry.clone()])
+                    .map(|n| {
+                        vec![
+                            n.id.clone(),
+                            n.hostname.clone(),
+                            n.role.clone(),
+                            n.status.clone(),
+                            n.addr.clone(),
+                            n.cert_expiry.clone(),
+                        ]
+                    })
                     .collect();
-                table(&["ID", "HOSTNAME", "ROLE", "STATUS", "ADDRESS", "CERT EXPIRES"], &rows);
+                table(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "ROLE",
+                        "STATUS",
+                        "ADDRESS",
+                        "CERT EXPIRES",
+                    ],
+                    &rows,
+                );
             }
         }
         NodeCmd::Inspect { node } => {
-            let n: NodeView =
-                client.get_node(GetNodeRequest { id_or_prefix: node }).await.map_err(explain)?.into_inner().into();
+            let n: NodeView = client
+                .get_node(GetNodeRequest { id_or_prefix: node })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .into();
             if format == Format::Json {
                 json(&n)?;
             } else {
@@ -100,8 +130,15 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
                     vec!["Certificate serial".into(), n.cert_serial.clone()],
                     vec!["Certificate expires".into(), n.cert_expiry.clone()],
                     vec!["Joined".into(), n.created_at.clone()],
-                    vec!["Session".into(), s.map(|s| s.id.clone()).unwrap_or_else(|| "-".into())],
-                    vec!["Last heartbeat".into(), s.map(|s| s.last_heartbeat.clone()).unwrap_or_else(|| "-".into())],
+                    vec![
+                        "Session".into(),
+                        s.map(|s| s.id.clone()).unwrap_or_else(|| "-".into()),
+                    ],
+                    vec![
+                        "Last heartbeat".into(),
+                        s.map(|s| s.last_heartbeat.clone())
+                            .unwrap_or_else(|| "-".into()),
+                    ],
                 ];
                 table(&["FIELD", "VALUE"], &rows);
             }

@@ -60,23 +60,35 @@ pub enum JoinError {
     BadCertificate(String),
     /// Local I/O.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
     match s.code() {
-        Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
-        | Code::FailedPrecondition | Code::NotFound => {
-            JoinError::Refused { addr: addr.to_owned(), reason: s.message().to_owned() }
-        }
-        _ => JoinError::Unreachable { detail: format!("{addr}: {}", s.message()) },
+        Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented
+        | Code::FailedPrecondition
+        | Code::NotFound => JoinError::Refused {
+            addr: addr.to_owned(),
+            reason: s.message().to_owned(),
+        },
+        _ => JoinError::Unreachable {
+            detail: format!("{addr}: {}", s.message()),
+        },
     }
 }
 
 fn check_fresh(data_dir: &Path) -> Result<(), JoinError> {
     for marker in [CONFIG_FILE, "manager.json", "certs"] {
         if data_dir.join(marker).exists() {
-            return Err(JoinError::AlreadyInitialised { path: data_dir.to_owned() });
+            return Err(JoinError::AlreadyInitialised {
+                path: data_dir.to_owned(),
+            });
         }
     }
     Ok(())
@@ -105,10 +117,14 @@ async fn join_via(
     token: &JoinToken,
     opts: &JoinOptions,
 ) -> Result<(WorkerConfig, NodeIdentity), JoinError> {
-    let unreachable = |e: std::io::Error| JoinError::Unreachable { detail: e.to_string() };
+    let unreachable = |e: std::io::Error| JoinError::Unreachable {
+        detail: e.to_string(),
+    };
 
     // 1. Root CA, pinned by the token's digest.
-    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config())).await.map_err(unreachable)?;
+    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config()))
+        .await
+        .map_err(unreachable)?;
     let bundle = CaClient::new(boot)
         .get_root_ca(GetRootCaRequest {})
         .await
@@ -116,14 +132,21 @@ async fn join_via(
         .into_inner()
         .ca_bundle_pem;
     if !token.pins(&bundle) {
-        return Err(JoinError::DigestMismatch { addr: addr.to_owned() });
+        return Err(JoinError::DigestMismatch {
+            addr: addr.to_owned(),
+        });
     }
-    let cluster_id = CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let cluster_id =
+        CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
 
     // 2. Certificate, over TLS verified against that root.
-    let cfg = anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
-    let chan = dial::connect(addr, Arc::new(cfg)).await.map_err(unreachable)?;
-    let (key, csr) = generate_key_and_csr().map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let cfg =
+        anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let chan = dial::connect(addr, Arc::new(cfg))
+        .await
+        .map_err(unreachable)?;
+    let (key, csr) =
+        generate_key_and_csr().map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     let resp = CaClient::new(chan)
         .issue_node_certificate(IssueNodeCertificateRequest {
             token: token.expose().to_string(),
@@ -139,7 +162,9 @@ async fn join_via(
         || identity.info.role != Role::Worker
         || identity.info.cluster_id != cluster_id
     {
-        return Err(JoinError::BadCertificate("subject does not match the join response".into()));
+        return Err(JoinError::BadCertificate(
+            "subject does not match the join response".into(),
+        ));
     }
 
     // 3. Persist: certs first, config last.
@@ -149,12 +174,26 @@ async fn join_via(
             remotes.push(m);
         }
     }
-    let cfg = WorkerConfig { node_id: identity.info.node_id.clone(), cluster_id, remotes };
+    let cfg = WorkerConfig {
+        node_id: identity.info.node_id.clone(),
+        cluster_id,
+        remotes,
+    };
     let certs = NodeIdentity::dir(&opts.data_dir);
     let persisted = std::fs::create_dir_all(&opts.data_dir)
-        .map_err(|source| JoinError::Io { path: opts.data_dir.clone(), source })
-        .and_then(|_| identity.save(&certs).map_err(|e| JoinError::BadCertificate(e.to_string())))
-        .and_then(|_| cfg.save(&opts.data_dir).map_err(|e| JoinError::BadCertificate(e.to_string())));
+        .map_err(|source| JoinError::Io {
+            path: opts.data_dir.clone(),
+            source,
+        })
+        .and_then(|_| {
+            identity
+                .save(&certs)
+                .map_err(|e| JoinError::BadCertificate(e.to_string()))
+        })
+        .and_then(|_| {
+            cfg.save(&opts.data_dir)
+                .map_err(|e| JoinError::BadCertificate(e.to_string()))
+        });
     if let Err(e) = persisted {
         let _ = std::fs::remove_dir_all(&certs);
         return Err(e);

@@ -65,7 +65,7 @@ impl Default for RaftSettings {
 }
 
 impl RaftSettings {
-    fn to_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+    fn to_config(&self) -> Result<openraft::Config, RaftStartError> {
         openraft::Config {
             cluster_name: "swarmd".into(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
@@ -76,6 +76,7 @@ impl RaftSettings {
             ..Default::default()
         }
         .validate()
+        .map_err(|e| RaftStartError::Config(Box::new(e)))
     }
 }
 
@@ -87,10 +88,10 @@ pub enum RaftStartError {
     Storage { path: String, source: sled::Error },
     /// Invalid timing settings.
     #[error("raft settings: {0}")]
-    Config(#[from] openraft::ConfigError),
+    Config(Box<openraft::ConfigError>),
     /// openraft refused to start.
     #[error("raft: {0}")]
-    Fatal(#[from] openraft::error::Fatal<u64>),
+    Fatal(Box<openraft::error::Fatal<u64>>),
 }
 
 /// Storage opened from `raft/`: hand it to [`start`].
@@ -105,8 +106,15 @@ pub struct Storage {
 
 /// Opens (or creates) the sled database in `dir`.
 pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
-    let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
-    let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
+    let storage_err = |source| RaftStartError::Storage {
+        path: dir.display().to_string(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(storage_err)?;
     let log = LogStore::open(&db).map_err(storage_err)?;
     let sm = StateMachine::open(&db).map_err(storage_err)?;
     Ok(Storage { db, log, sm })
@@ -120,5 +128,7 @@ pub async fn start(
     network: Network,
 ) -> Result<Raft, RaftStartError> {
     let config = Arc::new(settings.to_config()?);
-    Ok(Raft::new(id, config, network, storage.log, storage.sm).await?)
+    Raft::new(id, config, network, storage.log, storage.sm)
+        .await
+        .map_err(|e| RaftStartError::Fatal(Box::new(e)))
 }

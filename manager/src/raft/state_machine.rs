@@ -1,6 +1,9 @@
 //! The state machine on sled: applies committed commands to the `sm` tree and
 //! builds and installs snapshots (kept in their own `snapshot` tree).
 
+// openraft's storage traits fix `StorageError` (224 bytes) as their error type.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -54,7 +57,10 @@ impl StateMachine {
     pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let sm = db.open_tree("sm")?;
         let applied = match sm.get(LAST_APPLIED)? {
-            Some(v) => bincode::deserialize::<Option<LogId<u64>>>(&v).ok().flatten().map_or(0, |l| l.index),
+            Some(v) => bincode::deserialize::<Option<LogId<u64>>>(&v)
+                .ok()
+                .flatten()
+                .map_or(0, |l| l.index),
             None => 0,
         };
         Ok(Self {
@@ -105,7 +111,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
                 None => format!("empty-{}", rand::random::<u32>()),
             };
-            let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: membership,
+                snapshot_id: id,
+            };
             (meta, encode(&SnapshotData { kvs }))
         };
         let mut b = sled::Batch::default();
@@ -113,14 +123,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         b.insert(SNAP_DATA, bytes.clone());
         self.snap.apply_batch(b).map_err(snap_err)?;
         self.db.flush_async().await.map_err(snap_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
         self.read_meta()
     }
 
@@ -144,7 +159,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
                 EntryPayload::Membership(m) => {
                     let mut b = sled::Batch::default();
-                    b.insert(MEMBERSHIP, encode(&Membership::new(Some(log_id), m.clone())));
+                    b.insert(
+                        MEMBERSHIP,
+                        encode(&Membership::new(Some(log_id), m.clone())),
+                    );
                     (b, CommandResult::Ok)
                 }
             };
@@ -162,7 +180,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -172,8 +192,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = bincode::deserialize(&bytes)
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
+        let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
+        })?;
         {
             let _g = self.lock.lock().await;
             let mut b = sled::Batch::default();
@@ -198,13 +219,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        let (Some(m), Some(d)) =
-            (self.snap.get(SNAP_META).map_err(io_read)?, self.snap.get(SNAP_DATA).map_err(io_read)?)
-        else {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let (Some(m), Some(d)) = (
+            self.snap.get(SNAP_META).map_err(io_read)?,
+            self.snap.get(SNAP_DATA).map_err(io_read)?,
+        ) else {
             return Ok(None);
         };
         let meta: SnapshotMeta<u64, BasicNode> = bincode::deserialize(&m).map_err(io_read)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.to_vec())) }))
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(d.to_vec())),
+        }))
     }
 }
