@@ -52,40 +52,6 @@ impl Backoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renewal_falls_between_half_and_four_fifths() {
-        let now = 1_000;
-        let exp = now + 100;
-        assert_eq!(renewal_delay(now, exp, 0.0), Duration::from_secs(50));
-        assert_eq!(renewal_delay(now, exp, 0.999_999).as_secs(), 79);
-        for _ in 0..1000 {
-            let d = random_renewal_delay(now, exp);
-            assert!(
-                d >= Duration::from_secs(50) && d < Duration::from_secs(80),
-                "{d:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn expired_certificate_renews_now() {
-        assert_eq!(renewal_delay(100, 50, 0.5), Duration::ZERO);
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
-        let ds: Vec<_> = (0..5).map(|_| b.next_delay().as_secs_f64()).collect();
-        assert!(ds[0] >= 0.8 && ds[0] <= 1.2);
-        assert!(ds[1] >= 1.6 && ds[1] <= 2.4);
-        assert!(ds[4] >= 3.2 && ds[4] <= 4.8);
-    }
-}
-
 /// Something that turns a CSR into a signed certificate (PEM): the local CA on a
 /// manager, the `RenewNodeCertificate` RPC on a worker.
 pub trait CertIssuer: Send + Sync + 'static {
@@ -168,4 +134,38 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_falls_between_half_and_four_fifths() {
+        let now = 1_000;
+        let exp = now + 100;
+        assert_eq!(renewal_delay(now, exp, 0.0), Duration::from_secs(50));
+        assert_eq!(renewal_delay(now, exp, 0.999_999).as_secs(), 79);
+        for _ in 0..1000 {
+            let d = random_renewal_delay(now, exp);
+            assert!(
+                d >= Duration::from_secs(50) && d < Duration::from_secs(80),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn expired_certificate_renews_now() {
+        assert_eq!(renewal_delay(100, 50, 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
+        let ds: Vec<_> = (0..5).map(|_| b.next_delay().as_secs_f64()).collect();
+        assert!(ds[0] >= 0.8 && ds[0] <= 1.2);
+        assert!(ds[1] >= 1.6 && ds[1] <= 2.4);
+        assert!(ds[4] >= 3.2 && ds[4] <= 4.8);
+    }
 }
