@@ -51,6 +51,8 @@ pub struct RaftSettings {
     pub election_max: Duration,
     /// Build a snapshot after this many entries.
     pub snapshot_every: u64,
+    /// Entries kept in the log behind the latest snapshot, for slow followers.
+    pub keep_behind_snapshot: u64,
 }
 
 impl Default for RaftSettings {
@@ -60,6 +62,7 @@ impl Default for RaftSettings {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             snapshot_every: 10_000,
+            keep_behind_snapshot: 1_000,
         }
     }
 }
@@ -72,7 +75,7 @@ impl RaftSettings {
             election_timeout_min: self.election_min.as_millis() as u64,
             election_timeout_max: self.election_max.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
             ..Default::default()
         }
         .validate()
