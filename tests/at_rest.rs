@@ -18,37 +18,24 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
     let rotated = m.token("worker");
     let manager_token = m.token("manager");
     let exit = env.proc(m.proc_idx).terminate();
-    assert!(
-        exit.success(),
-        "manager did not shut down cleanly: {exit:?}"
-    );
+    assert!(exit.success(), "manager did not shut down cleanly: {exit:?}");
 
     let key_pem = swarmd_manager::open_ca_key_offline(&m.data).expect("open the sealed CA key");
     assert!(key_pem.contains("PRIVATE KEY"));
-    let body: String = key_pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(&body)
-        .unwrap();
+    let body: String = key_pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(&body).unwrap();
 
     let mut needles: Vec<(String, Vec<u8>)> = vec![
         ("CA key PEM body".into(), body.as_bytes().to_vec()),
         ("CA key DER".into(), der.clone()),
         ("CA key hex".into(), hex::encode(&der).into_bytes()),
     ];
-    for line in key_pem
-        .lines()
-        .filter(|l| l.len() >= 32 && !l.starts_with("-----"))
-    {
+    for line in key_pem.lines().filter(|l| l.len() >= 32 && !l.starts_with("-----")) {
         needles.push(("CA key PEM line".into(), line.as_bytes().to_vec()));
     }
-    for (what, t) in [
-        ("worker token", &worker_token),
-        ("rotated worker token", &rotated),
-        ("manager token", &manager_token),
-    ] {
+    for (what, t) in
+        [("worker token", &worker_token), ("rotated worker token", &rotated), ("manager token", &manager_token)]
+    {
         let secret = t.rsplit('-').next().unwrap();
         needles.push((format!("{what} secret"), secret.as_bytes().to_vec()));
         needles.push((format!("{what} secret bytes"), hex::decode(secret).unwrap()));

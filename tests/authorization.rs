@@ -11,9 +11,7 @@ use swarmd_certs::dial;
 use swarmd_certs::tls::{anonymous_client_config, client_config};
 use swarmd_certs::NodeIdentity;
 use swarmd_proto::ca::ca_client::CaClient;
-use swarmd_proto::ca::{
-    GetRootCaRequest, IssueNodeCertificateRequest, RenewNodeCertificateRequest,
-};
+use swarmd_proto::ca::{GetRootCaRequest, IssueNodeCertificateRequest, RenewNodeCertificateRequest};
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{GetJoinTokenRequest, ListNodesRequest};
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
@@ -32,48 +30,20 @@ fn code<T>(r: Result<T, tonic::Status>) -> Code {
 
 async fn all_node_rpcs_code(ch: Channel) -> Vec<(&'static str, Code)> {
     let mut out = Vec::new();
-    out.push((
-        "ListNodes",
-        code(
-            ControlClient::new(ch.clone())
-                .list_nodes(ListNodesRequest {})
-                .await,
-        ),
-    ));
+    out.push(("ListNodes", code(ControlClient::new(ch.clone()).list_nodes(ListNodesRequest {}).await)));
     out.push((
         "GetJoinToken",
         code(
             ControlClient::new(ch.clone())
-                .get_join_token(GetJoinTokenRequest {
-                    role: "worker".into(),
-                    rotate: false,
-                })
+                .get_join_token(GetJoinTokenRequest { role: "worker".into(), rotate: false })
                 .await,
         ),
     ));
-    out.push((
-        "AppendEntries",
-        code(
-            RaftClient::new(ch.clone())
-                .append_entries(RaftPayload { data: vec![] })
-                .await,
-        ),
-    ));
-    out.push((
-        "Vote",
-        code(
-            RaftClient::new(ch.clone())
-                .vote(RaftPayload { data: vec![] })
-                .await,
-        ),
-    ));
+    out.push(("AppendEntries", code(RaftClient::new(ch.clone()).append_entries(RaftPayload { data: vec![] }).await)));
+    out.push(("Vote", code(RaftClient::new(ch.clone()).vote(RaftPayload { data: vec![] }).await)));
     out.push((
         "InstallSnapshot",
-        code(
-            RaftClient::new(ch.clone())
-                .install_snapshot(RaftPayload { data: vec![] })
-                .await,
-        ),
+        code(RaftClient::new(ch.clone()).install_snapshot(RaftPayload { data: vec![] }).await),
     ));
     out
 }
@@ -89,44 +59,24 @@ async fn rpcs_are_authorized_by_certificate_role() {
     let ca_pem = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
 
     // Anonymous (verified server, no client certificate): only the join RPCs answer.
-    let anon = dial::connect(&m.addr, Arc::new(anonymous_client_config(&ca_pem).unwrap()))
-        .await
-        .unwrap();
-    let root = CaClient::new(anon.clone())
-        .get_root_ca(GetRootCaRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let anon = dial::connect(&m.addr, Arc::new(anonymous_client_config(&ca_pem).unwrap())).await.unwrap();
+    let root = CaClient::new(anon.clone()).get_root_ca(GetRootCaRequest {}).await.unwrap().into_inner();
     assert_eq!(root.ca_bundle_pem, ca_pem);
     for (rpc, c) in all_node_rpcs_code(anon.clone()).await {
         assert_eq!(c, Code::Unauthenticated, "anonymous {rpc}");
     }
     assert_eq!(
-        code(
-            DispatcherClient::new(anon.clone())
-                .session(SessionRequest {
-                    hostname: "x".into()
-                })
-                .await
-        ),
+        code(DispatcherClient::new(anon.clone()).session(SessionRequest { hostname: "x".into() }).await),
         Code::Unauthenticated
     );
     assert_eq!(
-        code(
-            DispatcherClient::new(anon.clone())
-                .heartbeat(HeartbeatRequest {
-                    session_id: "x".into()
-                })
-                .await
-        ),
+        code(DispatcherClient::new(anon.clone()).heartbeat(HeartbeatRequest { session_id: "x".into() }).await),
         Code::Unauthenticated
     );
     assert_eq!(
         code(
             CaClient::new(anon.clone())
-                .renew_node_certificate(RenewNodeCertificateRequest {
-                    csr_pem: "x".into()
-                })
+                .renew_node_certificate(RenewNodeCertificateRequest { csr_pem: "x".into() })
                 .await
         ),
         Code::Unauthenticated
@@ -137,49 +87,31 @@ async fn rpcs_are_authorized_by_certificate_role() {
         .issue_node_certificate(IssueNodeCertificateRequest {
             token: token.clone(),
             csr_pem: "garbage".into(),
+            role: "worker".into(),
             hostname: "h".into(),
         })
         .await;
     let err = r.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("certificate signing request"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("certificate signing request"), "{}", err.message());
     assert_eq!(m.nodes().len(), before);
 
     // A worker certificate: session RPCs yes, control API and raft no.
     let wid = NodeIdentity::load(&w1.data.join("certs")).unwrap();
-    let wch = dial::connect(&m.addr, Arc::new(client_config(&wid).unwrap()))
-        .await
-        .unwrap();
+    let wch = dial::connect(&m.addr, Arc::new(client_config(&wid).unwrap())).await.unwrap();
     for (rpc, c) in all_node_rpcs_code(wch.clone()).await {
         assert_eq!(c, Code::PermissionDenied, "worker {rpc}");
     }
     // Allowed to heartbeat (its own, unknown session → NOT_FOUND, not denied).
     assert_eq!(
-        code(
-            DispatcherClient::new(wch.clone())
-                .heartbeat(HeartbeatRequest {
-                    session_id: "nope".into()
-                })
-                .await
-        ),
+        code(DispatcherClient::new(wch.clone()).heartbeat(HeartbeatRequest { session_id: "nope".into() }).await),
         Code::NotFound
     );
 
     // The manager's own certificate may use the control API over TCP.
     let mid = NodeIdentity::load(&m.data.join("certs")).unwrap();
-    let mch = dial::connect(&m.addr, Arc::new(client_config(&mid).unwrap()))
-        .await
-        .unwrap();
-    let nodes = ControlClient::new(mch)
-        .list_nodes(ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let mch = dial::connect(&m.addr, Arc::new(client_config(&mid).unwrap())).await.unwrap();
+    let nodes = ControlClient::new(mch).list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
     assert_eq!(nodes.len(), 2);
 }
 
@@ -199,11 +131,7 @@ async fn certificates_of_another_cluster_fail_the_handshake() {
         Err(_) => Code::Unavailable,
         Ok(ch) => code(ControlClient::new(ch).list_nodes(ListNodesRequest {}).await),
     };
-    assert_ne!(
-        result,
-        Code::Ok,
-        "a foreign manager certificate was accepted"
-    );
+    assert_ne!(result, Code::Ok, "a foreign manager certificate was accepted");
     assert_eq!(ours.nodes().len(), 1);
 }
 
@@ -213,33 +141,20 @@ async fn connections_negotiate_tls13_with_an_aead_suite() {
     let mut env = Env::new();
     let m = env.start_manager("m1", &[]);
     let id = NodeIdentity::load(&m.data.join("certs")).unwrap();
-    let stream = dial::tls_connect(&m.addr, Arc::new(client_config(&id).unwrap()))
-        .await
-        .unwrap();
+    let stream = dial::tls_connect(&m.addr, Arc::new(client_config(&id).unwrap())).await.unwrap();
     let conn = stream.get_ref().1;
-    assert_eq!(
-        conn.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_3)
-    );
+    assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     let suite = format!("{:?}", conn.negotiated_cipher_suite().unwrap().suite());
-    assert!(
-        suite.contains("GCM") || suite.contains("CHACHA20_POLY1305"),
-        "{suite}"
-    );
+    assert!(suite.contains("GCM") || suite.contains("CHACHA20_POLY1305"), "{suite}");
     assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
 
     // A TLS 1.2-only client still connects (1.2 is the minimum).
-    let mut cfg12 = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])
-    .unwrap()
-    .with_root_certificates(id.roots().unwrap())
-    .with_no_client_auth();
+    let mut cfg12 = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(id.roots().unwrap())
+        .with_no_client_auth();
     cfg12.alpn_protocols = vec![b"h2".to_vec()];
     let s12 = dial::tls_connect(&m.addr, Arc::new(cfg12)).await.unwrap();
-    assert_eq!(
-        s12.get_ref().1.protocol_version(),
-        Some(rustls::ProtocolVersion::TLSv1_2)
-    );
+    assert_eq!(s12.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
 }

@@ -10,30 +10,15 @@ use common::*;
 /// Asserts failure with exactly one stderr line containing `needle`.
 fn assert_refused(o: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
+    assert!(!o.status.success(), "expected failure, got success; stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "expected {needle:?} in: {}",
-        lines[0]
-    );
+    assert!(lines[0].contains(needle), "expected {needle:?} in: {}", lines[0]);
 }
 
 fn join(env: &Env, token: &str, remote: &str, dir: &str) -> Output {
     let d = env.path(dir);
-    env.swarmd(&[
-        "worker",
-        "join",
-        token,
-        "--remote",
-        remote,
-        "--data-dir",
-        d.to_str().unwrap(),
-    ])
+    env.swarmd(&["worker", "join", token, "--remote", remote, "--data-dir", d.to_str().unwrap()])
 }
 
 /// Replaces the character at `i` with another hex digit.
@@ -63,12 +48,7 @@ fn bad_tokens_and_unreachable_managers_are_refused_cleanly() {
     assert!(is_absent_or_empty(&env.path("w-digest")));
 
     // Wrong secret (last digit).
-    let o = join(
-        &env,
-        &flip_hex(&token, token.len() - 1),
-        &m.addr,
-        "w-secret",
-    );
+    let o = join(&env, &flip_hex(&token, token.len() - 1), &m.addr, "w-secret");
     assert_refused(&o, "invalid join token");
     assert!(is_absent_or_empty(&env.path("w-secret")));
 
@@ -78,9 +58,9 @@ fn bad_tokens_and_unreachable_managers_are_refused_cleanly() {
     assert_refused(&o, "cannot reach a manager");
     assert!(is_absent_or_empty(&env.path("w-unreachable")));
 
-    // The manager token is not accepted as a worker join yet, and says so.
+    // The manager token does not make a worker: the refusal names the right command.
     let o = join(&env, &m.token("manager"), &m.addr, "w-mgr");
-    assert_refused(&o, "manager");
+    assert_refused(&o, "swarmd manager join");
     assert!(is_absent_or_empty(&env.path("w-mgr")));
 
     assert_eq!(m.nodes().len(), nodes_before, "a refused join added a node");
@@ -111,11 +91,7 @@ fn rotated_tokens_are_refused_and_joined_nodes_unaffected() {
     assert!(out.contains("rotated"));
     let new = m.token("worker");
     assert_ne!(new, old);
-    assert_eq!(
-        m.token("manager"),
-        manager_old,
-        "rotating the worker token changed the manager token"
-    );
+    assert_eq!(m.token("manager"), manager_old, "rotating the worker token changed the manager token");
 
     let o = join(&env, &old, &m.addr, "w-old");
     assert_refused(&o, "invalid join token");
@@ -146,14 +122,7 @@ fn initialised_data_dirs_are_refused_and_left_unchanged() {
 
     let before = snapshot(&m.data);
     let port = format!("127.0.0.1:{}", free_port());
-    let o = env.swarmd(&[
-        "manager",
-        "init",
-        "--data-dir",
-        m.data.to_str().unwrap(),
-        "--listen-addr",
-        &port,
-    ]);
+    let o = env.swarmd(&["manager", "init", "--data-dir", m.data.to_str().unwrap(), "--listen-addr", &port]);
     assert_refused(&o, "already holds a swarmd node");
     assert_eq!(before, snapshot(&m.data));
 
@@ -170,14 +139,7 @@ fn initialised_data_dirs_are_refused_and_left_unchanged() {
 
     // A bad option is refused before anything is created.
     let fresh = env.path("fresh");
-    let o = env.swarmd(&[
-        "manager",
-        "init",
-        "--data-dir",
-        fresh.to_str().unwrap(),
-        "--cert-expiry",
-        "10s",
-    ]);
+    let o = env.swarmd(&["manager", "init", "--data-dir", fresh.to_str().unwrap(), "--cert-expiry", "10s"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("minimum of 30s"));
     assert!(is_absent_or_empty(&fresh));

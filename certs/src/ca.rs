@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use ::time::OffsetDateTime;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use zeroize::Zeroizing;
 
@@ -40,10 +39,7 @@ impl CertValidity {
     /// A lifetime, refused below [`CertValidity::MIN`].
     pub fn new(d: Duration) -> Result<Self, String> {
         if d < Self::MIN {
-            return Err(format!(
-                "certificate expiry {}s is below the minimum of 30s",
-                d.as_secs()
-            ));
+            return Err(format!("certificate expiry {}s is below the minimum of 30s", d.as_secs()));
         }
         Ok(Self(d))
     }
@@ -79,9 +75,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("invalid duration {s:?}: expected a number and a unit, e.g. 30s, 5m, 24h")
-    })?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 30s, 5m, 24h"))?;
     let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
     let d = match unit {
         "ms" => Some(Duration::from_millis(n)),
@@ -114,10 +109,7 @@ pub struct RootCa {
 
 impl fmt::Debug for RootCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RootCa")
-            .field("cluster_id", &self.cluster_id)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("RootCa").field("cluster_id", &self.cluster_id).field("key", &"<redacted>").finish()
     }
 }
 
@@ -131,11 +123,8 @@ impl RootCa {
         dn.push(DnType::OrganizationName, cluster_id.as_str());
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + ROOT_VALIDITY;
@@ -147,16 +136,10 @@ impl RootCa {
 
     /// Loads a CA from its certificate and PKCS#8 key, both PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey {
-            reason: e.to_string(),
-        })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
         let info = crate::CertInfo::parse_ca(cert_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self {
-            cert_pem: cert_pem.to_owned(),
-            cluster_id: info,
-            issuer,
-        })
+        Ok(Self { cert_pem: cert_pem.to_owned(), cluster_id: info, issuer })
     }
 
     /// The root certificate as served to joiners (the bundle the token digest covers).
@@ -188,19 +171,12 @@ impl RootCa {
         validity: CertValidity,
     ) -> Result<IssuedCert, CertError> {
         if csr_pem.len() > 16 * 1024 {
-            return Err(CertError::InvalidCsr {
-                reason: "larger than 16 KiB".into(),
-            });
+            return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
         }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            CertError::InvalidCsr {
-                reason: e.to_string(),
-            }
-        })?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CertError::InvalidCsr {
-                reason: "key must be ECDSA P-256".into(),
-            });
+            return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
         }
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -212,15 +188,10 @@ impl RootCa {
         if role == Role::Manager {
             sans.push("swarm-ca".to_owned());
         }
-        params.subject_alt_names = sans
-            .into_iter()
-            .map(|s| s.try_into().map(SanType::DnsName))
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names =
+            sans.into_iter().map(|s| s.try_into().map(SanType::DnsName)).collect::<Result<_, _>>()?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
@@ -229,11 +200,7 @@ impl RootCa {
         params.not_before = now - BACKDATE;
         params.not_after = now + validity.duration();
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(IssuedCert {
-            pem: cert.pem(),
-            serial: serial_hex,
-            not_after: params.not_after.unix_timestamp(),
-        })
+        Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
 }
 
@@ -269,13 +236,10 @@ mod tests {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = CertificateParams::new(vec!["swarm-manager".to_string()]).unwrap();
         p.distinguished_name.push(DnType::CommonName, "evil");
-        p.distinguished_name
-            .push(DnType::OrganizationalUnitName, "swarm-manager");
+        p.distinguished_name.push(DnType::OrganizationalUnitName, "swarm-manager");
         let csr = p.serialize_request(&key).unwrap().pem().unwrap();
         let node = NodeId::random();
-        let issued = ca
-            .sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT)
-            .unwrap();
+        let issued = ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).unwrap();
         let info = CertInfo::parse(&issued.pem).unwrap();
         assert_eq!(info.node_id, node);
         assert_eq!(info.role, Role::Worker);
@@ -288,20 +252,12 @@ mod tests {
     fn garbage_csr_is_refused() {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
         let node = NodeId::random();
-        for bad in [
-            "",
-            "garbage",
-            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
-        ] {
-            let err = ca
-                .sign_node(bad, &node, Role::Worker, CertValidity::DEFAULT)
-                .unwrap_err();
+        for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"] {
+            let err = ca.sign_node(bad, &node, Role::Worker, CertValidity::DEFAULT).unwrap_err();
             assert!(matches!(err, CertError::InvalidCsr { .. }), "{err}");
         }
         let (_k, csr) = generate_key_and_csr().unwrap();
-        assert!(ca
-            .sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT)
-            .is_ok());
+        assert!(ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).is_ok());
     }
 
     #[test]

@@ -35,10 +35,7 @@ pub struct Remotes {
 impl Remotes {
     /// A list of `host:port` addresses.
     pub fn new(addrs: Vec<String>) -> Self {
-        Self {
-            addrs: Arc::new(RwLock::new(addrs)),
-            preferred: Arc::default(),
-        }
+        Self { addrs: Arc::new(RwLock::new(addrs)), preferred: Arc::default() }
     }
     /// The current addresses.
     pub fn get(&self) -> Vec<String> {
@@ -56,38 +53,19 @@ impl Remotes {
 pub async fn tls_connect(addr: &str, cfg: Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
     let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{addr}: connect timed out"),
-            )
-        })?
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: connect timed out")))?
         .map_err(|e| io::Error::new(e.kind(), format!("{addr}: {e}")))?;
     tcp.set_nodelay(true)?;
-    tokio::time::timeout(
-        TLS_TIMEOUT,
-        TlsConnector::from(cfg).connect(manager_server_name(), tcp),
-    )
-    .await
-    .map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("{addr}: TLS handshake timed out"),
-        )
-    })?
-    .map_err(|e| io::Error::new(e.kind(), format!("{addr}: TLS: {e}")))
+    tokio::time::timeout(TLS_TIMEOUT, TlsConnector::from(cfg).connect(manager_server_name(), tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: TLS handshake timed out")))?
+        .map_err(|e| io::Error::new(e.kind(), format!("{addr}: TLS: {e}")))
 }
 
-async fn connect_any(
-    remotes: &Remotes,
-    cfg: Arc<ClientConfig>,
-) -> io::Result<TlsStream<TcpStream>> {
+async fn connect_any(remotes: &Remotes, cfg: Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
     let addrs = remotes.get();
     if addrs.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "no manager address known",
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, "no manager address known"));
     }
     let start = remotes.preferred.load(Ordering::Relaxed);
     let mut errors = Vec::new();
@@ -101,10 +79,7 @@ async fn connect_any(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::ConnectionRefused,
-        errors.join("; "),
-    ))
+    Err(io::Error::new(io::ErrorKind::ConnectionRefused, errors.join("; ")))
 }
 
 fn endpoint() -> Endpoint {

@@ -27,9 +27,7 @@ pub type NodeKey = Zeroizing<String>;
 /// the CA decides the subject.
 pub fn generate_key_and_csr() -> Result<(NodeKey, String), CertError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default()
-        .serialize_request(&key)?
-        .pem()?;
+    let csr = CertificateParams::default().serialize_request(&key)?.pem()?;
     Ok((Zeroizing::new(key.serialize_pem()), csr))
 }
 
@@ -52,43 +50,30 @@ pub struct CertInfo {
     pub dns_names: Vec<String>,
 }
 
-fn first_attr<'a>(
-    it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
-) -> Option<&'a str> {
+fn first_attr<'a>(it: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>) -> Option<&'a str> {
     it.into_iter().next().and_then(|a| a.as_str().ok())
 }
 
 impl CertInfo {
     /// Parses a PEM node certificate.
     pub fn parse(pem: &str) -> Result<Self, CertError> {
-        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-            CertError::InvalidCertificate {
-                reason: e.to_string(),
-            }
-        })?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
         Self::from_der(&der)
     }
 
     /// Parses a DER node certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, CertError> {
         let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| CertError::InvalidCertificate {
-                reason: e.to_string(),
-            })?;
+            X509Certificate::from_der(der).map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
         let subject = cert.subject();
-        let no_id = |reason: &str| CertError::NoIdentity {
-            reason: reason.to_owned(),
-        };
+        let no_id = |reason: &str| CertError::NoIdentity { reason: reason.to_owned() };
         let cn = first_attr(subject.iter_common_name()).ok_or_else(|| no_id("no CN"))?;
         let ou = first_attr(subject.iter_organizational_unit()).ok_or_else(|| no_id("no OU"))?;
         let o = first_attr(subject.iter_organization()).ok_or_else(|| no_id("no O"))?;
-        let node_id: NodeId = cn
-            .parse()
-            .map_err(|e: crate::IdError| no_id(&e.to_string()))?;
+        let node_id: NodeId = cn.parse().map_err(|e: crate::IdError| no_id(&e.to_string()))?;
         let role = Role::from_org_unit(ou).ok_or_else(|| no_id("OU is not a swarmd role"))?;
-        let cluster_id: ClusterId = o
-            .parse()
-            .map_err(|e: crate::IdError| no_id(&e.to_string()))?;
+        let cluster_id: ClusterId = o.parse().map_err(|e: crate::IdError| no_id(&e.to_string()))?;
         let mut dns_names = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for n in &san.value.general_names {
@@ -110,24 +95,13 @@ impl CertInfo {
 
     /// The cluster ID (O) of a root CA certificate.
     pub fn parse_ca(pem: &str) -> Result<ClusterId, CertError> {
-        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-            CertError::InvalidCertificate {
-                reason: e.to_string(),
-            }
-        })?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
         let (_, cert) =
-            X509Certificate::from_der(&der).map_err(|e| CertError::InvalidCertificate {
-                reason: e.to_string(),
-            })?;
-        let o = first_attr(cert.subject().iter_organization()).ok_or_else(|| {
-            CertError::NoIdentity {
-                reason: "CA has no O".into(),
-            }
-        })?;
-        o.parse()
-            .map_err(|e: crate::IdError| CertError::NoIdentity {
-                reason: e.to_string(),
-            })
+            X509Certificate::from_der(&der).map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+        let o = first_attr(cert.subject().iter_organization())
+            .ok_or_else(|| CertError::NoIdentity { reason: "CA has no O".into() })?;
+        o.parse().map_err(|e: crate::IdError| CertError::NoIdentity { reason: e.to_string() })
     }
 }
 
@@ -146,42 +120,25 @@ pub struct NodeIdentity {
 
 impl fmt::Debug for NodeIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeIdentity")
-            .field("info", &self.info)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        f.debug_struct("NodeIdentity").field("info", &self.info).field("key_pem", &"<redacted>").finish()
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CertError::Io { path: path.to_owned(), source }
 }
 
 /// Writes `data` to `path` atomically with `mode`: temp file, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err(&tmp))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let mut f =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
+    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     Ok(())
 }
 
@@ -189,16 +146,10 @@ impl NodeIdentity {
     /// Builds an identity, checking that the key matches the certificate.
     pub fn new(ca_pem: String, cert_pem: String, key_pem: NodeKey) -> Result<Self, CertError> {
         let info = CertInfo::parse(&cert_pem)?;
-        let me = Self {
-            ca_pem,
-            cert_pem,
-            key_pem,
-            info,
-        };
+        let me = Self { ca_pem, cert_pem, key_pem, info };
         let ck = me.certified_key()?;
-        ck.keys_match().map_err(|e| CertError::InvalidKey {
-            reason: format!("does not match the certificate: {e}"),
-        })?;
+        ck.keys_match()
+            .map_err(|e| CertError::InvalidKey { reason: format!("does not match the certificate: {e}") })?;
         Ok(me)
     }
 
@@ -232,18 +183,10 @@ impl NodeIdentity {
 
     /// The certificate chain and signing key in rustls' form.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, CertError> {
-        let chain = vec![
-            CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| {
-                CertError::InvalidCertificate {
-                    reason: e.to_string(),
-                }
-            })?,
-        ];
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
-            CertError::InvalidKey {
-                reason: e.to_string(),
-            }
-        })?;
+        let chain = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?];
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
         let provider = rustls::crypto::ring::default_provider();
         let ck = CertifiedKey::from_der(chain, key, &provider)?;
         Ok(Arc::new(ck))
@@ -264,18 +207,12 @@ mod tests {
     fn identity_saves_with_private_key_mode_and_reloads() {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
         let (key, csr) = generate_key_and_csr().unwrap();
-        let issued = ca
-            .sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT)
-            .unwrap();
+        let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
         let id = NodeIdentity::new(ca.bundle_pem().into(), issued.pem, key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let certs = NodeIdentity::dir(dir.path());
         id.save(&certs).unwrap();
-        let mode = fs::metadata(certs.join("node.key"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = fs::metadata(certs.join("node.key")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let back = NodeIdentity::load(&certs).unwrap();
         assert_eq!(back.info, id.info);
@@ -286,9 +223,7 @@ mod tests {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
         let (_key, csr) = generate_key_and_csr().unwrap();
         let (other_key, _) = generate_key_and_csr().unwrap();
-        let issued = ca
-            .sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT)
-            .unwrap();
+        let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
         assert!(NodeIdentity::new(ca.bundle_pem().into(), issued.pem, other_key).is_err());
     }
 }

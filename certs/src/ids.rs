@@ -25,19 +25,14 @@ fn random_id() -> String {
     let mut raw = [0u8; ID_LEN];
     crate::random_bytes(&mut raw);
     // 256 % 36 != 0; the bias (< 1 %) does not matter for identifiers.
-    raw.iter()
-        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
-        .collect()
+    raw.iter().map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char).collect()
 }
 
 fn check_id(kind: &'static str, s: &str) -> Result<(), IdError> {
     if s.len() == ID_LEN && s.bytes().all(|b| ALPHABET.contains(&b)) {
         Ok(())
     } else {
-        Err(IdError::Malformed {
-            kind,
-            value: s.chars().take(64).collect(),
-        })
+        Err(IdError::Malformed { kind, value: s.chars().take(64).collect() })
     }
 }
 
@@ -166,13 +161,8 @@ mod tests {
 
     #[test]
     fn malformed_ids_are_refused() {
-        for bad in [
-            "",
-            "short",
-            "ABCDEFGHIJKLMNOPQRSTUVWXY",
-            "abcdefghijklmnopqrstuvwx-",
-            "abcdefghijklmnopqrstuvwxyz",
-        ] {
+        for bad in ["", "short", "ABCDEFGHIJKLMNOPQRSTUVWXY", "abcdefghijklmnopqrstuvwx-", "abcdefghijklmnopqrstuvwxyz"]
+        {
             assert!(bad.parse::<NodeId>().is_err(), "{bad:?} accepted");
         }
     }

@@ -30,9 +30,7 @@ pub const MANAGER_SERVER_NAME: &str = "swarm-manager";
 /// Fills `buf` from the operating system's CSPRNG.
 pub fn random_bytes(buf: &mut [u8]) {
     use rand::TryRngCore;
-    rand::rngs::OsRng
-        .try_fill_bytes(buf)
-        .expect("the operating system's random number generator failed");
+    rand::rngs::OsRng.try_fill_bytes(buf).expect("the operating system's random number generator failed");
 }
 
 /// Installs ring as rustls' process-wide crypto provider (idempotent).

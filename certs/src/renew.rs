@@ -56,10 +56,7 @@ impl Backoff {
 /// manager, the `RenewNodeCertificate` RPC on a worker.
 pub trait CertIssuer: Send + Sync + 'static {
     /// Issues a certificate for this node's identity with the key in `csr_pem`.
-    fn issue(
-        &self,
-        csr_pem: String,
-    ) -> impl std::future::Future<Output = Result<String, String>> + Send;
+    fn issue(&self, csr_pem: String) -> impl std::future::Future<Output = Result<String, String>> + Send;
 }
 
 /// Renews this node's certificate on schedule, for as long as it runs.
@@ -75,24 +72,15 @@ pub struct Renewer<I> {
 
 impl<I: CertIssuer> Renewer<I> {
     /// A renewer for the identity in `creds`, stored in `certs_dir`.
-    pub fn new(
-        creds: std::sync::Arc<crate::tls::TlsCredentials>,
-        certs_dir: std::path::PathBuf,
-        issuer: I,
-    ) -> Self {
-        Self {
-            creds,
-            certs_dir,
-            issuer,
-        }
+    pub fn new(creds: std::sync::Arc<crate::tls::TlsCredentials>, certs_dir: std::path::PathBuf, issuer: I) -> Self {
+        Self { creds, certs_dir, issuer }
     }
 
     async fn renew_once(&self) -> Result<String, String> {
         let (key, csr) = crate::generate_key_and_csr().map_err(|e| e.to_string())?;
         let cert = self.issuer.issue(csr).await?;
         let current = self.creds.identity();
-        let fresh = crate::NodeIdentity::new(current.ca_pem.clone(), cert, key)
-            .map_err(|e| e.to_string())?;
+        let fresh = crate::NodeIdentity::new(current.ca_pem.clone(), cert, key).map_err(|e| e.to_string())?;
         fresh.save(&self.certs_dir).map_err(|e| e.to_string())?;
         let serial = fresh.info.serial.clone();
         self.creds.publish(fresh).map_err(|e| e.to_string())?;
@@ -130,10 +118,7 @@ impl<I: CertIssuer> Renewer<I> {
 
 /// Seconds since the epoch.
 pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -148,10 +133,7 @@ mod tests {
         assert_eq!(renewal_delay(now, exp, 0.999_999).as_secs(), 79);
         for _ in 0..1000 {
             let d = random_renewal_delay(now, exp);
-            assert!(
-                d >= Duration::from_secs(50) && d < Duration::from_secs(80),
-                "{d:?}"
-            );
+            assert!(d >= Duration::from_secs(50) && d < Duration::from_secs(80), "{d:?}");
         }
     }
 

@@ -29,8 +29,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 use tokio::sync::watch;
 
@@ -40,22 +40,17 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] =
-    &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Parses every certificate in `pem` into a trust store.
 pub fn roots_from_pem(pem: &str) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let der = der.map_err(|e| CertError::InvalidCertificate {
-            reason: e.to_string(),
-        })?;
+        let der = der.map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
         roots.add(der)?;
     }
     if roots.is_empty() {
-        return Err(CertError::InvalidCertificate {
-            reason: "no certificate in CA bundle".into(),
-        });
+        return Err(CertError::InvalidCertificate { reason: "no certificate in CA bundle".into() });
     }
     Ok(roots)
 }
@@ -77,12 +72,7 @@ impl PeerIdentity {
     /// The identity in a verified peer certificate chain (leaf first).
     pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
         let info = CertInfo::from_der(chain.first()?).ok()?;
-        Some(Self {
-            node_id: info.node_id,
-            role: info.role,
-            cluster_id: info.cluster_id,
-            serial: info.serial,
-        })
+        Some(Self { node_id: info.node_id, role: info.role, cluster_id: info.cluster_id, serial: info.serial })
     }
 }
 
@@ -110,9 +100,7 @@ impl DenyList {
 
 impl fmt::Debug for DenyList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set()
-            .entries(self.0.read().expect("deny-list lock").iter())
-            .finish()
+        f.debug_set().entries(self.0.read().expect("deny-list lock").iter()).finish()
     }
 }
 
@@ -142,15 +130,11 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let info = CertInfo::from_der(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-        })?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let info = CertInfo::from_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))?;
         if info.cluster_id != self.cluster_id {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
+            return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
         if self.deny.contains(&info.node_id) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
@@ -184,14 +168,8 @@ pub fn server_config(identity: &NodeIdentity, deny: DenyList) -> Result<ServerCo
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| CertError::InvalidCertificate {
-            reason: e.to_string(),
-        })?;
-    let verifier = NodeClientVerifier {
-        inner,
-        cluster_id: identity.info.cluster_id.clone(),
-        deny,
-    };
+        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+    let verifier = NodeClientVerifier { inner, cluster_id: identity.info.cluster_id.clone(), deny };
     let (chain, key) = chain_and_key(identity)?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
@@ -228,21 +206,11 @@ pub fn manager_server_name() -> ServerName<'static> {
     ServerName::try_from(crate::MANAGER_SERVER_NAME).expect("valid DNS name")
 }
 
-fn chain_and_key(
-    identity: &NodeIdentity,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
-    let chain = vec![
-        CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).map_err(|e| {
-            CertError::InvalidCertificate {
-                reason: e.to_string(),
-            }
-        })?,
-    ];
-    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).map_err(|e| {
-        CertError::InvalidKey {
-            reason: e.to_string(),
-        }
-    })?;
+fn chain_and_key(identity: &NodeIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+    let chain = vec![CertificateDer::from_pem_slice(identity.cert_pem.as_bytes())
+        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?];
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
+        .map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
     Ok((chain, key))
 }
 
@@ -277,12 +245,8 @@ impl TlsCredentials {
     /// configurations built from it. On error nothing changes.
     pub fn publish(&self, identity: NodeIdentity) -> Result<(), CertError> {
         let current = self.identity.borrow().clone();
-        if identity.info.node_id != current.info.node_id
-            || identity.info.cluster_id != current.info.cluster_id
-        {
-            return Err(CertError::NoIdentity {
-                reason: "renewed certificate names another node or cluster".into(),
-            });
+        if identity.info.node_id != current.info.node_id || identity.info.cluster_id != current.info.cluster_id {
+            return Err(CertError::NoIdentity { reason: "renewed certificate names another node or cluster".into() });
         }
         let client = client_config(&identity)?;
         let server = match &self.server {
@@ -356,12 +320,7 @@ pub mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
         }
         fn verify_tls13_signature(
             &self,
@@ -369,12 +328,7 @@ pub mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()

@@ -63,11 +63,7 @@ impl JoinToken {
 
     /// The full token text, secret included. Handle the result as a secret.
     pub fn expose(&self) -> Zeroizing<String> {
-        Zeroizing::new(format!(
-            "{TOKEN_PREFIX}{}-{}",
-            hex::encode(self.digest),
-            hex::encode(self.secret.as_ref())
-        ))
+        Zeroizing::new(format!("{TOKEN_PREFIX}{}-{}", hex::encode(self.digest), hex::encode(self.secret.as_ref())))
     }
 }
 
@@ -75,20 +71,14 @@ impl FromStr for JoinToken {
     type Err = TokenError;
     fn from_str(s: &str) -> Result<Self, TokenError> {
         let s = s.trim();
-        let rest = s.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed {
-            reason: "missing SWDTKN-1- prefix",
-        })?;
-        let (digest_hex, secret_hex) = rest.split_once('-').ok_or(TokenError::Malformed {
-            reason: "missing secret part",
-        })?;
+        let rest = s.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::Malformed { reason: "missing SWDTKN-1- prefix" })?;
+        let (digest_hex, secret_hex) =
+            rest.split_once('-').ok_or(TokenError::Malformed { reason: "missing secret part" })?;
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(digest_hex, &mut digest).map_err(|_| TokenError::Malformed {
-            reason: "bad CA digest",
-        })?;
+        hex::decode_to_slice(digest_hex, &mut digest).map_err(|_| TokenError::Malformed { reason: "bad CA digest" })?;
         let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
-        hex::decode_to_slice(secret_hex, secret.as_mut()).map_err(|_| TokenError::Malformed {
-            reason: "bad secret",
-        })?;
+        hex::decode_to_slice(secret_hex, secret.as_mut())
+            .map_err(|_| TokenError::Malformed { reason: "bad secret" })?;
         Ok(Self { digest, secret })
     }
 }

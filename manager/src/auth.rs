@@ -54,21 +54,13 @@ pub struct Conn<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -134,13 +126,7 @@ pub fn tls_incoming(
                             },
                             None => Caller::Anonymous,
                         };
-                        let conn = Conn {
-                            io: stream,
-                            info: ConnInfo {
-                                caller,
-                                remote: Some(remote),
-                            },
-                        };
+                        let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote) } };
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
@@ -163,13 +149,7 @@ pub fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<Conn<U
             };
             match accepted {
                 Ok((s, _)) => {
-                    let conn = Conn {
-                        io: s,
-                        info: ConnInfo {
-                            caller: Caller::Local,
-                            remote: None,
-                        },
-                    };
+                    let conn = Conn { io: s, info: ConnInfo { caller: Caller::Local, remote: None } };
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -199,13 +179,7 @@ impl Authorizer {
 
     /// The connection information of a request.
     pub fn info<T>(req: &Request<T>) -> ConnInfo {
-        req.extensions()
-            .get::<ConnInfo>()
-            .cloned()
-            .unwrap_or(ConnInfo {
-                caller: Caller::Anonymous,
-                remote: None,
-            })
+        req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo { caller: Caller::Anonymous, remote: None })
     }
 
     /// Requires a node certificate with one of `roles`; returns its identity.
@@ -214,29 +188,17 @@ impl Authorizer {
     /// another cluster, a removed node or the local socket.
     pub fn require<T>(&self, req: &Request<T>, roles: &[Role]) -> Result<PeerIdentity, Status> {
         match Self::info(req).caller {
-            Caller::Anonymous => Err(Status::unauthenticated(
-                "this RPC requires a node certificate (mutual TLS)",
-            )),
-            Caller::Local => Err(Status::permission_denied(
-                "this RPC is for cluster nodes, not the control socket",
-            )),
+            Caller::Anonymous => Err(Status::unauthenticated("this RPC requires a node certificate (mutual TLS)")),
+            Caller::Local => Err(Status::permission_denied("this RPC is for cluster nodes, not the control socket")),
             Caller::Node(id) => {
                 if id.cluster_id != self.cluster_id {
-                    return Err(Status::permission_denied(
-                        "certificate belongs to another cluster",
-                    ));
+                    return Err(Status::permission_denied("certificate belongs to another cluster"));
                 }
                 if self.deny.contains(&id.node_id) {
-                    return Err(Status::permission_denied(format!(
-                        "node {} was removed from the cluster",
-                        id.node_id
-                    )));
+                    return Err(Status::permission_denied(format!("node {} was removed from the cluster", id.node_id)));
                 }
                 if !roles.contains(&id.role) {
-                    return Err(Status::permission_denied(format!(
-                        "a {} certificate cannot call this RPC",
-                        id.role
-                    )));
+                    return Err(Status::permission_denied(format!("a {} certificate cannot call this RPC", id.role)));
                 }
                 Ok(id)
             }

@@ -16,18 +16,12 @@ use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
 pub(crate) fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Keeps a reported hostname printable and short.
 pub(crate) fn clean_hostname(h: &str) -> String {
-    h.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-        .take(64)
-        .collect()
+    h.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(64).collect()
 }
 
 /// The certificate authority service.
@@ -40,42 +34,42 @@ pub struct CaService {
 
 impl CaService {
     /// The service, ready to mount.
-    pub fn new(
-        store: Store,
-        secrets: SecretsCache,
-        auth: Authorizer,
-        advertise: String,
-    ) -> CaServer<Self> {
-        CaServer::new(Self {
-            store,
-            secrets,
-            auth,
-            advertise,
-        })
+    pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, advertise: String) -> CaServer<Self> {
+        CaServer::new(Self { store, secrets, auth, advertise })
+    }
+
+    fn managers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .store
+            .view()
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
+            .map(|n| n.addr)
+            .collect();
+        if v.is_empty() {
+            v.push(self.advertise.clone());
+        }
+        v
     }
 
     fn sign(&self, csr: &str, node: &NodeId, role: Role) -> Result<IssuedCert, Status> {
-        let s = self.secrets.get();
-        s.ca.sign_node(csr, node, role, s.validity)
-            .map_err(|e| Status::invalid_argument(e.to_string()))
+        let s = self.secrets.get()?;
+        s.ca.sign_node(csr, node, role, s.validity).map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
 #[tonic::async_trait]
 impl ca_server::Ca for CaService {
     /// Unauthenticated. Never fails while the cluster is initialised.
-    async fn get_root_ca(
-        &self,
-        _req: Request<GetRootCaRequest>,
-    ) -> Result<Response<GetRootCaResponse>, Status> {
-        Ok(Response::new(GetRootCaResponse {
-            ca_bundle_pem: self.secrets.get().ca.bundle_pem().to_owned(),
-        }))
+    async fn get_root_ca(&self, _req: Request<GetRootCaRequest>) -> Result<Response<GetRootCaResponse>, Status> {
+        Ok(Response::new(GetRootCaResponse { ca_bundle_pem: self.secrets.get()?.ca.bundle_pem().to_owned() }))
     }
 
-    /// Unauthenticated. INVALID_ARGUMENT for a malformed token or CSR;
-    /// PERMISSION_DENIED for a token of another CA, a wrong or rotated secret;
-    /// UNIMPLEMENTED for the manager token (manager join is not built yet);
+    /// Unauthenticated. INVALID_ARGUMENT for a malformed token or CSR, or a
+    /// token of the other role than the one asked for; PERMISSION_DENIED for a
+    /// token of another CA, a wrong or rotated secret;
     /// UNAVAILABLE when no raft leader can take the write.
     #[tracing::instrument(skip_all, fields(remote))]
     async fn issue_node_certificate(
@@ -85,15 +79,11 @@ impl ca_server::Ca for CaService {
         let remote = Authorizer::info(&req).remote;
         tracing::Span::current().record("remote", tracing::field::debug(remote));
         let req = req.into_inner();
-        let token: JoinToken = req
-            .token
-            .parse()
-            .map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
-        let secrets = self.secrets.get();
+        let token: JoinToken =
+            req.token.parse().map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
+        let secrets = self.secrets.get()?;
         if !token.pins(secrets.ca.bundle_pem()) {
-            return Err(Status::permission_denied(
-                "join token belongs to another cluster's CA",
-            ));
+            return Err(Status::permission_denied("join token belongs to another cluster's CA"));
         }
         let role = if secrets.worker_token.ct_matches(&token) {
             Role::Worker
@@ -101,14 +91,13 @@ impl ca_server::Ca for CaService {
             Role::Manager
         } else {
             tracing::warn!("join refused: wrong or rotated token secret");
-            return Err(Status::permission_denied(
-                "invalid join token: wrong secret, or the token was rotated",
-            ));
+            return Err(Status::permission_denied("invalid join token: wrong secret, or the token was rotated"));
         };
-        if role == Role::Manager {
-            return Err(Status::unimplemented(
-                "joining as a manager is not supported yet; use the worker token",
-            ));
+        if !req.role.is_empty() && req.role != role.to_string() {
+            return Err(Status::invalid_argument(format!(
+                "this is a {role} join token; join with `swarmd {role} join`, or use the {} token",
+                req.role
+            )));
         }
         let node_id = NodeId::random();
         let issued = self.sign(&req.csr_pem, &node_id, role)?;
@@ -122,6 +111,9 @@ impl ca_server::Ca for CaService {
             cert_not_after: issued.not_after,
             created_at: now_unix(),
             raft_id: None,
+            labels: Default::default(),
+            availability: Default::default(),
+            session_manager: None,
         };
         self.store.propose(Command::AddNode(record)).await?;
         tracing::info!(node.id = %node_id, %role, "node joined");
@@ -129,7 +121,7 @@ impl ca_server::Ca for CaService {
             node_id: node_id.to_string(),
             certificate_pem: issued.pem,
             ca_bundle_pem: secrets.ca.bundle_pem().to_owned(),
-            managers: vec![self.advertise.clone()],
+            managers: self.managers(),
         }))
     }
 
@@ -146,9 +138,7 @@ impl ca_server::Ca for CaService {
             .view()
             .node(&peer.node_id)
             .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| {
-                Status::not_found(format!("node {} is not part of the cluster", peer.node_id))
-            })?;
+            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
         let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
         self.store
             .propose(Command::RecordCert {
@@ -158,8 +148,6 @@ impl ca_server::Ca for CaService {
             })
             .await?;
         tracing::info!(node.id = %peer.node_id, serial = %issued.serial, "certificate renewed");
-        Ok(Response::new(RenewNodeCertificateResponse {
-            certificate_pem: issued.pem,
-        }))
+        Ok(Response::new(RenewNodeCertificateResponse { certificate_pem: issued.pem }))
     }
 }

@@ -48,16 +48,12 @@ impl ClusterSecrets {
     pub fn open(record: &ClusterRecord, dek: &SymmetricKey) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
         let key_pem = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
-        let key_pem = std::str::from_utf8(&key_pem)
-            .map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
-        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem)
-            .map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let key_pem = std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
+        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem).map_err(|e| ClusterError::Invalid(e.to_string()))?;
         let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
             let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
-            let text = std::str::from_utf8(&raw)
-                .map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
-            text.parse()
-                .map_err(|e: swarmd_certs::TokenError| ClusterError::Invalid(e.to_string()))
+            let text = std::str::from_utf8(&raw).map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
+            text.parse().map_err(|e: swarmd_certs::TokenError| ClusterError::Invalid(e.to_string()))
         };
         Ok(Self {
             worker_token: token(Role::Worker, &record.worker_token)?,
@@ -78,24 +74,25 @@ impl ClusterSecrets {
     }
 }
 
-/// The current [`ClusterSecrets`], reloadable.
+/// The encoded record the secrets were opened from, and the secrets.
+type Opened = (Vec<u8>, Arc<ClusterSecrets>);
+
+/// The current [`ClusterSecrets`], opened lazily and re-opened whenever the
+/// replicated cluster record changes (so a token rotated through any manager
+/// takes effect on every manager).
 #[derive(Clone)]
 pub struct SecretsCache {
     view: StateView,
     dek: SymmetricKey,
-    current: Arc<RwLock<Arc<ClusterSecrets>>>,
+    current: Arc<RwLock<Option<Opened>>>,
 }
 
 impl SecretsCache {
-    /// Loads from the applied state.
-    pub fn load(view: StateView, dek: SymmetricKey) -> Result<Self, ClusterError> {
-        let record = view.cluster()?.ok_or(ClusterError::NotInitialised)?;
-        let s = ClusterSecrets::open(&record, &dek)?;
-        Ok(Self {
-            view,
-            dek,
-            current: Arc::new(RwLock::new(Arc::new(s))),
-        })
+    /// A cache over the applied state; empty until the cluster record exists.
+    pub fn new(view: StateView, dek: SymmetricKey) -> Self {
+        let me = Self { view, dek, current: Arc::default() };
+        let _ = me.reload();
+        me
     }
 
     /// The data key.
@@ -103,16 +100,55 @@ impl SecretsCache {
         &self.dek
     }
 
-    /// The current secrets.
-    pub fn get(&self) -> Arc<ClusterSecrets> {
-        self.current.read().expect("secrets lock").clone()
+    /// The current secrets; `NotInitialised` while this manager has not caught up.
+    pub fn get(&self) -> Result<Arc<ClusterSecrets>, ClusterError> {
+        if let Some((_, s)) = self.current.read().expect("secrets lock").as_ref() {
+            return Ok(s.clone());
+        }
+        self.reload()?;
+        self.current.read().expect("secrets lock").as_ref().map(|(_, s)| s.clone()).ok_or(ClusterError::NotInitialised)
     }
 
-    /// Re-reads the cluster record.
+    /// Re-reads the cluster record, re-opening it only if it changed.
     pub fn reload(&self) -> Result<(), ClusterError> {
+        let raw = self.view.cluster_raw()?.ok_or(ClusterError::NotInitialised)?;
+        if let Some((old, _)) = self.current.read().expect("secrets lock").as_ref() {
+            if *old == raw {
+                return Ok(());
+            }
+        }
         let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
         let s = ClusterSecrets::open(&record, &self.dek)?;
-        *self.current.write().expect("secrets lock") = Arc::new(s);
+        *self.current.write().expect("secrets lock") = Some((raw, Arc::new(s)));
         Ok(())
+    }
+
+    /// Re-opens the secrets after every applied change, until cancelled.
+    pub async fn follow(
+        self,
+        mut applied: tokio::sync::watch::Receiver<u64>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            match self.reload() {
+                Ok(()) | Err(ClusterError::NotInitialised) => {}
+                Err(e) => tracing::error!(error = %e, "cannot open the cluster record"),
+            }
+        }
+    }
+}
+
+impl From<ClusterError> for tonic::Status {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::NotInitialised => {
+                tonic::Status::unavailable("this manager has not caught up with the cluster yet; try another manager")
+            }
+            e => tonic::Status::internal(e.to_string()),
+        }
     }
 }

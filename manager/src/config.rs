@@ -37,19 +37,12 @@ impl ManagerConfig {
         let p = data_dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                ManagerError::NotAManager {
-                    path: data_dir.to_owned(),
-                    file: CONFIG_FILE,
-                }
+                ManagerError::NotAManager { path: data_dir.to_owned(), file: CONFIG_FILE }
             } else {
-                ManagerError::Io {
-                    path: p.clone(),
-                    source: e,
-                }
+                ManagerError::Io { path: p.clone(), source: e }
             }
         })?;
-        serde_json::from_str(&text)
-            .map_err(|e| ManagerError::Invalid(format!("{}: {e}", p.display())))
+        serde_json::from_str(&text).map_err(|e| ManagerError::Invalid(format!("{}: {e}", p.display())))
     }
 
     /// Writes `manager.json` atomically.
@@ -97,6 +90,23 @@ impl InitOptions {
             raft: RaftSettings::default(),
         }
     }
+}
+
+/// Options of `swarmd manager join`.
+#[derive(Clone, Debug)]
+pub struct JoinOptions {
+    /// The manager join token.
+    pub token: String,
+    /// Addresses of existing managers.
+    pub remotes: Vec<String>,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen_addr: String,
+    /// Advertised address.
+    pub advertise_addr: Option<String>,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// The address to advertise for a listener bound to `bound`.

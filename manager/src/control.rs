@@ -7,8 +7,8 @@
 use swarmd_certs::{JoinToken, NodeId, Role};
 use swarmd_proto::control::control_server::{self, ControlServer};
 use swarmd_proto::control::{
-    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse,
-    Node,
+    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse, Node,
+    UpdateNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -16,7 +16,7 @@ use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
 use crate::keys::purpose;
-use crate::state::{Command, NodeRecord};
+use crate::state::{check_label_key, Availability, Command, NodeRecord};
 use crate::store::Store;
 
 /// The control API.
@@ -29,18 +29,37 @@ pub struct ControlService {
 
 impl ControlService {
     /// The service, ready to mount.
-    pub fn new(
-        store: Store,
-        secrets: SecretsCache,
-        dispatcher: Dispatcher,
-        auth: Authorizer,
-    ) -> ControlServer<Self> {
-        ControlServer::new(Self {
-            store,
-            secrets,
-            dispatcher,
-            auth,
-        })
+    pub fn new(store: Store, secrets: SecretsCache, dispatcher: Dispatcher, auth: Authorizer) -> ControlServer<Self> {
+        ControlServer::new(Self { store, secrets, dispatcher, auth })
+    }
+
+    fn leader_raft_id(&self) -> Option<u64> {
+        self.store.raft().metrics().borrow().current_leader
+    }
+
+    fn find(&self, key: &str) -> Result<NodeRecord, Status> {
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(Status::invalid_argument("node ID must not be empty"));
+        }
+        if let Ok(id) = key.parse::<NodeId>() {
+            if let Some(n) = self.store.view().node(&id).map_err(internal)? {
+                return Ok(n);
+            }
+        }
+        let mut matches: Vec<_> = self
+            .store
+            .view()
+            .nodes()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|n| n.id.as_str().starts_with(key) || n.hostname == key)
+            .collect();
+        match matches.len() {
+            0 => Err(Status::not_found(format!("no node {key:?}"))),
+            1 => Ok(matches.remove(0)),
+            k => Err(Status::invalid_argument(format!("{key:?} matches {k} nodes; give more of the ID"))),
+        }
     }
 
     fn to_wire(&self, n: NodeRecord) -> Node {
@@ -54,6 +73,10 @@ impl ControlService {
             cert_serial: n.cert_serial,
             cert_not_after: n.cert_not_after,
             created_at: n.created_at,
+            leader: n.raft_id.is_some() && self.leader_raft_id() == n.raft_id,
+            raft_id: n.raft_id.unwrap_or(0),
+            labels: n.labels.into_iter().collect(),
+            availability: n.availability.to_string(),
             session_id: session.id,
             session_since: session.since,
             last_heartbeat: session.last_heartbeat,
@@ -68,45 +91,43 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl control_server::Control for ControlService {
     /// Administrator only (see module docs).
-    async fn list_nodes(
-        &self,
-        req: Request<ListNodesRequest>,
-    ) -> Result<Response<ListNodesResponse>, Status> {
+    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
         self.auth.require_admin(&req)?;
         let nodes = self.store.view().nodes().map_err(internal)?;
-        Ok(Response::new(ListNodesResponse {
-            nodes: nodes.into_iter().map(|n| self.to_wire(n)).collect(),
-        }))
+        Ok(Response::new(ListNodesResponse { nodes: nodes.into_iter().map(|n| self.to_wire(n)).collect() }))
     }
 
     /// Administrator only. NOT_FOUND if no node matches; INVALID_ARGUMENT if a
     /// prefix matches several.
     async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         self.auth.require_admin(&req)?;
-        let key = req.get_ref().id_or_prefix.trim();
-        if key.is_empty() {
-            return Err(Status::invalid_argument("node ID must not be empty"));
+        let n = self.find(&req.get_ref().id_or_prefix)?;
+        Ok(Response::new(self.to_wire(n)))
+    }
+
+    /// Administrator only. NOT_FOUND / INVALID_ARGUMENT as `get_node`;
+    /// INVALID_ARGUMENT for a bad availability or label key; UNAVAILABLE without quorum.
+    async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<Node>, Status> {
+        self.auth.require_admin(&req)?;
+        let r = req.into_inner();
+        let n = self.find(&r.id_or_prefix)?;
+        let availability = match r.availability.as_str() {
+            "" => None,
+            a => Some(a.parse::<Availability>().map_err(Status::invalid_argument)?),
+        };
+        for k in r.labels_add.keys() {
+            check_label_key(k).map_err(Status::invalid_argument)?;
         }
-        if let Ok(id) = key.parse::<NodeId>() {
-            if let Some(n) = self.store.view().node(&id).map_err(internal)? {
-                return Ok(Response::new(self.to_wire(n)));
-            }
-        }
-        let mut matches: Vec<_> = self
-            .store
-            .view()
-            .nodes()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|n| n.id.as_str().starts_with(key) || n.hostname == key)
-            .collect();
-        match matches.len() {
-            0 => Err(Status::not_found(format!("no node {key:?}"))),
-            1 => Ok(Response::new(self.to_wire(matches.remove(0)))),
-            k => Err(Status::invalid_argument(format!(
-                "{key:?} matches {k} nodes; give more of the ID"
-            ))),
-        }
+        let cmd = Command::UpdateNode {
+            node: n.id.clone(),
+            availability,
+            labels_add: r.labels_add.into_iter().collect(),
+            labels_rm: r.labels_rm,
+        };
+        self.store.propose(cmd).await?;
+        let n =
+            self.store.view().node(&n.id).map_err(internal)?.ok_or_else(|| Status::not_found("node was removed"))?;
+        Ok(Response::new(self.to_wire(n)))
     }
 
     /// Administrator only. INVALID_ARGUMENT for an unknown role; with `rotate`,
@@ -116,31 +137,18 @@ impl control_server::Control for ControlService {
         req: Request<GetJoinTokenRequest>,
     ) -> Result<Response<GetJoinTokenResponse>, Status> {
         self.auth.require_admin(&req)?;
-        let role: Role = req
-            .get_ref()
-            .role
-            .parse()
-            .map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+        let role: Role =
+            req.get_ref().role.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
         if req.get_ref().rotate {
-            let secrets = self.secrets.get();
+            let secrets = self.secrets.get()?;
             let fresh = JoinToken::generate(secrets.ca.digest());
             let cluster = secrets.ca.cluster_id().to_string();
-            let sealed = self.secrets.dek().seal(
-                &purpose::join_token(&cluster, role),
-                fresh.expose().as_bytes(),
-            );
-            self.store
-                .propose(Command::RotateJoinToken {
-                    role,
-                    token: sealed,
-                })
-                .await?;
-            self.secrets.reload().map_err(internal)?;
+            let sealed = self.secrets.dek().seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes());
+            self.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;
+            self.secrets.reload()?;
             tracing::info!(%role, "join token rotated");
         }
-        let token = self.secrets.get().token(role).expose();
-        Ok(Response::new(GetJoinTokenResponse {
-            token: token.to_string(),
-        }))
+        let token = self.secrets.get()?.token(role).expose();
+        Ok(Response::new(GetJoinTokenResponse { token: token.to_string() }))
     }
 }

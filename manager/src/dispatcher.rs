@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use swarmd_certs::{NodeId, Role};
 use swarmd_proto::dispatcher::dispatcher_server::{self, DispatcherServer};
-use swarmd_proto::dispatcher::{
-    HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest,
-};
+use swarmd_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::ca_service::{clean_hostname, now_unix};
+use crate::cluster::SecretsCache;
 use crate::state::{Command, NodeStatus, StatusChange};
 use crate::store::Store;
 
@@ -51,8 +50,8 @@ pub struct SessionInfo {
 struct Inner {
     store: Store,
     auth: Authorizer,
-    period: Duration,
-    advertise: String,
+    secrets: SecretsCache,
+    me: NodeId,
     sessions: Mutex<HashMap<NodeId, Session>>,
     /// Nodes believed ready at startup that have not reconnected yet.
     expected: Mutex<HashMap<NodeId, Instant>>,
@@ -65,13 +64,9 @@ struct Inner {
 pub struct Dispatcher(Arc<Inner>);
 
 impl Dispatcher {
-    /// A dispatcher with heartbeat `period`; returns it and the writer that must run beside it.
-    pub fn new(
-        store: Store,
-        auth: Authorizer,
-        period: Duration,
-        advertise: String,
-    ) -> (Self, StatusWriter) {
+    /// A dispatcher for manager `me`, with the heartbeat period of the cluster
+    /// record; returns it and the writer that must run beside it.
+    pub fn new(store: Store, auth: Authorizer, secrets: SecretsCache, me: NodeId) -> (Self, StatusWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
         let expected = store
@@ -79,22 +74,14 @@ impl Dispatcher {
             .nodes()
             .unwrap_or_default()
             .into_iter()
-            .filter(|n| n.role == Role::Worker && n.status != NodeStatus::Down)
+            .filter(|n| {
+                n.role == Role::Worker && n.status != NodeStatus::Down && n.session_manager.as_ref() == Some(&me)
+            })
             .map(|n| (n.id, now))
             .collect();
-        let writer = StatusWriter {
-            store: store.clone(),
-            rx,
-        };
-        let inner = Inner {
-            store,
-            auth,
-            period,
-            advertise,
-            sessions: Mutex::default(),
-            expected: Mutex::new(expected),
-            status: tx,
-        };
+        let writer = StatusWriter { store: store.clone(), rx };
+        let inner =
+            Inner { store, auth, secrets, me, sessions: Mutex::default(), expected: Mutex::new(expected), status: tx };
         (Self(Arc::new(inner)), writer)
     }
 
@@ -103,29 +90,137 @@ impl Dispatcher {
         DispatcherServer::new(self.clone())
     }
 
-    /// Queues a liveness transition.
-    pub fn report(&self, change: StatusChange) {
-        let _ = self.0.status.send(change);
+    /// Queues a liveness transition of `node`, reported by this manager.
+    pub fn report(&self, node: NodeId, status: NodeStatus, addr: Option<String>, hostname: Option<String>) {
+        let _ = self.0.status.send(StatusChange { node, status, addr, hostname, reporter: self.0.me.clone() });
+    }
+
+    fn report_as(&self, reporter: NodeId, node: NodeId, status: NodeStatus) {
+        let _ = self.0.status.send(StatusChange { node, status, addr: None, hostname: None, reporter });
+    }
+
+    /// On the leader: probes every other manager once a second. A manager that
+    /// has not answered for three heartbeat periods is marked down, and so is
+    /// every node whose session it held (unless the node has meanwhile opened a
+    /// session elsewhere). A manager that answers again is marked ready.
+    pub async fn run_manager_probe(self, peers: crate::store::Peers, shutdown: CancellationToken) {
+        use swarmd_proto::ca::ca_client::CaClient;
+        use swarmd_proto::ca::GetRootCaRequest;
+        let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let m = self.0.store.raft().metrics().borrow().clone();
+            if m.current_leader != Some(m.id) {
+                last_ok.clear();
+                continue;
+            }
+            let nodes = self.0.store.view().nodes().unwrap_or_default();
+            let managers: Vec<_> = nodes
+                .iter()
+                .filter(|n| n.role == Role::Manager && n.raft_id.is_some() && n.id != self.0.me)
+                .cloned()
+                .collect();
+            let probes = managers.iter().map(|mgr| {
+                let mut c = CaClient::new(peers.channel(&mgr.addr));
+                async move {
+                    let ok = tokio::time::timeout(Duration::from_secs(1), c.get_root_ca(GetRootCaRequest {})).await;
+                    (mgr, matches!(ok, Ok(Ok(_))))
+                }
+            });
+            let now = Instant::now();
+            for (mgr, ok) in futures::future::join_all(probes).await {
+                let seen = last_ok.entry(mgr.id.clone()).or_insert(now);
+                if ok {
+                    *seen = now;
+                    if mgr.status != NodeStatus::Ready {
+                        self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Ready);
+                    }
+                } else if now.duration_since(*seen) > self.grace() {
+                    if mgr.status != NodeStatus::Down {
+                        tracing::warn!(node.id = %mgr.id, "manager unreachable: down");
+                        self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Down);
+                    }
+                    for n in nodes.iter().filter(|n| {
+                        n.status == NodeStatus::Ready && n.session_manager.as_ref() == Some(&mgr.id) && n.id != mgr.id
+                    }) {
+                        self.report_as(mgr.id.clone(), n.id.clone(), NodeStatus::Down);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The heartbeat period (default 5 s until the cluster record is known).
+    fn period(&self) -> Duration {
+        self.0.secrets.get().map(|s| s.heartbeat).unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Addresses of every manager that is a raft member.
+    fn managers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .store
+            .view()
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
+            .map(|n| n.addr)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Ends every session (on shutdown), so that nodes move to another manager at once.
+    pub fn close_all(&self) {
+        self.0.sessions.lock().expect("sessions lock").clear();
+    }
+
+    /// Pushes the manager list to every session whenever it changes, until cancelled.
+    pub async fn run_manager_updates(
+        self,
+        mut applied: tokio::sync::watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let mut last = self.managers();
+        loop {
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let now = self.managers();
+            if now == last {
+                continue;
+            }
+            last = now.clone();
+            let senders: Vec<_> = {
+                let s = self.0.sessions.lock().expect("sessions lock");
+                s.values().map(|s| (s.id.clone(), s._tx.clone())).collect()
+            };
+            for (id, tx) in senders {
+                let msg = SessionMessage { session_id: id, managers: now.clone(), ..Default::default() };
+                let _ = tx.try_send(Ok(msg));
+            }
+        }
     }
 
     /// The live session of `node` on this manager.
     pub fn session(&self, node: &NodeId) -> Option<SessionInfo> {
         let s = self.0.sessions.lock().expect("sessions lock");
-        s.get(node).map(|s| SessionInfo {
-            id: s.id.clone(),
-            since: s.since,
-            last_heartbeat: s.last_beat_unix,
-        })
+        s.get(node).map(|s| SessionInfo { id: s.id.clone(), since: s.since, last_heartbeat: s.last_beat_unix })
     }
 
     fn grace(&self) -> Duration {
-        self.0.period * GRACE_MULTIPLIER
+        self.period() * GRACE_MULTIPLIER
     }
 
     /// Marks nodes whose sessions missed three heartbeat periods as down, until cancelled.
     pub async fn run_checker(self, shutdown: CancellationToken) {
-        let tick = (self.0.period / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
-        let mut interval = tokio::time::interval(tick);
+        let mut interval = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
@@ -156,12 +251,7 @@ impl Dispatcher {
             }
             for node in down {
                 tracing::warn!(node.id = %node, "node missed {GRACE_MULTIPLIER} heartbeats: down");
-                self.report(StatusChange {
-                    node,
-                    status: NodeStatus::Down,
-                    addr: None,
-                    hostname: None,
-                });
+                self.report(node, NodeStatus::Down, None, None);
             }
         }
     }
@@ -173,10 +263,7 @@ impl dispatcher_server::Dispatcher for Dispatcher {
 
     /// Worker or manager certificate. NOT_FOUND if the node was removed.
     #[tracing::instrument(skip_all, fields(node.id))]
-    async fn session(
-        &self,
-        req: Request<SessionRequest>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(&self, req: Request<SessionRequest>) -> Result<Response<Self::SessionStream>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         tracing::Span::current().record("node.id", tracing::field::display(&peer.node_id));
         let remote = Authorizer::info(&req).remote;
@@ -186,23 +273,19 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             .view()
             .node(&peer.node_id)
             .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| {
-                Status::not_found(format!("node {} is not part of the cluster", peer.node_id))
-            })?;
+            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
         let mut raw = [0u8; 12];
         swarmd_certs::random_bytes(&mut raw);
         let session_id = hex::encode(raw);
         let (tx, rx) = mpsc::channel(16);
         let first = SessionMessage {
             session_id: session_id.clone(),
-            heartbeat_period_ms: self.0.period.as_millis() as u64,
+            heartbeat_period_ms: self.period().as_millis() as u64,
             node_id: peer.node_id.to_string(),
             role: record.role.to_string(),
-            managers: vec![self.0.advertise.clone()],
+            managers: self.managers(),
         };
-        tx.send(Ok(first))
-            .await
-            .map_err(|_| Status::internal("session channel closed"))?;
+        tx.send(Ok(first)).await.map_err(|_| Status::internal("session channel closed"))?;
         let session = Session {
             id: session_id,
             since: now_unix(),
@@ -210,45 +293,24 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             last_beat_unix: now_unix(),
             _tx: tx,
         };
-        self.0
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(peer.node_id.clone(), session);
-        self.0
-            .expected
-            .lock()
-            .expect("expected lock")
-            .remove(&peer.node_id);
-        let addr = remote
-            .map(|a| a.ip().to_string())
-            .filter(|a| *a != record.addr);
-        let hostname = Some(clean_hostname(&req.get_ref().hostname))
-            .filter(|h| !h.is_empty() && *h != record.hostname);
-        self.report(StatusChange {
-            node: peer.node_id.clone(),
-            status: NodeStatus::Ready,
-            addr,
-            hostname,
-        });
+        self.0.sessions.lock().expect("sessions lock").insert(peer.node_id.clone(), session);
+        self.0.expected.lock().expect("expected lock").remove(&peer.node_id);
+        let addr = remote.map(|a| a.ip().to_string()).filter(|a| *a != record.addr);
+        let hostname = Some(clean_hostname(&req.get_ref().hostname)).filter(|h| !h.is_empty() && *h != record.hostname);
+        self.report(peer.node_id.clone(), NodeStatus::Ready, addr, hostname);
         tracing::info!("session opened");
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     /// Worker or manager certificate. NOT_FOUND for an unknown or superseded session.
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         let mut sessions = self.0.sessions.lock().expect("sessions lock");
         match sessions.get_mut(&peer.node_id) {
             Some(s) if s.id == req.get_ref().session_id => {
                 s.last_beat = Instant::now();
                 s.last_beat_unix = now_unix();
-                Ok(Response::new(HeartbeatResponse {
-                    period_ms: self.0.period.as_millis() as u64,
-                }))
+                Ok(Response::new(HeartbeatResponse { period_ms: self.period().as_millis() as u64 }))
             }
             _ => Err(Status::not_found("no such session: open a new one")),
         }
@@ -284,7 +346,12 @@ impl StatusWriter {
             let changes: Vec<StatusChange> = pending
                 .values()
                 .filter(|c| match self.store.view().node(&c.node) {
-                    Ok(Some(n)) => n.status != c.status || c.addr.is_some() || c.hostname.is_some(),
+                    Ok(Some(n)) => {
+                        n.status != c.status
+                            || c.addr.is_some()
+                            || c.hostname.is_some()
+                            || (c.status == NodeStatus::Ready && n.session_manager.as_ref() != Some(&c.reporter))
+                    }
                     _ => false,
                 })
                 .cloned()

@@ -10,9 +10,7 @@ pub enum ManagerError {
     #[error("{path} already holds a swarmd node; use `swarmd run --data-dir {path}` to start it, or choose an empty data dir")]
     AlreadyInitialised { path: PathBuf },
     /// A data dir with leftovers of an interrupted init.
-    #[error(
-        "{path} contains {what} from an interrupted setup; remove it or choose an empty data dir"
-    )]
+    #[error("{path} contains {what} from an interrupted setup; remove it or choose an empty data dir")]
     PartialState { path: PathBuf, what: String },
     /// `run` on a data dir without a manager.
     #[error("{path} holds no swarmd manager (no {file}); create one with `swarmd manager init`")]
@@ -23,18 +21,15 @@ pub enum ManagerError {
     /// Invalid option.
     #[error("{0}")]
     Invalid(String),
+    /// Joining an existing cluster failed.
+    #[error("{0}")]
+    Join(String),
     /// Cannot bind a listener.
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     /// Other I/O on the data dir.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Certificates.
     #[error(transparent)]
     Cert(#[from] swarmd_certs::CertError),

@@ -81,7 +81,13 @@ impl SymmetricKey {
         Self(k)
     }
 
-    fn from_slice(b: &[u8]) -> Option<Self> {
+    /// The raw key bytes, for handing the data key to a joining manager over mTLS.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A key from raw bytes (32 of them).
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
         let arr: [u8; 32] = b.try_into().ok()?;
         Some(Self(Zeroizing::new(arr)))
     }
@@ -96,13 +102,7 @@ impl SymmetricKey {
         swarmd_certs::random_bytes(&mut nonce);
         let ciphertext = self
             .cipher()
-            .encrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: purpose.as_bytes(),
-                },
-            )
+            .encrypt(&XNonce::from(nonce), Payload { msg: plaintext, aad: purpose.as_bytes() })
             .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
         Sealed { nonce, ciphertext }
     }
@@ -110,17 +110,9 @@ impl SymmetricKey {
     /// Opens a value sealed for `purpose`.
     pub fn open(&self, purpose: &str, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         self.cipher()
-            .decrypt(
-                &XNonce::from(sealed.nonce),
-                Payload {
-                    msg: &sealed.ciphertext,
-                    aad: purpose.as_bytes(),
-                },
-            )
+            .decrypt(&XNonce::from(sealed.nonce), Payload { msg: &sealed.ciphertext, aad: purpose.as_bytes() })
             .map(Zeroizing::new)
-            .map_err(|_| KeyError::Integrity {
-                purpose: purpose.to_owned(),
-            })
+            .map_err(|_| KeyError::Integrity { purpose: purpose.to_owned() })
     }
 }
 
@@ -144,30 +136,20 @@ pub struct KeyDir {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| KeyError::Io { path: path.to_owned(), source }
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
     }
     Ok(())
 }
@@ -175,16 +157,13 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
 impl KeyDir {
     /// The `keys/` directory below `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
-        Self {
-            dir: data_dir.join("keys"),
-        }
+        Self { dir: data_dir.join("keys") }
     }
 
     /// Creates a KEK and seals `dek` under it. Refuses to overwrite existing keys.
     pub fn create(&self, dek: &SymmetricKey) -> Result<(), KeyError> {
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&self.dir))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))?;
         let kek = SymmetricKey::generate();
         write_private(&self.dir.join("kek"), kek.0.as_ref())?;
         let sealed = kek.seal(purpose::DEK, dek.0.as_ref());
@@ -196,13 +175,11 @@ impl KeyDir {
     pub fn load_dek(&self) -> Result<SymmetricKey, KeyError> {
         let kek_path = self.dir.join("kek");
         let kek_bytes = Zeroizing::new(fs::read(&kek_path).map_err(io_err(&kek_path))?);
-        let kek =
-            SymmetricKey::from_slice(&kek_bytes).ok_or(KeyError::Malformed { path: kek_path })?;
+        let kek = SymmetricKey::from_slice(&kek_bytes).ok_or(KeyError::Malformed { path: kek_path })?;
         let dek_path = self.dir.join("dek");
         let bytes = fs::read(&dek_path).map_err(io_err(&dek_path))?;
-        let sealed: Sealed = bincode::deserialize(&bytes).map_err(|_| KeyError::Malformed {
-            path: dek_path.clone(),
-        })?;
+        let sealed: Sealed =
+            bincode::deserialize(&bytes).map_err(|_| KeyError::Malformed { path: dek_path.clone() })?;
         let raw = kek.open(purpose::DEK, &sealed)?;
         SymmetricKey::from_slice(&raw).ok_or(KeyError::Malformed { path: dek_path })
     }
@@ -231,11 +208,7 @@ mod tests {
         let dek = SymmetricKey::generate();
         kd.create(&dek).unwrap();
         for f in ["kek", "dek"] {
-            let m = fs::metadata(d.path().join("keys").join(f))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
+            let m = fs::metadata(d.path().join("keys").join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(m, 0o600, "{f}");
         }
         let back = kd.load_dek().unwrap();

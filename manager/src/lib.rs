@@ -12,6 +12,7 @@
 mod auth;
 mod ca_service;
 mod cluster;
+mod cluster_service;
 mod config;
 mod control;
 mod dispatcher;
@@ -23,24 +24,18 @@ pub mod state;
 mod store;
 
 pub use auth::{Authorizer, Caller, ConnInfo};
-pub use config::{InitOptions, ManagerConfig, CONFIG_FILE};
+pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 pub use error::ManagerError;
 pub use node::Manager;
-pub use store::{Store, StoreError};
+pub use store::{Peers, Store, StoreError};
 
 /// Reads the cluster record and the plaintext CA key of a *stopped* manager's
 /// data dir, with its own keys. For operators' recovery tools and for tests
 /// that prove the key is never on disk in the clear.
-pub fn open_ca_key_offline(
-    data_dir: &std::path::Path,
-) -> Result<zeroize::Zeroizing<String>, ManagerError> {
+pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroizing<String>, ManagerError> {
     let dek = keys::KeyDir::new(data_dir).load_dek()?;
     let storage = raft::open_storage(&data_dir.join("raft"))?;
-    let record = storage
-        .sm
-        .view()
-        .cluster()?
-        .ok_or(ManagerError::NotInitialised)?;
+    let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
     let secrets = cluster::ClusterSecrets::open(&record, &dek)?;
     Ok(secrets.ca.key_pem())
 }

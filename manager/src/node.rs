@@ -9,9 +9,7 @@ use std::time::Duration;
 use openraft::BasicNode;
 use swarmd_certs::renew::{CertIssuer, Renewer};
 use swarmd_certs::tls::{DenyList, TlsCredentials};
-use swarmd_certs::{
-    generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa,
-};
+use swarmd_certs::{generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -19,14 +17,17 @@ use tonic::transport::Server;
 use crate::auth::{tls_incoming, unix_incoming, Authorizer};
 use crate::ca_service::{now_unix, CaService};
 use crate::cluster::SecretsCache;
-use crate::config::{default_advertise, InitOptions, ManagerConfig, CONFIG_FILE};
+use crate::cluster_service::ClusterService;
+use crate::config::{default_advertise, InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
 use crate::keys::{purpose, KeyDir, SymmetricKey};
 use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
-use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView, StatusChange};
-use crate::store::Store;
+use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
+use crate::store::{Peers, Store};
 use crate::ManagerError;
+use swarmd_proto::cluster::cluster_client::ClusterClient;
+use swarmd_proto::cluster::{GetDataKeyRequest, JoinRaftRequest};
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -42,13 +43,11 @@ pub struct Manager {
     deny: DenyList,
     dek: SymmetricKey,
     listener: TcpListener,
+    applied: tokio::sync::watch::Receiver<u64>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
-    move |source| ManagerError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| ManagerError::Io { path: path.to_owned(), source }
 }
 
 /// What `init` creates in a data dir (removed again if init fails).
@@ -57,29 +56,19 @@ const CREATED: [&str; 3] = ["keys", "certs", "raft"];
 fn check_fresh(data_dir: &Path) -> Result<(), ManagerError> {
     for marker in [CONFIG_FILE, "worker.json"] {
         if data_dir.join(marker).exists() {
-            return Err(ManagerError::AlreadyInitialised {
-                path: data_dir.to_owned(),
-            });
+            return Err(ManagerError::AlreadyInitialised { path: data_dir.to_owned() });
         }
     }
     for d in CREATED {
         if data_dir.join(d).exists() {
-            return Err(ManagerError::PartialState {
-                path: data_dir.to_owned(),
-                what: format!("{d}/"),
-            });
+            return Err(ManagerError::PartialState { path: data_dir.to_owned(), what: format!("{d}/") });
         }
     }
     Ok(())
 }
 
 async fn bind(addr: &str) -> Result<TcpListener, ManagerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ManagerError::Bind {
-            addr: addr.to_owned(),
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| ManagerError::Bind { addr: addr.to_owned(), source })
 }
 
 impl Manager {
@@ -103,21 +92,13 @@ impl Manager {
     async fn init_in(opts: &InitOptions, listener: TcpListener) -> Result<Self, ManagerError> {
         let data_dir = &opts.data_dir;
         let bound = listener.local_addr().map_err(io_err(data_dir))?;
-        let advertise = opts
-            .advertise_addr
-            .clone()
-            .unwrap_or_else(|| default_advertise(bound));
+        let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
         let dek = SymmetricKey::generate();
         KeyDir::new(data_dir).create(&dek)?;
 
         let cluster_id = ClusterId::random();
         let node_id = NodeId::random();
-        let raft_id = loop {
-            let id = rand::random::<u64>();
-            if id != 0 {
-                break id;
-            }
-        };
+        let raft_id = random_raft_id();
         let ca = RootCa::generate(&cluster_id)?;
         let (key, csr) = generate_key_and_csr()?;
         let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
@@ -149,6 +130,9 @@ impl Manager {
             cert_not_after: issued.not_after,
             created_at: now_unix(),
             raft_id: Some(raft_id),
+            labels: Default::default(),
+            availability: Default::default(),
+            session_manager: None,
         };
         let cfg = ManagerConfig {
             node_id,
@@ -156,32 +140,16 @@ impl Manager {
             raft_id,
             listen_addr: bound.to_string(),
             advertise_addr: advertise.clone(),
-            control_socket: opts
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| data_dir.join("control.sock")),
+            control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
         };
         let manager = Self::start(cfg, data_dir, identity, dek, listener, &opts.raft).await?;
         let init = async {
             let members = BTreeMap::from([(raft_id, BasicNode { addr: advertise })]);
-            manager
-                .raft
-                .initialize(members)
-                .await
-                .map_err(|e| ManagerError::Raft(e.to_string()))?;
+            manager.raft.initialize(members).await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.wait_leader(Duration::from_secs(10)).await?;
-            let store = Store::new(manager.raft.clone(), manager.view.clone());
-            store
-                .propose(Command::InitCluster {
-                    cluster: Box::new(cluster),
-                    manager: me,
-                })
-                .await?;
-            manager
-                .db
-                .flush_async()
-                .await
-                .map_err(|e| ManagerError::Raft(e.to_string()))?;
+            let store = Store::new(manager.raft.clone(), manager.view.clone(), manager.applied.clone());
+            store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
+            manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };
         if let Err(e) = init.await {
@@ -198,15 +166,7 @@ impl Manager {
         let dek = KeyDir::new(data_dir).load_dek()?;
         let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
         let listener = bind(&cfg.listen_addr).await?;
-        let manager = Self::start(
-            cfg,
-            data_dir,
-            identity,
-            dek,
-            listener,
-            &RaftSettings::default(),
-        )
-        .await?;
+        let manager = Self::start(cfg, data_dir, identity, dek, listener, &RaftSettings::default()).await?;
         manager.wait_leader(Duration::from_secs(30)).await?;
         Ok(manager)
     }
@@ -224,19 +184,9 @@ impl Manager {
         let storage = raft::open_storage(&data_dir.join("raft"))?;
         let db = storage.db.clone();
         let view = storage.sm.view();
-        let raft =
-            raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
-        Ok(Self {
-            cfg,
-            data_dir: data_dir.to_owned(),
-            raft,
-            db,
-            view,
-            creds,
-            deny,
-            dek,
-            listener,
-        })
+        let applied = storage.sm.applied_watch();
+        let raft = raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
+        Ok(Self { cfg, data_dir: data_dir.to_owned(), raft, db, view, creds, deny, dek, listener, applied })
     }
 
     async fn wait_leader(&self, timeout: Duration) -> Result<(), ManagerError> {
@@ -260,36 +210,23 @@ impl Manager {
 
     /// Serves until `shutdown` is cancelled, then drains and stops raft.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ManagerError> {
-        let store = Store::new(self.raft.clone(), self.view.clone());
-        let secrets = SecretsCache::load(self.view.clone(), self.dek.clone())?;
+        let peers = Peers::new(self.creds.client());
+        let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
+        let secrets = SecretsCache::new(self.view.clone(), self.dek.clone());
         let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
         let advertise = self.cfg.advertise_addr.clone();
+        let me = self.cfg.node_id.clone();
         let tasks = shutdown.child_token();
 
-        let (dispatcher, writer) = Dispatcher::new(
-            store.clone(),
-            auth.clone(),
-            secrets.get().heartbeat,
-            advertise.clone(),
-        );
+        tokio::spawn(secrets.clone().follow(self.applied.clone(), tasks.clone()));
+        let (dispatcher, writer) = Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), me.clone());
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
-        dispatcher.report(StatusChange {
-            node: self.cfg.node_id.clone(),
-            status: NodeStatus::Ready,
-            addr: Some(advertise.clone()),
-            hostname: Some(hostname()),
-        });
-        let issuer = LocalIssuer {
-            store: store.clone(),
-            secrets: secrets.clone(),
-            node: self.cfg.node_id.clone(),
-        };
-        let renewer = Renewer::new(
-            self.creds.clone(),
-            NodeIdentity::dir(&self.data_dir),
-            issuer,
-        );
+        tokio::spawn(dispatcher.clone().run_manager_updates(self.applied.clone(), tasks.clone()));
+        tokio::spawn(dispatcher.clone().run_manager_probe(peers.clone(), tasks.clone()));
+        dispatcher.report(me.clone(), NodeStatus::Ready, Some(advertise.clone()), Some(hostname()));
+        let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: me.clone() };
+        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
         tokio::spawn(renewer.run(tasks.clone()));
 
         let sock = &self.cfg.control_socket;
@@ -297,41 +234,20 @@ impl Manager {
             std::fs::remove_file(sock).map_err(io_err(sock))?;
         }
         let unix = UnixListener::bind(sock).map_err(io_err(sock))?;
-        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err(sock))?;
+        std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(io_err(sock))?;
 
-        let server_tls = self
-            .creds
-            .server()
-            .expect("managers have server credentials");
+        let server_tls = self.creds.server().expect("managers have server credentials");
         let tcp = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(CaService::new(
-                store.clone(),
-                secrets.clone(),
-                auth.clone(),
-                advertise,
-            ))
+            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), advertise))
             .add_service(dispatcher.service())
-            .add_service(ControlService::new(
-                store.clone(),
-                secrets.clone(),
-                dispatcher.clone(),
-                auth.clone(),
-            ))
+            .add_service(ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone()))
             .add_service(RaftService::new(self.raft.clone(), auth.clone()))
-            .serve_with_incoming_shutdown(
-                tls_incoming(self.listener, server_tls),
-                shutdown.clone().cancelled_owned(),
-            );
+            .add_service(ClusterService::new(store.clone(), secrets.clone(), auth.clone(), peers))
+            .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
         let local = Server::builder()
-            .add_service(ControlService::new(
-                store.clone(),
-                secrets,
-                dispatcher.clone(),
-                auth,
-            ))
+            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth))
             .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
         tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
             control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
@@ -340,7 +256,12 @@ impl Manager {
         tokio::pin!(serving);
         let result = tokio::select! {
             r = &mut serving => r.map(|_| ()),
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN).await } => Ok(()),
+            _ = async {
+                shutdown.cancelled().await;
+                // Long-lived session streams would hold the drain open: end them.
+                dispatcher.close_all();
+                tokio::time::sleep(DRAIN).await
+            } => Ok(()),
         };
         tasks.cancel();
         let _ = self.raft.shutdown().await;
@@ -348,6 +269,91 @@ impl Manager {
         let _ = std::fs::remove_file(sock);
         tracing::info!("manager stopped");
         result.map_err(ManagerError::from)
+    }
+
+    /// Joins an existing cluster as a manager and runs until `shutdown`:
+    /// certificate with the manager token, data key over mTLS, then raft as a
+    /// learner and, once caught up, as a voter. `manager.json` is written last.
+    pub async fn join(opts: JoinOptions, shutdown: CancellationToken) -> Result<(), ManagerError> {
+        let token: JoinToken =
+            opts.token.parse().map_err(|e: swarmd_certs::TokenError| ManagerError::Invalid(e.to_string()))?;
+        check_fresh(&opts.data_dir)?;
+        let listener = bind(&opts.listen_addr).await?;
+        std::fs::create_dir_all(&opts.data_dir).map_err(io_err(&opts.data_dir))?;
+        let issued = swarmd_worker::request_certificate(&token, &opts.remotes, &hostname(), Role::Manager)
+            .await
+            .map_err(|e| ManagerError::Join(e.to_string()))?;
+        let result = Self::join_in(&opts, listener, issued, shutdown.clone()).await;
+        if let Err(e) = &result {
+            shutdown.cancel();
+            if !opts.data_dir.join(CONFIG_FILE).exists() {
+                for d in CREATED {
+                    let _ = std::fs::remove_dir_all(opts.data_dir.join(d));
+                }
+            }
+            tracing::debug!(error = %e, "manager join failed");
+        }
+        result
+    }
+
+    async fn join_in(
+        opts: &JoinOptions,
+        listener: TcpListener,
+        issued: swarmd_worker::Issued,
+        shutdown: CancellationToken,
+    ) -> Result<(), ManagerError> {
+        let data_dir = &opts.data_dir;
+        let bound = listener.local_addr().map_err(io_err(data_dir))?;
+        let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
+        let cfg = Arc::new(swarmd_certs::tls::client_config(&issued.identity)?);
+        let chan = swarmd_certs::dial::connect(&issued.addr, cfg)
+            .await
+            .map_err(|e| ManagerError::Join(format!("cannot reach {}: {e}", issued.addr)))?;
+        let mut cluster = ClusterClient::new(chan);
+        let key = cluster
+            .get_data_key(GetDataKeyRequest {})
+            .await
+            .map_err(|s| {
+                ManagerError::Join(format!("the manager at {} refused the data key: {}", issued.addr, s.message()))
+            })?
+            .into_inner()
+            .key;
+        let dek = SymmetricKey::from_slice(&key).ok_or_else(|| ManagerError::Join("malformed data key".into()))?;
+        drop(key);
+        KeyDir::new(data_dir).create(&dek)?;
+        issued.identity.save(&NodeIdentity::dir(data_dir))?;
+        let raft_id = random_raft_id();
+        let cfg = ManagerConfig {
+            node_id: issued.identity.info.node_id.clone(),
+            cluster_id: issued.identity.info.cluster_id.clone(),
+            raft_id,
+            listen_addr: bound.to_string(),
+            advertise_addr: advertise.clone(),
+            control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
+        };
+        let manager =
+            Self::start(cfg.clone(), data_dir, issued.identity, dek, listener, &RaftSettings::default()).await?;
+        let run = tokio::spawn(manager.run(shutdown.clone()));
+        let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
+        req.set_timeout(Duration::from_secs(150));
+        if let Err(s) = cluster.join_raft(req).await {
+            shutdown.cancel();
+            let _ = run.await;
+            return Err(ManagerError::Join(format!("could not join raft: {}", s.message())));
+        }
+        cfg.save(data_dir)?;
+        tracing::info!(node.id = %cfg.node_id, raft_id, "joined the cluster as a manager");
+        println!("This node joined the cluster as a manager ({}).", cfg.node_id);
+        run.await.map_err(|e| ManagerError::Join(format!("manager task failed: {e}")))?
+    }
+}
+
+fn random_raft_id() -> u64 {
+    loop {
+        let id = rand::random::<u64>();
+        if id != 0 {
+            return id;
+        }
     }
 }
 
@@ -360,10 +366,8 @@ struct LocalIssuer {
 
 impl CertIssuer for LocalIssuer {
     async fn issue(&self, csr_pem: String) -> Result<String, String> {
-        let s = self.secrets.get();
-        let issued =
-            s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity)
-                .map_err(|e| e.to_string())?;
+        let s = self.secrets.get().map_err(|e| e.to_string())?;
+        let issued = s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity).map_err(|e| e.to_string())?;
         self.store
             .propose(Command::RecordCert {
                 node: self.node.clone(),
@@ -377,8 +381,5 @@ impl CertIssuer for LocalIssuer {
 }
 
 pub(crate) fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default()
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }

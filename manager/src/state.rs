@@ -14,6 +14,7 @@
 //! raft's own bookkeeping (`meta/…`) lives in the same tree, written by the state
 //! machine in the same atomic batch as each command's effects.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -84,6 +85,42 @@ pub struct NodeRecord {
     pub created_at: i64,
     /// Its raft ID (managers only).
     pub raft_id: Option<u64>,
+    /// Operator labels (`node update --label-add`).
+    pub labels: BTreeMap<String, String>,
+    /// Whether the scheduler may place tasks on it.
+    pub availability: Availability,
+    /// The manager holding its session; only that manager may mark it down.
+    pub session_manager: Option<NodeId>,
+}
+
+/// Whether a node takes new tasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Availability {
+    /// Takes tasks.
+    #[default]
+    Active,
+    /// Takes none; its tasks move elsewhere.
+    Drain,
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Availability::Active => "active",
+            Availability::Drain => "drain",
+        })
+    }
+}
+
+impl std::str::FromStr for Availability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(Availability::Active),
+            "drain" => Ok(Availability::Drain),
+            _ => Err(format!("invalid availability {s:?}: expected active or drain")),
+        }
+    }
 }
 
 /// A liveness transition.
@@ -97,28 +134,32 @@ pub struct StatusChange {
     pub addr: Option<String>,
     /// Its hostname, if reported.
     pub hostname: Option<String>,
+    /// The manager reporting the change.
+    pub reporter: NodeId,
 }
 
 /// A change to the replicated state: one raft log entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
     /// Creates the cluster and its first manager. Only valid on an empty store.
-    InitCluster {
-        cluster: Box<ClusterRecord>,
-        manager: NodeRecord,
-    },
+    InitCluster { cluster: Box<ClusterRecord>, manager: NodeRecord },
     /// Adds a node that has just been issued its first certificate.
     AddNode(NodeRecord),
     /// Records a renewed certificate.
-    RecordCert {
-        node: NodeId,
-        serial: String,
-        not_after: i64,
-    },
+    RecordCert { node: NodeId, serial: String, not_after: i64 },
     /// Liveness transitions, batched.
     SetStatus(Vec<StatusChange>),
     /// Replaces a join token.
     RotateJoinToken { role: Role, token: Sealed },
+    /// Records a manager's raft ID and address as it joins raft.
+    SetRaftMember { node: NodeId, raft_id: u64, addr: String },
+    /// Operator changes to a node.
+    UpdateNode {
+        node: NodeId,
+        availability: Option<Availability>,
+        labels_add: Vec<(String, String)>,
+        labels_rm: Vec<String>,
+    },
 }
 
 /// The outcome of applying one command.
@@ -167,13 +208,16 @@ impl StateView {
     fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(v) => bincode::deserialize(&v)
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    key: String::from_utf8_lossy(key).into_owned(),
-                    reason: e.to_string(),
-                }),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+                reason: e.to_string(),
+            }),
         }
+    }
+
+    /// The encoded cluster record (to notice changes cheaply).
+    pub fn cluster_raw(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.tree.get(CLUSTER_KEY)?.map(|v| v.to_vec()))
     }
 
     /// The cluster record, once the cluster is initialised.
@@ -201,10 +245,7 @@ impl StateView {
 }
 
 /// Validates `cmd` against `view` and returns the writes it makes, or why it is refused.
-pub(crate) fn plan(
-    view: &StateView,
-    cmd: &Command,
-) -> Result<Result<sled::Batch, String>, StateError> {
+pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
     let mut batch = sled::Batch::default();
     match cmd {
         Command::InitCluster { cluster, manager } => {
@@ -223,11 +264,7 @@ pub(crate) fn plan(
             }
             batch.insert(node_key(&node.id), encode(node));
         }
-        Command::RecordCert {
-            node,
-            serial,
-            not_after,
-        } => {
+        Command::RecordCert { node, serial, not_after } => {
             let Some(mut rec) = view.node(node)? else {
                 return Ok(Err(format!("node {node} does not exist")));
             };
@@ -239,6 +276,14 @@ pub(crate) fn plan(
             for c in changes {
                 // A node removed meanwhile is skipped, not an error: liveness is advisory.
                 if let Some(mut rec) = view.node(&c.node)? {
+                    // A node that moved its session to another manager is not marked
+                    // down by the manager it left.
+                    if c.status != NodeStatus::Ready && rec.session_manager.as_ref().is_some_and(|m| *m != c.reporter) {
+                        continue;
+                    }
+                    if c.status == NodeStatus::Ready {
+                        rec.session_manager = Some(c.reporter.clone());
+                    }
                     rec.status = c.status;
                     if let Some(a) = &c.addr {
                         rec.addr = a.clone();
@@ -260,8 +305,61 @@ pub(crate) fn plan(
             }
             batch.insert(CLUSTER_KEY, encode(&cluster));
         }
+        Command::SetRaftMember { node, raft_id, addr } => {
+            let Some(mut rec) = view.node(node)? else {
+                return Ok(Err(format!("node {node} does not exist")));
+            };
+            if rec.role != Role::Manager {
+                return Ok(Err(format!("node {node} is not a manager")));
+            }
+            if let Some(other) = view.nodes()?.into_iter().find(|n| n.raft_id == Some(*raft_id) && n.id != *node) {
+                return Ok(Err(format!("raft ID {raft_id} is already used by {}", other.id)));
+            }
+            rec.raft_id = Some(*raft_id);
+            rec.addr = addr.clone();
+            batch.insert(node_key(node), encode(&rec));
+        }
+        Command::UpdateNode { node, availability, labels_add, labels_rm } => {
+            let Some(mut rec) = view.node(node)? else {
+                return Ok(Err(format!("node {node} does not exist")));
+            };
+            for (k, _) in labels_add {
+                if let Err(why) = check_label_key(k) {
+                    return Ok(Err(why));
+                }
+            }
+            if let Some(a) = availability {
+                rec.availability = *a;
+            }
+            for k in labels_rm {
+                rec.labels.remove(k);
+            }
+            for (k, v) in labels_add {
+                rec.labels.insert(k.clone(), v.clone());
+            }
+            if rec.labels.len() > 256 {
+                return Ok(Err("a node may carry at most 256 labels".into()));
+            }
+            batch.insert(node_key(node), encode(&rec));
+        }
     }
     Ok(Ok(batch))
+}
+
+/// Label keys: 1–128 characters of `[A-Za-z0-9._/-]`, starting with a letter or digit.
+pub fn check_label_key(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= 128
+        && k.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label key {:?}: use 1-128 characters of [A-Za-z0-9._/-], starting with a letter or digit",
+            k.chars().take(140).collect::<String>()
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -294,6 +392,9 @@ mod tests {
             cert_not_after: 0,
             created_at: 0,
             raft_id: None,
+            labels: BTreeMap::new(),
+            availability: Availability::Active,
+            session_manager: None,
         }
     }
 
@@ -308,33 +409,13 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let view = StateView::new(db.open_tree("sm").unwrap());
         let w = node(Role::Worker);
-        assert!(
-            apply(&view, &Command::AddNode(w.clone())).is_err(),
-            "add before init"
-        );
+        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "add before init");
         let m = node(Role::Manager);
-        apply(
-            &view,
-            &Command::InitCluster {
-                cluster: Box::new(sample_cluster()),
-                manager: m.clone(),
-            },
-        )
-        .unwrap();
-        assert!(apply(
-            &view,
-            &Command::InitCluster {
-                cluster: Box::new(sample_cluster()),
-                manager: m
-            }
-        )
-        .is_err());
+        apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m.clone() }).unwrap();
+        assert!(apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m }).is_err());
         apply(&view, &Command::AddNode(w.clone())).unwrap();
         let before = view.nodes().unwrap();
-        assert!(
-            apply(&view, &Command::AddNode(w.clone())).is_err(),
-            "duplicate"
-        );
+        assert!(apply(&view, &Command::AddNode(w.clone())).is_err(), "duplicate");
         assert_eq!(view.nodes().unwrap(), before);
         apply(
             &view,
@@ -343,30 +424,17 @@ mod tests {
                 status: NodeStatus::Ready,
                 addr: Some("10.0.0.1:5".into()),
                 hostname: None,
+                reporter: NodeId::random(),
             }]),
         )
         .unwrap();
         let got = view.node(&w.id).unwrap().unwrap();
         assert_eq!(got.status, NodeStatus::Ready);
         assert_eq!(got.addr, "10.0.0.1:5");
-        apply(
-            &view,
-            &Command::RecordCert {
-                node: w.id.clone(),
-                serial: "ff".into(),
-                not_after: 9,
-            },
-        )
-        .unwrap();
+        apply(&view, &Command::RecordCert { node: w.id.clone(), serial: "ff".into(), not_after: 9 }).unwrap();
         assert_eq!(view.node(&w.id).unwrap().unwrap().cert_serial, "ff");
-        assert!(apply(
-            &view,
-            &Command::RecordCert {
-                node: NodeId::random(),
-                serial: "1".into(),
-                not_after: 1
-            }
-        )
-        .is_err());
+        assert!(
+            apply(&view, &Command::RecordCert { node: NodeId::random(), serial: "1".into(), not_after: 1 }).is_err()
+        );
     }
 }

@@ -1,26 +1,45 @@
-//! The replicated store as services use it: writes go through raft, reads come
-//! from this manager's applied state.
+//! The replicated store as services use it: writes go through raft (forwarded
+//! to the leader by followers), reads come from this manager's applied state.
 //!
 //! Reads are local: on the leader they reflect every acknowledged write; on a
-//! follower they may lag by the replication delay. (Issue 3 adds read-index reads
-//! for the control API.) gRPC status mapping for store errors lives here, once.
+//! follower they lag by the replication delay (usually one heartbeat, 100 ms).
+//! Writes fail fast when this side of the cluster has no quorum, instead of
+//! waiting. gRPC status mapping for store errors lives here, once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use tonic::Status;
+use rustls::ClientConfig;
+use swarmd_certs::dial::{lazy_channel, Remotes};
+use swarmd_proto::cluster::cluster_client::ClusterClient;
+use swarmd_proto::cluster::ProposeRequest;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 
 use crate::raft::Raft;
 use crate::state::{Command, CommandResult, StateError, StateView};
+
+/// How long a write may take before it is reported as not committed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A leader that has not heard from a quorum for this long refuses writes.
+const QUORUM_STALE: Duration = Duration::from_millis(1500);
 
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// This manager is not the raft leader.
-    #[error("this manager is not the raft leader (leader: {leader})")]
-    NotLeader { leader: String },
+    /// No leader can be reached or the leader has lost its quorum.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
     /// The command was valid raft-wise but refused by the state machine.
     #[error("{0}")]
     Rejected(String),
+    /// The write was not confirmed in time; it may or may not be applied.
+    #[error("the write was not confirmed within {0:?} (it may still be applied); check the cluster's managers")]
+    Timeout(Duration),
     /// raft itself failed (shutting down, storage error).
     #[error("raft: {0}")]
     Raft(String),
@@ -32,11 +51,33 @@ pub enum StoreError {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
-            StoreError::NotLeader { .. } => Status::unavailable(e.to_string()),
+            StoreError::NoQuorum(_) | StoreError::Raft(_) => Status::unavailable(e.to_string()),
             StoreError::Rejected(why) => Status::failed_precondition(why),
-            StoreError::Raft(_) => Status::unavailable(e.to_string()),
+            StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             StoreError::State(_) => Status::internal(e.to_string()),
         }
+    }
+}
+
+/// Dials other managers (the leader, for forwarded writes).
+#[derive(Clone)]
+pub struct Peers {
+    tls: watch::Receiver<Arc<ClientConfig>>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// Dials with the configurations published on `tls` (this manager's certificate).
+    pub fn new(tls: watch::Receiver<Arc<ClientConfig>>) -> Self {
+        Self { tls, channels: Arc::default() }
+    }
+
+    /// A (cached, lazily connected) channel to the manager at `addr`.
+    pub fn channel(&self, addr: &str) -> Channel {
+        let mut map = self.channels.lock().expect("peers lock");
+        map.entry(addr.to_owned())
+            .or_insert_with(|| lazy_channel(Remotes::new(vec![addr.to_owned()]), self.tls.clone()))
+            .clone()
     }
 }
 
@@ -45,12 +86,21 @@ impl From<StoreError> for Status {
 pub struct Store {
     raft: Raft,
     view: StateView,
+    applied: watch::Receiver<u64>,
+    peers: Option<Peers>,
 }
 
 impl Store {
-    /// A store over a running raft node and its state machine's view.
-    pub fn new(raft: Raft, view: StateView) -> Self {
-        Self { raft, view }
+    /// A store over a running raft node and its state machine's view; without
+    /// `peers`, writes on a follower fail instead of being forwarded.
+    pub fn new(raft: Raft, view: StateView, applied: watch::Receiver<u64>) -> Self {
+        Self { raft, view, applied, peers: None }
+    }
+
+    /// Forwards writes to the leader through `peers`.
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// The local applied state.
@@ -63,22 +113,91 @@ impl Store {
         &self.raft
     }
 
-    /// Commits `cmd` through raft and returns once it is applied here.
+    /// The address of the current leader, if one is known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// Commits `cmd` through raft (forwarding to the leader if needed) and
+    /// returns once it is applied here too (read-your-writes on this manager).
     pub async fn propose(&self, cmd: Command) -> Result<(), StoreError> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                CommandResult::Ok => Ok(()),
+        match self.propose_local(cmd.clone()).await {
+            Err(StoreError::NoQuorum(why)) if why.contains(NOT_LEADER) => match (&self.peers, self.leader_addr()) {
+                (Some(peers), Some(addr)) => {
+                    let index = forward(peers, &addr, &cmd).await?;
+                    self.wait_applied(index).await
+                }
+                _ => Err(StoreError::NoQuorum("no raft leader is known to this manager".into())),
+            },
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64) -> Result<(), StoreError> {
+        let mut rx = self.applied.clone();
+        let reached = tokio::time::timeout(WRITE_TIMEOUT, rx.wait_for(|a| *a >= index)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::Timeout(WRITE_TIMEOUT)),
+        }
+    }
+
+    /// Commits `cmd` through the local raft node, which must be the leader;
+    /// returns the log index it was committed at.
+    pub async fn propose_local(&self, cmd: Command) -> Result<u64, StoreError> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters = m.membership_config.membership().voter_ids().count();
+        match m.current_leader {
+            None => {
+                return Err(StoreError::NoQuorum(format!(
+                    "no raft leader among the {voters} managers reachable from here"
+                )))
+            }
+            Some(l) if l != m.id => return Err(StoreError::NoQuorum(format!("{NOT_LEADER} {l}"))),
+            Some(_) => {}
+        }
+        if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
+            return Err(StoreError::NoQuorum(format!(
+                "this leader has not reached a majority of the {voters} managers for {} ms",
+                m.millis_since_quorum_ack.unwrap_or(0)
+            )));
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(cmd)).await {
+            Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT)),
+            Ok(Ok(resp)) => match resp.data {
+                CommandResult::Ok => Ok(resp.log_id.index),
                 CommandResult::Rejected(why) => Err(StoreError::Rejected(why)),
             },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(StoreError::NotLeader {
-                    leader: f
-                        .leader_node
-                        .map(|n| n.addr)
-                        .unwrap_or_else(|| "unknown".into()),
-                })
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(StoreError::NoQuorum(format!("{NOT_LEADER} {:?}", f.leader_id)))
             }
-            Err(e) => Err(StoreError::Raft(e.to_string())),
+            Ok(Err(e)) => Err(StoreError::Raft(e.to_string())),
         }
+    }
+}
+
+const NOT_LEADER: &str = "not the leader; leader is";
+
+async fn forward(peers: &Peers, addr: &str, cmd: &Command) -> Result<u64, StoreError> {
+    let mut client = ClusterClient::new(peers.channel(addr));
+    let req = ProposeRequest { command: crate::state::encode(cmd) };
+    let call = tokio::time::timeout(WRITE_TIMEOUT, client.propose(req));
+    match call.await {
+        Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT)),
+        Ok(Ok(resp)) => {
+            let r = resp.into_inner();
+            match bincode::deserialize::<CommandResult>(&r.result) {
+                Ok(CommandResult::Ok) => Ok(r.log_index),
+                Ok(CommandResult::Rejected(why)) => Err(StoreError::Rejected(why)),
+                Err(e) => Err(StoreError::Raft(format!("leader sent an undecodable result: {e}"))),
+            }
+        }
+        Ok(Err(s)) => Err(match s.code() {
+            Code::FailedPrecondition => StoreError::Rejected(s.message().to_owned()),
+            Code::DeadlineExceeded => StoreError::Timeout(WRITE_TIMEOUT),
+            _ => StoreError::NoQuorum(format!("leader at {addr}: {}", s.message())),
+        }),
     }
 }

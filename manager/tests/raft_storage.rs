@@ -17,9 +17,7 @@ use tokio::sync::watch;
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().unwrap();
         let s = raft::open_storage(dir.path()).unwrap();
         Ok((dir, s.log, s.sm))
@@ -50,17 +48,16 @@ fn node(id: &NodeId) -> NodeRecord {
         cert_not_after: 0,
         created_at: 0,
         raft_id: None,
+        labels: Default::default(),
+        availability: Default::default(),
+        session_manager: None,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_compact_the_log_and_state_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = RaftSettings {
-        snapshot_every: 200,
-        keep_behind_snapshot: 50,
-        ..RaftSettings::default()
-    };
+    let settings = RaftSettings { snapshot_every: 200, keep_behind_snapshot: 50, ..RaftSettings::default() };
     let k = SymmetricKey::generate();
     let cluster = ClusterRecord {
         id: ClusterId::random(),
@@ -77,63 +74,35 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
     {
         let storage = raft::open_storage(dir.path()).unwrap();
         let view = storage.sm.view();
+        let applied = storage.sm.applied_watch();
         let r = raft::start(1, &settings, storage, network()).await.unwrap();
-        r.initialize(BTreeMap::from([(
-            1,
-            BasicNode {
-                addr: "127.0.0.1:1".into(),
-            },
-        )]))
-        .await
-        .unwrap();
-        r.wait(Some(Duration::from_secs(10)))
-            .metrics(|m| m.current_leader == Some(1), "leader")
-            .await
-            .unwrap();
-        let store = Store::new(r.clone(), view.clone());
+        r.initialize(BTreeMap::from([(1, BasicNode { addr: "127.0.0.1:1".into() })])).await.unwrap();
+        r.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader").await.unwrap();
+        let store = Store::new(r.clone(), view.clone(), applied.clone());
         let mut m = node(&mgr);
         m.role = Role::Manager;
-        store
-            .propose(Command::InitCluster {
-                cluster: Box::new(cluster),
-                manager: m,
-            })
-            .await
-            .unwrap();
+        store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: m }).await.unwrap();
         for w in &workers {
             store.propose(Command::AddNode(node(w))).await.unwrap();
         }
         for i in 0..600u32 {
             let w = &workers[(i as usize) % workers.len()];
             store
-                .propose(Command::RecordCert {
-                    node: w.clone(),
-                    serial: format!("{i:x}"),
-                    not_after: i as i64,
-                })
+                .propose(Command::RecordCert { node: w.clone(), serial: format!("{i:x}"), not_after: i as i64 })
                 .await
                 .unwrap();
         }
         // A refused command changes nothing and is reported.
-        let dup = store
-            .propose(Command::AddNode(node(&workers[0])))
-            .await
-            .unwrap_err();
+        let dup = store.propose(Command::AddNode(node(&workers[0]))).await.unwrap_err();
         assert!(dup.to_string().contains("already exists"), "{dup}");
 
         let m = r
             .wait(Some(Duration::from_secs(20)))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= 400) && m.purged.is_some(),
-                "snapshot and purge",
-            )
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= 400) && m.purged.is_some(), "snapshot and purge")
             .await
             .unwrap();
         let purged = m.purged.unwrap().index;
-        assert!(
-            purged + 50 >= m.snapshot.unwrap().index,
-            "log not compacted: purged {purged}"
-        );
+        assert!(purged + 50 >= m.snapshot.unwrap().index, "log not compacted: purged {purged}");
         r.shutdown().await.unwrap();
     }
     // Restart from disk: same state, raft comes back as leader and takes writes.
@@ -151,19 +120,14 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         }
     };
     let view = storage.sm.view();
+    let applied = storage.sm.applied_watch();
     let r = raft::start(1, &settings, storage, network()).await.unwrap();
-    r.wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.current_leader == Some(1), "leader again")
-        .await
-        .unwrap();
+    r.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader again").await.unwrap();
     assert_eq!(view.nodes().unwrap().len(), 11);
     let last = view.node(&workers[599 % 10]).unwrap().unwrap();
     assert_eq!(last.cert_serial, format!("{:x}", 599));
-    let store = Store::new(r.clone(), view.clone());
-    store
-        .propose(Command::AddNode(node(&NodeId::random())))
-        .await
-        .unwrap();
+    let store = Store::new(r.clone(), view.clone(), applied.clone());
+    store.propose(Command::AddNode(node(&NodeId::random()))).await.unwrap();
     assert_eq!(view.nodes().unwrap().len(), 12);
     r.shutdown().await.unwrap();
 }

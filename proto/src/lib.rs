@@ -24,3 +24,8 @@ pub mod control {
 pub mod raft {
     tonic::include_proto!("swarmd.raft");
 }
+
+/// Manager-to-manager RPCs: data key hand-off, raft membership, forwarded writes.
+pub mod cluster {
+    tonic::include_proto!("swarmd.cluster");
+}

@@ -34,6 +34,28 @@ enum Command {
 enum ManagerCmd {
     /// Create a new cluster with this node as its manager, then run it.
     Init(InitArgs),
+    /// Join a cluster as an additional manager with the manager token, then run.
+    Join(ManagerJoinArgs),
+}
+
+#[derive(Args, Debug)]
+struct ManagerJoinArgs {
+    /// The manager join token (SWDTKN-1-…), from `secretctl join-token manager`.
+    token: String,
+    /// Existing manager address(es), HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    remote: Vec<String>,
+    #[command(flatten)]
+    dir: DataDir,
+    /// Address to listen on for nodes and peers (port 0: pick a free port, kept across restarts).
+    #[arg(long, default_value = "0.0.0.0:4242")]
+    listen_addr: String,
+    /// Address other nodes dial [default: the listen address, or this host's address]
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Control socket path [default: <data-dir>/control.sock]
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,9 +135,7 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// Runs `swarmd` with parsed arguments.
@@ -129,25 +149,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.cert_expiry = a.cert_expiry;
             opts.heartbeat = a.heartbeat;
             let manager = Manager::init(opts).await?;
-            println!(
-                "Swarm initialized: current node ({}) is now a manager.",
-                manager.config().node_id
-            );
+            println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
             manager.run(shutdown_on_signal()).await?;
         }
-        Command::Worker(WorkerCmd::Join(a)) => {
-            let opts = JoinOptions {
+        Command::Manager(ManagerCmd::Join(a)) => {
+            let opts = swarmd_manager::JoinOptions {
                 token: a.token,
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
-                hostname: hostname(),
+                listen_addr: a.listen_addr,
+                advertise_addr: a.advertise_addr,
+                control_socket: a.control_socket,
             };
+            Manager::join(opts, shutdown_on_signal()).await?;
+        }
+        Command::Worker(WorkerCmd::Join(a)) => {
+            let opts =
+                JoinOptions { token: a.token, remotes: a.remote, data_dir: a.dir.data_dir, hostname: hostname() };
             let worker = Worker::join(opts).await?;
-            println!(
-                "This node joined the cluster as a worker ({}).",
-                worker.node_id()
-            );
+            println!("This node joined the cluster as a worker ({}).", worker.node_id());
             worker.run(shutdown_on_signal()).await?;
         }
         Command::Run(a) => run_existing(&a.dir.data_dir).await?,
@@ -157,9 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
-        let m = Manager::open(data_dir)
-            .await
-            .context("cannot start the manager")?;
+        let m = Manager::open(data_dir).await.context("cannot start the manager")?;
         m.run(shutdown_on_signal()).await?;
     } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
         Worker::open(data_dir)?.run(shutdown_on_signal()).await?;

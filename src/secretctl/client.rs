@@ -15,20 +15,12 @@ pub enum Host {
     /// The manager's local socket.
     Unix(PathBuf),
     /// A manager's mTLS port, with an administrator certificate.
-    Tcp {
-        addr: String,
-        identity: Box<NodeIdentity>,
-    },
+    Tcp { addr: String, identity: Box<NodeIdentity> },
 }
 
 impl Host {
     /// Parses `--host` and the TLS options.
-    pub fn parse(
-        host: &str,
-        cert: Option<PathBuf>,
-        key: Option<PathBuf>,
-        ca: Option<PathBuf>,
-    ) -> anyhow::Result<Self> {
+    pub fn parse(host: &str, cert: Option<PathBuf>, key: Option<PathBuf>, ca: Option<PathBuf>) -> anyhow::Result<Self> {
         if let Some(path) = host.strip_prefix("unix://") {
             return Ok(Host::Unix(PathBuf::from(path)));
         }
@@ -36,19 +28,10 @@ impl Host {
             let (Some(cert), Some(key), Some(ca)) = (cert, key, ca) else {
                 bail!("--host tcp://… needs --tls-cert, --tls-key and --tls-ca");
             };
-            let read = |p: &PathBuf| {
-                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            let identity = NodeIdentity::new(
-                read(&ca)?,
-                read(&cert)?,
-                zeroize::Zeroizing::new(read(&key)?),
-            )
-            .context("unusable TLS client certificate")?;
-            return Ok(Host::Tcp {
-                addr: addr.to_owned(),
-                identity: Box::new(identity),
-            });
+            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+            let identity = NodeIdentity::new(read(&ca)?, read(&cert)?, zeroize::Zeroizing::new(read(&key)?))
+                .context("unusable TLS client certificate")?;
+            return Ok(Host::Tcp { addr: addr.to_owned(), identity: Box::new(identity) });
         }
         bail!("invalid --host {host:?}: use unix:///PATH or tcp://HOST:PORT")
     }
@@ -87,10 +70,7 @@ pub fn explain(s: tonic::Status) -> anyhow::Error {
     use tonic::Code::*;
     match s.code() {
         PermissionDenied | Unauthenticated => anyhow!("access denied: {}", s.message()),
-        Unavailable
-            if s.message().contains("CertificateRequired")
-                || s.message().contains("certificate") =>
-        {
+        Unavailable if s.message().contains("CertificateRequired") || s.message().contains("certificate") => {
             anyhow!("the manager refused our TLS certificate: {}", s.message())
         }
         _ => anyhow!("{}", s.message()),

@@ -23,10 +23,7 @@ pub(super) struct JoinTokenArgs {
 pub(super) async fn run(channel: Channel, a: JoinTokenArgs) -> anyhow::Result<()> {
     let mut client = ControlClient::new(channel);
     let token = client
-        .get_join_token(GetJoinTokenRequest {
-            role: a.role.clone(),
-            rotate: a.rotate,
-        })
+        .get_join_token(GetJoinTokenRequest { role: a.role.clone(), rotate: a.rotate })
         .await
         .map_err(explain)?
         .into_inner()
@@ -37,7 +34,10 @@ pub(super) async fn run(channel: Channel, a: JoinTokenArgs) -> anyhow::Result<()
         if a.rotate {
             println!("Successfully rotated {} join token.\n", a.role);
         }
-        println!("To add a {} to this cluster, run on it:\n\n    swarmd {} join {token} --remote <this manager's address>\n", a.role, a.role);
+        println!(
+            "To add a {} to this cluster, run on it:\n\n    swarmd {} join {token} --remote <this manager's address>\n",
+            a.role, a.role
+        );
     }
     Ok(())
 }

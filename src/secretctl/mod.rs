@@ -14,12 +14,7 @@ pub use client::{connect, Host};
 #[command(name = "secretctl", version, about)]
 pub struct Cli {
     /// Control API: unix:///PATH or tcp://HOST:PORT (with --tls-cert/--tls-key/--tls-ca).
-    #[arg(
-        long,
-        global = true,
-        env = "SWARMD_HOST",
-        default_value = "unix:///var/lib/swarmd/control.sock"
-    )]
+    #[arg(long, global = true, env = "SWARMD_HOST", default_value = "unix:///var/lib/swarmd/control.sock")]
     host: String,
     /// Client certificate for tcp:// hosts (PEM).
     #[arg(long, global = true)]

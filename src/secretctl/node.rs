@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde::Serialize;
 use swarmd_proto::control::control_client::ControlClient;
-use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node};
+use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node, UpdateNodeRequest};
 use tonic::transport::Channel;
 
 use super::client::explain;
@@ -20,6 +20,26 @@ pub(super) enum NodeCmd {
     },
     /// Show one node (ID, unique ID prefix or hostname).
     Inspect { node: String },
+    /// Change a node's availability or labels.
+    Update {
+        node: String,
+        /// active or drain.
+        #[arg(long, value_parser = ["active", "drain"])]
+        availability: Option<String>,
+        /// Add or replace a label, K=V (repeatable).
+        #[arg(long = "label-add", value_parser = parse_label)]
+        label_add: Vec<(String, String)>,
+        /// Remove a label by key (repeatable).
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("invalid label {s:?}: expected KEY=VALUE")),
+    }
 }
 
 /// A node as secretctl prints it.
@@ -34,6 +54,11 @@ struct NodeView {
     cert_expiry: String,
     cert_not_after: i64,
     created_at: String,
+    availability: String,
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft_id: Option<String>,
+    leader: bool,
     session: Option<SessionView>,
 }
 
@@ -61,6 +86,10 @@ impl From<Node> for NodeView {
             addr: n.addr,
             cert_serial: n.cert_serial,
             cert_not_after: n.cert_not_after,
+            availability: n.availability,
+            labels: n.labels.into_iter().collect(),
+            raft_id: (n.raft_id != 0).then(|| format!("{:016x}", n.raft_id)),
+            leader: n.leader,
             session,
         }
     }
@@ -87,36 +116,24 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
                 let rows: Vec<Vec<String>> = nodes
                     .iter()
                     .map(|n| {
+                        let role = if n.leader { format!("{} (leader)", n.role) } else { n.role.clone() };
                         vec![
                             n.id.clone(),
                             n.hostname.clone(),
-                            n.role.clone(),
+                            role,
                             n.status.clone(),
+                            n.availability.clone(),
                             n.addr.clone(),
                             n.cert_expiry.clone(),
                         ]
                     })
                     .collect();
-                table(
-                    &[
-                        "ID",
-                        "HOSTNAME",
-                        "ROLE",
-                        "STATUS",
-                        "ADDRESS",
-                        "CERT EXPIRES",
-                    ],
-                    &rows,
-                );
+                table(&["ID", "HOSTNAME", "ROLE", "STATUS", "AVAILABILITY", "ADDRESS", "CERT EXPIRES"], &rows);
             }
         }
         NodeCmd::Inspect { node } => {
-            let n: NodeView = client
-                .get_node(GetNodeRequest { id_or_prefix: node })
-                .await
-                .map_err(explain)?
-                .into_inner()
-                .into();
+            let n: NodeView =
+                client.get_node(GetNodeRequest { id_or_prefix: node }).await.map_err(explain)?.into_inner().into();
             if format == Format::Json {
                 json(&n)?;
             } else {
@@ -130,18 +147,26 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
                     vec!["Certificate serial".into(), n.cert_serial.clone()],
                     vec!["Certificate expires".into(), n.cert_expiry.clone()],
                     vec!["Joined".into(), n.created_at.clone()],
+                    vec!["Availability".into(), n.availability.clone()],
                     vec![
-                        "Session".into(),
-                        s.map(|s| s.id.clone()).unwrap_or_else(|| "-".into()),
+                        "Labels".into(),
+                        n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
                     ],
-                    vec![
-                        "Last heartbeat".into(),
-                        s.map(|s| s.last_heartbeat.clone())
-                            .unwrap_or_else(|| "-".into()),
-                    ],
+                    vec!["Session".into(), s.map(|s| s.id.clone()).unwrap_or_else(|| "-".into())],
+                    vec!["Last heartbeat".into(), s.map(|s| s.last_heartbeat.clone()).unwrap_or_else(|| "-".into())],
                 ];
                 table(&["FIELD", "VALUE"], &rows);
             }
+        }
+        NodeCmd::Update { node, availability, label_add, label_rm } => {
+            let req = UpdateNodeRequest {
+                id_or_prefix: node,
+                availability: availability.unwrap_or_default(),
+                labels_add: label_add.into_iter().collect(),
+                labels_rm: label_rm,
+            };
+            let n = client.update_node(req).await.map_err(explain)?.into_inner();
+            println!("{}", n.id);
         }
     }
     Ok(())

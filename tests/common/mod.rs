@@ -28,11 +28,7 @@ pub fn secretctl_bin() -> &'static str {
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, panicking after `deadline`.
@@ -69,13 +65,8 @@ impl Proc {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status();
-        wait_for(&format!("{} to exit", self.name), DEADLINE, || {
-            self.child.try_wait().unwrap()
-        })
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        wait_for(&format!("{} to exit", self.name), DEADLINE, || self.child.try_wait().unwrap())
     }
 
     pub fn log_text(&self) -> String {
@@ -124,11 +115,7 @@ impl Default for Env {
 
 impl Env {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            procs: Vec::new(),
-            counter: 0,
-        }
+        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0 }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -148,47 +135,25 @@ impl Env {
             .stderr(out)
             .spawn()
             .unwrap();
-        self.procs.push(Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        });
+        self.procs.push(Proc { name: name.to_owned(), child, log });
         self.procs.len() - 1
     }
 
     /// Runs `swarmd ARGS` to completion.
     pub fn swarmd(&self, args: &[&str]) -> Output {
-        Command::new(swarmd_bin())
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        Command::new(swarmd_bin()).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap()
     }
 
     /// Starts a manager in `<name>/` and waits until its control API answers.
     pub fn start_manager(&mut self, name: &str, extra: &[&str]) -> Manager {
         let data = self.path(name);
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut args = vec![
-            "manager",
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen-addr",
-            &addr,
-        ];
+        let mut args = vec!["manager", "init", "--data-dir", data.to_str().unwrap(), "--listen-addr", &addr];
         args.extend_from_slice(extra);
         let idx = self.spawn(name, &args);
-        let m = Manager {
-            name: name.to_owned(),
-            data,
-            addr,
-            proc_idx: idx,
-        };
+        let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
         wait_for(&format!("{name} to serve"), DEADLINE, || {
-            m.try_ctl(&["node", "ls", "-q"])
-                .filter(|o| o.status.success())
+            m.try_ctl(&["node", "ls", "-q"]).filter(|o| o.status.success())
         });
         m
     }
@@ -201,23 +166,9 @@ impl Env {
     /// Starts `swarmd worker join` in `<name>/`.
     pub fn join_worker(&mut self, name: &str, token: &str, remote: &str) -> Worker {
         let data = self.path(name);
-        let idx = self.spawn(
-            name,
-            &[
-                "worker",
-                "join",
-                token,
-                "--remote",
-                remote,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-        );
-        Worker {
-            name: name.to_owned(),
-            data,
-            proc_idx: idx,
-        }
+        let idx =
+            self.spawn(name, &["worker", "join", token, "--remote", remote, "--data-dir", data.to_str().unwrap()]);
+        Worker { name: name.to_owned(), data, proc_idx: idx }
     }
 
     pub fn proc(&mut self, idx: usize) -> &mut Proc {
@@ -240,9 +191,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn node_id(&self) -> String {
-        let v: Value =
-            serde_json::from_str(&fs::read_to_string(self.data.join("worker.json")).unwrap())
-                .unwrap();
+        let v: Value = serde_json::from_str(&fs::read_to_string(self.data.join("worker.json")).unwrap()).unwrap();
         v["node_id"].as_str().unwrap().to_owned()
     }
 }
@@ -270,11 +219,7 @@ impl Manager {
     /// Runs secretctl and requires success; returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "secretctl {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "secretctl {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     }
 
@@ -326,18 +271,11 @@ pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     assert!(needle.len() >= 8, "needle too short to be meaningful");
     files_below(dir)
         .into_iter()
-        .filter(|p| {
-            fs::read(p)
-                .map(|b| b.windows(needle.len()).any(|w| w == needle))
-                .unwrap_or(false)
-        })
+        .filter(|p| fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
         .collect()
 }
 
 /// Whether a path is absent or an empty directory.
 pub fn is_absent_or_empty(p: &Path) -> bool {
-    !p.exists()
-        || fs::read_dir(p)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(false)
+    !p.exists() || fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(false)
 }

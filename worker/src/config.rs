@@ -27,15 +27,12 @@ impl WorkerConfig {
         let p = data_dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                WorkerError::NotAWorker {
-                    path: data_dir.to_owned(),
-                }
+                WorkerError::NotAWorker { path: data_dir.to_owned() }
             } else {
                 WorkerError::Config(format!("{}: {e}", p.display()))
             }
         })?;
-        serde_json::from_str(&text)
-            .map_err(|e| WorkerError::Config(format!("{}: {e}", p.display())))
+        serde_json::from_str(&text).map_err(|e| WorkerError::Config(format!("{}: {e}", p.display())))
     }
 
     /// Writes `worker.json` atomically.

@@ -60,10 +60,7 @@ pub enum JoinError {
     BadCertificate(String),
     /// Local I/O.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
@@ -73,22 +70,15 @@ fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
         | Code::Unauthenticated
         | Code::Unimplemented
         | Code::FailedPrecondition
-        | Code::NotFound => JoinError::Refused {
-            addr: addr.to_owned(),
-            reason: s.message().to_owned(),
-        },
-        _ => JoinError::Unreachable {
-            detail: format!("{addr}: {}", s.message()),
-        },
+        | Code::NotFound => JoinError::Refused { addr: addr.to_owned(), reason: s.message().to_owned() },
+        _ => JoinError::Unreachable { detail: format!("{addr}: {}", s.message()) },
     }
 }
 
 fn check_fresh(data_dir: &Path) -> Result<(), JoinError> {
     for marker in [CONFIG_FILE, "manager.json", "certs"] {
         if data_dir.join(marker).exists() {
-            return Err(JoinError::AlreadyInitialised {
-                path: data_dir.to_owned(),
-            });
+            return Err(JoinError::AlreadyInitialised { path: data_dir.to_owned() });
         }
     }
     Ok(())
@@ -101,30 +91,49 @@ pub(crate) async fn join(opts: &JoinOptions) -> Result<(WorkerConfig, NodeIdenti
     }
     check_fresh(&opts.data_dir)?;
 
-    let mut last_err = None;
-    for addr in &opts.remotes {
-        match join_via(addr, &token, opts).await {
-            Ok(r) => return Ok(r),
-            Err(e @ JoinError::Unreachable { .. }) => last_err = Some(e),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last_err.unwrap_or(JoinError::NoRemote).into())
+    let issued = request_certificate(&token, &opts.remotes, &opts.hostname, Role::Worker).await?;
+    persist(opts, issued).map_err(Into::into)
 }
 
-async fn join_via(
-    addr: &str,
+/// A certificate obtained with a join token.
+#[derive(Debug)]
+pub struct Issued {
+    /// The new identity (key, certificate, pinned root).
+    pub identity: NodeIdentity,
+    /// The manager that issued it.
+    pub addr: String,
+    /// The managers it reported.
+    pub managers: Vec<String>,
+}
+
+/// Steps 1 and 2 of a join, shared by workers and managers: pins the CA with the
+/// token's digest and obtains a certificate for `role` from the first reachable
+/// manager in `remotes`. Writes nothing.
+pub async fn request_certificate(
     token: &JoinToken,
-    opts: &JoinOptions,
-) -> Result<(WorkerConfig, NodeIdentity), JoinError> {
-    let unreachable = |e: std::io::Error| JoinError::Unreachable {
-        detail: e.to_string(),
-    };
+    remotes: &[String],
+    hostname: &str,
+    role: Role,
+) -> Result<Issued, JoinError> {
+    if remotes.is_empty() {
+        return Err(JoinError::NoRemote);
+    }
+    let mut last_err = None;
+    for addr in remotes {
+        match request_via(addr, token, hostname, role).await {
+            Ok(r) => return Ok(r),
+            Err(e @ JoinError::Unreachable { .. }) => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or(JoinError::NoRemote))
+}
+
+async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) -> Result<Issued, JoinError> {
+    let unreachable = |e: std::io::Error| JoinError::Unreachable { detail: e.to_string() };
 
     // 1. Root CA, pinned by the token's digest.
-    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config()))
-        .await
-        .map_err(unreachable)?;
+    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config())).await.map_err(unreachable)?;
     let bundle = CaClient::new(boot)
         .get_root_ca(GetRootCaRequest {})
         .await
@@ -132,68 +141,54 @@ async fn join_via(
         .into_inner()
         .ca_bundle_pem;
     if !token.pins(&bundle) {
-        return Err(JoinError::DigestMismatch {
-            addr: addr.to_owned(),
-        });
+        return Err(JoinError::DigestMismatch { addr: addr.to_owned() });
     }
-    let cluster_id =
-        CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let cluster_id = CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
 
     // 2. Certificate, over TLS verified against that root.
-    let cfg =
-        anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
-    let chan = dial::connect(addr, Arc::new(cfg))
-        .await
-        .map_err(unreachable)?;
-    let (key, csr) =
-        generate_key_and_csr().map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let cfg = anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let chan = dial::connect(addr, Arc::new(cfg)).await.map_err(unreachable)?;
+    let (key, csr) = generate_key_and_csr().map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     let resp = CaClient::new(chan)
         .issue_node_certificate(IssueNodeCertificateRequest {
             token: token.expose().to_string(),
             csr_pem: csr,
-            hostname: opts.hostname.clone(),
+            hostname: hostname.to_owned(),
+            role: role.to_string(),
         })
         .await
         .map_err(|s| refused_or_unreachable(addr, s))?
         .into_inner();
-    let identity = NodeIdentity::new(bundle, resp.certificate_pem, key)
-        .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let identity =
+        NodeIdentity::new(bundle, resp.certificate_pem, key).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     if identity.info.node_id.as_str() != resp.node_id
-        || identity.info.role != Role::Worker
+        || identity.info.role != role
         || identity.info.cluster_id != cluster_id
     {
-        return Err(JoinError::BadCertificate(
-            "subject does not match the join response".into(),
-        ));
+        return Err(JoinError::BadCertificate(format!(
+            "subject does not match the join response (asked for a {role} certificate, got {})",
+            identity.info.role
+        )));
     }
+    Ok(Issued { identity, addr: addr.to_owned(), managers: resp.managers })
+}
 
-    // 3. Persist: certs first, config last.
+/// Step 3: certs first, config last; on failure, removes what it wrote.
+fn persist(opts: &JoinOptions, issued: Issued) -> Result<(WorkerConfig, NodeIdentity), JoinError> {
+    let Issued { identity, managers, .. } = issued;
+    let cluster_id = identity.info.cluster_id.clone();
     let mut remotes = opts.remotes.clone();
-    for m in resp.managers {
+    for m in managers {
         if !remotes.contains(&m) {
             remotes.push(m);
         }
     }
-    let cfg = WorkerConfig {
-        node_id: identity.info.node_id.clone(),
-        cluster_id,
-        remotes,
-    };
+    let cfg = WorkerConfig { node_id: identity.info.node_id.clone(), cluster_id, remotes };
     let certs = NodeIdentity::dir(&opts.data_dir);
     let persisted = std::fs::create_dir_all(&opts.data_dir)
-        .map_err(|source| JoinError::Io {
-            path: opts.data_dir.clone(),
-            source,
-        })
-        .and_then(|_| {
-            identity
-                .save(&certs)
-                .map_err(|e| JoinError::BadCertificate(e.to_string()))
-        })
-        .and_then(|_| {
-            cfg.save(&opts.data_dir)
-                .map_err(|e| JoinError::BadCertificate(e.to_string()))
-        });
+        .map_err(|source| JoinError::Io { path: opts.data_dir.clone(), source })
+        .and_then(|_| identity.save(&certs).map_err(|e| JoinError::BadCertificate(e.to_string())))
+        .and_then(|_| cfg.save(&opts.data_dir).map_err(|e| JoinError::BadCertificate(e.to_string())));
     if let Err(e) = persisted {
         let _ = std::fs::remove_dir_all(&certs);
         return Err(e);

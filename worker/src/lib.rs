@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use config::{WorkerConfig, CONFIG_FILE};
-pub use join::{JoinError, JoinOptions};
+pub use join::{request_certificate, Issued, JoinError, JoinOptions};
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +54,7 @@ impl Worker {
     /// Joins a cluster and stores the new identity in `opts.data_dir`.
     pub async fn join(opts: JoinOptions) -> Result<Self, WorkerError> {
         let (cfg, identity) = join::join(&opts).await?;
-        Ok(Self {
-            data_dir: opts.data_dir,
-            cfg,
-            creds: Arc::new(TlsCredentials::client_only(identity)?),
-        })
+        Ok(Self { data_dir: opts.data_dir, cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
     }
 
     /// Opens the worker stored in `data_dir`.
@@ -73,11 +69,7 @@ impl Worker {
                 cfg.node_id
             )));
         }
-        Ok(Self {
-            data_dir: data_dir.to_owned(),
-            cfg,
-            creds: Arc::new(TlsCredentials::client_only(identity)?),
-        })
+        Ok(Self { data_dir: data_dir.to_owned(), cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
     }
 
     /// This worker's node ID.
@@ -89,19 +81,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let remotes = Remotes::new(self.cfg.remotes.clone());
         let channel = lazy_channel(remotes.clone(), self.creds.client());
-        let issuer = RpcIssuer {
-            channel: channel.clone(),
-        };
-        let renewer = Renewer::new(
-            self.creds.clone(),
-            NodeIdentity::dir(&self.data_dir),
-            issuer,
-        );
+        let issuer = RpcIssuer { channel: channel.clone() };
+        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
         let tasks = shutdown.child_token();
         tokio::spawn(renewer.run(tasks.clone()));
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
-        let session =
-            session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone());
+        let session = session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone());
         session.run(shutdown).await;
         tasks.cancel();
         tracing::info!("worker stopped");

@@ -22,23 +22,9 @@ pub(crate) struct SessionLoop {
 }
 
 impl SessionLoop {
-    pub(crate) fn new(
-        channel: Channel,
-        remotes: Remotes,
-        data_dir: PathBuf,
-        cfg: WorkerConfig,
-    ) -> Self {
-        let hostname = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default();
-        Self {
-            channel,
-            remotes,
-            data_dir,
-            cfg,
-            hostname,
-        }
+    pub(crate) fn new(channel: Channel, remotes: Remotes, data_dir: PathBuf, cfg: WorkerConfig) -> Self {
+        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+        Self { channel, remotes, data_dir, cfg, hostname }
     }
 
     /// Runs until `shutdown` is cancelled; failures back off and retry.
@@ -67,18 +53,9 @@ impl SessionLoop {
     async fn one(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
         let fmt = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
         let mut client = DispatcherClient::new(self.channel.clone());
-        let mut stream = client
-            .session(SessionRequest {
-                hostname: self.hostname.clone(),
-            })
-            .await
-            .map_err(fmt)?
-            .into_inner();
-        let first = stream
-            .message()
-            .await
-            .map_err(fmt)?
-            .ok_or("manager closed the session at once")?;
+        let mut stream =
+            client.session(SessionRequest { hostname: self.hostname.clone() }).await.map_err(fmt)?.into_inner();
+        let first = stream.message().await.map_err(fmt)?.ok_or("manager closed the session at once")?;
         let session_id = first.session_id;
         let mut period = Duration::from_millis(first.heartbeat_period_ms.max(100));
         tracing::info!(session.id = %session_id, heartbeat_ms = period.as_millis() as u64, "session established");

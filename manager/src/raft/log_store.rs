@@ -39,23 +39,13 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl LogStore {
     pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(Self {
-            db: db.clone(),
-            log: db.open_tree("log")?,
-            meta: db.open_tree("raft_meta")?,
-        })
+        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("raft_meta")? })
     }
 
     fn meta_get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
-        match self
-            .meta
-            .get(key)
-            .map_err(|e| StorageError::from(StorageIOError::read(&e)))?
-        {
+        match self.meta.get(key).map_err(|e| StorageError::from(StorageIOError::read(&e)))? {
             None => Ok(None),
-            Some(v) => decode(&v)
-                .map(Some)
-                .map_err(|e| StorageError::from(StorageIOError::read(&e))),
+            Some(v) => decode(&v).map(Some).map_err(|e| StorageError::from(StorageIOError::read(&e))),
         }
     }
 
@@ -92,22 +82,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
         let purged: Option<LogId<u64>> = self.meta_get(PURGED)?;
-        let last = match self
-            .log
-            .last()
-            .map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?
-        {
+        let last = match self.log.last().map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))? {
             Some((_, v)) => {
-                let e: Entry<TypeConfig> =
-                    decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
+                let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
                 Some(*e.get_log_id())
             }
             None => purged,
         };
-        Ok(LogState {
-            last_purged_log_id: purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -115,27 +97,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        self.meta
-            .insert(VOTE, encode(vote))
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))?;
-        self.flush()
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))
+        self.meta.insert(VOTE, encode(vote)).map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))?;
+        self.flush().await.map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
         self.meta_get(VOTE)
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<u64>>,
-    ) -> Result<(), StorageError<u64>> {
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
         // Not flushed: after a crash raft recomputes the commit index; this only
         // lets a restarted node re-apply what it already knew was committed.
-        self.meta
-            .insert(COMMITTED, encode(&committed))
-            .map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
+        self.meta.insert(COMMITTED, encode(&committed)).map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
         Ok(())
     }
 
@@ -143,11 +116,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.meta_get::<Option<LogId<u64>>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<u64>>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<u64>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -156,9 +125,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.insert(&idx(e.get_log_id().index), encode(&e));
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
         // Acknowledge only once durable.
         let res = self.flush().await.map_err(std::io::Error::other);
         callback.log_io_completed(res);
@@ -171,26 +138,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-        self.flush()
-            .await
-            .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.flush().await.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        self.meta
-            .insert(PURGED, encode(&log_id))
-            .map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
+        self.meta.insert(PURGED, encode(&log_id)).map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
         let mut batch = sled::Batch::default();
         for kv in self.log.range(..=idx(log_id.index)) {
             let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
         Ok(())
     }
 }

@@ -109,15 +109,8 @@ pub struct Storage {
 
 /// Opens (or creates) the sled database in `dir`.
 pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
-    let storage_err = |source| RaftStartError::Storage {
-        path: dir.display().to_string(),
-        source,
-    };
-    let db = sled::Config::new()
-        .path(dir)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map_err(storage_err)?;
+    let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
+    let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
     let log = LogStore::open(&db).map_err(storage_err)?;
     let sm = StateMachine::open(&db).map_err(storage_err)?;
     Ok(Storage { db, log, sm })
@@ -131,7 +124,5 @@ pub async fn start(
     network: Network,
 ) -> Result<Raft, RaftStartError> {
     let config = Arc::new(settings.to_config()?);
-    Raft::new(id, config, network, storage.log, storage.sm)
-        .await
-        .map_err(|e| RaftStartError::Fatal(Box::new(e)))
+    Raft::new(id, config, network, storage.log, storage.sm).await.map_err(|e| RaftStartError::Fatal(Box::new(e)))
 }

@@ -5,13 +5,11 @@
 
 use std::sync::Arc;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::BasicNode;
 use rustls::ClientConfig;
@@ -52,17 +50,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         let channel = lazy_channel(Remotes::new(vec![node.addr.clone()]), self.tls.clone());
-        PeerClient {
-            target,
-            client: RaftClient::new(channel).max_decoding_message_size(64 << 20),
-        }
+        PeerClient { target, client: RaftClient::new(channel).max_decoding_message_size(64 << 20) }
     }
 }
 
 fn enc<T: Serialize>(v: &T) -> RaftPayload {
-    RaftPayload {
-        data: bincode::serialize(v).expect("serialize raft message"),
-    }
+    RaftPayload { data: bincode::serialize(v).expect("serialize raft message") }
 }
 
 fn dec<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, bincode::Error> {
@@ -81,10 +74,7 @@ impl PeerClient {
         E: DeserializeOwned + std::error::Error,
     {
         let reply = which(&mut self.client, enc(req)).await.map_err(|s| {
-            if matches!(
-                s.code(),
-                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-            ) {
+            if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown) {
                 RPCError::Unreachable(Unreachable::new(&s))
             } else {
                 RPCError::Network(NetworkError::new(&s))
@@ -96,9 +86,8 @@ impl PeerClient {
     }
 }
 
-type CallFuture<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Response<RaftPayload>, Status>> + Send + 'a>,
->;
+type CallFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<RaftPayload>, Status>> + Send + 'a>>;
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
@@ -113,12 +102,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<u64>,
-        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
-    > {
-        self.call(&rpc, |c, p| Box::pin(c.install_snapshot(p)))
-            .await
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
+        self.call(&rpc, |c, p| Box::pin(c.install_snapshot(p))).await
     }
 
     async fn vote(
@@ -150,10 +135,7 @@ fn bad_payload(e: bincode::Error) -> Status {
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     /// PERMISSION_DENIED/UNAUTHENTICATED for non-managers; INVALID_ARGUMENT for undecodable payloads.
-    async fn append_entries(
-        &self,
-        req: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.auth.require(&req, &[Role::Manager])?;
         let rpc: AppendEntriesRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
         Ok(Response::new(enc(&self.raft.append_entries(rpc).await)))
@@ -167,10 +149,7 @@ impl raft_server::Raft for RaftService {
     }
 
     /// As `append_entries`; one chunk of a snapshot per call.
-    async fn install_snapshot(
-        &self,
-        req: Request<RaftPayload>,
-    ) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.auth.require(&req, &[Role::Manager])?;
         let rpc: InstallSnapshotRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
         Ok(Response::new(enc(&self.raft.install_snapshot(rpc).await)))

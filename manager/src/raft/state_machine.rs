@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StorageIOError,
-    StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
@@ -57,10 +56,7 @@ impl StateMachine {
     pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let sm = db.open_tree("sm")?;
         let applied = match sm.get(LAST_APPLIED)? {
-            Some(v) => bincode::deserialize::<Option<LogId<u64>>>(&v)
-                .ok()
-                .flatten()
-                .map_or(0, |l| l.index),
+            Some(v) => bincode::deserialize::<Option<LogId<u64>>>(&v).ok().flatten().map_or(0, |l| l.index),
             None => 0,
         };
         Ok(Self {
@@ -111,11 +107,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
                 None => format!("empty-{}", rand::random::<u32>()),
             };
-            let meta = SnapshotMeta {
-                last_log_id: last,
-                last_membership: membership,
-                snapshot_id: id,
-            };
+            let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
             (meta, encode(&SnapshotData { kvs }))
         };
         let mut b = sled::Batch::default();
@@ -123,19 +115,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         b.insert(SNAP_DATA, bytes.clone());
         self.snap.apply_batch(b).map_err(snap_err)?;
         self.db.flush_async().await.map_err(snap_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
         self.read_meta()
     }
 
@@ -159,10 +146,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
                 EntryPayload::Membership(m) => {
                     let mut b = sled::Batch::default();
-                    b.insert(
-                        MEMBERSHIP,
-                        encode(&Membership::new(Some(log_id), m.clone())),
-                    );
+                    b.insert(MEMBERSHIP, encode(&Membership::new(Some(log_id), m.clone())));
                     (b, CommandResult::Ok)
                 }
             };
@@ -180,9 +164,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -192,9 +174,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = bincode::deserialize(&bytes).map_err(|e| {
-            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e))
-        })?;
+        let data: SnapshotData = bincode::deserialize(&bytes)
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
         {
             let _g = self.lock.lock().await;
             let mut b = sled::Batch::default();
@@ -219,19 +200,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        let (Some(m), Some(d)) = (
-            self.snap.get(SNAP_META).map_err(io_read)?,
-            self.snap.get(SNAP_DATA).map_err(io_read)?,
-        ) else {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let (Some(m), Some(d)) =
+            (self.snap.get(SNAP_META).map_err(io_read)?, self.snap.get(SNAP_DATA).map_err(io_read)?)
+        else {
             return Ok(None);
         };
         let meta: SnapshotMeta<u64, BasicNode> = bincode::deserialize(&m).map_err(io_read)?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(d.to_vec())),
-        }))
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.to_vec())) }))
     }
 }
