@@ -158,6 +158,30 @@ impl Env {
         m
     }
 
+    /// Joins a manager in `<name>/` through `remote` and waits until it is a raft member.
+    pub fn join_manager(&mut self, name: &str, token: &str, remote: &Manager) -> Manager {
+        let data = self.path(name);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = [
+            "manager",
+            "join",
+            token,
+            "--remote",
+            &remote.addr,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-addr",
+            &addr,
+        ];
+        let idx = self.spawn(name, &args);
+        let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
+        wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));
+        wait_for(&format!("{name} to serve"), DEADLINE, || {
+            m.try_ctl(&["node", "ls", "-q"]).filter(|o| o.status.success())
+        });
+        m
+    }
+
     /// Restarts a node with `swarmd run`.
     pub fn run_node(&mut self, name: &str, data: &Path) -> usize {
         self.spawn(name, &["run", "--data-dir", data.to_str().unwrap()])
@@ -223,6 +247,18 @@ impl Manager {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// This manager's node ID.
+    pub fn node_id(&self) -> String {
+        let v: Value = serde_json::from_str(&fs::read_to_string(self.data.join("manager.json")).unwrap()).unwrap();
+        v["node_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Whether this manager currently reports itself as the raft leader.
+    pub fn is_leader(&self) -> bool {
+        let id = self.node_id();
+        self.nodes().iter().any(|n| n["id"] == id && n["leader"] == true)
+    }
+
     pub fn token(&self, role: &str) -> String {
         self.ctl_ok(&["join-token", role, "-q"]).trim().to_owned()
     }
@@ -278,4 +314,35 @@ pub fn grep_dir(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// Whether a path is absent or an empty directory.
 pub fn is_absent_or_empty(p: &Path) -> bool {
     !p.exists() || fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(false)
+}
+
+/// Streams label writes (`k<i>=<i>` on `node`) through whichever of `sockets`
+/// answers, until `stop` is set; returns the indices acknowledged (exit 0).
+pub fn write_stream(
+    sockets: Vec<PathBuf>,
+    node: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<u32> {
+    use std::sync::atomic::Ordering;
+    let mut acked = Vec::new();
+    let mut i = 0u32;
+    let mut which = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let sock = &sockets[which % sockets.len()];
+        let o = Command::new(secretctl_bin())
+            .arg("--host")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["node", "update", &node, "--label-add", &format!("k{i}={i}")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if o.status.success() {
+            acked.push(i);
+        } else {
+            which += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        i += 1;
+    }
+    acked
 }
