@@ -151,3 +151,45 @@ fn without_quorum_writes_fail_fast_with_a_clear_error() {
     // Reads still work (local state).
     assert_eq!(m1.nodes().len(), 3);
 }
+
+#[test]
+fn force_new_cluster_recovers_from_quorum_loss() {
+    let mut env = Env::new();
+    let (m1, m2, m3) = three_managers(&mut env);
+    let w1 = env.join_worker("w1", &m1.token("worker"), &m1.addr);
+    m1.wait_ready(4);
+    let worker = w1.node_id();
+    for i in 0..5 {
+        m2.ctl_ok(&["node", "update", &worker, "--label-add", &format!("before{i}=1")]);
+    }
+    // Lose two of three managers for good.
+    env.proc(m2.proc_idx).kill9();
+    env.proc(m3.proc_idx).kill9();
+    env.proc(m1.proc_idx).terminate();
+
+    // Recovery on the stopped survivor, then it serves as a one-manager cluster.
+    let idx = env
+        .spawn("m1-recovered", &["manager", "recover", "--force-new-cluster", "--data-dir", m1.data.to_str().unwrap()]);
+    wait_for("a write on the recovered manager", DEADLINE, || {
+        m1.ctl(&["node", "update", &worker, "--label-add", "after=1"]).status.success().then_some(())
+    });
+    let labels = labels_of(&m1, &worker).unwrap();
+    for i in 0..5 {
+        assert!(labels.contains_key(&format!("before{i}")), "committed write before{i} lost");
+    }
+    // The lost managers are gone from the cluster and their certificates refused.
+    wait_for("old managers removed", DEADLINE, || {
+        let n = m1.nodes();
+        (n.iter().filter(|n| n["role"] == "manager").count() == 1).then_some(())
+    });
+    // The worker carries on with the recovered manager.
+    wait_for("worker ready on the recovered cluster", DEADLINE, || {
+        (m1.node(&worker)?["status"] == "ready").then_some(())
+    });
+    // A new manager can join again with the manager token.
+    let m4 = env.join_manager("m4", &m1.token("manager"), &m1);
+    wait_for("two raft members", DEADLINE, || {
+        (m4.nodes().iter().filter(|n| n["role"] == "manager" && n["raft_id"].is_string()).count() == 2).then_some(())
+    });
+    assert!(env.procs[idx].child.try_wait().unwrap().is_none(), "recovered manager exited");
+}

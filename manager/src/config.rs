@@ -29,6 +29,9 @@ pub struct ManagerConfig {
     pub advertise_addr: String,
     /// The control socket.
     pub control_socket: PathBuf,
+    /// Raft timing and snapshot settings.
+    #[serde(default)]
+    pub raft: RaftSettings,
 }
 
 impl ManagerConfig {
@@ -107,6 +110,8 @@ pub struct JoinOptions {
     pub advertise_addr: Option<String>,
     /// Control socket path.
     pub control_socket: Option<PathBuf>,
+    /// Raft timing.
+    pub raft: RaftSettings,
 }
 
 /// The address to advertise for a listener bound to `bound`.

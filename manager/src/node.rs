@@ -44,6 +44,8 @@ pub struct Manager {
     dek: SymmetricKey,
     listener: TcpListener,
     applied: tokio::sync::watch::Receiver<u64>,
+    /// Set by `recover --force-new-cluster`: once leader, remove the other managers.
+    forget_other_managers: bool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
@@ -141,6 +143,7 @@ impl Manager {
             listen_addr: bound.to_string(),
             advertise_addr: advertise.clone(),
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
+            raft: opts.raft.clone(),
         };
         let manager = Self::start(cfg, data_dir, identity, dek, listener, &opts.raft).await?;
         let init = async {
@@ -166,7 +169,8 @@ impl Manager {
         let dek = KeyDir::new(data_dir).load_dek()?;
         let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
         let listener = bind(&cfg.listen_addr).await?;
-        let manager = Self::start(cfg, data_dir, identity, dek, listener, &RaftSettings::default()).await?;
+        let settings = cfg.raft.clone();
+        let manager = Self::start(cfg, data_dir, identity, dek, listener, &settings).await?;
         manager.wait_leader(Duration::from_secs(30)).await?;
         Ok(manager)
     }
@@ -186,7 +190,19 @@ impl Manager {
         let view = storage.sm.view();
         let applied = storage.sm.applied_watch();
         let raft = raft::start(cfg.raft_id, settings, storage, Network::new(creds.client())).await?;
-        Ok(Self { cfg, data_dir: data_dir.to_owned(), raft, db, view, creds, deny, dek, listener, applied })
+        Ok(Self {
+            cfg,
+            data_dir: data_dir.to_owned(),
+            raft,
+            db,
+            view,
+            creds,
+            deny,
+            dek,
+            listener,
+            applied,
+            forget_other_managers: false,
+        })
     }
 
     async fn wait_leader(&self, timeout: Duration) -> Result<(), ManagerError> {
@@ -219,6 +235,10 @@ impl Manager {
         let tasks = shutdown.child_token();
 
         tokio::spawn(secrets.clone().follow(self.applied.clone(), tasks.clone()));
+        tokio::spawn(follow_deny_list(self.view.clone(), self.deny.clone(), self.applied.clone(), tasks.clone()));
+        if self.forget_other_managers {
+            tokio::spawn(forget_other_managers(store.clone(), me.clone(), tasks.clone()));
+        }
         let (dispatcher, writer) = Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), me.clone());
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
@@ -330,9 +350,9 @@ impl Manager {
             listen_addr: bound.to_string(),
             advertise_addr: advertise.clone(),
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
+            raft: opts.raft.clone(),
         };
-        let manager =
-            Self::start(cfg.clone(), data_dir, issued.identity, dek, listener, &RaftSettings::default()).await?;
+        let manager = Self::start(cfg.clone(), data_dir, issued.identity, dek, listener, &opts.raft).await?;
         let run = tokio::spawn(manager.run(shutdown.clone()));
         let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
         req.set_timeout(Duration::from_secs(150));
@@ -345,6 +365,92 @@ impl Manager {
         tracing::info!(node.id = %cfg.node_id, raft_id, "joined the cluster as a manager");
         println!("This node joined the cluster as a manager ({}).", cfg.node_id);
         run.await.map_err(|e| ManagerError::Join(format!("manager task failed: {e}")))?
+    }
+}
+
+impl Manager {
+    /// `swarmd manager recover --force-new-cluster`: turns this stopped manager
+    /// into a single-manager cluster with all the state it has (quorum loss).
+    /// The other managers are removed and their certificates refused; they can
+    /// join again from an empty data dir with the manager token.
+    pub async fn recover(data_dir: &Path) -> Result<Self, ManagerError> {
+        let cfg = ManagerConfig::load(data_dir)?;
+        let raft_dir = data_dir.join("raft");
+        {
+            let mut storage = raft::open_storage(&raft_dir)
+                .map_err(|e| ManagerError::Invalid(format!("{e} (is this manager still running? stop it first)")))?;
+            let term = storage
+                .log
+                .force_single_voter(cfg.raft_id, cfg.advertise_addr.clone())
+                .await
+                .map_err(|e| ManagerError::Raft(e.to_string()))?;
+            storage.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
+            tracing::warn!(term, "forced a new single-manager cluster; the other managers are being removed");
+        }
+        // sled releases its file lock from a background thread once the last
+        // handle is gone; wait for it rather than fail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::open(data_dir).await {
+                Ok(mut m) => {
+                    m.forget_other_managers = true;
+                    return Ok(m);
+                }
+                Err(ManagerError::RaftStart(e)) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "waiting for the raft store to be released");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Keeps the TLS deny-list equal to the replicated one.
+async fn follow_deny_list(
+    view: StateView,
+    deny: DenyList,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match view.denied() {
+            Ok(set) => deny.replace(set),
+            Err(e) => tracing::error!(error = %e, "cannot read the deny-list"),
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// After a forced new cluster: removes every other manager once this one leads.
+async fn forget_other_managers(store: Store, me: NodeId, shutdown: CancellationToken) {
+    loop {
+        let others: Vec<NodeRecord> = store
+            .view()
+            .nodes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.role == Role::Manager && n.id != me)
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let deny_until = others.iter().map(|n| n.cert_not_after).max().unwrap_or(0);
+        let ids = others.iter().map(|n| n.id.clone()).collect();
+        match store.propose(Command::RemoveNodes { nodes: ids, deny_until }).await {
+            Ok(()) => {
+                tracing::warn!(removed = others.len(), "removed the managers lost with the old cluster");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "waiting to remove the old managers"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -153,6 +153,9 @@ pub enum Command {
     RotateJoinToken { role: Role, token: Sealed },
     /// Records a manager's raft ID and address as it joins raft.
     SetRaftMember { node: NodeId, raft_id: u64, addr: String },
+    /// Removes nodes and refuses their certificates until `deny_until` (unix
+    /// seconds, the expiry of their last certificate).
+    RemoveNodes { nodes: Vec<NodeId>, deny_until: i64 },
     /// Operator changes to a node.
     UpdateNode {
         node: NodeId,
@@ -177,6 +180,13 @@ const NODE_PREFIX: &str = "node/";
 /// The key of a node record.
 pub(crate) fn node_key(id: &NodeId) -> Vec<u8> {
     format!("{NODE_PREFIX}{id}").into_bytes()
+}
+
+const DENY_PREFIX: &str = "deny/";
+
+/// The key of a deny-list entry.
+pub(crate) fn deny_key(id: &NodeId) -> Vec<u8> {
+    format!("{DENY_PREFIX}{id}").into_bytes()
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -228,6 +238,19 @@ impl StateView {
     /// One node.
     pub fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StateError> {
         self.get(&node_key(id))
+    }
+
+    /// Node IDs whose certificates are refused (removed nodes).
+    pub fn denied(&self) -> Result<std::collections::HashSet<NodeId>, StateError> {
+        let mut out = std::collections::HashSet::new();
+        for kv in self.tree.scan_prefix(DENY_PREFIX) {
+            let (k, _) = kv?;
+            let id = String::from_utf8_lossy(&k[DENY_PREFIX.len()..]).into_owned();
+            if let Ok(id) = id.parse() {
+                out.insert(id);
+            }
+        }
+        Ok(out)
     }
 
     /// All nodes, ordered by ID.
@@ -304,6 +327,12 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
                 Role::Manager => cluster.manager_token = token.clone(),
             }
             batch.insert(CLUSTER_KEY, encode(&cluster));
+        }
+        Command::RemoveNodes { nodes, deny_until } => {
+            for node in nodes {
+                batch.remove(node_key(node));
+                batch.insert(deny_key(node), encode(deny_until));
+            }
         }
         Command::SetRaftMember { node, raft_id, addr } => {
             let Some(mut rec) = view.node(node)? else {

@@ -36,6 +36,18 @@ enum ManagerCmd {
     Init(InitArgs),
     /// Join a cluster as an additional manager with the manager token, then run.
     Join(ManagerJoinArgs),
+    /// After losing quorum: make this (stopped) manager a single-manager cluster
+    /// with all the state it has, then run it. The other managers are removed.
+    Recover(RecoverArgs),
+}
+
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    /// Required: confirms that the other managers are to be dropped.
+    #[arg(long, required = true)]
+    force_new_cluster: bool,
+    #[command(flatten)]
+    dir: DataDir,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +68,8 @@ struct ManagerJoinArgs {
     /// Control socket path [default: <data-dir>/control.sock]
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    #[command(flatten)]
+    raft: RaftArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +104,29 @@ struct InitArgs {
     /// Heartbeat period of node sessions; a node is down after 3 missed periods.
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat)]
     heartbeat: Duration,
+    #[command(flatten)]
+    raft: RaftArgs,
+}
+
+/// Raft timing and snapshots (managers).
+#[derive(Args, Debug)]
+struct RaftArgs {
+    /// Interval of the raft leader's heartbeats to other managers.
+    #[arg(long, default_value = "100ms", value_parser = swarmd_certs::parse_duration)]
+    raft_heartbeat: Duration,
+    /// Lower bound of the randomized election timeout (the upper bound is twice this).
+    #[arg(long, default_value = "500ms", value_parser = swarmd_certs::parse_duration)]
+    election_timeout: Duration,
+    /// Build a raft snapshot (and compact the log) every N entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_interval: u64,
+}
+
+impl RaftArgs {
+    fn settings(&self) -> anyhow::Result<swarmd_manager::raft::RaftSettings> {
+        swarmd_manager::raft::RaftSettings::new(self.raft_heartbeat, self.election_timeout, self.snapshot_interval)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +185,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.control_socket = a.control_socket;
             opts.cert_expiry = a.cert_expiry;
             opts.heartbeat = a.heartbeat;
+            opts.raft = a.raft.settings()?;
             let manager = Manager::init(opts).await?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
@@ -161,8 +199,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_addr: a.listen_addr,
                 advertise_addr: a.advertise_addr,
                 control_socket: a.control_socket,
+                raft: a.raft.settings()?,
             };
             Manager::join(opts, shutdown_on_signal()).await?;
+        }
+        Command::Manager(ManagerCmd::Recover(a)) => {
+            debug_assert!(a.force_new_cluster);
+            let m = Manager::recover(&a.dir.data_dir).await?;
+            println!("Forced a new cluster: this manager ({}) is now the only manager.", m.config().node_id);
+            m.run(shutdown_on_signal()).await?;
         }
         Command::Worker(WorkerCmd::Join(a)) => {
             let opts =

@@ -49,6 +49,29 @@ impl LogStore {
         }
     }
 
+    /// Quorum-loss recovery, offline only: appends a membership entry that makes
+    /// `me` the sole voter, at a term above anything seen, and moves the vote to
+    /// that term. On start the node elects itself and commits everything it has.
+    pub async fn force_single_voter(&mut self, me: u64, addr: String) -> Result<u64, StorageError<u64>> {
+        use openraft::storage::RaftLogStorage;
+        let state = self.get_log_state().await?;
+        let vote = self.read_vote().await?;
+        let last_term = state.last_log_id.map(|l| l.leader_id.term).unwrap_or(0);
+        let term = vote.map(|v| v.leader_id().term).unwrap_or(0).max(last_term) + 1;
+        let index = state.last_log_id.map(|l| l.index + 1).unwrap_or(1);
+        let membership = openraft::Membership::new(
+            vec![std::collections::BTreeSet::from([me])],
+            std::collections::BTreeMap::from([(me, openraft::BasicNode { addr })]),
+        );
+        let entry: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
+            payload: openraft::EntryPayload::Membership(membership),
+        };
+        self.log.insert(idx(index), encode(&entry)).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.save_vote(&Vote::new(term, me)).await?;
+        Ok(term)
+    }
+
     async fn flush(&self) -> Result<(), sled::Error> {
         self.db.flush_async().await.map(|_| ())
     }

@@ -41,7 +41,7 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// # Defaults
 /// heartbeat 100 ms, election timeout 500–1000 ms, a snapshot every 10,000
 /// entries, 1,000 entries kept behind the snapshot for slow followers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RaftSettings {
     /// Leader heartbeat interval.
     pub heartbeat: Duration,
@@ -68,6 +68,25 @@ impl Default for RaftSettings {
 }
 
 impl RaftSettings {
+    /// Settings with an election timeout randomized in `[election, 2 × election]`.
+    pub fn new(heartbeat: Duration, election: Duration, snapshot_every: u64) -> Result<Self, String> {
+        if heartbeat.is_zero() || election <= heartbeat * 2 {
+            return Err(format!(
+                "the election timeout ({election:?}) must be more than twice the raft heartbeat ({heartbeat:?})"
+            ));
+        }
+        if snapshot_every < 10 {
+            return Err("the snapshot interval must be at least 10 entries".into());
+        }
+        Ok(Self {
+            heartbeat,
+            election_min: election,
+            election_max: election * 2,
+            snapshot_every,
+            keep_behind_snapshot: snapshot_every.min(1_000) / 2,
+        })
+    }
+
     fn to_config(&self) -> Result<openraft::Config, RaftStartError> {
         openraft::Config {
             cluster_name: "swarmd".into(),
