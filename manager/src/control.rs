@@ -7,8 +7,8 @@
 use swarmd_certs::{JoinToken, NodeId, Role};
 use swarmd_proto::control::control_server::{self, ControlServer};
 use swarmd_proto::control::{
-    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, ListNodesRequest, ListNodesResponse, Node,
-    UpdateNodeRequest,
+    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, InfoRequest, InfoResponse, ListNodesRequest,
+    ListNodesResponse, Node, UpdateNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -128,6 +128,27 @@ impl control_server::Control for ControlService {
         let n =
             self.store.view().node(&n.id).map_err(internal)?.ok_or_else(|| Status::not_found("node was removed"))?;
         Ok(Response::new(self.to_wire(n)))
+    }
+
+    /// Administrator only. This manager's view of raft and a digest of its state.
+    async fn info(&self, req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let m = self.store.raft().metrics().borrow().clone();
+        let me = self.store.view().nodes().map_err(internal)?.into_iter().find(|n| n.raft_id == Some(m.id));
+        let secrets = self.secrets.get().ok();
+        Ok(Response::new(InfoResponse {
+            node_id: me.map(|n| n.id.to_string()).unwrap_or_default(),
+            cluster_id: secrets.map(|s| s.ca.cluster_id().to_string()).unwrap_or_default(),
+            raft_id: format!("{:016x}", m.id),
+            leader_raft_id: m.current_leader.map(|l| format!("{l:016x}")).unwrap_or_default(),
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            voters: m.membership_config.membership().voter_ids().map(|v| format!("{v:016x}")).collect(),
+            state_digest: self.store.view().digest().map_err(internal)?,
+            state: format!("{:?}", m.state),
+        }))
     }
 
     /// Administrator only. INVALID_ARGUMENT for an unknown role; with `rotate`,

@@ -253,6 +253,24 @@ impl StateView {
         Ok(out)
     }
 
+    /// SHA-256 over every replicated record (not raft's own bookkeeping), in key
+    /// order: equal on managers that applied the same entries.
+    pub fn digest(&self) -> Result<String, StateError> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            if k.starts_with(b"meta/") {
+                continue;
+            }
+            h.update((k.len() as u64).to_be_bytes());
+            h.update(&k);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(&v);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
     /// All nodes, ordered by ID.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         let mut out = Vec::new();

@@ -1,6 +1,7 @@
 //! `secretctl`: the control API client. One file per verb.
 
 mod client;
+mod info;
 mod join_token;
 mod node;
 mod output;
@@ -48,6 +49,8 @@ enum Command {
     Node(node::NodeCmd),
     /// Show (or rotate) a join token.
     JoinToken(join_token::JoinTokenArgs),
+    /// This manager's view of raft (leader, term, log) and a digest of its state.
+    Info,
 }
 
 /// Runs `secretctl` with parsed arguments.
@@ -57,5 +60,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,
+        Command::Info => info::run(channel, cli.format).await,
     }
 }

@@ -346,3 +346,9 @@ pub fn write_stream(
     }
     acked
 }
+
+/// `secretctl info --format json` of a manager.
+pub fn info(m: &Manager) -> Option<Value> {
+    let o = m.ctl(&["--format", "json", "info"]);
+    o.status.success().then(|| serde_json::from_slice(&o.stdout).ok()).flatten()
+}

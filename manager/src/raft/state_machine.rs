@@ -197,6 +197,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(l) = meta.last_log_id {
             self.applied.send_replace(l.index);
         }
+        tracing::info!(snapshot = %meta.snapshot_id, last = ?meta.last_log_id, "installed a snapshot");
         Ok(())
     }
 
