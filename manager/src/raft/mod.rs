@@ -95,6 +95,11 @@ impl RaftSettings {
             election_timeout_max: self.election_max.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
+            // 64 entries of at most ~500 KiB stay well inside the 64 MiB gRPC
+            // message limit of the raft transport.
+            max_payload_entries: 64,
+            // Snapshots travel in 4 MiB chunks, whatever their size.
+            snapshot_max_chunk_size: 4 << 20,
             ..Default::default()
         }
         .validate()

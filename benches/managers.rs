@@ -1,0 +1,123 @@
+//! Benchmark: a 3-manager cluster on 127.0.0.1 (real processes, real TLS,
+//! durable raft). Measures sequential write latency and leader failover
+//! (kill -9 → first successful write), prints a table and one JSON line.
+//!
+//! Run: `cargo bench --bench managers` (env: WRITES=500, TRIALS=10).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use swarmd::secretctl::{connect, Host};
+use swarmd_proto::control::control_client::ControlClient;
+use swarmd_proto::control::UpdateNodeRequest;
+use tonic::transport::Channel;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn write(ch: &Channel, node: &str, k: &str, v: usize) -> Result<(), tonic::Status> {
+    let req = UpdateNodeRequest {
+        id_or_prefix: node.to_owned(),
+        labels_add: [(k.to_owned(), v.to_string())].into(),
+        ..Default::default()
+    };
+    ControlClient::new(ch.clone()).update_node(req).await.map(|_| ())
+}
+
+#[tokio::main]
+async fn main() {
+    swarmd_certs::install_crypto_provider();
+    let writes: usize = std::env::var("WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let trials: usize = std::env::var("TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let mut env = Env::new();
+    let m1 = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let token = m1.token("manager");
+    let m2 = env.join_manager("m2", &token, &m1);
+    let m3 = env.join_manager("m3", &token, &m1);
+    let managers = [m1, m2, m3];
+    let target = managers[0].node_id();
+
+    // Sequential writes through the leader's control socket.
+    let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+    let ch = connect(&Host::Unix(managers[leader].socket())).await.unwrap();
+    for i in 0..20 {
+        write(&ch, &target, "warm", i).await.unwrap();
+    }
+    let mut lat = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let t = Instant::now();
+        write(&ch, &target, "seq", i).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+
+    // Failover trials.
+    let mut fo = Vec::new();
+    for trial in 0..trials {
+        let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+        let survivors: Vec<Channel> = {
+            let mut v = Vec::new();
+            for (i, m) in managers.iter().enumerate() {
+                if i != leader {
+                    v.push(connect(&Host::Unix(m.socket())).await.unwrap());
+                }
+            }
+            v
+        };
+        let idx = managers[leader].proc_idx;
+        env.proc(idx).kill9();
+        let killed = Instant::now();
+        let mut k = 0usize;
+        loop {
+            let ch = &survivors[k % survivors.len()];
+            let attempt = tokio::time::timeout(Duration::from_millis(500), write(ch, &target, "fo", trial));
+            if matches!(attempt.await, Ok(Ok(()))) {
+                break;
+            }
+            k += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(killed.elapsed() < Duration::from_secs(30), "no write within 30 s of the kill");
+        }
+        fo.push(killed.elapsed());
+        let new_idx = env.run_node(&format!("restart{trial}"), &managers[leader].data);
+        env.procs.swap(idx, new_idx);
+        wait_for("the restarted manager to catch up", DEADLINE, || {
+            let infos: Vec<_> = managers.iter().map(info).collect::<Option<Vec<_>>>()?;
+            infos.windows(2).all(|w| w[0]["last_applied"] == w[1]["last_applied"]).then_some(())
+        });
+    }
+    fo.sort();
+
+    println!("scenario                         n      p50 ms    p99 ms    max ms");
+    println!(
+        "sequential write (3 managers)  {:>4}  {:>9.2} {:>9.2} {:>9.2}",
+        lat.len(),
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(*lat.last().unwrap())
+    );
+    println!(
+        "failover kill -9 → write       {:>4}  {:>9.1} {:>9.1} {:>9.1}",
+        fo.len(),
+        ms(pct(&fo, 0.5)),
+        ms(pct(&fo, 0.99)),
+        ms(*fo.last().unwrap())
+    );
+    println!(
+        "{{\"bench\":\"managers\",\"write_p50_ms\":{:.3},\"write_p99_ms\":{:.3},\"failover_p50_ms\":{:.1},\"failover_p99_ms\":{:.1},\"writes\":{},\"trials\":{}}}",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(pct(&fo, 0.5)),
+        ms(pct(&fo, 0.99)),
+        lat.len(),
+        fo.len()
+    );
+}
