@@ -2,7 +2,8 @@
 //! durable raft). Measures sequential write latency and leader failover
 //! (kill -9 → first successful write), prints a table and one JSON line.
 //!
-//! Run: `cargo bench --bench managers` (env: WRITES=500, TRIALS=10).
+//! Run: `cargo bench --bench managers` (env: WRITES=500, TRIALS=10, and
+//! MANAGER_ARGS, e.g. "--election-timeout 500ms", passed to every manager).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,11 +38,15 @@ async fn main() {
     swarmd_certs::install_crypto_provider();
     let writes: usize = std::env::var("WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let trials: usize = std::env::var("TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let extra = std::env::var("MANAGER_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let mut init_args = vec!["--heartbeat", "1s"];
+    init_args.extend(&extra);
+    let m1 = env.start_manager("m1", &init_args);
     let token = m1.token("manager");
-    let m2 = env.join_manager("m2", &token, &m1);
-    let m3 = env.join_manager("m3", &token, &m1);
+    let m2 = env.join_manager_with("m2", &token, &m1, &extra);
+    let m3 = env.join_manager_with("m3", &token, &m1, &extra);
     let managers = [m1, m2, m3];
     let target = managers[0].node_id();
 
@@ -112,7 +117,8 @@ async fn main() {
         ms(*fo.last().unwrap())
     );
     println!(
-        "{{\"bench\":\"managers\",\"write_p50_ms\":{:.3},\"write_p99_ms\":{:.3},\"failover_p50_ms\":{:.1},\"failover_p99_ms\":{:.1},\"writes\":{},\"trials\":{}}}",
+        "{{\"bench\":\"managers\",\"manager_args\":{:?},\"write_p50_ms\":{:.3},\"write_p99_ms\":{:.3},\"failover_p50_ms\":{:.1},\"failover_p99_ms\":{:.1},\"writes\":{},\"trials\":{}}}",
+        extra.join(" "),
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
         ms(pct(&fo, 0.5)),

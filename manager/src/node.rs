@@ -236,6 +236,7 @@ impl Manager {
 
         tokio::spawn(secrets.clone().follow(self.applied.clone(), tasks.clone()));
         tokio::spawn(follow_deny_list(self.view.clone(), self.deny.clone(), self.applied.clone(), tasks.clone()));
+        tokio::spawn(raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()));
         if self.forget_other_managers {
             tokio::spawn(forget_other_managers(store.clone(), me.clone(), tasks.clone()));
         }

@@ -115,7 +115,9 @@ struct RaftArgs {
     #[arg(long, default_value = "100ms", value_parser = swarmd_certs::parse_duration)]
     raft_heartbeat: Duration,
     /// Lower bound of the randomized election timeout (the upper bound is twice this).
-    #[arg(long, default_value = "500ms", value_parser = swarmd_certs::parse_duration)]
+    /// openraft refuses votes until the upper bound has passed since the last
+    /// heartbeat, so it bounds failover time from below.
+    #[arg(long, default_value = "400ms", value_parser = swarmd_certs::parse_duration)]
     election_timeout: Duration,
     /// Build a raft snapshot (and compact the log) every N entries.
     #[arg(long, default_value_t = 10_000)]

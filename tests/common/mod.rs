@@ -160,9 +160,14 @@ impl Env {
 
     /// Joins a manager in `<name>/` through `remote` and waits until it is a raft member.
     pub fn join_manager(&mut self, name: &str, token: &str, remote: &Manager) -> Manager {
+        self.join_manager_with(name, token, remote, &[])
+    }
+
+    /// As [`Env::join_manager`], with extra options.
+    pub fn join_manager_with(&mut self, name: &str, token: &str, remote: &Manager, extra: &[&str]) -> Manager {
         let data = self.path(name);
         let addr = format!("127.0.0.1:{}", free_port());
-        let args = [
+        let mut args = vec![
             "manager",
             "join",
             token,
@@ -173,6 +178,7 @@ impl Env {
             "--listen-addr",
             &addr,
         ];
+        args.extend_from_slice(extra);
         let idx = self.spawn(name, &args);
         let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
         wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));

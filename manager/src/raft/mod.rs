@@ -8,6 +8,7 @@
 //! apply that happened before it. Concurrent proposals that openraft batches into
 //! one append share one flush.
 
+pub mod leader_watch;
 mod log_store;
 mod network;
 mod state_machine;
@@ -39,8 +40,10 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// Raft timing and snapshot settings.
 ///
 /// # Defaults
-/// heartbeat 100 ms, election timeout 500–1000 ms, a snapshot every 10,000
-/// entries, 1,000 entries kept behind the snapshot for slow followers.
+/// heartbeat 100 ms, election timeout 400–800 ms (openraft's leader lease is
+/// the upper bound, and no vote succeeds before it has passed, so it sets the
+/// floor of failover time), a snapshot every 10,000 entries, 500 entries kept
+/// behind the snapshot for slow followers.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RaftSettings {
     /// Leader heartbeat interval.
@@ -59,10 +62,10 @@ impl Default for RaftSettings {
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1000),
+            election_min: Duration::from_millis(400),
+            election_max: Duration::from_millis(800),
             snapshot_every: 10_000,
-            keep_behind_snapshot: 1_000,
+            keep_behind_snapshot: 500,
         }
     }
 }
