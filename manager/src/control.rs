@@ -16,8 +16,13 @@ use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
 use crate::keys::purpose;
-use crate::state::{check_label_key, Availability, Command, NodeRecord};
+use crate::state::{check_label_key, Availability, Command, NodeRecord, NodeStatus};
+use crate::store::Peers;
 use crate::store::Store;
+use openraft::ChangeMembers;
+use std::collections::BTreeSet;
+use swarmd_proto::control::control_client::ControlClient;
+use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
 /// The control API.
 pub struct ControlService {
@@ -25,12 +30,35 @@ pub struct ControlService {
     secrets: SecretsCache,
     dispatcher: Dispatcher,
     auth: Authorizer,
+    peers: Peers,
 }
 
 impl ControlService {
-    /// The service, ready to mount.
-    pub fn new(store: Store, secrets: SecretsCache, dispatcher: Dispatcher, auth: Authorizer) -> ControlServer<Self> {
-        ControlServer::new(Self { store, secrets, dispatcher, auth })
+    /// The service, ready to mount; `peers` reaches the leader for membership changes.
+    pub fn new(
+        store: Store,
+        secrets: SecretsCache,
+        dispatcher: Dispatcher,
+        auth: Authorizer,
+        peers: Peers,
+    ) -> ControlServer<Self> {
+        ControlServer::new(Self { store, secrets, dispatcher, auth, peers })
+    }
+
+    fn reply(&self, id: &NodeId) -> Result<Response<Node>, Status> {
+        let n = self.store.view().node(id).map_err(internal)?.ok_or_else(|| Status::not_found("node was removed"))?;
+        Ok(Response::new(self.to_wire(n)))
+    }
+
+    /// A control client on the leader, or `None` if this manager leads.
+    fn leader_client(&self) -> Result<Option<ControlClient<tonic::transport::Channel>>, Status> {
+        let m = self.store.raft().metrics().borrow().clone();
+        if m.current_leader == Some(m.id) {
+            return Ok(None);
+        }
+        let addr =
+            self.store.leader_addr().ok_or_else(|| Status::unavailable("no quorum: no raft leader right now"))?;
+        Ok(Some(ControlClient::new(self.peers.channel(&addr))))
     }
 
     fn leader_raft_id(&self) -> Option<u64> {
@@ -128,6 +156,87 @@ impl control_server::Control for ControlService {
         let n =
             self.store.view().node(&n.id).map_err(internal)?.ok_or_else(|| Status::not_found("node was removed"))?;
         Ok(Response::new(self.to_wire(n)))
+    }
+
+    /// Administrator only. FAILED_PRECONDITION if the node is already a manager.
+    /// The worker turns itself into a manager when it next heartbeats.
+    async fn promote_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        self.auth.require_admin(&req)?;
+        let n = self.find(&req.get_ref().id_or_prefix)?;
+        if n.role == Role::Manager {
+            return Err(Status::failed_precondition(format!("node {} is already a manager", n.id)));
+        }
+        self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Manager }).await?;
+        tracing::info!(node.id = %n.id, "node promoted to manager");
+        self.reply(&n.id)
+    }
+
+    /// Administrator only; runs on the leader (forwarded). FAILED_PRECONDITION
+    /// for a worker, the last manager, or when the managers left would not
+    /// have a reachable majority.
+    async fn demote_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        self.auth.require_admin(&req)?;
+        let n = self.find(&req.get_ref().id_or_prefix)?;
+        if n.role != Role::Manager {
+            return Err(Status::failed_precondition(format!("node {} is not a manager", n.id)));
+        }
+        if let Some(mut leader) = self.leader_client()? {
+            return leader.demote_node(GetNodeRequest { id_or_prefix: n.id.to_string() }).await;
+        }
+        let raft = self.store.raft();
+        let voters: BTreeSet<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if let Some(rid) = n.raft_id.filter(|r| voters.contains(r)) {
+            let remaining: Vec<u64> = voters.iter().copied().filter(|v| *v != rid).collect();
+            if remaining.is_empty() {
+                return Err(Status::failed_precondition("cannot demote the last manager"));
+            }
+            let nodes = self.store.view().nodes().map_err(internal)?;
+            let reachable = remaining
+                .iter()
+                .filter(|r| nodes.iter().any(|x| x.raft_id == Some(**r) && x.status == NodeStatus::Ready))
+                .count();
+            let need = remaining.len() / 2 + 1;
+            if reachable < need {
+                return Err(Status::failed_precondition(format!(
+                    "demoting {} would leave {} managers of which {reachable} are reachable, and {need} are needed for a quorum; bring managers back first",
+                    n.id,
+                    remaining.len()
+                )));
+            }
+            // Record the role first, while the manager still receives the log: it
+            // watches for it, and leaves once the leader no longer counts it.
+            self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Worker }).await?;
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([rid])), false)
+                .await
+                .map_err(|e| Status::unavailable(format!("membership change failed: {e}")))?;
+        } else {
+            self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Worker }).await?;
+        }
+        tracing::info!(node.id = %n.id, "manager demoted to worker");
+        self.reply(&n.id)
+    }
+
+    /// Administrator only. FAILED_PRECONDITION for a manager that is a raft
+    /// member (demote it first) or a ready node without `force`. The node's
+    /// certificate is refused from then on.
+    async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let n = self.find(&req.get_ref().id_or_prefix)?;
+        if n.role == Role::Manager && n.raft_id.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "node {} is a manager and a raft member: demote it first (secretctl node demote {})",
+                n.id, n.id
+            )));
+        }
+        if n.status == NodeStatus::Ready && !req.get_ref().force {
+            return Err(Status::failed_precondition(format!(
+                "node {} is ready: stop it first, or remove it anyway with --force",
+                n.id
+            )));
+        }
+        self.store.propose(Command::RemoveNodes { nodes: vec![n.id.clone()], deny_until: n.cert_not_after }).await?;
+        tracing::info!(node.id = %n.id, "node removed");
+        Ok(Response::new(RemoveNodeResponse { id: n.id.to_string() }))
     }
 
     /// Administrator only. This manager's view of raft and a digest of its state.

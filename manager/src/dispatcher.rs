@@ -192,6 +192,13 @@ impl Dispatcher {
                 r = applied.changed() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
             }
+            // A removed node's session ends now (its certificate is refused from
+            // here on by the deny-list).
+            {
+                let view = self.0.store.view();
+                let mut sessions = self.0.sessions.lock().expect("sessions lock");
+                sessions.retain(|id, _| !matches!(view.node(id), Ok(None)));
+            }
             let now = self.managers();
             if now == last {
                 continue;
@@ -305,12 +312,18 @@ impl dispatcher_server::Dispatcher for Dispatcher {
     /// Worker or manager certificate. NOT_FOUND for an unknown or superseded session.
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        let role = match self.0.store.view().node(&peer.node_id) {
+            Ok(Some(n)) => n.role,
+            Ok(None) => return Err(Status::not_found(format!("node {} is not part of the cluster", peer.node_id))),
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        let period_ms = self.period().as_millis() as u64;
         let mut sessions = self.0.sessions.lock().expect("sessions lock");
         match sessions.get_mut(&peer.node_id) {
             Some(s) if s.id == req.get_ref().session_id => {
                 s.last_beat = Instant::now();
                 s.last_beat_unix = now_unix();
-                Ok(Response::new(HeartbeatResponse { period_ms: self.period().as_millis() as u64 }))
+                Ok(Response::new(HeartbeatResponse { period_ms, role: role.to_string() }))
             }
             _ => Err(Status::not_found("no such session: open a new one")),
         }

@@ -26,7 +26,7 @@ mod store;
 pub use auth::{Authorizer, Caller, ConnInfo};
 pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 pub use error::ManagerError;
-pub use node::Manager;
+pub use node::{Demotion, Manager, RunOutcome};
 pub use store::{Peers, Store, StoreError};
 
 /// Reads the cluster record and the plaintext CA key of a *stopped* manager's

@@ -224,8 +224,11 @@ impl Manager {
         &self.cfg
     }
 
-    /// Serves until `shutdown` is cancelled, then drains and stops raft.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ManagerError> {
+    /// Serves until `outer` is cancelled — or until this manager is demoted —
+    /// then drains and stops raft.
+    pub async fn run(self, outer: CancellationToken) -> Result<RunOutcome, ManagerError> {
+        let shutdown = outer.child_token();
+        let demotion: Arc<std::sync::Mutex<Option<Demotion>>> = Arc::default();
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
         let secrets = SecretsCache::new(self.view.clone(), self.dek.clone());
@@ -240,6 +243,15 @@ impl Manager {
         if self.forget_other_managers {
             tokio::spawn(forget_other_managers(store.clone(), me.clone(), tasks.clone()));
         }
+        tokio::spawn(watch_demotion(
+            store.clone(),
+            secrets.clone(),
+            peers.clone(),
+            self.cfg.clone(),
+            self.applied.clone(),
+            shutdown.clone(),
+            demotion.clone(),
+        ));
         let (dispatcher, writer) = Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), me.clone());
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
@@ -263,12 +275,18 @@ impl Manager {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), advertise))
             .add_service(dispatcher.service())
-            .add_service(ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone()))
+            .add_service(ControlService::new(
+                store.clone(),
+                secrets.clone(),
+                dispatcher.clone(),
+                auth.clone(),
+                peers.clone(),
+            ))
             .add_service(RaftService::new(self.raft.clone(), auth.clone()))
-            .add_service(ClusterService::new(store.clone(), secrets.clone(), auth.clone(), peers))
+            .add_service(ClusterService::new(store.clone(), secrets.clone(), auth.clone(), peers.clone()))
             .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
         let local = Server::builder()
-            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth))
+            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth, peers))
             .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
         tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
             control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
@@ -289,13 +307,18 @@ impl Manager {
         let _ = self.db.flush_async().await;
         let _ = std::fs::remove_file(sock);
         tracing::info!("manager stopped");
-        result.map_err(ManagerError::from)
+        result.map_err(ManagerError::from)?;
+        let demoted = demotion.lock().expect("demotion lock").take();
+        Ok(match demoted {
+            Some(d) => RunOutcome::Demoted(Box::new(d)),
+            None => RunOutcome::Stopped,
+        })
     }
 
     /// Joins an existing cluster as a manager and runs until `shutdown`:
     /// certificate with the manager token, data key over mTLS, then raft as a
     /// learner and, once caught up, as a voter. `manager.json` is written last.
-    pub async fn join(opts: JoinOptions, shutdown: CancellationToken) -> Result<(), ManagerError> {
+    pub async fn join(opts: JoinOptions, shutdown: CancellationToken) -> Result<RunOutcome, ManagerError> {
         let token: JoinToken =
             opts.token.parse().map_err(|e: swarmd_certs::TokenError| ManagerError::Invalid(e.to_string()))?;
         check_fresh(&opts.data_dir)?;
@@ -322,7 +345,7 @@ impl Manager {
         listener: TcpListener,
         issued: swarmd_worker::Issued,
         shutdown: CancellationToken,
-    ) -> Result<(), ManagerError> {
+    ) -> Result<RunOutcome, ManagerError> {
         let data_dir = &opts.data_dir;
         let bound = listener.local_addr().map_err(io_err(data_dir))?;
         let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
@@ -363,9 +386,53 @@ impl Manager {
             return Err(ManagerError::Join(format!("could not join raft: {}", s.message())));
         }
         cfg.save(data_dir)?;
+        // A promoted worker stops being one only now.
+        let _ = std::fs::remove_file(data_dir.join(swarmd_worker::CONFIG_FILE));
         tracing::info!(node.id = %cfg.node_id, raft_id, "joined the cluster as a manager");
         println!("This node joined the cluster as a manager ({}).", cfg.node_id);
         run.await.map_err(|e| ManagerError::Join(format!("manager task failed: {e}")))?
+    }
+
+    /// A worker that was promoted (`secretctl node promote`) becomes a manager:
+    /// renews into a manager certificate, takes the data key, joins raft.
+    /// `manager.json` replaces `worker.json` once it is a voter.
+    pub async fn promote(data_dir: &Path, shutdown: CancellationToken) -> Result<RunOutcome, ManagerError> {
+        let wcfg = swarmd_worker::WorkerConfig::load(data_dir).map_err(|e| ManagerError::Join(e.to_string()))?;
+        let worker_id = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
+        let tls = Arc::new(swarmd_certs::tls::client_config(&worker_id)?);
+        let (key, csr) = generate_key_and_csr()?;
+        let mut issued = None;
+        for addr in &wcfg.remotes {
+            let Ok(chan) = swarmd_certs::dial::connect(addr, tls.clone()).await else { continue };
+            let req = swarmd_proto::ca::RenewNodeCertificateRequest { csr_pem: csr.clone() };
+            if let Ok(r) = swarmd_proto::ca::ca_client::CaClient::new(chan).renew_node_certificate(req).await {
+                issued = Some((addr.clone(), r.into_inner().certificate_pem));
+                break;
+            }
+        }
+        let (addr, cert) = issued.ok_or_else(|| ManagerError::Join("no manager renewed the certificate".into()))?;
+        let identity = NodeIdentity::new(worker_id.ca_pem.clone(), cert, key)?;
+        if identity.info.role != Role::Manager {
+            return Err(ManagerError::Join("the renewed certificate is not a manager certificate".into()));
+        }
+        let opts = JoinOptions {
+            token: String::new(),
+            remotes: wcfg.remotes.clone(),
+            data_dir: data_dir.to_owned(),
+            listen_addr: wcfg.listen_addr.clone().unwrap_or_else(|| "0.0.0.0:4242".into()),
+            advertise_addr: None,
+            control_socket: None,
+            raft: RaftSettings::default(),
+        };
+        let listener = bind(&opts.listen_addr).await?;
+        let issued = swarmd_worker::Issued { identity, addr, managers: wcfg.remotes };
+        let result = Self::join_in(&opts, listener, issued, shutdown).await;
+        if result.is_err() && !data_dir.join(CONFIG_FILE).exists() {
+            for d in ["keys", "raft"] {
+                let _ = std::fs::remove_dir_all(data_dir.join(d));
+            }
+        }
+        result
     }
 }
 
@@ -405,6 +472,111 @@ impl Manager {
             }
         }
     }
+}
+
+/// How a manager's run ended.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// Shut down on request.
+    Stopped,
+    /// Demoted: apply the [`Demotion`] to the data dir, then run as a worker.
+    Demoted(Box<Demotion>),
+}
+
+/// What a demoted manager becomes: a worker identity signed while it still
+/// held the CA, and a worker config pointing at the remaining managers.
+pub struct Demotion {
+    identity: NodeIdentity,
+    worker: swarmd_worker::WorkerConfig,
+}
+
+impl std::fmt::Debug for Demotion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Demotion").field("node", &self.worker.node_id).finish()
+    }
+}
+
+impl Demotion {
+    /// Rewrites `data_dir` as a worker's: certificate and `worker.json` first,
+    /// then the manager's config, keys and raft store are deleted.
+    pub fn apply(&self, data_dir: &Path) -> Result<(), ManagerError> {
+        self.identity.save(&NodeIdentity::dir(data_dir))?;
+        self.worker.save(data_dir).map_err(|e| ManagerError::Invalid(e.to_string()))?;
+        std::fs::remove_file(data_dir.join(CONFIG_FILE)).map_err(io_err(&data_dir.join(CONFIG_FILE)))?;
+        for d in ["keys", "raft"] {
+            let p = data_dir.join(d);
+            std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(())
+    }
+}
+
+/// Stops the manager once it has been demoted and the leader no longer counts
+/// it as a voter, with a worker identity prepared while it still has the CA.
+async fn watch_demotion(
+    store: Store,
+    secrets: SecretsCache,
+    peers: Peers,
+    cfg: ManagerConfig,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+    out: Arc<std::sync::Mutex<Option<Demotion>>>,
+) {
+    use swarmd_proto::control::control_client::ControlClient;
+    let me = cfg.node_id.clone();
+    let my_raft_id = format!("{:016x}", cfg.raft_id);
+    loop {
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let demoted = matches!(store.view().node(&me), Ok(Some(n)) if n.role == Role::Worker);
+        if !demoted {
+            continue;
+        }
+        // Still needed for the membership change until the leader has dropped us.
+        let Some(leader) = store.leader_addr() else { continue };
+        let info = ControlClient::new(peers.channel(&leader)).info(swarmd_proto::control::InfoRequest {}).await;
+        match info {
+            Ok(i) if !i.get_ref().voters.contains(&my_raft_id) && i.get_ref().leader_raft_id != my_raft_id => {}
+            _ => continue,
+        }
+        match prepare_demotion(&store, &secrets, &cfg) {
+            Ok(d) => {
+                tracing::warn!("this manager was demoted: continuing as a worker");
+                *out.lock().expect("demotion lock") = Some(d);
+                stop.cancel();
+                return;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot prepare the demotion; retrying"),
+        }
+    }
+}
+
+fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) -> Result<Demotion, String> {
+    let s = secrets.get().map_err(|e| e.to_string())?;
+    let (key, csr) = generate_key_and_csr().map_err(|e| e.to_string())?;
+    let issued = s.ca.sign_node(&csr, &cfg.node_id, Role::Worker, s.validity).map_err(|e| e.to_string())?;
+    let identity = NodeIdentity::new(s.ca.bundle_pem().to_owned(), issued.pem, key).map_err(|e| e.to_string())?;
+    let remotes: Vec<String> = store
+        .view()
+        .nodes()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|n| n.role == Role::Manager && n.raft_id.is_some() && n.id != cfg.node_id)
+        .map(|n| n.addr)
+        .collect();
+    if remotes.is_empty() {
+        return Err("no other manager is known".into());
+    }
+    let worker = swarmd_worker::WorkerConfig {
+        node_id: cfg.node_id.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        remotes,
+        listen_addr: Some(cfg.listen_addr.clone()),
+    };
+    Ok(Demotion { identity, worker })
 }
 
 /// Keeps the TLS deny-list equal to the replicated one.

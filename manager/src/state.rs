@@ -156,6 +156,8 @@ pub enum Command {
     /// Removes nodes and refuses their certificates until `deny_until` (unix
     /// seconds, the expiry of their last certificate).
     RemoveNodes { nodes: Vec<NodeId>, deny_until: i64 },
+    /// Changes a node's role (promotion or demotion); a worker has no raft ID.
+    SetRole { node: NodeId, role: Role },
     /// Operator changes to a node.
     UpdateNode {
         node: NodeId,
@@ -351,6 +353,16 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
                 batch.remove(node_key(node));
                 batch.insert(deny_key(node), encode(deny_until));
             }
+        }
+        Command::SetRole { node, role } => {
+            let Some(mut rec) = view.node(node)? else {
+                return Ok(Err(format!("node {node} does not exist")));
+            };
+            rec.role = *role;
+            if *role == Role::Worker {
+                rec.raft_id = None;
+            }
+            batch.insert(node_key(node), encode(&rec));
         }
         Command::SetRaftMember { node, raft_id, addr } => {
             let Some(mut rec) = view.node(node)? else {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use swarmd_certs::CertValidity;
-use swarmd_manager::{InitOptions, Manager};
-use swarmd_worker::{JoinOptions, Worker};
+use swarmd_manager::{InitOptions, Manager, RunOutcome};
+use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
 use tokio_util::sync::CancellationToken;
 
 /// swarmd: a Swarm-style cluster security plane.
@@ -140,6 +140,9 @@ struct JoinArgs {
     remote: Vec<String>,
     #[command(flatten)]
     dir: DataDir,
+    /// Address to listen on if this node is promoted to manager [default: 0.0.0.0:4242]
+    #[arg(long)]
+    listen_addr: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -181,6 +184,7 @@ fn hostname() -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Manager(ManagerCmd::Init(a)) => {
+            let data_dir = a.dir.data_dir.clone();
             let mut opts = InitOptions::new(a.dir.data_dir);
             opts.listen_addr = a.listen_addr;
             opts.advertise_addr = a.advertise_addr;
@@ -191,7 +195,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let manager = Manager::init(opts).await?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
-            manager.run(shutdown_on_signal()).await?;
+            let shutdown = shutdown_on_signal();
+            after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Join(a)) => {
             let opts = swarmd_manager::JoinOptions {
@@ -203,32 +208,72 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 control_socket: a.control_socket,
                 raft: a.raft.settings()?,
             };
-            Manager::join(opts, shutdown_on_signal()).await?;
+            let data_dir = opts.data_dir.clone();
+            let shutdown = shutdown_on_signal();
+            after_manager(&data_dir, Manager::join(opts, shutdown.clone()).await?, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Recover(a)) => {
             debug_assert!(a.force_new_cluster);
             let m = Manager::recover(&a.dir.data_dir).await?;
             println!("Forced a new cluster: this manager ({}) is now the only manager.", m.config().node_id);
-            m.run(shutdown_on_signal()).await?;
+            let shutdown = shutdown_on_signal();
+            after_manager(&a.dir.data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Worker(WorkerCmd::Join(a)) => {
-            let opts =
-                JoinOptions { token: a.token, remotes: a.remote, data_dir: a.dir.data_dir, hostname: hostname() };
+            let data_dir = a.dir.data_dir.clone();
+            let opts = JoinOptions {
+                token: a.token,
+                remotes: a.remote,
+                data_dir: a.dir.data_dir,
+                hostname: hostname(),
+                listen_addr: a.listen_addr,
+            };
             let worker = Worker::join(opts).await?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
-            worker.run(shutdown_on_signal()).await?;
+            let shutdown = shutdown_on_signal();
+            after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Run(a) => run_existing(&a.dir.data_dir).await?,
     }
     Ok(())
 }
 
+/// What happens after a manager stops: nothing, or — if it was demoted — its
+/// data dir becomes a worker's and this process re-executes as `swarmd run`.
+async fn after_manager(data_dir: &Path, outcome: RunOutcome, _shutdown: CancellationToken) -> anyhow::Result<()> {
+    match outcome {
+        RunOutcome::Stopped => Ok(()),
+        RunOutcome::Demoted(d) => {
+            d.apply(data_dir).context("cannot turn the demoted manager into a worker")?;
+            println!("This node was demoted; it now runs as a worker.");
+            use std::os::unix::process::CommandExt;
+            let err =
+                std::process::Command::new(std::env::current_exe()?).arg("run").arg("--data-dir").arg(data_dir).exec();
+            Err(anyhow::Error::new(err).context("cannot restart as a worker"))
+        }
+    }
+}
+
+/// What happens after a worker stops: nothing, or — if it was promoted — it
+/// becomes a manager in this process.
+async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match outcome {
+        WorkerOutcome::Stopped => Ok(()),
+        WorkerOutcome::Promoted => {
+            let outcome = Manager::promote(data_dir, shutdown.clone()).await.context("promotion to manager failed")?;
+            Box::pin(after_manager(data_dir, outcome, shutdown)).await
+        }
+    }
+}
+
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
         let m = Manager::open(data_dir).await.context("cannot start the manager")?;
-        m.run(shutdown_on_signal()).await?;
+        let shutdown = shutdown_on_signal();
+        after_manager(data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
     } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
-        Worker::open(data_dir)?.run(shutdown_on_signal()).await?;
+        let shutdown = shutdown_on_signal();
+        after_worker(data_dir, Worker::open(data_dir)?.run(shutdown.clone()).await?, shutdown).await?;
     } else {
         anyhow::bail!(
             "{} holds no swarmd node; create one with `swarmd manager init` or `swarmd worker join`",

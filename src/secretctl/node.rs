@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde::Serialize;
 use swarmd_proto::control::control_client::ControlClient;
-use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node, UpdateNodeRequest};
+use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node, RemoveNodeRequest, UpdateNodeRequest};
 use tonic::transport::Channel;
 
 use super::client::explain;
@@ -20,6 +20,17 @@ pub(super) enum NodeCmd {
     },
     /// Show one node (ID, unique ID prefix or hostname).
     Inspect { node: String },
+    /// Make a worker a manager (it joins raft by itself).
+    Promote { node: String },
+    /// Make a manager a worker; refused if the managers left would lose quorum.
+    Demote { node: String },
+    /// Remove a node and refuse its certificate from now on.
+    Rm {
+        node: String,
+        /// Remove it even if it is ready.
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Change a node's availability or labels.
     Update {
         node: String,
@@ -157,6 +168,22 @@ pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyho
                 ];
                 table(&["FIELD", "VALUE"], &rows);
             }
+        }
+        NodeCmd::Promote { node } => {
+            let n = client.promote_node(GetNodeRequest { id_or_prefix: node }).await.map_err(explain)?.into_inner();
+            println!("Node {} promoted to a manager in the cluster.", n.id);
+        }
+        NodeCmd::Demote { node } => {
+            let n = client.demote_node(GetNodeRequest { id_or_prefix: node }).await.map_err(explain)?.into_inner();
+            println!("Manager {} demoted in the cluster.", n.id);
+        }
+        NodeCmd::Rm { node, force } => {
+            let r = client
+                .remove_node(RemoveNodeRequest { id_or_prefix: node, force })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            println!("{}", r.id);
         }
         NodeCmd::Update { node, availability, label_add, label_rm } => {
             let req = UpdateNodeRequest {

@@ -19,6 +19,9 @@ pub struct WorkerConfig {
     pub cluster_id: ClusterId,
     /// Manager addresses to dial, updated from sessions.
     pub remotes: Vec<String>,
+    /// Where to listen if this node is promoted to manager.
+    #[serde(default)]
+    pub listen_addr: Option<String>,
 }
 
 impl WorkerConfig {

@@ -31,6 +31,8 @@ pub struct JoinOptions {
     pub data_dir: PathBuf,
     /// Hostname to report.
     pub hostname: String,
+    /// Where to listen if this node is later promoted to manager.
+    pub listen_addr: Option<String>,
 }
 
 /// Why a join failed. Each message names the cause and what to do.
@@ -183,7 +185,12 @@ fn persist(opts: &JoinOptions, issued: Issued) -> Result<(WorkerConfig, NodeIden
             remotes.push(m);
         }
     }
-    let cfg = WorkerConfig { node_id: identity.info.node_id.clone(), cluster_id, remotes };
+    let cfg = WorkerConfig {
+        node_id: identity.info.node_id.clone(),
+        cluster_id,
+        remotes,
+        listen_addr: opts.listen_addr.clone(),
+    };
     let certs = NodeIdentity::dir(&opts.data_dir);
     let persisted = std::fs::create_dir_all(&opts.data_dir)
         .map_err(|source| JoinError::Io { path: opts.data_dir.clone(), source })

@@ -77,8 +77,9 @@ impl Worker {
         &self.cfg.node_id
     }
 
-    /// Holds a session and renews the certificate until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    /// Holds a session and renews the certificate until `shutdown` is cancelled
+    /// or the node is promoted to manager.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerOutcome, WorkerError> {
         let remotes = Remotes::new(self.cfg.remotes.clone());
         let channel = lazy_channel(remotes.clone(), self.creds.client());
         let issuer = RpcIssuer { channel: channel.clone() };
@@ -87,11 +88,20 @@ impl Worker {
         tokio::spawn(renewer.run(tasks.clone()));
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
         let session = session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone());
-        session.run(shutdown).await;
+        let promoted = session.run(shutdown).await;
         tasks.cancel();
         tracing::info!("worker stopped");
-        Ok(())
+        Ok(if promoted { WorkerOutcome::Promoted } else { WorkerOutcome::Stopped })
     }
+}
+
+/// How a worker's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    /// Shut down on request.
+    Stopped,
+    /// Promoted: the caller turns this node into a manager (`Manager::promote`).
+    Promoted,
 }
 
 /// Renews through the `RenewNodeCertificate` RPC on the session's channel, so a

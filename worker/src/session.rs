@@ -27,14 +27,15 @@ impl SessionLoop {
         Self { channel, remotes, data_dir, cfg, hostname }
     }
 
-    /// Runs until `shutdown` is cancelled; failures back off and retry.
-    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+    /// Runs until `shutdown` is cancelled or the node is promoted (returns
+    /// `true`); failures back off and retry.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> bool {
         let first = Duration::from_millis(200);
         let mut backoff = Backoff::new(first, Duration::from_secs(5));
         loop {
             let opened = std::time::Instant::now();
             match self.one(&shutdown).await {
-                Ok(()) => return,
+                Ok(promoted) => return promoted,
                 Err(e) => {
                     if opened.elapsed() > Duration::from_secs(30) {
                         backoff.reset(first);
@@ -43,14 +44,14 @@ impl SessionLoop {
                     tracing::warn!(error = %e, retry_in = wait.as_secs_f64(), "session lost");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return false,
                     }
                 }
             }
         }
     }
 
-    async fn one(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
+    async fn one(&mut self, shutdown: &CancellationToken) -> Result<bool, String> {
         let fmt = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
         let mut client = DispatcherClient::new(self.channel.clone());
         let mut stream =
@@ -71,9 +72,14 @@ impl SessionLoop {
                 },
                 _ = tokio::time::sleep(wait) => {
                     let r = client.heartbeat(HeartbeatRequest { session_id: session_id.clone() }).await.map_err(fmt)?;
-                    period = Duration::from_millis(r.into_inner().period_ms.max(100));
+                    let r = r.into_inner();
+                    period = Duration::from_millis(r.period_ms.max(100));
+                    if r.role == "manager" {
+                        tracing::warn!("this node was promoted to manager");
+                        return Ok(true);
+                    }
                 }
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(false),
             }
         }
     }
