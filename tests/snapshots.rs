@@ -9,6 +9,23 @@ use swarmd::secretctl::{connect, Host};
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::UpdateNodeRequest;
 
+/// Waits until `m`'s latest snapshot covers log index `index`. openraft checks
+/// its snapshot policy only as entries are applied, and skips the check while a
+/// build is running: small writes keep it checking.
+fn wait_snapshot_covering(m: &Manager, index: u64) -> serde_json::Value {
+    let mut tick = 0;
+    wait_for("a snapshot covering the writes", std::time::Duration::from_secs(180), || {
+        let i = info(m)?;
+        if i["snapshot_index"].as_u64()? >= index {
+            return Some(i);
+        }
+        tick += 1;
+        m.ctl(&["node", "update", &m.node_id(), "--label-add", &format!("tick={tick}")]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        None
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_manager_catches_up_through_a_snapshot() {
     swarmd_certs::install_crypto_provider();
@@ -40,10 +57,7 @@ async fn a_late_manager_catches_up_through_a_snapshot() {
         t.await.unwrap();
     }
     eprintln!("{WRITES} writes from {CLIENTS} clients in {:?}", started.elapsed());
-    let i1 = wait_for("a snapshot on the leader", DEADLINE, || {
-        let i = info(&m1)?;
-        (i["snapshot_index"].as_u64()? >= 20_000).then_some(i)
-    });
+    let i1 = wait_snapshot_covering(&m1, 20_000);
     assert!(i1["last_log_index"].as_u64().unwrap() > 20_000);
 
     let m2 = env.join_manager("m2", &m1.token("manager"), &m1);
@@ -61,5 +75,90 @@ async fn a_late_manager_catches_up_through_a_snapshot() {
         (a["last_applied"] == b["last_applied"] && a["state_digest"] == b["state_digest"]).then_some(())
     });
     let labels = m2.node(&me).unwrap()["labels"].as_object().unwrap().clone();
-    assert_eq!(labels.len(), CLIENTS);
+    assert!((0..CLIENTS).all(|c| labels.contains_key(&format!("c{c}"))), "a client's labels are missing on m2");
+}
+
+/// A 100 MiB state (100 nodes with 256 labels of 4,000 bytes each, written
+/// through the control API) reaches a new manager as a chunked snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_100_mib_state_reaches_a_new_manager_as_a_snapshot() {
+    use swarmd_proto::ca::ca_client::CaClient;
+    use swarmd_proto::ca::IssueNodeCertificateRequest;
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    let interval = std::env::var("SNAP_EVERY").unwrap_or_else(|_| "50".into());
+    let m1 = env.start_manager("m1", &["--snapshot-interval", &interval]);
+    let t0 = std::time::Instant::now();
+    let token = m1.token("worker");
+    let ca = std::fs::read_to_string(m1.data.join("certs/ca.crt")).unwrap();
+    let anon = swarmd_certs::dial::connect(
+        &m1.addr,
+        std::sync::Arc::new(swarmd_certs::tls::anonymous_client_config(&ca).unwrap()),
+    )
+    .await
+    .unwrap();
+    let control = connect(&Host::Unix(m1.socket())).await.unwrap();
+    const NODES: usize = 100;
+    let mut filler = 0u64;
+    for n in 0..NODES {
+        let (_key, csr) = swarmd_certs::generate_key_and_csr().unwrap();
+        let id = CaClient::new(anon.clone())
+            .issue_node_certificate(IssueNodeCertificateRequest {
+                token: token.clone(),
+                csr_pem: csr,
+                hostname: format!("fake{n}"),
+                role: "worker".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .node_id;
+        let labels = (0..256)
+            .map(|l| {
+                filler += 1;
+                // Distinct, incompressible-looking content.
+                let v: String = (0..500).map(|i| format!("{:08x}", (filler * 2654435761 + i) % 0xffff_ffff)).collect();
+                (format!("l{l}"), v)
+            })
+            .collect();
+        ControlClient::new(control.clone())
+            .update_node(UpdateNodeRequest { id_or_prefix: id, labels_add: labels, ..Default::default() })
+            .await
+            .unwrap();
+    }
+    eprintln!("{NODES} x 1 MiB writes in {:?}", t0.elapsed());
+    let covered = info(&m1).unwrap()["last_applied"].as_u64().unwrap();
+    let i1 = wait_snapshot_covering(&m1, covered);
+    eprintln!("leader: {i1}");
+    let raft_bytes: u64 = files_below(&m1.data.join("raft")).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(raft_bytes > 100 << 20, "state smaller than intended: {raft_bytes} bytes");
+
+    // The new manager can only catch up through the snapshot: the log behind it is gone.
+    let data = env.path("m2");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mtoken = m1.token("manager");
+    let idx = env.spawn(
+        "m2",
+        &[
+            "manager",
+            "join",
+            &mtoken,
+            "--remote",
+            &m1.addr,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-addr",
+            &addr,
+        ],
+    );
+    let m2 = Manager { name: "m2".into(), data, addr, proc_idx: idx };
+    wait_for("m2 to join", std::time::Duration::from_secs(180), || m2.data.join("manager.json").exists().then_some(()));
+    wait_for("equal state digests", std::time::Duration::from_secs(60), || {
+        let (a, b) = (info(&m1)?, info(&m2)?);
+        (a["last_applied"] == b["last_applied"] && a["state_digest"] == b["state_digest"]).then_some(())
+    });
+    let log = env.procs[m2.proc_idx].log_text();
+    assert!(log.contains("installed a snapshot"), "no snapshot was installed:\n{log}");
+    let (n1, n2) = (m1.nodes().len(), m2.nodes().len());
+    assert_eq!((n1, n2), (NODES + 2, NODES + 2), "node lists differ: m1 {n1}, m2 {n2}");
 }

@@ -39,15 +39,7 @@ impl CaService {
     }
 
     fn managers(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .store
-            .view()
-            .nodes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
-            .map(|n| n.addr)
-            .collect();
+        let mut v = self.store.view().manager_addrs().unwrap_or_default();
         if v.is_empty() {
             v.push(self.advertise.clone());
         }

@@ -31,7 +31,8 @@ pub struct ClusterService {
 impl ClusterService {
     /// The service, ready to mount.
     pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, peers: Peers) -> ClusterServer<Self> {
-        ClusterServer::new(Self { store, secrets, auth, peers })
+        // Forwarded commands are bounded by the control API's 4 MiB requests.
+        ClusterServer::new(Self { store, secrets, auth, peers }).max_decoding_message_size(16 << 20)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
 use crate::keys::purpose;
-use crate::state::{check_label_key, Availability, Command, NodeRecord, NodeStatus};
+use crate::state::{check_label, Availability, Command, NodeRecord, NodeStatus};
 use crate::store::Peers;
 use crate::store::Store;
 use openraft::ChangeMembers;
@@ -143,8 +143,8 @@ impl control_server::Control for ControlService {
             "" => None,
             a => Some(a.parse::<Availability>().map_err(Status::invalid_argument)?),
         };
-        for k in r.labels_add.keys() {
-            check_label_key(k).map_err(Status::invalid_argument)?;
+        for (k, v) in &r.labels_add {
+            check_label(k, v).map_err(Status::invalid_argument)?;
         }
         let cmd = Command::UpdateNode {
             node: n.id.clone(),

@@ -161,18 +161,7 @@ impl Dispatcher {
 
     /// Addresses of every manager that is a raft member.
     fn managers(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .0
-            .store
-            .view()
-            .nodes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
-            .map(|n| n.addr)
-            .collect();
-        v.sort();
-        v
+        self.0.store.view().manager_addrs().unwrap_or_default()
     }
 
     /// Ends every session (on shutdown), so that nodes move to another manager at once.

@@ -559,13 +559,13 @@ fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) 
     let (key, csr) = generate_key_and_csr().map_err(|e| e.to_string())?;
     let issued = s.ca.sign_node(&csr, &cfg.node_id, Role::Worker, s.validity).map_err(|e| e.to_string())?;
     let identity = NodeIdentity::new(s.ca.bundle_pem().to_owned(), issued.pem, key).map_err(|e| e.to_string())?;
+    let me = store.view().node(&cfg.node_id).map_err(|e| e.to_string())?.map(|n| n.addr);
     let remotes: Vec<String> = store
         .view()
-        .nodes()
+        .manager_addrs()
         .map_err(|e| e.to_string())?
         .into_iter()
-        .filter(|n| n.role == Role::Manager && n.raft_id.is_some() && n.id != cfg.node_id)
-        .map(|n| n.addr)
+        .filter(|a| Some(a) != me.as_ref())
         .collect();
     if remotes.is_empty() {
         return Err("no other manager is known".into());

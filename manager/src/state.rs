@@ -273,6 +273,18 @@ impl StateView {
         Ok(hex::encode(h.finalize()))
     }
 
+    /// Addresses of the managers that are raft members, sorted.
+    pub fn manager_addrs(&self) -> Result<Vec<String>, StateError> {
+        let mut v: Vec<String> = self
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
+            .map(|n| n.addr)
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
     /// All nodes, ordered by ID.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
         let mut out = Vec::new();
@@ -382,8 +394,8 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             let Some(mut rec) = view.node(node)? else {
                 return Ok(Err(format!("node {node} does not exist")));
             };
-            for (k, _) in labels_add {
-                if let Err(why) = check_label_key(k) {
+            for (k, v) in labels_add {
+                if let Err(why) = check_label(k, v) {
                     return Ok(Err(why));
                 }
             }
@@ -403,6 +415,18 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
         }
     }
     Ok(Ok(batch))
+}
+
+/// Longest label value accepted.
+pub const MAX_LABEL_VALUE: usize = 4096;
+
+/// A label: key as [`check_label_key`], value at most 4 KiB.
+pub fn check_label(k: &str, v: &str) -> Result<(), String> {
+    check_label_key(k)?;
+    if v.len() > MAX_LABEL_VALUE {
+        return Err(format!("label {k:?}: value of {} bytes is over the {MAX_LABEL_VALUE}-byte limit", v.len()));
+    }
+    Ok(())
 }
 
 /// Label keys: 1–128 characters of `[A-Za-z0-9._/-]`, starting with a letter or digit.

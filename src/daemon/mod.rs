@@ -59,15 +59,8 @@ struct ManagerJoinArgs {
     remote: Vec<String>,
     #[command(flatten)]
     dir: DataDir,
-    /// Address to listen on for nodes and peers (port 0: pick a free port, kept across restarts).
-    #[arg(long, default_value = "0.0.0.0:4242")]
-    listen_addr: String,
-    /// Address other nodes dial [default: the listen address, or this host's address]
-    #[arg(long)]
-    advertise_addr: Option<String>,
-    /// Control socket path [default: <data-dir>/control.sock]
-    #[arg(long)]
-    control_socket: Option<PathBuf>,
+    #[command(flatten)]
+    addrs: ManagerAddrs,
     #[command(flatten)]
     raft: RaftArgs,
 }
@@ -85,10 +78,9 @@ struct DataDir {
     data_dir: PathBuf,
 }
 
+/// Where a manager listens and what it advertises.
 #[derive(Args, Debug)]
-struct InitArgs {
-    #[command(flatten)]
-    dir: DataDir,
+struct ManagerAddrs {
     /// Address to listen on for nodes and peers (port 0: pick a free port, kept across restarts).
     #[arg(long, default_value = "0.0.0.0:4242")]
     listen_addr: String,
@@ -98,6 +90,14 @@ struct InitArgs {
     /// Control socket path [default: <data-dir>/control.sock]
     #[arg(long)]
     control_socket: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    #[command(flatten)]
+    addrs: ManagerAddrs,
     /// Lifetime of node certificates, e.g. 30s, 90m, 24h (minimum 30s).
     #[arg(long, default_value = "24h")]
     cert_expiry: CertValidity,
@@ -186,9 +186,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Manager(ManagerCmd::Init(a)) => {
             let data_dir = a.dir.data_dir.clone();
             let mut opts = InitOptions::new(a.dir.data_dir);
-            opts.listen_addr = a.listen_addr;
-            opts.advertise_addr = a.advertise_addr;
-            opts.control_socket = a.control_socket;
+            opts.listen_addr = a.addrs.listen_addr;
+            opts.advertise_addr = a.addrs.advertise_addr;
+            opts.control_socket = a.addrs.control_socket;
             opts.cert_expiry = a.cert_expiry;
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
@@ -203,9 +203,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: a.token,
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
-                listen_addr: a.listen_addr,
-                advertise_addr: a.advertise_addr,
-                control_socket: a.control_socket,
+                listen_addr: a.addrs.listen_addr,
+                advertise_addr: a.addrs.advertise_addr,
+                control_socket: a.addrs.control_socket,
                 raft: a.raft.settings()?,
             };
             let data_dir = opts.data_dir.clone();

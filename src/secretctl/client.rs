@@ -76,3 +76,9 @@ pub fn explain(s: tonic::Status) -> anyhow::Error {
         _ => anyhow!("{}", s.message()),
     }
 }
+
+/// A control API client. Listings of large clusters (labels, later secrets'
+/// metadata) exceed tonic's default 4 MiB response limit.
+pub fn control(channel: Channel) -> swarmd_proto::control::control_client::ControlClient<Channel> {
+    swarmd_proto::control::control_client::ControlClient::new(channel).max_decoding_message_size(256 << 20)
+}

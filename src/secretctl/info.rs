@@ -1,7 +1,6 @@
 //! `secretctl info`: the manager's view of raft, and a digest of its state.
 
 use serde::Serialize;
-use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::InfoRequest;
 use tonic::transport::Channel;
 
@@ -25,7 +24,7 @@ struct InfoView {
 }
 
 pub(super) async fn run(channel: Channel, format: Format) -> anyhow::Result<()> {
-    let i = ControlClient::new(channel).info(InfoRequest {}).await.map_err(explain)?.into_inner();
+    let i = super::client::control(channel).info(InfoRequest {}).await.map_err(explain)?.into_inner();
     let v = InfoView {
         node_id: i.node_id,
         cluster_id: i.cluster_id,

@@ -1,7 +1,6 @@
 //! `secretctl join-token worker|manager [-q] [--rotate]`.
 
 use clap::Args;
-use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::GetJoinTokenRequest;
 use tonic::transport::Channel;
 
@@ -21,7 +20,7 @@ pub(super) struct JoinTokenArgs {
 }
 
 pub(super) async fn run(channel: Channel, a: JoinTokenArgs) -> anyhow::Result<()> {
-    let mut client = ControlClient::new(channel);
+    let mut client = super::client::control(channel);
     let token = client
         .get_join_token(GetJoinTokenRequest { role: a.role.clone(), rotate: a.rotate })
         .await

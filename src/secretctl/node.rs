@@ -2,7 +2,6 @@
 
 use clap::Subcommand;
 use serde::Serialize;
-use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{GetNodeRequest, ListNodesRequest, Node, RemoveNodeRequest, UpdateNodeRequest};
 use tonic::transport::Channel;
 
@@ -107,7 +106,7 @@ impl From<Node> for NodeView {
 }
 
 pub(super) async fn run(channel: Channel, cmd: NodeCmd, format: Format) -> anyhow::Result<()> {
-    let mut client = ControlClient::new(channel);
+    let mut client = super::client::control(channel);
     match cmd {
         NodeCmd::Ls { quiet } => {
             let nodes: Vec<NodeView> = client

@@ -1,8 +1,8 @@
 //! Raft: openraft 0.9 with its v2 storage traits implemented over sled.
 //!
 //! One sled database under `raft/` holds the log (`log` tree), raft's vote and
-//! commit markers (`raft_meta`), the state machine (`sm`) and the last snapshot
-//! (`snapshot`). Durability: an append or a vote is acknowledged to openraft only
+//! commit markers (`raft_meta`) and the state machine (`sm`); the last snapshot
+//! is the file `raft/snapshot.bin`. Durability: an append or a vote is acknowledged to openraft only
 //! after `sled::Db::flush_async` returns, i.e. after the data is fsynced; since
 //! the state machine lives in the same database, that flush also persists every
 //! apply that happened before it. Concurrent proposals that openraft batches into
@@ -98,11 +98,14 @@ impl RaftSettings {
             election_timeout_max: self.election_max.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_behind_snapshot,
-            // 64 entries of at most ~500 KiB stay well inside the 64 MiB gRPC
-            // message limit of the raft transport.
+            // Commands are bounded by the control API's 4 MiB request limit, so 16
+            // of them stay inside the raft transport's 128 MiB message limit; the
+            // transport also cuts batches by bytes (see `network`).
             max_payload_entries: 64,
             // Snapshots travel in 4 MiB chunks, whatever their size.
             snapshot_max_chunk_size: 4 << 20,
+            // Installing the last chunk of a large snapshot takes seconds, not ms.
+            install_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()
@@ -139,7 +142,7 @@ pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
     let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
     let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
     let log = LogStore::open(&db).map_err(storage_err)?;
-    let sm = StateMachine::open(&db).map_err(storage_err)?;
+    let sm = StateMachine::open(&db, dir).map_err(storage_err)?;
     Ok(Storage { db, log, sm })
 }
 

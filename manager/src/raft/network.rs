@@ -26,6 +26,12 @@ use tonic::{Request, Response, Status};
 use super::{Raft, TypeConfig};
 use crate::auth::Authorizer;
 
+/// Largest raft message accepted or sent (see `max_payload_entries`).
+const RAFT_MESSAGE_LIMIT: usize = 128 << 20;
+
+/// Bytes of entries sent in one append (see `PeerClient::append_entries`).
+const APPEND_BUDGET: u64 = 2 << 20;
+
 /// Creates clients to peer managers.
 #[derive(Clone)]
 pub struct Network {
@@ -50,7 +56,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         let channel = lazy_channel(Remotes::new(vec![node.addr.clone()]), self.tls.clone());
-        PeerClient { target, client: RaftClient::new(channel).max_decoding_message_size(64 << 20) }
+        PeerClient {
+            target,
+            client: RaftClient::new(channel)
+                .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
+                .max_encoding_message_size(RAFT_MESSAGE_LIMIT),
+        }
     }
 }
 
@@ -90,12 +101,36 @@ type CallFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<RaftPayload>, Status>> + Send + 'a>>;
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// openraft 0.9 gives every append the raft heartbeat interval (100 ms) to
+    /// complete and batches by entry count only, so a batch of large entries
+    /// could never make it. A batch is cut at [`APPEND_BUDGET`] bytes (always at
+    /// least one entry) and the cut reported as `PartialSuccess`; the leader
+    /// sends the rest next.
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(&rpc, |c, p| Box::pin(c.append_entries(p))).await
+        let mut size = 0u64;
+        let mut keep = 0;
+        for e in &rpc.entries {
+            let s = bincode::serialized_size(e).unwrap_or(0);
+            if keep > 0 && size + s > APPEND_BUDGET {
+                break;
+            }
+            size += s;
+            keep += 1;
+        }
+        if keep == rpc.entries.len() {
+            return self.call(&rpc, |c, p| Box::pin(c.append_entries(p))).await;
+        }
+        let last = rpc.entries[keep - 1].log_id;
+        rpc.entries.truncate(keep);
+        let resp: AppendEntriesResponse<u64> = self.call(&rpc, |c, p| Box::pin(c.append_entries(p))).await?;
+        Ok(match resp {
+            AppendEntriesResponse::Success => AppendEntriesResponse::PartialSuccess(Some(last)),
+            other => other,
+        })
     }
 
     async fn install_snapshot(
@@ -124,7 +159,9 @@ pub struct RaftService {
 impl RaftService {
     /// Serves `raft`, admitting manager certificates only.
     pub fn new(raft: Raft, auth: Authorizer) -> raft_server::RaftServer<Self> {
-        raft_server::RaftServer::new(Self { raft, auth }).max_decoding_message_size(64 << 20)
+        raft_server::RaftServer::new(Self { raft, auth })
+            .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(RAFT_MESSAGE_LIMIT)
     }
 }
 

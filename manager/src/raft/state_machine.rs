@@ -1,5 +1,7 @@
 //! The state machine on sled: applies committed commands to the `sm` tree and
-//! builds and installs snapshots (kept in their own `snapshot` tree).
+//! builds and installs snapshots. A snapshot lives in its own file,
+//! `raft/snapshot.bin` (written to a temporary file, fsynced, renamed): sled is
+//! not made for values of many megabytes.
 
 // openraft's storage traits fix `StorageError` (224 bytes) as their error type.
 #![allow(clippy::result_large_err)]
@@ -20,8 +22,7 @@ use crate::state::{encode, plan, CommandResult, StateView};
 const LAST_APPLIED: &[u8] = b"meta/last_applied";
 const MEMBERSHIP: &[u8] = b"meta/membership";
 const META_PREFIX: &[u8] = b"meta/";
-const SNAP_META: &[u8] = b"meta";
-const SNAP_DATA: &[u8] = b"data";
+const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 type Membership = StoredMembership<u64, BasicNode>;
 
@@ -30,7 +31,7 @@ type Membership = StoredMembership<u64, BasicNode>;
 pub struct StateMachine {
     db: sled::Db,
     sm: sled::Tree,
-    snap: sled::Tree,
+    snapshot_path: std::path::PathBuf,
     /// Serializes applies against snapshot building and installing, so a snapshot
     /// is a consistent cut of the tree.
     lock: Arc<Mutex<()>>,
@@ -53,7 +54,7 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
 }
 
 impl StateMachine {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    pub(super) fn open(db: &sled::Db, dir: &std::path::Path) -> Result<Self, sled::Error> {
         let sm = db.open_tree("sm")?;
         let applied = match sm.get(LAST_APPLIED)? {
             Some(v) => bincode::deserialize::<Option<LogId<u64>>>(&v).ok().flatten().map_or(0, |l| l.index),
@@ -61,7 +62,7 @@ impl StateMachine {
         };
         Ok(Self {
             db: db.clone(),
-            snap: db.open_tree("snapshot")?,
+            snapshot_path: dir.join(SNAPSHOT_FILE),
             sm,
             lock: Arc::new(Mutex::new(())),
             applied: Arc::new(watch::Sender::new(applied)),
@@ -91,9 +92,47 @@ impl StateMachine {
     }
 }
 
+/// Writes `meta` and `data` to `path` atomically: `[u64 meta length][meta][data]`.
+fn write_snapshot_file(
+    path: &std::path::Path,
+    meta: &SnapshotMeta<u64, BasicNode>,
+    data: &[u8],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let meta = encode(meta);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&(meta.len() as u64).to_be_bytes())?;
+    f.write_all(&meta)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A snapshot read back from its file: metadata and data.
+type StoredSnapshot = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+
+fn read_snapshot_file(path: &std::path::Path) -> std::io::Result<Option<StoredSnapshot>> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "corrupt snapshot file");
+    let len = u64::from_be_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let meta = bincode::deserialize(bytes.get(8..8 + len).ok_or_else(bad)?).map_err(|_| bad())?;
+    let data = bytes.split_off(8 + len);
+    Ok(Some((meta, data)))
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let (meta, bytes) = {
+        // Copy a consistent cut under the lock; encode and write it outside.
+        let (meta, kvs) = {
             let _g = self.lock.lock().await;
             let (last, membership) = self.read_meta()?;
             let mut kvs = Vec::new();
@@ -108,13 +147,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 None => format!("empty-{}", rand::random::<u32>()),
             };
             let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
-            (meta, encode(&SnapshotData { kvs }))
+            (meta, kvs)
         };
-        let mut b = sled::Batch::default();
-        b.insert(SNAP_META, encode(&meta));
-        b.insert(SNAP_DATA, bytes.clone());
-        self.snap.apply_batch(b).map_err(snap_err)?;
+        let bytes = encode(&SnapshotData { kvs });
+        // The state the snapshot covers must be durable before the log behind it is purged.
         self.db.flush_async().await.map_err(snap_err)?;
+        let (path, m, b) = (self.snapshot_path.clone(), meta.clone(), bytes);
+        let bytes = tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &b).map(|_| b))
+            .await
+            .map_err(|e| snap_err(std::io::Error::other(e)))?
+            .map_err(snap_err)?;
+        tracing::debug!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -188,12 +231,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             b.insert(LAST_APPLIED, encode(&meta.last_log_id));
             b.insert(MEMBERSHIP, encode(&meta.last_membership));
             self.sm.apply_batch(b).map_err(io_write)?;
-            let mut s = sled::Batch::default();
-            s.insert(SNAP_META, encode(meta));
-            s.insert(SNAP_DATA, bytes);
-            self.snap.apply_batch(s).map_err(snap_err)?;
         }
         self.db.flush_async().await.map_err(snap_err)?;
+        let (path, m) = (self.snapshot_path.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &bytes))
+            .await
+            .map_err(|e| snap_err(std::io::Error::other(e)))?
+            .map_err(snap_err)?;
         if let Some(l) = meta.last_log_id {
             self.applied.send_replace(l.index);
         }
@@ -202,12 +246,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        let (Some(m), Some(d)) =
-            (self.snap.get(SNAP_META).map_err(io_read)?, self.snap.get(SNAP_DATA).map_err(io_read)?)
-        else {
-            return Ok(None);
-        };
-        let meta: SnapshotMeta<u64, BasicNode> = bincode::deserialize(&m).map_err(io_read)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.to_vec())) }))
+        let path = self.snapshot_path.clone();
+        let read = tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+            .await
+            .map_err(|e| io_read(std::io::Error::other(e)))?
+            .map_err(io_read)?;
+        Ok(read.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
