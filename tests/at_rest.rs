@@ -11,14 +11,22 @@ use common::*;
 fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
     let mut env = Env::new();
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    // A second manager receives the data key over mTLS and keeps it sealed.
+    let m2 = env.join_manager("m2", &m.token("manager"), &m);
     let worker_token = m.token("worker");
     let _w1 = env.join_worker("w1", &worker_token, &m.addr);
-    m.wait_ready(2);
+    m.wait_ready(3);
     m.ctl_ok(&["join-token", "worker", "--rotate"]);
     let rotated = m.token("worker");
     let manager_token = m.token("manager");
-    let exit = env.proc(m.proc_idx).terminate();
-    assert!(exit.success(), "manager did not shut down cleanly: {exit:?}");
+    for mgr in [&m2, &m] {
+        let exit = env.proc(mgr.proc_idx).terminate();
+        assert!(exit.success(), "{} did not shut down cleanly: {exit:?}", mgr.name);
+    }
+    let dek = swarmd_manager::keys::KeyDir::new(&m.data).load_dek().unwrap();
+    let dek2 = swarmd_manager::keys::KeyDir::new(&m2.data).load_dek().unwrap();
+    assert_eq!(dek.expose(), dek2.expose(), "the joined manager holds another data key");
+    let key2 = swarmd_manager::open_ca_key_offline(&m2.data).unwrap();
 
     let key_pem = swarmd_manager::open_ca_key_offline(&m.data).expect("open the sealed CA key");
     assert!(key_pem.contains("PRIVATE KEY"));
@@ -40,6 +48,9 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
         needles.push((format!("{what} secret"), secret.as_bytes().to_vec()));
         needles.push((format!("{what} secret bytes"), hex::decode(secret).unwrap()));
     }
+    assert_eq!(*key2, *key_pem, "the joined manager opens another CA key");
+    needles.push(("data key".into(), dek.expose().to_vec()));
+    needles.push(("data key hex".into(), hex::encode(dek.expose()).into_bytes()));
     let scanned = files_below(env.dir.path()).len();
     assert!(scanned > 10, "scanned only {scanned} files");
     for (what, needle) in &needles {

@@ -12,8 +12,10 @@ use swarmd_certs::tls::{anonymous_client_config, client_config};
 use swarmd_certs::NodeIdentity;
 use swarmd_proto::ca::ca_client::CaClient;
 use swarmd_proto::ca::{GetRootCaRequest, IssueNodeCertificateRequest, RenewNodeCertificateRequest};
+use swarmd_proto::cluster::cluster_client::ClusterClient;
+use swarmd_proto::cluster::{GetDataKeyRequest, JoinRaftRequest, ProposeRequest};
 use swarmd_proto::control::control_client::ControlClient;
-use swarmd_proto::control::{GetJoinTokenRequest, ListNodesRequest};
+use swarmd_proto::control::{GetJoinTokenRequest, GetNodeRequest, ListNodesRequest};
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
 use swarmd_proto::dispatcher::{HeartbeatRequest, SessionRequest};
 use swarmd_proto::raft::raft_client::RaftClient;
@@ -45,6 +47,12 @@ async fn all_node_rpcs_code(ch: Channel) -> Vec<(&'static str, Code)> {
         "InstallSnapshot",
         code(RaftClient::new(ch.clone()).install_snapshot(RaftPayload { data: vec![] }).await),
     ));
+    // Manager-to-manager RPCs: the data key above all.
+    out.push(("GetDataKey", code(ClusterClient::new(ch.clone()).get_data_key(GetDataKeyRequest {}).await)));
+    let join = JoinRaftRequest { raft_id: 7, addr: "127.0.0.1:1".into(), node_id: String::new() };
+    out.push(("JoinRaft", code(ClusterClient::new(ch.clone()).join_raft(join).await)));
+    out.push(("Propose", code(ClusterClient::new(ch.clone()).propose(ProposeRequest { command: vec![] }).await)));
+    out.push(("PromoteNode", code(ControlClient::new(ch.clone()).promote_node(GetNodeRequest::default()).await)));
     out
 }
 

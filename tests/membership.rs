@@ -135,3 +135,27 @@ async fn a_removed_worker_is_refused_at_the_handshake() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(m1.node(&id).is_none());
 }
+
+#[test]
+fn bad_node_updates_are_refused_and_change_nothing() {
+    let mut env = Env::new();
+    let m1 = env.start_manager("m1", &[]);
+    let id = m1.node_id();
+    let before = info(&m1).unwrap()["state_digest"].clone();
+    let long = format!("k={}", "v".repeat(5000));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--label-add=-bad=1"], "invalid label key"),
+        (vec!["--label-add", "a b=1"], "invalid label key"),
+        (vec!["--label-add", &long], "limit"),
+        (vec!["--label-add", "novalue"], "KEY=VALUE"),
+        (vec!["--availability", "sometimes"], "invalid value"),
+    ];
+    for (args, needle) in cases {
+        let mut a = vec!["node", "update", id.as_str()];
+        a.extend(args);
+        refused(&m1.ctl(&a), needle);
+    }
+    refused(&m1.ctl(&["node", "update", "nosuchnode", "--label-add", "a=1"]), "no node");
+    refused(&m1.ctl(&["node", "promote", &id]), "already a manager");
+    assert_eq!(info(&m1).unwrap()["state_digest"], before, "a refused update changed the state");
+}
