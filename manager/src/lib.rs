@@ -18,6 +18,7 @@ mod control;
 mod dispatcher;
 mod error;
 pub mod keys;
+mod membership;
 mod node;
 pub mod raft;
 pub mod state;
@@ -26,7 +27,8 @@ mod store;
 pub use auth::{Authorizer, Caller, ConnInfo};
 pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 pub use error::ManagerError;
-pub use node::{Demotion, Manager, RunOutcome};
+pub use membership::{Demotion, RunOutcome};
+pub use node::Manager;
 pub use store::{Peers, Store, StoreError};
 
 /// Reads the cluster record and the plaintext CA key of a *stopped* manager's
