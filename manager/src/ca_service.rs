@@ -125,12 +125,7 @@ impl ca_server::Ca for CaService {
         req: Request<RenewNodeCertificateRequest>,
     ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
         let peer = self.auth.require(&req, &[Role::Worker, Role::Manager])?;
-        let record = self
-            .store
-            .view()
-            .node(&peer.node_id)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+        let record = self.store.member(&peer.node_id)?;
         let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
         self.store
             .propose(Command::RecordCert {

@@ -37,11 +37,7 @@ impl ClusterService {
 }
 
 fn manager_record(store: &Store, id: &swarmd_certs::NodeId) -> Result<crate::state::NodeRecord, Status> {
-    let rec = store
-        .view()
-        .node(id)
-        .map_err(|e| Status::internal(e.to_string()))?
-        .ok_or_else(|| Status::not_found(format!("node {id} is not part of the cluster (yet); retry")))?;
+    let rec = store.member(id)?;
     if rec.role != Role::Manager {
         return Err(Status::permission_denied(format!("node {id} is not a manager")));
     }

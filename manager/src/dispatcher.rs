@@ -263,13 +263,7 @@ impl dispatcher_server::Dispatcher for Dispatcher {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         tracing::Span::current().record("node.id", tracing::field::display(&peer.node_id));
         let remote = Authorizer::info(&req).remote;
-        let record = self
-            .0
-            .store
-            .view()
-            .node(&peer.node_id)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("node {} is not part of the cluster", peer.node_id)))?;
+        let record = self.0.store.member(&peer.node_id)?;
         let mut raw = [0u8; 12];
         swarmd_certs::random_bytes(&mut raw);
         let session_id = hex::encode(raw);
@@ -301,11 +295,7 @@ impl dispatcher_server::Dispatcher for Dispatcher {
     /// Worker or manager certificate. NOT_FOUND for an unknown or superseded session.
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
-        let role = match self.0.store.view().node(&peer.node_id) {
-            Ok(Some(n)) => n.role,
-            Ok(None) => return Err(Status::not_found(format!("node {} is not part of the cluster", peer.node_id))),
-            Err(e) => return Err(Status::internal(e.to_string())),
-        };
+        let role = self.0.store.member(&peer.node_id)?.role;
         let period_ms = self.period().as_millis() as u64;
         let mut sessions = self.0.sessions.lock().expect("sessions lock");
         match sessions.get_mut(&peer.node_id) {

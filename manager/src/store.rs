@@ -108,6 +108,15 @@ impl Store {
         &self.view
     }
 
+    /// The record of `node`, a current member of the cluster: NOT_FOUND once it
+    /// was removed (or before it joined), INTERNAL if the store fails.
+    pub fn member(&self, node: &swarmd_certs::NodeId) -> Result<crate::state::NodeRecord, Status> {
+        self.view
+            .node(node)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("node {node} is not part of the cluster")))
+    }
+
     /// The raft handle.
     pub fn raft(&self) -> &Raft {
         &self.raft
