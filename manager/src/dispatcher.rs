@@ -176,17 +176,26 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) {
         let mut last = self.managers();
+        let mut denied = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 r = applied.changed() => if r.is_err() { return },
                 _ = shutdown.cancelled() => return,
             }
+            // Coalesce: a burst of writes costs one pass, not one per entry (the
+            // manager list is a scan of every node record).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            applied.borrow_and_update();
             // A removed node's session ends now (its certificate is refused from
-            // here on by the deny-list).
-            {
-                let view = self.0.store.view();
+            // here on by the deny-list, which is small).
+            let now_denied = self.0.store.view().denied().unwrap_or_default();
+            if now_denied != denied {
                 let mut sessions = self.0.sessions.lock().expect("sessions lock");
-                sessions.retain(|id, _| !matches!(view.node(id), Ok(None)));
+                sessions.retain(|id, _| !now_denied.contains(id));
+                denied = now_denied;
             }
             let now = self.managers();
             if now == last {
