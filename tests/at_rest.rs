@@ -10,7 +10,8 @@ use common::*;
 #[test]
 fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
     let mut env = Env::new();
-    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    // Snapshots every 10 entries, so the snapshot file is among what is grepped.
+    let m = env.start_manager("m1", &["--heartbeat", "1s", "--snapshot-interval", "10"]);
     // A second manager receives the data key over mTLS and keeps it sealed.
     let m2 = env.join_manager("m2", &m.token("manager"), &m);
     let worker_token = m.token("worker");
@@ -51,6 +52,7 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
     assert_eq!(*key2, *key_pem, "the joined manager opens another CA key");
     needles.push(("data key".into(), dek.expose().to_vec()));
     needles.push(("data key hex".into(), hex::encode(dek.expose()).into_bytes()));
+    assert!(m.data.join("raft/snapshot.bin").exists(), "no snapshot was written to grep");
     let scanned = files_below(env.dir.path()).len();
     assert!(scanned > 10, "scanned only {scanned} files");
     for (what, needle) in &needles {
