@@ -24,9 +24,10 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
         let exit = env.proc(mgr.proc_idx).terminate();
         assert!(exit.success(), "{} did not shut down cleanly: {exit:?}", mgr.name);
     }
-    let dek = swarmd_manager::keys::KeyDir::new(&m.data).load_dek().unwrap();
-    let dek2 = swarmd_manager::keys::KeyDir::new(&m2.data).load_dek().unwrap();
-    assert_eq!(dek.expose(), dek2.expose(), "the joined manager holds another data key");
+    let ring = swarmd_manager::keys::KeyDir::new(&m.data).load_keyring().unwrap();
+    let ring2 = swarmd_manager::keys::KeyDir::new(&m2.data).load_keyring().unwrap();
+    assert_eq!(*ring.encode(), *ring2.encode(), "the joined manager holds other data keys");
+    let dek = ring.get(1).expect("data key 1");
     let key2 = swarmd_manager::open_ca_key_offline(&m2.data).unwrap();
 
     let key_pem = swarmd_manager::open_ca_key_offline(&m.data).expect("open the sealed CA key");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use swarmd_certs::{CertValidity, JoinToken, Role, RootCa};
 
-use crate::keys::{purpose, KeyError, SymmetricKey};
+use crate::keys::{purpose, KeyError, Keyring, Sealed};
 use crate::state::{ClusterRecord, StateError, StateView};
 
 /// Errors opening the cluster's secrets.
@@ -41,11 +41,13 @@ pub struct ClusterSecrets {
     pub validity: CertValidity,
     /// Heartbeat period.
     pub heartbeat: Duration,
+    /// The data key new values are sealed with.
+    pub data_key_id: u32,
 }
 
 impl ClusterSecrets {
-    /// Opens `record` with `dek`.
-    pub fn open(record: &ClusterRecord, dek: &SymmetricKey) -> Result<Self, ClusterError> {
+    /// Opens `record` with the keys of `dek`.
+    pub fn open(record: &ClusterRecord, dek: &Keyring) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
         let key_pem = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
         let key_pem = std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
@@ -62,6 +64,7 @@ impl ClusterSecrets {
             validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs))
                 .map_err(ClusterError::Invalid)?,
             heartbeat: Duration::from_millis(record.heartbeat_ms),
+            data_key_id: record.data_key_id,
         })
     }
 
@@ -83,21 +86,32 @@ type Opened = (Vec<u8>, Arc<ClusterSecrets>);
 #[derive(Clone)]
 pub struct SecretsCache {
     view: StateView,
-    dek: SymmetricKey,
+    keyring: Arc<RwLock<Keyring>>,
     current: Arc<RwLock<Option<Opened>>>,
 }
 
 impl SecretsCache {
     /// A cache over the applied state; empty until the cluster record exists.
-    pub fn new(view: StateView, dek: SymmetricKey) -> Self {
-        let me = Self { view, dek, current: Arc::default() };
+    pub fn new(view: StateView, keyring: Keyring) -> Self {
+        let me = Self { view, keyring: Arc::new(RwLock::new(keyring)), current: Arc::default() };
         let _ = me.reload();
         me
     }
 
-    /// The data key.
-    pub fn dek(&self) -> &SymmetricKey {
-        &self.dek
+    /// The data keys this manager holds.
+    pub fn keyring(&self) -> Keyring {
+        self.keyring.read().expect("keyring lock").clone()
+    }
+
+    /// Seals `plaintext` under the cluster's active data key.
+    pub fn seal(&self, purpose: &str, plaintext: &[u8]) -> Result<Sealed, ClusterError> {
+        let active = self.get()?.data_key_id;
+        Ok(self.keyring.read().expect("keyring lock").seal(active, purpose, plaintext)?)
+    }
+
+    /// Opens a value sealed under any data key this manager holds.
+    pub fn open(&self, purpose: &str, sealed: &Sealed) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        self.keyring.read().expect("keyring lock").open(purpose, sealed)
     }
 
     /// The current secrets; `NotInitialised` while this manager has not caught up.
@@ -118,7 +132,7 @@ impl SecretsCache {
             }
         }
         let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
-        let s = ClusterSecrets::open(&record, &self.dek)?;
+        let s = ClusterSecrets::open(&record, &self.keyring())?;
         *self.current.write().expect("secrets lock") = Some((raw, Arc::new(s)));
         Ok(())
     }

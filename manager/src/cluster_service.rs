@@ -54,7 +54,7 @@ impl cluster_server::Cluster for ClusterService {
         manager_record(&self.store, &peer.node_id)?;
         self.secrets.get()?;
         tracing::info!(node.id = %peer.node_id, "data key handed to a manager");
-        Ok(Response::new(GetDataKeyResponse { key: self.secrets.dek().expose().to_vec() }))
+        Ok(Response::new(GetDataKeyResponse { key: self.secrets.keyring().encode().to_vec() }))
     }
 
     /// Manager certificate. Forwarded to the leader; the leader adds the caller

@@ -243,7 +243,7 @@ impl control_server::Control for ControlService {
     async fn info(&self, req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         self.auth.require_admin(&req)?;
         let m = self.store.raft().metrics().borrow().clone();
-        let me = self.store.view().nodes().map_err(internal)?.into_iter().find(|n| n.raft_id == Some(m.id));
+        let me = self.store.view().managers().map_err(internal)?.into_iter().find(|n| n.raft_id == Some(m.id));
         let secrets = self.secrets.get().ok();
         Ok(Response::new(InfoResponse {
             node_id: me.map(|n| n.id.to_string()).unwrap_or_default(),
@@ -273,7 +273,7 @@ impl control_server::Control for ControlService {
             let secrets = self.secrets.get()?;
             let fresh = JoinToken::generate(secrets.ca.digest());
             let cluster = secrets.ca.cluster_id().to_string();
-            let sealed = self.secrets.dek().seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes());
+            let sealed = self.secrets.seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes())?;
             self.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;
             self.secrets.reload()?;
             tracing::info!(%role, "join token rotated");

@@ -107,6 +107,8 @@ impl Dispatcher {
         use swarmd_proto::ca::ca_client::CaClient;
         use swarmd_proto::ca::GetRootCaRequest;
         let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
+        // Managers found down whose nodes were swept during this leadership.
+        let mut swept: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -116,13 +118,17 @@ impl Dispatcher {
             let m = self.0.store.raft().metrics().borrow().clone();
             if m.current_leader != Some(m.id) {
                 last_ok.clear();
+                swept.clear();
                 continue;
             }
-            let nodes = self.0.store.view().nodes().unwrap_or_default();
-            let managers: Vec<_> = nodes
-                .iter()
-                .filter(|n| n.role == Role::Manager && n.raft_id.is_some() && n.id != self.0.me)
-                .cloned()
+            let managers: Vec<_> = self
+                .0
+                .store
+                .view()
+                .managers()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| n.raft_id.is_some() && n.id != self.0.me)
                 .collect();
             let probes = managers.iter().map(|mgr| {
                 let mut c = CaClient::new(peers.channel(&mgr.addr));
@@ -136,6 +142,7 @@ impl Dispatcher {
                 let seen = last_ok.entry(mgr.id.clone()).or_insert(now);
                 if ok {
                     *seen = now;
+                    swept.remove(&mgr.id);
                     if mgr.status != NodeStatus::Ready {
                         self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Ready);
                     }
@@ -144,10 +151,15 @@ impl Dispatcher {
                         tracing::warn!(node.id = %mgr.id, "manager unreachable: down");
                         self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Down);
                     }
-                    for n in nodes.iter().filter(|n| {
-                        n.status == NodeStatus::Ready && n.session_manager.as_ref() == Some(&mgr.id) && n.id != mgr.id
-                    }) {
-                        self.report_as(mgr.id.clone(), n.id.clone(), NodeStatus::Down);
+                    // Its sessions are gone: mark their nodes down, once per
+                    // leadership (a scan of every node record).
+                    if swept.insert(mgr.id.clone()) {
+                        let nodes = self.0.store.view().nodes().unwrap_or_default();
+                        for n in nodes.iter().filter(|n| {
+                            n.status == NodeStatus::Ready && n.session_manager.as_ref() == Some(&mgr.id) && n.id != mgr.id
+                        }) {
+                            self.report_as(mgr.id.clone(), n.id.clone(), NodeStatus::Down);
+                        }
                     }
                 }
             }

@@ -3,12 +3,14 @@
 //!
 //! * `keys/kek` — 32 random bytes, mode 0600, never leaves this node. (With
 //!   autolock it will be derived from the unlock key instead of stored.)
-//! * `keys/dek` — the cluster data key sealed under the KEK.
+//! * `keys/dek` — the cluster's data keys (a [`Keyring`]: every data key still in
+//!   use, by ID) sealed under the KEK.
 //!
-//! The DEK seals every value the replicated store must not hold in plaintext: the
-//! CA private key, the join-token secrets and, later, secret values. Each sealed
-//! value binds a purpose string as associated data, so a ciphertext moved to
-//! another field fails to open.
+//! The active data key seals every value the replicated store must not hold in
+//! plaintext: the CA private key, the join-token secrets and secret values. Each
+//! sealed value records the ID of the key that sealed it and binds a purpose
+//! string as associated data, so a ciphertext moved to another field or record
+//! fails to open.
 
 use std::fmt;
 use std::fs;
@@ -34,25 +36,38 @@ pub enum KeyError {
     /// A key file has the wrong length or format.
     #[error("{path}: malformed key file")]
     Malformed { path: PathBuf },
+    /// A value was sealed under a data key this manager does not hold.
+    #[error("data key {id} is not held by this manager")]
+    UnknownKey { id: u32 },
     /// Authentication failed: wrong key, or the ciphertext was altered.
     #[error("integrity check failed for {purpose}: wrong key or tampered ciphertext")]
     Integrity { purpose: String },
 }
 
-/// A value sealed with XChaCha20-Poly1305: a random 24-byte nonce and the ciphertext with its tag.
+/// A value sealed with XChaCha20-Poly1305: the ID of the key that sealed it
+/// (0 for a node-local key), a random 24-byte nonce and the ciphertext with its tag.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
+    key_id: u32,
     nonce: [u8; 24],
     ciphertext: Vec<u8>,
 }
 
 impl fmt::Debug for Sealed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sealed({} bytes)", self.ciphertext.len())
+        write!(f, "Sealed(key {}, {} bytes)", self.key_id, self.ciphertext.len())
     }
 }
 
 impl Sealed {
+    /// The ID of the data key that sealed it.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+    /// The plaintext length.
+    pub fn plaintext_len(&self) -> usize {
+        self.ciphertext.len().saturating_sub(16)
+    }
     /// The ciphertext length (plaintext + 16-byte tag).
     pub fn len(&self) -> usize {
         self.ciphertext.len()
@@ -98,13 +113,17 @@ impl SymmetricKey {
 
     /// Seals `plaintext`, binding `purpose` as associated data.
     pub fn seal(&self, purpose: &str, plaintext: &[u8]) -> Sealed {
+        self.seal_as(0, purpose, plaintext)
+    }
+
+    fn seal_as(&self, key_id: u32, purpose: &str, plaintext: &[u8]) -> Sealed {
         let mut nonce = [0u8; 24];
         swarmd_certs::random_bytes(&mut nonce);
         let ciphertext = self
             .cipher()
             .encrypt(&XNonce::from(nonce), Payload { msg: plaintext, aad: purpose.as_bytes() })
             .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
-        Sealed { nonce, ciphertext }
+        Sealed { key_id, nonce, ciphertext }
     }
 
     /// Opens a value sealed for `purpose`.
@@ -116,10 +135,93 @@ impl SymmetricKey {
     }
 }
 
+/// The cluster's data keys by ID. Values are sealed with the key the cluster
+/// record names as active; older keys stay only until a rotation has re-sealed
+/// everything under the new one.
+#[derive(Clone, Default)]
+pub struct Keyring {
+    keys: std::collections::BTreeMap<u32, SymmetricKey>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keyring(ids {:?}, <redacted>)", self.keys.keys().collect::<Vec<_>>())
+    }
+}
+
+impl Keyring {
+    /// A keyring holding one key.
+    pub fn single(id: u32, key: SymmetricKey) -> Self {
+        let mut k = Self::default();
+        k.insert(id, key);
+        k
+    }
+
+    /// Adds (or replaces) key `id`.
+    pub fn insert(&mut self, id: u32, key: SymmetricKey) {
+        self.keys.insert(id, key);
+    }
+
+    /// Drops every key for which `keep` is false.
+    pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
+        self.keys.retain(|id, _| keep(*id));
+    }
+
+    /// Whether key `id` is here.
+    pub fn contains(&self, id: u32) -> bool {
+        self.keys.contains_key(&id)
+    }
+
+    /// Key `id`.
+    pub fn get(&self, id: u32) -> Option<&SymmetricKey> {
+        self.keys.get(&id)
+    }
+
+    /// The IDs held, ascending.
+    pub fn ids(&self) -> Vec<u32> {
+        self.keys.keys().copied().collect()
+    }
+
+    /// Seals `plaintext` under key `id`.
+    pub fn seal(&self, id: u32, purpose: &str, plaintext: &[u8]) -> Result<Sealed, KeyError> {
+        let key = self.keys.get(&id).ok_or(KeyError::UnknownKey { id })?;
+        Ok(key.seal_as(id, purpose, plaintext))
+    }
+
+    /// Opens a value with the key that sealed it.
+    pub fn open(&self, purpose: &str, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let key = self.keys.get(&sealed.key_id).ok_or(KeyError::UnknownKey { id: sealed.key_id })?;
+        key.open(purpose, sealed)
+    }
+
+    /// `[u32 id][32-byte key]...`, for the key file and for a joining manager.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(self.keys.len() * 36));
+        for (id, k) in &self.keys {
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(k.expose());
+        }
+        out
+    }
+
+    /// The inverse of [`Keyring::encode`]; `None` if malformed or empty.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || bytes.len() % 36 != 0 {
+            return None;
+        }
+        let mut k = Self::default();
+        for chunk in bytes.chunks(36) {
+            let id = u32::from_be_bytes(chunk[..4].try_into().ok()?);
+            k.insert(id, SymmetricKey::from_slice(&chunk[4..])?);
+        }
+        Some(k)
+    }
+}
+
 /// Purpose strings (associated data) of the values the DEK seals.
 pub mod purpose {
-    /// The cluster data key, sealed under the KEK.
-    pub const DEK: &str = "swarmd/dek/v1";
+    /// The cluster's data keys, sealed under the KEK.
+    pub const DEK: &str = "swarmd/keyring/v1";
     /// The CA private key.
     pub fn ca_key(cluster: &str) -> String {
         format!("swarmd/{cluster}/ca-key")
@@ -127,6 +229,11 @@ pub mod purpose {
     /// A join-token secret.
     pub fn join_token(cluster: &str, role: swarmd_certs::Role) -> String {
         format!("swarmd/{cluster}/join-token/{role}")
+    }
+    /// One version of a secret's value: bound to the secret and the version, so
+    /// a ciphertext moved to another record or version fails to open.
+    pub fn secret(cluster: &str, id: &str, version: u32) -> String {
+        format!("swarmd/{cluster}/secret/{id}/v{version}")
     }
 }
 
@@ -160,28 +267,47 @@ impl KeyDir {
         Self { dir: data_dir.join("keys") }
     }
 
-    /// Creates a KEK and seals `dek` under it. Refuses to overwrite existing keys.
-    pub fn create(&self, dek: &SymmetricKey) -> Result<(), KeyError> {
+    /// Creates a KEK and seals `keyring` under it. Refuses to overwrite existing keys.
+    pub fn create(&self, keyring: &Keyring) -> Result<(), KeyError> {
+        if self.dir.join("kek").exists() {
+            return Err(KeyError::Io {
+                path: self.dir.join("kek"),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "keys exist already"),
+            });
+        }
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))?;
         let kek = SymmetricKey::generate();
         write_private(&self.dir.join("kek"), kek.0.as_ref())?;
-        let sealed = kek.seal(purpose::DEK, dek.0.as_ref());
+        self.write_keyring(&kek, keyring)
+    }
+
+    fn kek(&self) -> Result<SymmetricKey, KeyError> {
+        let kek_path = self.dir.join("kek");
+        let kek_bytes = Zeroizing::new(fs::read(&kek_path).map_err(io_err(&kek_path))?);
+        SymmetricKey::from_slice(&kek_bytes).ok_or(KeyError::Malformed { path: kek_path })
+    }
+
+    fn write_keyring(&self, kek: &SymmetricKey, keyring: &Keyring) -> Result<(), KeyError> {
+        let sealed = kek.seal(purpose::DEK, &keyring.encode());
         let bytes = bincode::serialize(&sealed).expect("serialize sealed key");
         write_private(&self.dir.join("dek"), &bytes)
     }
 
-    /// Loads the KEK and opens the DEK.
-    pub fn load_dek(&self) -> Result<SymmetricKey, KeyError> {
-        let kek_path = self.dir.join("kek");
-        let kek_bytes = Zeroizing::new(fs::read(&kek_path).map_err(io_err(&kek_path))?);
-        let kek = SymmetricKey::from_slice(&kek_bytes).ok_or(KeyError::Malformed { path: kek_path })?;
+    /// Replaces the stored keyring (after a rotation), atomically.
+    pub fn save_keyring(&self, keyring: &Keyring) -> Result<(), KeyError> {
+        self.write_keyring(&self.kek()?, keyring)
+    }
+
+    /// Loads the KEK and opens the keyring.
+    pub fn load_keyring(&self) -> Result<Keyring, KeyError> {
+        let kek = self.kek()?;
         let dek_path = self.dir.join("dek");
         let bytes = fs::read(&dek_path).map_err(io_err(&dek_path))?;
         let sealed: Sealed =
             bincode::deserialize(&bytes).map_err(|_| KeyError::Malformed { path: dek_path.clone() })?;
         let raw = kek.open(purpose::DEK, &sealed)?;
-        SymmetricKey::from_slice(&raw).ok_or(KeyError::Malformed { path: dek_path })
+        Keyring::decode(&raw).ok_or(KeyError::Malformed { path: dek_path })
     }
 }
 
@@ -206,13 +332,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let kd = KeyDir::new(d.path());
         let dek = SymmetricKey::generate();
-        kd.create(&dek).unwrap();
+        kd.create(&Keyring::single(1, dek.clone())).unwrap();
+        assert!(kd.create(&Keyring::single(1, dek.clone())).is_err(), "never overwrites keys");
         for f in ["kek", "dek"] {
             let m = fs::metadata(d.path().join("keys").join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(m, 0o600, "{f}");
         }
-        let back = kd.load_dek().unwrap();
-        assert_eq!(back.0.as_ref(), dek.0.as_ref());
+        let mut back = kd.load_keyring().unwrap();
+        assert_eq!(back.ids(), vec![1]);
+        let s = back.seal(1, "p", b"v").unwrap();
+        assert_eq!(s.key_id(), 1);
+        assert_eq!(&dek.open("p", &s).unwrap()[..], b"v");
         assert!(!format!("{back:?}").contains(&format!("{:?}", &dek.0[..4])));
+        back.insert(2, SymmetricKey::generate());
+        back.retain(|id| id != 1);
+        kd.save_keyring(&back).unwrap();
+        let again = kd.load_keyring().unwrap();
+        assert_eq!(again.ids(), vec![2]);
+        assert!(matches!(again.open("p", &s), Err(KeyError::UnknownKey { id: 1 })));
+        assert!(Keyring::decode(&[1, 2, 3]).is_none());
     }
 }

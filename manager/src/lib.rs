@@ -35,7 +35,7 @@ pub use store::{Peers, Store, StoreError};
 /// data dir, with its own keys. For operators' recovery tools and for tests
 /// that prove the key is never on disk in the clear.
 pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroizing<String>, ManagerError> {
-    let dek = keys::KeyDir::new(data_dir).load_dek()?;
+    let dek = keys::KeyDir::new(data_dir).load_keyring()?;
     let storage = raft::open_storage(&data_dir.join("raft"))?;
     let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
     let secrets = cluster::ClusterSecrets::open(&record, &dek)?;

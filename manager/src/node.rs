@@ -21,7 +21,7 @@ use crate::cluster_service::ClusterService;
 use crate::config::{default_advertise, InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
-use crate::keys::{purpose, KeyDir, SymmetricKey};
+use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey};
 use crate::membership::{follow_deny_list, forget_other_managers, watch_demotion, Demotion, RunOutcome};
 use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
 use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
@@ -32,6 +32,8 @@ use swarmd_proto::cluster::{GetDataKeyRequest, JoinRaftRequest};
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(5);
+/// The ID of a new cluster's data key (later keys count up from it).
+const FIRST_DATA_KEY: u32 = 1;
 
 /// A started manager: raft is running; [`Manager::run`] starts serving.
 pub struct Manager {
@@ -42,7 +44,7 @@ pub struct Manager {
     view: StateView,
     creds: Arc<TlsCredentials>,
     deny: DenyList,
-    dek: SymmetricKey,
+    keyring: Keyring,
     listener: TcpListener,
     applied: tokio::sync::watch::Receiver<u64>,
     /// Set by `recover --force-new-cluster`: once leader, remove the other managers.
@@ -96,8 +98,8 @@ impl Manager {
         let data_dir = &opts.data_dir;
         let bound = listener.local_addr().map_err(io_err(data_dir))?;
         let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
-        let dek = SymmetricKey::generate();
-        KeyDir::new(data_dir).create(&dek)?;
+        let keyring = Keyring::single(FIRST_DATA_KEY, SymmetricKey::generate());
+        KeyDir::new(data_dir).create(&keyring)?;
 
         let cluster_id = ClusterId::random();
         let node_id = NodeId::random();
@@ -111,14 +113,15 @@ impl Manager {
         let cid = cluster_id.as_str();
         let seal_token = |role| {
             let t = JoinToken::generate(ca.digest());
-            dek.seal(&purpose::join_token(cid, role), t.expose().as_bytes())
+            keyring.seal(FIRST_DATA_KEY, &purpose::join_token(cid, role), t.expose().as_bytes())
         };
         let cluster = ClusterRecord {
             id: cluster_id.clone(),
             ca_cert_pem: ca.bundle_pem().to_owned(),
-            ca_key: dek.seal(&purpose::ca_key(cid), ca.key_pem().as_bytes()),
-            worker_token: seal_token(Role::Worker),
-            manager_token: seal_token(Role::Manager),
+            ca_key: keyring.seal(FIRST_DATA_KEY, &purpose::ca_key(cid), ca.key_pem().as_bytes())?,
+            worker_token: seal_token(Role::Worker)?,
+            manager_token: seal_token(Role::Manager)?,
+            data_key_id: FIRST_DATA_KEY,
             cert_validity_secs: opts.cert_expiry.duration().as_secs(),
             heartbeat_ms: opts.heartbeat.as_millis() as u64,
             created_at: now_unix(),
@@ -146,7 +149,7 @@ impl Manager {
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
             raft: opts.raft.clone(),
         };
-        let manager = Self::start(cfg, data_dir, identity, dek, listener, &opts.raft).await?;
+        let manager = Self::start(cfg, data_dir, identity, keyring, listener, &opts.raft).await?;
         let init = async {
             let members = BTreeMap::from([(raft_id, BasicNode { addr: advertise })]);
             manager.raft.initialize(members).await.map_err(|e| ManagerError::Raft(e.to_string()))?;
@@ -167,11 +170,11 @@ impl Manager {
     /// Restarts the manager whose state is in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, ManagerError> {
         let cfg = ManagerConfig::load(data_dir)?;
-        let dek = KeyDir::new(data_dir).load_dek()?;
+        let keyring = KeyDir::new(data_dir).load_keyring()?;
         let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
         let listener = bind(&cfg.listen_addr).await?;
         let settings = cfg.raft.clone();
-        let manager = Self::start(cfg, data_dir, identity, dek, listener, &settings).await?;
+        let manager = Self::start(cfg, data_dir, identity, keyring, listener, &settings).await?;
         manager.wait_leader(Duration::from_secs(30)).await?;
         Ok(manager)
     }
@@ -180,7 +183,7 @@ impl Manager {
         cfg: ManagerConfig,
         data_dir: &Path,
         identity: NodeIdentity,
-        dek: SymmetricKey,
+        keyring: Keyring,
         listener: TcpListener,
         settings: &RaftSettings,
     ) -> Result<Self, ManagerError> {
@@ -199,7 +202,7 @@ impl Manager {
             view,
             creds,
             deny,
-            dek,
+            keyring,
             listener,
             applied,
             forget_other_managers: false,
@@ -232,7 +235,7 @@ impl Manager {
         let demotion: Arc<std::sync::Mutex<Option<Demotion>>> = Arc::default();
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
-        let secrets = SecretsCache::new(self.view.clone(), self.dek.clone());
+        let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone());
         let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
         let advertise = self.cfg.advertise_addr.clone();
         let me = self.cfg.node_id.clone();
@@ -363,9 +366,10 @@ impl Manager {
             })?
             .into_inner()
             .key;
-        let dek = SymmetricKey::from_slice(&key).ok_or_else(|| ManagerError::Join("malformed data key".into()))?;
+        let key = zeroize::Zeroizing::new(key);
+        let keyring = Keyring::decode(&key).ok_or_else(|| ManagerError::Join("malformed data keys".into()))?;
         drop(key);
-        KeyDir::new(data_dir).create(&dek)?;
+        KeyDir::new(data_dir).create(&keyring)?;
         issued.identity.save(&NodeIdentity::dir(data_dir))?;
         let raft_id = random_raft_id();
         let cfg = ManagerConfig {
@@ -377,7 +381,7 @@ impl Manager {
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
             raft: opts.raft.clone(),
         };
-        let manager = Self::start(cfg.clone(), data_dir, issued.identity, dek, listener, &opts.raft).await?;
+        let manager = Self::start(cfg.clone(), data_dir, issued.identity, keyring, listener, &opts.raft).await?;
         let run = tokio::spawn(manager.run(shutdown.clone()));
         let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
         req.set_timeout(Duration::from_secs(150));

@@ -10,6 +10,8 @@
 //! |-----------------|-----------------|
 //! | `cluster`       | [`ClusterRecord`] |
 //! | `node/<id>`     | [`NodeRecord`]  |
+//! | `mgr/<id>`      | [`ManagerEntry`]: an index of the managers, kept with their node records |
+//! | `deny/<id>`     | refused until (unix seconds) |
 //!
 //! raft's own bookkeeping (`meta/…`) lives in the same tree, written by the state
 //! machine in the same atomic batch as each command's effects.
@@ -41,6 +43,8 @@ pub struct ClusterRecord {
     pub heartbeat_ms: u64,
     /// Creation time, unix seconds.
     pub created_at: i64,
+    /// The data key new values are sealed with.
+    pub data_key_id: u32,
 }
 
 /// A node's liveness as the managers see it.
@@ -184,6 +188,38 @@ pub(crate) fn node_key(id: &NodeId) -> Vec<u8> {
     format!("{NODE_PREFIX}{id}").into_bytes()
 }
 
+const MANAGER_PREFIX: &str = "mgr/";
+
+fn manager_key(id: &NodeId) -> Vec<u8> {
+    format!("{MANAGER_PREFIX}{id}").into_bytes()
+}
+
+/// What the managers' own loops need of a manager, indexed apart from its node
+/// record so that they never decode every node (records may carry megabytes of
+/// labels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagerEntry {
+    /// Its node ID.
+    pub id: NodeId,
+    /// Its raft ID, once it is a member.
+    pub raft_id: Option<u64>,
+    /// The address it advertises.
+    pub addr: String,
+    /// Its liveness.
+    pub status: NodeStatus,
+}
+
+/// Writes a node record and keeps the manager index in step with it.
+fn put_node(batch: &mut sled::Batch, rec: &NodeRecord) {
+    batch.insert(node_key(&rec.id), encode(rec));
+    if rec.role == Role::Manager {
+        let e = ManagerEntry { id: rec.id.clone(), raft_id: rec.raft_id, addr: rec.addr.clone(), status: rec.status };
+        batch.insert(manager_key(&rec.id), encode(&e));
+    } else {
+        batch.remove(manager_key(&rec.id));
+    }
+}
+
 const DENY_PREFIX: &str = "deny/";
 
 /// The key of a deny-list entry.
@@ -275,14 +311,24 @@ impl StateView {
 
     /// Addresses of the managers that are raft members, sorted.
     pub fn manager_addrs(&self) -> Result<Vec<String>, StateError> {
-        let mut v: Vec<String> = self
-            .nodes()?
-            .into_iter()
-            .filter(|n| n.role == Role::Manager && n.raft_id.is_some())
-            .map(|n| n.addr)
-            .collect();
+        let mut v: Vec<String> =
+            self.managers()?.into_iter().filter(|n| n.raft_id.is_some()).map(|n| n.addr).collect();
         v.sort();
         Ok(v)
+    }
+
+    /// Every node with the manager role (raft member or not yet), from the
+    /// index: cheap however large the node records are.
+    pub fn managers(&self) -> Result<Vec<ManagerEntry>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(MANAGER_PREFIX) {
+            let (k, v) = kv?;
+            out.push(bincode::deserialize(&v).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?);
+        }
+        Ok(out)
     }
 
     /// All nodes, ordered by ID.
@@ -308,7 +354,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
                 return Ok(Err("cluster is already initialised".into()));
             }
             batch.insert(CLUSTER_KEY, encode(cluster.as_ref()));
-            batch.insert(node_key(&manager.id), encode(manager));
+            put_node(&mut batch, manager);
         }
         Command::AddNode(node) => {
             if view.cluster()?.is_none() {
@@ -317,7 +363,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             if view.node(&node.id)?.is_some() {
                 return Ok(Err(format!("node {} already exists", node.id)));
             }
-            batch.insert(node_key(&node.id), encode(node));
+            put_node(&mut batch, node);
         }
         Command::RecordCert { node, serial, not_after } => {
             let Some(mut rec) = view.node(node)? else {
@@ -325,7 +371,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             };
             rec.cert_serial = serial.clone();
             rec.cert_not_after = *not_after;
-            batch.insert(node_key(node), encode(&rec));
+            put_node(&mut batch, &rec);
         }
         Command::SetStatus(changes) => {
             for c in changes {
@@ -346,7 +392,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
                     if let Some(h) = &c.hostname {
                         rec.hostname = h.clone();
                     }
-                    batch.insert(node_key(&c.node), encode(&rec));
+                    put_node(&mut batch, &rec);
                 }
             }
         }
@@ -363,6 +409,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
         Command::RemoveNodes { nodes, deny_until } => {
             for node in nodes {
                 batch.remove(node_key(node));
+                batch.remove(manager_key(node));
                 batch.insert(deny_key(node), encode(deny_until));
             }
         }
@@ -374,7 +421,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             if *role == Role::Worker {
                 rec.raft_id = None;
             }
-            batch.insert(node_key(node), encode(&rec));
+            put_node(&mut batch, &rec);
         }
         Command::SetRaftMember { node, raft_id, addr } => {
             let Some(mut rec) = view.node(node)? else {
@@ -383,12 +430,12 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             if rec.role != Role::Manager {
                 return Ok(Err(format!("node {node} is not a manager")));
             }
-            if let Some(other) = view.nodes()?.into_iter().find(|n| n.raft_id == Some(*raft_id) && n.id != *node) {
+            if let Some(other) = view.managers()?.into_iter().find(|n| n.raft_id == Some(*raft_id) && n.id != *node) {
                 return Ok(Err(format!("raft ID {raft_id} is already used by {}", other.id)));
             }
             rec.raft_id = Some(*raft_id);
             rec.addr = addr.clone();
-            batch.insert(node_key(node), encode(&rec));
+            put_node(&mut batch, &rec);
         }
         Command::UpdateNode { node, availability, labels_add, labels_rm } => {
             let Some(mut rec) = view.node(node)? else {
@@ -411,7 +458,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             if rec.labels.len() > 256 {
                 return Ok(Err("a node may carry at most 256 labels".into()));
             }
-            batch.insert(node_key(node), encode(&rec));
+            put_node(&mut batch, &rec);
         }
     }
     Ok(Ok(batch))
@@ -461,6 +508,7 @@ mod tests {
             cert_validity_secs: 86400,
             heartbeat_ms: 5000,
             created_at: 0,
+            data_key_id: 1,
         }
     }
 
@@ -519,5 +567,29 @@ mod tests {
         assert!(
             apply(&view, &Command::RecordCert { node: NodeId::random(), serial: "1".into(), not_after: 1 }).is_err()
         );
+    }
+
+    #[test]
+    fn the_manager_index_follows_role_membership_and_removal() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let view = StateView::new(db.open_tree("sm").unwrap());
+        let m = node(Role::Manager);
+        apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m.clone() }).unwrap();
+        let w = node(Role::Worker);
+        apply(&view, &Command::AddNode(w.clone())).unwrap();
+        assert_eq!(view.managers().unwrap().iter().map(|e| e.id.clone()).collect::<Vec<_>>(), vec![m.id.clone()]);
+        assert!(view.manager_addrs().unwrap().is_empty(), "no raft member yet");
+        apply(&view, &Command::SetRaftMember { node: m.id.clone(), raft_id: 7, addr: "10.0.0.9:1".into() }).unwrap();
+        assert_eq!(view.manager_addrs().unwrap(), vec!["10.0.0.9:1".to_string()]);
+        apply(&view, &Command::SetRole { node: w.id.clone(), role: Role::Manager }).unwrap();
+        let err = apply(&view, &Command::SetRaftMember { node: w.id.clone(), raft_id: 7, addr: "x:1".into() });
+        assert!(err.unwrap_err().contains("already used"), "raft IDs are unique");
+        apply(&view, &Command::SetRaftMember { node: w.id.clone(), raft_id: 8, addr: "10.0.0.8:1".into() }).unwrap();
+        assert_eq!(view.manager_addrs().unwrap(), vec!["10.0.0.8:1".to_string(), "10.0.0.9:1".to_string()]);
+        apply(&view, &Command::SetRole { node: w.id.clone(), role: Role::Worker }).unwrap();
+        assert_eq!(view.manager_addrs().unwrap(), vec!["10.0.0.9:1".to_string()]);
+        apply(&view, &Command::SetRole { node: w.id.clone(), role: Role::Manager }).unwrap();
+        apply(&view, &Command::RemoveNodes { nodes: vec![w.id.clone()], deny_until: 0 }).unwrap();
+        assert_eq!(view.managers().unwrap().len(), 1, "a removed manager leaves the index");
     }
 }

@@ -68,6 +68,7 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         cert_validity_secs: 86400,
         heartbeat_ms: 5000,
         created_at: 0,
+        data_key_id: 1,
     };
     let mgr = NodeId::random();
     let workers: Vec<NodeId> = (0..10).map(|_| NodeId::random()).collect();

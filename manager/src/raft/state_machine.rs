@@ -13,7 +13,6 @@ use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StorageIOError, StoredMembership,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
 use super::TypeConfig;
@@ -36,11 +35,6 @@ pub struct StateMachine {
     /// is a consistent cut of the tree.
     lock: Arc<Mutex<()>>,
     applied: Arc<watch::Sender<u64>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    kvs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn io_read(e: impl std::error::Error + 'static) -> StorageError<u64> {
@@ -79,17 +73,19 @@ impl StateMachine {
         self.applied.subscribe()
     }
 
-    fn read_meta(&self) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
-        let last = match self.sm.get(LAST_APPLIED).map_err(io_read)? {
-            Some(v) => bincode::deserialize(&v).map_err(io_read)?,
-            None => None,
-        };
-        let mem = match self.sm.get(MEMBERSHIP).map_err(io_read)? {
-            Some(v) => bincode::deserialize(&v).map_err(io_read)?,
-            None => Membership::default(),
-        };
-        Ok((last, mem))
-    }
+}
+
+/// raft's bookkeeping in `sm`: the last applied log ID and the last membership.
+fn read_meta(sm: &sled::Tree) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
+    let last = match sm.get(LAST_APPLIED).map_err(io_read)? {
+        Some(v) => bincode::deserialize(&v).map_err(io_read)?,
+        None => None,
+    };
+    let mem = match sm.get(MEMBERSHIP).map_err(io_read)? {
+        Some(v) => bincode::deserialize(&v).map_err(io_read)?,
+        None => Membership::default(),
+    };
+    Ok((last, mem))
 }
 
 /// Writes `meta` and `data` to `path` atomically: `[u64 meta length][meta][data]`.
@@ -129,33 +125,78 @@ fn read_snapshot_file(path: &std::path::Path) -> std::io::Result<Option<StoredSn
     Ok(Some((meta, data)))
 }
 
+/// Encodes every replicated record (not raft's `meta/…`) of `sm` as
+/// `[u32 key length][key][u32 value length][value]...`, in key order: a
+/// snapshot's data, streamed from sled without an intermediate structure.
+fn encode_records(sm: &sled::Tree) -> Result<Vec<u8>, sled::Error> {
+    let mut out = Vec::new();
+    for kv in sm.iter() {
+        let (k, v) = kv?;
+        if k.starts_with(META_PREFIX) {
+            continue;
+        }
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(&k);
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(&v);
+    }
+    Ok(out)
+}
+
+/// The inverse of [`encode_records`], as a batch that first clears `sm`.
+fn decode_records(sm: &sled::Tree, mut bytes: &[u8]) -> Result<sled::Batch, String> {
+    let mut b = sled::Batch::default();
+    for k in sm.iter().keys() {
+        b.remove(k.map_err(|e| e.to_string())?);
+    }
+    let take = |bytes: &mut &[u8]| -> Result<Vec<u8>, String> {
+        let bad = || "truncated snapshot record".to_string();
+        let len = u32::from_be_bytes(bytes.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let v = bytes.get(4..4 + len).ok_or_else(bad)?.to_vec();
+        *bytes = &bytes[4 + len..];
+        Ok(v)
+    };
+    while !bytes.is_empty() {
+        let k = take(&mut bytes)?;
+        let v = take(&mut bytes)?;
+        if k.starts_with(META_PREFIX) {
+            return Err("snapshot carries raft bookkeeping records".into());
+        }
+        b.insert(k, v);
+    }
+    Ok(b)
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        // Copy a consistent cut under the lock; encode and write it outside.
-        let (meta, kvs) = {
-            let _g = self.lock.lock().await;
-            let (last, membership) = self.read_meta()?;
-            let mut kvs = Vec::new();
-            for kv in self.sm.iter() {
-                let (k, v) = kv.map_err(io_read)?;
-                if !k.starts_with(META_PREFIX) {
-                    kvs.push((k.to_vec(), v.to_vec()));
-                }
-            }
-            let id = match last {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
-                None => format!("empty-{}", rand::random::<u32>()),
-            };
-            let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
-            (meta, kvs)
+        // A consistent cut: applies wait while the records are copied. The copy
+        // runs on a blocking thread, so raft's own tasks (heartbeats, appends)
+        // keep running even for a state of hundreds of megabytes.
+        let guard = self.lock.clone().lock_owned().await;
+        let sm = self.sm.clone();
+        let (last, membership, bytes) = tokio::task::spawn_blocking(move || {
+            let _g = guard;
+            let (last, membership) = read_meta(&sm)?;
+            let bytes = encode_records(&sm).map_err(io_read)?;
+            Ok::<_, StorageError<u64>>((last, membership, bytes))
+        })
+        .await
+        .map_err(|e| io_read(blocking_err(e)))??;
+        let id = match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, rand::random::<u32>()),
+            None => format!("empty-{}", rand::random::<u32>()),
         };
-        let bytes = encode(&SnapshotData { kvs });
+        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id: id };
         // The state the snapshot covers must be durable before the log behind it is purged.
         self.db.flush_async().await.map_err(snap_err)?;
-        let (path, m, b) = (self.snapshot_path.clone(), meta.clone(), bytes);
-        let bytes = tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &b).map(|_| b))
+        let (path, m) = (self.snapshot_path.clone(), meta.clone());
+        let bytes = tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &bytes).map(|_| bytes))
             .await
-            .map_err(|e| snap_err(std::io::Error::other(e)))?
+            .map_err(|e| snap_err(blocking_err(e)))?
             .map_err(snap_err)?;
         tracing::debug!(snapshot = %meta.snapshot_id, bytes = bytes.len(), "built a snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
@@ -166,7 +207,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StorageError<u64>> {
-        self.read_meta()
+        read_meta(&self.sm)
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError<u64>>
@@ -217,21 +258,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = bincode::deserialize(&bytes)
-            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
-        {
-            let _g = self.lock.lock().await;
-            let mut b = sled::Batch::default();
-            for k in self.sm.iter().keys() {
-                b.remove(k.map_err(io_write)?);
-            }
-            for (k, v) in data.kvs {
-                b.insert(k, v);
-            }
-            b.insert(LAST_APPLIED, encode(&meta.last_log_id));
-            b.insert(MEMBERSHIP, encode(&meta.last_membership));
-            self.sm.apply_batch(b).map_err(io_write)?;
-        }
+        let guard = self.lock.clone().lock_owned().await;
+        let (sm, m) = (self.sm.clone(), meta.clone());
+        let bytes = tokio::task::spawn_blocking(move || {
+            let _g = guard;
+            let mut b = decode_records(&sm, &bytes)
+                .map_err(|why| StorageIOError::read_snapshot(Some(m.signature()), &std::io::Error::other(why)))?;
+            b.insert(LAST_APPLIED, encode(&m.last_log_id));
+            b.insert(MEMBERSHIP, encode(&m.last_membership));
+            sm.apply_batch(b).map_err(io_write)?;
+            Ok::<_, StorageError<u64>>(bytes)
+        })
+        .await
+        .map_err(|e| io_write(blocking_err(e)))??;
         self.db.flush_async().await.map_err(snap_err)?;
         let (path, m) = (self.snapshot_path.clone(), meta.clone());
         tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &bytes))
