@@ -1,6 +1,8 @@
-//! Invariant 5 for the CA key and join tokens: never on disk in plaintext.
-//! The test opens the sealed key with the manager's own keys (proving it is
-//! there, encrypted), then greps every file of the data dir and every log for it.
+//! Invariant 5: no secret value, CA key, data key or join token on disk in
+//! plaintext. The test opens the sealed CA key with the manager's own keys
+//! (proving it is there, encrypted), creates and updates a secret holding a
+//! canary, forces a snapshot past it, restarts every manager, then greps every
+//! file of every data dir and every log for all of them (raw, base64, hex).
 
 mod common;
 
@@ -8,21 +10,51 @@ use base64::Engine;
 use common::*;
 
 #[test]
-fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
+fn no_secret_value_key_or_token_touches_disk_in_plaintext() {
     let mut env = Env::new();
     // Snapshots every 10 entries, so the snapshot file is among what is grepped.
     let m = env.start_manager("m1", &["--heartbeat", "1s", "--snapshot-interval", "10"]);
     // A second manager receives the data key over mTLS and keeps it sealed.
-    let m2 = env.join_manager("m2", &m.token("manager"), &m);
+    let m2 = env.join_manager_with("m2", &m.token("manager"), &m, &["--snapshot-interval", "10"]);
     let worker_token = m.token("worker");
     let _w1 = env.join_worker("w1", &worker_token, &m.addr);
     m.wait_ready(3);
     m.ctl_ok(&["join-token", "worker", "--rotate"]);
     let rotated = m.token("worker");
     let manager_token = m.token("manager");
+
+    // A secret with a canary value, and a second version with another one,
+    // written through the follower (forwarded to the leader).
+    let canary = format!("CANARY-{}-{}", std::process::id(), rand_suffix());
+    let canary2 = format!("CANARY2-{}-{}", std::process::id(), rand_suffix());
+    let o = m2.ctl_stdin(&["create", "canary"], canary.as_bytes());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = m2.ctl_stdin(&["update", "canary"], canary2.as_bytes());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Force a snapshot that covers them: more writes, then wait for it.
+    let covered = info(&m).unwrap()["last_applied"].as_u64().unwrap();
+    let mut i = 0;
+    wait_for("a snapshot covering the secret", std::time::Duration::from_secs(60), || {
+        i += 1;
+        m.ctl_ok(&["node", "update", &m.node_id(), "--label-add", &format!("n={i}")]);
+        (info(&m)?["snapshot_index"].as_u64()? >= covered && info(&m2)?["snapshot_index"].as_u64()? >= covered)
+            .then_some(())
+    });
+    // Restart every manager: the secret must still open everywhere.
     for mgr in [&m2, &m] {
         let exit = env.proc(mgr.proc_idx).terminate();
         assert!(exit.success(), "{} did not shut down cleanly: {exit:?}", mgr.name);
+    }
+    let i1 = env.run_node("m1", &m.data);
+    let i2 = env.run_node("m2", &m2.data);
+    for mgr in [&m, &m2] {
+        wait_for("the secret to open after the restart", std::time::Duration::from_secs(60), || {
+            mgr.ctl(&["keys", "verify"]).status.success().then_some(())
+        });
+    }
+    for idx in [i2, i1] {
+        let exit = env.proc(idx).terminate();
+        assert!(exit.success(), "a restarted manager did not shut down cleanly: {exit:?}");
     }
     let ring = swarmd_manager::keys::KeyDir::new(&m.data).load_keyring().unwrap();
     let ring2 = swarmd_manager::keys::KeyDir::new(&m2.data).load_keyring().unwrap();
@@ -50,6 +82,20 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
         needles.push((format!("{what} secret"), secret.as_bytes().to_vec()));
         needles.push((format!("{what} secret bytes"), hex::decode(secret).unwrap()));
     }
+    for (what, c) in [("canary", &canary), ("canary v2", &canary2)] {
+        let b = c.as_bytes();
+        needles.push((what.into(), b.to_vec()));
+        needles.push((format!("{what} hex"), hex::encode(b).into_bytes()));
+        needles.push((format!("{what} HEX"), hex::encode_upper(b).into_bytes()));
+        for engine in [&base64::engine::general_purpose::STANDARD, &base64::engine::general_purpose::URL_SAFE_NO_PAD] {
+            // Every alignment of the value inside a larger base64 stream has one
+            // of three encodings; the middle part of each is stable.
+            for skip in 0..3 {
+                let enc = engine.encode(&b[skip..]);
+                needles.push((format!("{what} base64+{skip}"), enc.as_bytes()[4..enc.len() - 4].to_vec()));
+            }
+        }
+    }
     assert_eq!(*key2, *key_pem, "the joined manager opens another CA key");
     needles.push(("data key".into(), dek.expose().to_vec()));
     needles.push(("data key hex".into(), hex::encode(dek.expose()).into_bytes()));
@@ -60,4 +106,11 @@ fn ca_key_and_join_tokens_never_touch_disk_in_plaintext() {
         let hits = grep_dir(env.dir.path(), needle);
         assert!(hits.is_empty(), "{what} found in plaintext in {hits:?}");
     }
+}
+
+/// A few random characters, so canaries differ between runs.
+fn rand_suffix() -> String {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).unwrap();
+    hex::encode(b)
 }

@@ -95,6 +95,11 @@ typed_id!(
     ClusterId,
     "cluster ID"
 );
+typed_id!(
+    /// A secret's identity (stable across its versions).
+    SecretId,
+    "secret ID"
+);
 
 /// What a certificate allows its holder to do. It is the certificate's OU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

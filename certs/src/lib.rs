@@ -21,7 +21,7 @@ mod token;
 pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
 pub use error::CertError;
 pub use identity::{generate_key_and_csr, write_atomic, CertInfo, NodeIdentity, NodeKey};
-pub use ids::{ClusterId, IdError, NodeId, Role};
+pub use ids::{ClusterId, IdError, NodeId, Role, SecretId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 
 /// The DNS name managers present in their certificates and clients dial.

@@ -22,7 +22,13 @@ use crate::store::Store;
 use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use swarmd_proto::control::control_client::ControlClient;
+use swarmd_proto::control::{
+    CreateSecretRequest, GetSecretRequest, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse, Secret,
+    UpdateSecretRequest, VerifySecretsRequest, VerifySecretsResponse,
+};
 use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
+
+use crate::secret_store;
 
 /// The control API.
 pub struct ControlService {
@@ -118,6 +124,53 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl control_server::Control for ControlService {
+    /// Administrator only. Prints the new secret; ALREADY_EXISTS for a taken
+    /// name, INVALID_ARGUMENT for a bad name, size or label.
+    async fn create_secret(&self, req: Request<CreateSecretRequest>) -> Result<Response<Secret>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(secret_store::create(&self.store, &self.secrets, req.into_inner()).await?))
+    }
+
+    /// Administrator only. Adds a version.
+    async fn update_secret(&self, req: Request<UpdateSecretRequest>) -> Result<Response<Secret>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(secret_store::update(&self.store, &self.secrets, req.into_inner()).await?))
+    }
+
+    /// Administrator only. Metadata only.
+    async fn list_secrets(&self, req: Request<ListSecretsRequest>) -> Result<Response<ListSecretsResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(ListSecretsResponse { secrets: secret_store::list(self.store.view(), req.get_ref())? }))
+    }
+
+    /// Administrator only. Metadata only.
+    async fn get_secret(&self, req: Request<GetSecretRequest>) -> Result<Response<Secret>, Status> {
+        self.auth.require_admin(&req)?;
+        let r = secret_store::find(self.store.view(), &req.get_ref().name_or_id)?;
+        Ok(Response::new(secret_store::to_wire(r)))
+    }
+
+    /// Administrator only.
+    async fn remove_secret(&self, req: Request<GetSecretRequest>) -> Result<Response<RemoveSecretResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let id = secret_store::remove(&self.store, &req.get_ref().name_or_id).await?;
+        Ok(Response::new(RemoveSecretResponse { id: id.to_string() }))
+    }
+
+    /// Administrator only.
+    async fn verify_secrets(
+        &self,
+        req: Request<VerifySecretsRequest>,
+    ) -> Result<Response<VerifySecretsResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let store = self.store.view().clone();
+        let secrets = self.secrets.clone();
+        let checks = tokio::task::spawn_blocking(move || secret_store::verify(&store, &secrets))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(VerifySecretsResponse { checks }))
+    }
+
     /// Administrator only (see module docs).
     async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
         self.auth.require_admin(&req)?;

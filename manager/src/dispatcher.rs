@@ -156,7 +156,9 @@ impl Dispatcher {
                     if swept.insert(mgr.id.clone()) {
                         let nodes = self.0.store.view().nodes().unwrap_or_default();
                         for n in nodes.iter().filter(|n| {
-                            n.status == NodeStatus::Ready && n.session_manager.as_ref() == Some(&mgr.id) && n.id != mgr.id
+                            n.status == NodeStatus::Ready
+                                && n.session_manager.as_ref() == Some(&mgr.id)
+                                && n.id != mgr.id
                         }) {
                             self.report_as(mgr.id.clone(), n.id.clone(), NodeStatus::Down);
                         }

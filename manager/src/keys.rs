@@ -206,7 +206,7 @@ impl Keyring {
 
     /// The inverse of [`Keyring::encode`]; `None` if malformed or empty.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.is_empty() || bytes.len() % 36 != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(36) {
             return None;
         }
         let mut k = Self::default();

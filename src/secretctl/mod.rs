@@ -5,6 +5,7 @@ mod info;
 mod join_token;
 mod node;
 mod output;
+mod secret;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -44,6 +45,27 @@ pub enum Format {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create a secret from a file or standard input; prints its ID.
+    Create(secret::CreateArgs),
+    /// Add a new version of a secret (running tasks that use it will see it).
+    Update(secret::UpdateArgs),
+    /// List secrets (never their values).
+    Ls(secret::LsArgs),
+    /// Show secrets' metadata and versions (never their values).
+    Inspect {
+        /// Names or IDs.
+        #[arg(required = true)]
+        secrets: Vec<String>,
+    },
+    /// Remove secrets.
+    Rm {
+        /// Names or IDs.
+        #[arg(required = true)]
+        secrets: Vec<String>,
+    },
+    /// The cluster's data keys.
+    #[command(subcommand)]
+    Keys(secret::KeysCmd),
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(node::NodeCmd),
@@ -58,6 +80,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let host = Host::parse(&cli.host, cli.tls_cert, cli.tls_key, cli.tls_ca)?;
     let channel = connect(&host).await?;
     match cli.command {
+        Command::Create(a) => secret::create(channel, a).await,
+        Command::Update(a) => secret::update(channel, a).await,
+        Command::Ls(a) => secret::ls(channel, a, cli.format).await,
+        Command::Inspect { secrets } => secret::inspect(channel, secrets, cli.format).await,
+        Command::Rm { secrets } => secret::rm(channel, secrets).await,
+        Command::Keys(c) => secret::keys(channel, c, cli.format).await,
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,
         Command::Info => info::run(channel, cli.format).await,

@@ -45,7 +45,7 @@ pub(super) enum NodeCmd {
     },
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub(super) fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("invalid label {s:?}: expected KEY=VALUE")),

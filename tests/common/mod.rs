@@ -246,6 +246,28 @@ impl Manager {
         self.try_ctl(args).unwrap()
     }
 
+    /// Runs secretctl with `input` on its standard input.
+    pub fn ctl_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(secretctl_bin())
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
     /// Runs secretctl and requires success; returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let o = self.ctl(args);

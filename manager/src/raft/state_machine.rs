@@ -72,7 +72,6 @@ impl StateMachine {
     pub fn applied_watch(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
-
 }
 
 /// raft's bookkeeping in `sm`: the last applied log ID and the last membership.

@@ -1,0 +1,231 @@
+//! The secrets half of the control API: create, update, list, inspect, remove
+//! and verify. Values are sealed here, on the manager the request reaches,
+//! under the cluster's active data key with the secret's ID and version bound
+//! as associated data; only ciphertext is proposed to raft. No function here
+//! returns a value.
+
+use std::collections::BTreeMap;
+
+use swarmd_certs::SecretId;
+use swarmd_proto::control::{
+    CreateSecretRequest, ListSecretsRequest, Secret, SecretCheck, SecretVersion as WireVersion, UpdateSecretRequest,
+};
+use tonic::Status;
+use zeroize::Zeroizing;
+
+use crate::ca_service::now_unix;
+use crate::cluster::SecretsCache;
+use crate::keys::purpose;
+use crate::state::{
+    check_label, check_secret_name, check_secret_size, Command, SecretRecord, StateView, STALE_DATA_KEY,
+};
+use crate::store::{Store, StoreError};
+
+/// How often a write is re-sealed and retried when a key rotation or a
+/// concurrent update overtook it.
+const RETRIES: usize = 5;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// The wire form of a record.
+pub(crate) fn to_wire(r: SecretRecord) -> Secret {
+    Secret {
+        id: r.id.to_string(),
+        name: r.name,
+        labels: r.labels.into_iter().collect(),
+        created_at: r.created_at,
+        updated_at: r.versions.last().map_or(r.created_at, |v| v.created_at),
+        versions: r
+            .versions
+            .into_iter()
+            .map(|v| WireVersion {
+                version: v.version,
+                created_at: v.created_at,
+                size: v.size as u64,
+                key_id: v.key_id,
+            })
+            .collect(),
+    }
+}
+
+/// The secret `key` names: an ID, a name, or a unique ID prefix (as Docker).
+pub(crate) fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(Status::invalid_argument("secret name or ID must not be empty"));
+    }
+    if let Ok(id) = key.parse::<SecretId>() {
+        if let Some(r) = view.secret(&id).map_err(internal)? {
+            return Ok(r);
+        }
+    }
+    if let Some(id) = view.secret_id_by_name(key).map_err(internal)? {
+        if let Some(r) = view.secret(&id).map_err(internal)? {
+            return Ok(r);
+        }
+    }
+    let mut matches: Vec<_> =
+        view.secrets().map_err(internal)?.into_iter().filter(|s| s.id.as_str().starts_with(key)).collect();
+    match matches.len() {
+        0 => Err(Status::not_found(format!("no such secret: {key}"))),
+        1 => Ok(matches.remove(0)),
+        n => Err(Status::invalid_argument(format!("{key:?} matches {n} secrets: give more of the ID"))),
+    }
+}
+
+/// Takes the value out of a request into memory that is wiped on drop.
+fn take_value(data: &mut Vec<u8>) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(std::mem::take(data))
+}
+
+fn cluster_id(secrets: &SecretsCache) -> Result<String, Status> {
+    Ok(secrets.get()?.ca.cluster_id().to_string())
+}
+
+/// Creates a secret; retries (re-sealed) if a key rotation overtook it.
+pub(crate) async fn create(
+    store: &Store,
+    secrets: &SecretsCache,
+    mut req: CreateSecretRequest,
+) -> Result<Secret, Status> {
+    let value = take_value(&mut req.data);
+    check_secret_name(&req.name).map_err(Status::invalid_argument)?;
+    check_secret_size(value.len()).map_err(Status::invalid_argument)?;
+    for (k, v) in &req.labels {
+        check_label(k, v).map_err(Status::invalid_argument)?;
+    }
+    if let Some(id) = store.view().secret_id_by_name(&req.name).map_err(internal)? {
+        return Err(Status::already_exists(format!("secret name {:?} is already in use by secret {id}", req.name)));
+    }
+    let cid = cluster_id(secrets)?;
+    let id = SecretId::random();
+    let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+    let mut last = None;
+    for _ in 0..RETRIES {
+        let data = secrets.seal(&purpose::secret(&cid, id.as_str(), 1), &value)?;
+        let cmd = Command::CreateSecret {
+            id: id.clone(),
+            name: req.name.clone(),
+            labels: labels.clone(),
+            created_at: now_unix(),
+            data,
+        };
+        match store.propose(cmd).await {
+            Ok(()) => {
+                tracing::info!(secret.id = %id, secret.name = %req.name, "secret created");
+                let r = store
+                    .view()
+                    .secret(&id)
+                    .map_err(internal)?
+                    .ok_or_else(|| Status::not_found("secret was removed"))?;
+                return Ok(to_wire(r));
+            }
+            Err(StoreError::Rejected(why)) if why == STALE_DATA_KEY => last = Some(why),
+            Err(StoreError::Rejected(why)) if why.contains("already in use") => {
+                return Err(Status::already_exists(why))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Status::aborted(last.unwrap_or_default()))
+}
+
+/// Adds a version; retries (re-sealed) if a concurrent update or a key rotation overtook it.
+pub(crate) async fn update(
+    store: &Store,
+    secrets: &SecretsCache,
+    mut req: UpdateSecretRequest,
+) -> Result<Secret, Status> {
+    let value = take_value(&mut req.data);
+    check_secret_size(value.len()).map_err(Status::invalid_argument)?;
+    let cid = cluster_id(secrets)?;
+    let mut last = String::new();
+    for _ in 0..RETRIES {
+        let rec = find(store.view(), &req.name_or_id)?;
+        let version = rec.latest().version + 1;
+        let data = secrets.seal(&purpose::secret(&cid, rec.id.as_str(), version), &value)?;
+        let cmd = Command::AddSecretVersion { id: rec.id.clone(), version, created_at: now_unix(), data };
+        match store.propose(cmd).await {
+            Ok(()) => {
+                tracing::info!(secret.id = %rec.id, secret.name = %rec.name, version, "secret updated");
+                let r = store
+                    .view()
+                    .secret(&rec.id)
+                    .map_err(internal)?
+                    .ok_or_else(|| Status::not_found("secret was removed"))?;
+                return Ok(to_wire(r));
+            }
+            Err(StoreError::Rejected(why)) if why == STALE_DATA_KEY || why.contains("updated meanwhile") => last = why,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Status::aborted(last))
+}
+
+/// Secrets matching every label filter (`K` or `K=V`) and the name prefix.
+pub(crate) fn list(view: &StateView, req: &ListSecretsRequest) -> Result<Vec<Secret>, Status> {
+    let filters: Vec<(String, Option<String>)> = req
+        .label_filters
+        .iter()
+        .map(|f| match f.split_once('=') {
+            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+            None => (f.clone(), None),
+        })
+        .collect();
+    let mut out: Vec<SecretRecord> = view
+        .secrets()
+        .map_err(internal)?
+        .into_iter()
+        .filter(|s| s.name.starts_with(&req.name_prefix))
+        .filter(|s| {
+            filters.iter().all(|(k, v)| match (s.labels.get(k), v) {
+                (Some(have), Some(want)) => have == want,
+                (Some(_), None) => true,
+                (None, _) => false,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out.into_iter().map(to_wire).collect())
+}
+
+/// Removes one secret.
+pub(crate) async fn remove(store: &Store, key: &str) -> Result<SecretId, Status> {
+    let rec = find(store.view(), key)?;
+    store.propose(Command::RemoveSecret { id: rec.id.clone() }).await?;
+    tracing::info!(secret.id = %rec.id, secret.name = %rec.name, "secret removed");
+    Ok(rec.id)
+}
+
+/// Opens every stored version with this manager's keys; reports failures by
+/// secret and version (never the values, which are wiped at once).
+pub(crate) fn verify(view: &StateView, secrets: &SecretsCache) -> Result<Vec<SecretCheck>, Status> {
+    let cid = cluster_id(secrets)?;
+    let mut out = Vec::new();
+    for rec in view.secrets().map_err(internal)? {
+        for v in &rec.versions {
+            let error = match view.secret_data(&rec.id, v.version) {
+                Ok(Some(sealed)) => match secrets.open(&purpose::secret(&cid, rec.id.as_str(), v.version), &sealed) {
+                    Ok(plain) if plain.len() == v.size as usize => String::new(),
+                    Ok(_) => "opened, but its size differs from the record".into(),
+                    Err(e) => e.to_string(),
+                },
+                Ok(None) => "the value is missing".into(),
+                Err(e) => e.to_string(),
+            };
+            if !error.is_empty() {
+                tracing::warn!(secret.id = %rec.id, secret.name = %rec.name, version = v.version, %error, "secret does not open");
+            }
+            out.push(SecretCheck {
+                id: rec.id.to_string(),
+                name: rec.name.clone(),
+                version: v.version,
+                key_id: v.key_id,
+                error,
+            });
+        }
+    }
+    Ok(out)
+}
