@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use swarmd_certs::{CertValidity, JoinToken, Role, RootCa};
 
-use crate::keys::{purpose, KeyError, Keyring, Sealed};
+use crate::keys::{purpose, KeyDir, KeyError, Keyring, Sealed, SymmetricKey};
 use crate::state::{ClusterRecord, StateError, StateView};
 
 /// Errors opening the cluster's secrets.
@@ -87,13 +87,20 @@ type Opened = (Vec<u8>, Arc<ClusterSecrets>);
 pub struct SecretsCache {
     view: StateView,
     keyring: Arc<RwLock<Keyring>>,
+    /// Where the keyring persists; writes to it are serialized by this lock.
+    keydir: Arc<std::sync::Mutex<KeyDir>>,
     current: Arc<RwLock<Option<Opened>>>,
 }
 
 impl SecretsCache {
     /// A cache over the applied state; empty until the cluster record exists.
-    pub fn new(view: StateView, keyring: Keyring) -> Self {
-        let me = Self { view, keyring: Arc::new(RwLock::new(keyring)), current: Arc::default() };
+    pub fn new(view: StateView, keyring: Keyring, keydir: KeyDir) -> Self {
+        let me = Self {
+            view,
+            keyring: Arc::new(RwLock::new(keyring)),
+            keydir: Arc::new(std::sync::Mutex::new(keydir)),
+            current: Arc::default(),
+        };
         let _ = me.reload();
         me
     }
@@ -103,9 +110,44 @@ impl SecretsCache {
         self.keyring.read().expect("keyring lock").clone()
     }
 
+    /// Adds data key `id`: on disk first (sealed under the KEK), then in memory;
+    /// re-opens the cluster record, which may need it.
+    pub fn add_data_key(&self, id: u32, key: SymmetricKey) -> Result<(), KeyError> {
+        let dir = self.keydir.lock().expect("keydir lock");
+        let mut ring = self.keyring();
+        ring.insert(id, key);
+        dir.save_keyring(&ring)?;
+        *self.keyring.write().expect("keyring lock") = ring;
+        drop(dir);
+        let _ = self.reload();
+        Ok(())
+    }
+
+    /// Deletes every data key below `below`, from disk and memory. Returns
+    /// whether any was deleted.
+    pub fn retire_below(&self, below: u32) -> Result<bool, KeyError> {
+        let dir = self.keydir.lock().expect("keydir lock");
+        let mut ring = self.keyring();
+        let before = ring.ids().len();
+        ring.retain(|id| id >= below);
+        if ring.ids().len() == before {
+            return Ok(false);
+        }
+        dir.save_keyring(&ring)?;
+        *self.keyring.write().expect("keyring lock") = ring;
+        Ok(true)
+    }
+
+    /// The cluster record as applied here.
+    pub fn record(&self) -> Result<ClusterRecord, ClusterError> {
+        self.view.cluster()?.ok_or(ClusterError::NotInitialised)
+    }
+
     /// Seals `plaintext` under the cluster's active data key.
     pub fn seal(&self, purpose: &str, plaintext: &[u8]) -> Result<Sealed, ClusterError> {
-        let active = self.get()?.data_key_id;
+        // From the applied record, not the cached secrets: they are re-opened
+        // a moment after a rotation is applied.
+        let active = self.record()?.data_key_id;
         Ok(self.keyring.read().expect("keyring lock").seal(active, purpose, plaintext)?)
     }
 

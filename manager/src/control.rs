@@ -23,8 +23,9 @@ use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{
-    CreateSecretRequest, GetSecretRequest, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse, Secret,
-    UpdateSecretRequest, VerifySecretsRequest, VerifySecretsResponse,
+    CreateSecretRequest, GetSecretRequest, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse,
+    RotateDataKeyRequest, RotateDataKeyResponse, Secret, UpdateSecretRequest, VerifySecretsRequest,
+    VerifySecretsResponse,
 };
 use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
@@ -37,6 +38,8 @@ pub struct ControlService {
     dispatcher: Dispatcher,
     auth: Authorizer,
     peers: Peers,
+    /// One data key rotation at a time.
+    rotating: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ControlService {
@@ -48,7 +51,7 @@ impl ControlService {
         auth: Authorizer,
         peers: Peers,
     ) -> ControlServer<Self> {
-        ControlServer::new(Self { store, secrets, dispatcher, auth, peers })
+        ControlServer::new(Self { store, secrets, dispatcher, auth, peers, rotating: Default::default() })
     }
 
     fn reply(&self, id: &NodeId) -> Result<Response<Node>, Status> {
@@ -155,6 +158,26 @@ impl control_server::Control for ControlService {
         self.auth.require_admin(&req)?;
         let id = secret_store::remove(&self.store, &req.get_ref().name_or_id).await?;
         Ok(Response::new(RemoveSecretResponse { id: id.to_string() }))
+    }
+
+    /// Administrator only. Runs on the leader (forwarded there).
+    async fn rotate_data_key(
+        &self,
+        req: Request<RotateDataKeyRequest>,
+    ) -> Result<Response<RotateDataKeyResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        if let Some(mut leader) = self.leader_client()? {
+            let mut fwd = Request::new(RotateDataKeyRequest {});
+            fwd.set_timeout(std::time::Duration::from_secs(600));
+            return leader.rotate_data_key(fwd).await;
+        }
+        let _one = self.rotating.try_lock().map_err(|_| Status::aborted("a data key rotation is already running"))?;
+        let r = crate::rotation::rotate(&self.store, &self.secrets, &self.peers).await?;
+        Ok(Response::new(RotateDataKeyResponse {
+            key_id: r.key_id,
+            resealed: r.resealed as u64,
+            retired_below: r.retired_below,
+        }))
     }
 
     /// Administrator only.

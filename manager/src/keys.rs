@@ -230,6 +230,10 @@ pub mod purpose {
     pub fn join_token(cluster: &str, role: swarmd_certs::Role) -> String {
         format!("swarmd/{cluster}/join-token/{role}")
     }
+    /// The known value that proves a manager holds the right data key `id`.
+    pub fn key_check(cluster: &str, id: u32) -> String {
+        format!("swarmd/{cluster}/data-key-check/{id}")
+    }
     /// One version of a secret's value: bound to the secret and the version, so
     /// a ciphertext moved to another record or version fails to open.
     pub fn secret(cluster: &str, id: &str, version: u32) -> String {
@@ -238,6 +242,7 @@ pub mod purpose {
 }
 
 /// The `keys/` directory of a manager.
+#[derive(Clone)]
 pub struct KeyDir {
     dir: PathBuf,
 }

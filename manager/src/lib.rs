@@ -21,6 +21,7 @@ pub mod keys;
 mod membership;
 mod node;
 pub mod raft;
+mod rotation;
 mod secret_store;
 pub mod state;
 mod store;

@@ -122,6 +122,8 @@ impl Manager {
             worker_token: seal_token(Role::Worker)?,
             manager_token: seal_token(Role::Manager)?,
             data_key_id: FIRST_DATA_KEY,
+            data_key_check: None,
+            retired_below: 0,
             cert_validity_secs: opts.cert_expiry.duration().as_secs(),
             heartbeat_ms: opts.heartbeat.as_millis() as u64,
             created_at: now_unix(),
@@ -235,13 +237,20 @@ impl Manager {
         let demotion: Arc<std::sync::Mutex<Option<Demotion>>> = Arc::default();
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
-        let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone());
+        let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone(), KeyDir::new(&self.data_dir));
         let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
         let advertise = self.cfg.advertise_addr.clone();
         let me = self.cfg.node_id.clone();
         let tasks = shutdown.child_token();
 
         tokio::spawn(secrets.clone().follow(self.applied.clone(), tasks.clone()));
+        tokio::spawn(crate::rotation::follow_keys(
+            store.clone(),
+            secrets.clone(),
+            peers.clone(),
+            self.applied.clone(),
+            tasks.clone(),
+        ));
         tokio::spawn(follow_deny_list(self.view.clone(), self.deny.clone(), self.applied.clone(), tasks.clone()));
         tokio::spawn(raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()));
         if self.forget_other_managers {

@@ -80,6 +80,22 @@ fn take_value(data: &mut Vec<u8>) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(std::mem::take(data))
 }
 
+/// Seals under the active data key; right after a rotation this manager may
+/// still be fetching that key, so it waits for it (up to 5 s).
+async fn seal_active(secrets: &SecretsCache, purpose: &str, value: &[u8]) -> Result<crate::keys::Sealed, Status> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match secrets.seal(purpose, value) {
+            Err(crate::cluster::ClusterError::Key(crate::keys::KeyError::UnknownKey { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 fn cluster_id(secrets: &SecretsCache) -> Result<String, Status> {
     Ok(secrets.get()?.ca.cluster_id().to_string())
 }
@@ -104,7 +120,7 @@ pub(crate) async fn create(
     let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
     let mut last = None;
     for _ in 0..RETRIES {
-        let data = secrets.seal(&purpose::secret(&cid, id.as_str(), 1), &value)?;
+        let data = seal_active(secrets, &purpose::secret(&cid, id.as_str(), 1), &value).await?;
         let cmd = Command::CreateSecret {
             id: id.clone(),
             name: req.name.clone(),
@@ -145,7 +161,7 @@ pub(crate) async fn update(
     for _ in 0..RETRIES {
         let rec = find(store.view(), &req.name_or_id)?;
         let version = rec.latest().version + 1;
-        let data = secrets.seal(&purpose::secret(&cid, rec.id.as_str(), version), &value)?;
+        let data = seal_active(secrets, &purpose::secret(&cid, rec.id.as_str(), version), &value).await?;
         let cmd = Command::AddSecretVersion { id: rec.id.clone(), version, created_at: now_unix(), data };
         match store.propose(cmd).await {
             Ok(()) => {

@@ -48,6 +48,24 @@ pub struct ClusterRecord {
     pub created_at: i64,
     /// The data key new values are sealed with.
     pub data_key_id: u32,
+    /// A known value sealed under the active data key (purpose
+    /// [`crate::keys::purpose::key_check`]): a manager that fetches the key
+    /// from another proves it got the right one. `None` for the first key.
+    pub data_key_check: Option<Sealed>,
+    /// Data keys below this ID are retired: nothing is sealed under them any
+    /// more, and every manager deletes them.
+    pub retired_below: u32,
+}
+
+impl ClusterRecord {
+    /// The sealed values of the record itself, with what they are.
+    pub fn sealed_fields(&self) -> [(&'static str, &Sealed); 3] {
+        [
+            ("CA key", &self.ca_key),
+            ("worker join token", &self.worker_token),
+            ("manager join token", &self.manager_token),
+        ]
+    }
 }
 
 /// A node's liveness as the managers see it.
@@ -253,6 +271,51 @@ pub enum Command {
     AddSecretVersion { id: SecretId, version: u32, created_at: i64, data: Sealed },
     /// Deletes a secret, every version of it.
     RemoveSecret { id: SecretId },
+    /// Makes data key `key_id` (the active one plus one) active; the key itself
+    /// travels between managers over mTLS, never through the log.
+    AddDataKey { key_id: u32, check: Sealed },
+    /// Replaces sealed values with the same values sealed under the active key.
+    /// Each item names the value it replaces (by nonce), and is skipped if that
+    /// value changed or went away meanwhile.
+    Reseal { cluster: Vec<ResealField>, secrets: Vec<ResealSecret> },
+    /// Retires every data key below `below` (refused while anything is still
+    /// sealed under one of them).
+    RetireDataKeys { below: u32 },
+}
+
+/// Which sealed field of the cluster record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterField {
+    /// The CA key.
+    CaKey,
+    /// The worker join token.
+    WorkerToken,
+    /// The manager join token.
+    ManagerToken,
+}
+
+/// A cluster record field re-sealed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResealField {
+    /// Which field.
+    pub field: ClusterField,
+    /// The value it replaces.
+    pub old: Sealed,
+    /// The value re-sealed.
+    pub new: Sealed,
+}
+
+/// A secret version re-sealed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResealSecret {
+    /// The secret.
+    pub id: SecretId,
+    /// The version.
+    pub version: u32,
+    /// The value it replaces.
+    pub old: Sealed,
+    /// The value re-sealed.
+    pub new: Sealed,
 }
 
 /// The outcome of applying one command.
@@ -529,10 +592,94 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             let Some(mut cluster) = view.cluster()? else {
                 return Ok(Err("cluster is not initialised".into()));
             };
+            if token.key_id() != cluster.data_key_id {
+                return Ok(Err(STALE_DATA_KEY.into()));
+            }
             match role {
                 Role::Worker => cluster.worker_token = token.clone(),
                 Role::Manager => cluster.manager_token = token.clone(),
             }
+            batch.insert(CLUSTER_KEY, encode(&cluster));
+        }
+        Command::AddDataKey { key_id, check } => {
+            let Some(mut cluster) = view.cluster()? else {
+                return Ok(Err("cluster is not initialised".into()));
+            };
+            if *key_id != cluster.data_key_id + 1 || check.key_id() != *key_id {
+                return Ok(Err(format!(
+                    "data key {key_id} cannot follow data key {} (another rotation ran meanwhile?)",
+                    cluster.data_key_id
+                )));
+            }
+            cluster.data_key_id = *key_id;
+            cluster.data_key_check = Some(check.clone());
+            batch.insert(CLUSTER_KEY, encode(&cluster));
+        }
+        Command::Reseal { cluster: fields, secrets } => {
+            let Some(mut cluster) = view.cluster()? else {
+                return Ok(Err("cluster is not initialised".into()));
+            };
+            let active = cluster.data_key_id;
+            if fields.iter().map(|f| &f.new).chain(secrets.iter().map(|s| &s.new)).any(|s| s.key_id() != active) {
+                return Ok(Err(STALE_DATA_KEY.into()));
+            }
+            let mut changed = false;
+            for f in fields {
+                let slot = match f.field {
+                    ClusterField::CaKey => &mut cluster.ca_key,
+                    ClusterField::WorkerToken => &mut cluster.worker_token,
+                    ClusterField::ManagerToken => &mut cluster.manager_token,
+                };
+                if *slot == f.old {
+                    *slot = f.new.clone();
+                    changed = true;
+                }
+            }
+            if changed {
+                batch.insert(CLUSTER_KEY, encode(&cluster));
+            }
+            let mut records: BTreeMap<SecretId, SecretRecord> = BTreeMap::new();
+            for s in secrets {
+                if view.secret_data(&s.id, s.version)?.as_ref() != Some(&s.old) {
+                    continue;
+                }
+                let rec = match records.get_mut(&s.id) {
+                    Some(r) => r,
+                    None => match view.secret(&s.id)? {
+                        Some(r) => records.entry(s.id.clone()).or_insert(r),
+                        None => continue,
+                    },
+                };
+                if let Some(v) = rec.versions.iter_mut().find(|v| v.version == s.version) {
+                    v.key_id = active;
+                    batch.insert(secret_data_key(&s.id, s.version), encode(&s.new));
+                }
+            }
+            for (id, rec) in records {
+                batch.insert(secret_key(&id), encode(&rec));
+            }
+        }
+        Command::RetireDataKeys { below } => {
+            let Some(mut cluster) = view.cluster()? else {
+                return Ok(Err("cluster is not initialised".into()));
+            };
+            if *below > cluster.data_key_id {
+                return Ok(Err(format!(
+                    "data key {} is active: keys below {below} cannot all retire",
+                    cluster.data_key_id
+                )));
+            }
+            if let Some((what, _)) = cluster.sealed_fields().into_iter().find(|(_, s)| s.key_id() < *below) {
+                return Ok(Err(format!("the {what} is still sealed under an older data key")));
+            }
+            let mut left = 0;
+            for rec in view.secrets()? {
+                left += rec.versions.iter().filter(|v| v.key_id < *below).count();
+            }
+            if left > 0 {
+                return Ok(Err(format!("{left} secret versions are still sealed under an older data key")));
+            }
+            cluster.retired_below = cluster.retired_below.max(*below);
             batch.insert(CLUSTER_KEY, encode(&cluster));
         }
         Command::RemoveNodes { nodes, deny_until } => {
@@ -717,6 +864,8 @@ mod tests {
             heartbeat_ms: 5000,
             created_at: 0,
             data_key_id: 1,
+            data_key_check: None,
+            retired_below: 0,
         }
     }
 

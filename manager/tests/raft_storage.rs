@@ -69,6 +69,8 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         heartbeat_ms: 5000,
         created_at: 0,
         data_key_id: 1,
+        data_key_check: None,
+        retired_below: 0,
     };
     let mgr = NodeId::random();
     let workers: Vec<NodeId> = (0..10).map(|_| NodeId::random()).collect();

@@ -53,6 +53,9 @@ pub(super) enum KeysCmd {
     /// Open every stored secret version on the manager and report any that fail
     /// their integrity check (values are never shown).
     Verify,
+    /// Create a new data key, re-seal every secret and the CA key under it, and
+    /// delete the old key from every manager. No downtime.
+    Rotate,
 }
 
 /// Reads a secret value from `file` (`-` or none: standard input) into memory
@@ -224,6 +227,16 @@ pub(super) async fn rm(channel: Channel, names: Vec<String>) -> anyhow::Result<(
 
 pub(super) async fn keys(channel: Channel, cmd: KeysCmd, format: Format) -> anyhow::Result<()> {
     match cmd {
+        KeysCmd::Rotate => {
+            let mut req = tonic::Request::new(swarmd_proto::control::RotateDataKeyRequest {});
+            req.set_timeout(std::time::Duration::from_secs(600));
+            let r = super::client::control(channel).rotate_data_key(req).await.map_err(explain)?.into_inner();
+            println!(
+                "Data key {} is active; {} values re-sealed; keys below {} retired (every manager deletes them).",
+                r.key_id, r.resealed, r.retired_below
+            );
+            Ok(())
+        }
         KeysCmd::Verify => {
             let checks = super::client::control(channel)
                 .verify_secrets(VerifySecretsRequest {})
