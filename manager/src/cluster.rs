@@ -41,8 +41,6 @@ pub struct ClusterSecrets {
     pub validity: CertValidity,
     /// Heartbeat period.
     pub heartbeat: Duration,
-    /// The data key new values are sealed with.
-    pub data_key_id: u32,
 }
 
 impl ClusterSecrets {
@@ -64,7 +62,6 @@ impl ClusterSecrets {
             validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs))
                 .map_err(ClusterError::Invalid)?,
             heartbeat: Duration::from_millis(record.heartbeat_ms),
-            data_key_id: record.data_key_id,
         })
     }
 
