@@ -24,6 +24,9 @@ pub enum CertError {
     /// rustls refused a configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The node key is sealed (an autolocked manager) and no key to open it was given.
+    #[error("locked: the node key is sealed; run swarmd unlock")]
+    Locked,
     /// Reading or writing a node's certificate files failed.
     #[error("{path}: {source}")]
     Io {

@@ -158,25 +158,45 @@ impl NodeIdentity {
         data_dir.join("certs")
     }
 
-    /// Loads `ca.crt`, `node.crt` and `node.key` from `dir`.
+    /// Loads `ca.crt`, `node.crt` and `node.key` from `dir`; `Locked` if the
+    /// key is sealed.
     pub fn load(dir: &Path) -> Result<Self, CertError> {
+        Self::load_with(dir, None)
+    }
+
+    /// Loads the identity, opening a sealed key with `wrap`.
+    pub fn load_with(dir: &Path, wrap: Option<&dyn KeyWrap>) -> Result<Self, CertError> {
         let read = |name: &str| {
             let p = dir.join(name);
             fs::read_to_string(&p).map_err(|source| CertError::Io { path: p, source })
         };
         let ca = read("ca.crt")?;
         let cert = read("node.crt")?;
-        let key = Zeroizing::new(read("node.key")?);
+        let stored = Zeroizing::new(read("node.key")?);
+        let key = if is_sealed_key(&stored) {
+            let wrap = wrap.ok_or(CertError::Locked)?;
+            wrap.open(&stored).map_err(|reason| CertError::InvalidKey { reason })?
+        } else {
+            stored
+        };
         Self::new(ca, cert, key)
     }
 
     /// Writes the three files into `dir` (created 0700 if missing); the key with mode 0600.
     /// The key is written before the certificate.
     pub fn save(&self, dir: &Path) -> Result<(), CertError> {
+        self.save_with(dir, None)
+    }
+
+    /// As [`NodeIdentity::save`], with the key sealed by `wrap` if it seals.
+    pub fn save_with(&self, dir: &Path, wrap: Option<&dyn KeyWrap>) -> Result<(), CertError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
         write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), 0o644)?;
-        write_atomic(&dir.join("node.key"), self.key_pem.as_bytes(), 0o600)?;
+        match wrap.and_then(|w| w.seal(&self.key_pem)) {
+            Some(sealed) => write_atomic(&dir.join("node.key"), sealed.as_bytes(), 0o600)?,
+            None => write_atomic(&dir.join("node.key"), self.key_pem.as_bytes(), 0o600)?,
+        }
         write_atomic(&dir.join("node.crt"), self.cert_pem.as_bytes(), 0o644)?;
         Ok(())
     }
@@ -226,4 +246,20 @@ mod tests {
         let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
         assert!(NodeIdentity::new(ca.bundle_pem().into(), issued.pem, other_key).is_err());
     }
+}
+
+/// The PEM label of a sealed node key.
+pub const SEALED_KEY_LABEL: &str = "SWARMD SEALED PRIVATE KEY";
+
+/// Whether a stored node key is sealed.
+pub fn is_sealed_key(stored: &str) -> bool {
+    stored.trim_start().starts_with(&format!("-----BEGIN {SEALED_KEY_LABEL}-----"))
+}
+
+/// Seals a node key at rest and opens it again (autolocked managers).
+pub trait KeyWrap: Send + Sync {
+    /// The key in its stored form, or `None` to store it as plain PEM (autolock off).
+    fn seal(&self, key_pem: &str) -> Option<String>;
+    /// The PEM key from its stored, sealed form.
+    fn open(&self, stored: &str) -> Result<NodeKey, String>;
 }

@@ -20,7 +20,9 @@ mod token;
 
 pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
 pub use error::CertError;
-pub use identity::{generate_key_and_csr, write_atomic, CertInfo, NodeIdentity, NodeKey};
+pub use identity::{
+    generate_key_and_csr, is_sealed_key, write_atomic, CertInfo, KeyWrap, NodeIdentity, NodeKey, SEALED_KEY_LABEL,
+};
 pub use ids::{ClusterId, IdError, NodeId, Role, SecretId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 

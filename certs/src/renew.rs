@@ -68,12 +68,19 @@ pub struct Renewer<I> {
     creds: std::sync::Arc<crate::tls::TlsCredentials>,
     certs_dir: std::path::PathBuf,
     issuer: I,
+    wrap: Option<std::sync::Arc<dyn crate::KeyWrap>>,
 }
 
 impl<I: CertIssuer> Renewer<I> {
     /// A renewer for the identity in `creds`, stored in `certs_dir`.
     pub fn new(creds: std::sync::Arc<crate::tls::TlsCredentials>, certs_dir: std::path::PathBuf, issuer: I) -> Self {
-        Self { creds, certs_dir, issuer }
+        Self { creds, certs_dir, issuer, wrap: None }
+    }
+
+    /// Stores renewed keys through `wrap` (sealed while the cluster is autolocked).
+    pub fn with_key_wrap(mut self, wrap: std::sync::Arc<dyn crate::KeyWrap>) -> Self {
+        self.wrap = Some(wrap);
+        self
     }
 
     async fn renew_once(&self) -> Result<String, String> {
@@ -81,7 +88,7 @@ impl<I: CertIssuer> Renewer<I> {
         let cert = self.issuer.issue(csr).await?;
         let current = self.creds.identity();
         let fresh = crate::NodeIdentity::new(current.ca_pem.clone(), cert, key).map_err(|e| e.to_string())?;
-        fresh.save(&self.certs_dir).map_err(|e| e.to_string())?;
+        fresh.save_with(&self.certs_dir, self.wrap.as_deref()).map_err(|e| e.to_string())?;
         let serial = fresh.info.serial.clone();
         self.creds.publish(fresh).map_err(|e| e.to_string())?;
         Ok(serial)

@@ -78,6 +78,8 @@ pub struct InitOptions {
     pub heartbeat: Duration,
     /// Raft timing.
     pub raft: RaftSettings,
+    /// Seal this manager's keys under an unlock key from the start.
+    pub autolock: bool,
 }
 
 impl InitOptions {
@@ -91,6 +93,7 @@ impl InitOptions {
             cert_expiry: CertValidity::DEFAULT,
             heartbeat: Duration::from_secs(5),
             raft: RaftSettings::default(),
+            autolock: false,
         }
     }
 }

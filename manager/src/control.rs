@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
-use crate::keys::purpose;
+use crate::keys::{purpose, UnlockKey};
 use crate::state::{check_label, Availability, Command, NodeRecord, NodeStatus};
 use crate::store::Peers;
 use crate::store::Store;
@@ -23,9 +23,9 @@ use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{
-    CreateSecretRequest, GetSecretRequest, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse,
-    RotateDataKeyRequest, RotateDataKeyResponse, Secret, UpdateSecretRequest, VerifySecretsRequest,
-    VerifySecretsResponse,
+    CreateSecretRequest, GetSecretRequest, GetUnlockKeyRequest, GetUnlockKeyResponse, ListSecretsRequest,
+    ListSecretsResponse, RemoveSecretResponse, RotateDataKeyRequest, RotateDataKeyResponse, Secret,
+    UpdateClusterRequest, UpdateClusterResponse, UpdateSecretRequest, VerifySecretsRequest, VerifySecretsResponse,
 };
 use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
@@ -178,6 +178,60 @@ impl control_server::Control for ControlService {
             resealed: r.resealed as u64,
             retired_below: r.retired_below,
         }))
+    }
+
+    /// Administrator only. FAILED_PRECONDITION while autolock is off.
+    async fn get_unlock_key(
+        &self,
+        req: Request<GetUnlockKeyRequest>,
+    ) -> Result<Response<GetUnlockKeyResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let record = self.secrets.record()?;
+        let cid = record.id.to_string();
+        let Some(sealed) = record.unlock_key else {
+            return Err(Status::failed_precondition(
+                "autolock is off: turn it on with secretctl cluster update --autolock=true",
+            ));
+        };
+        let key = if req.get_ref().rotate {
+            let fresh = UnlockKey::generate();
+            let sealed = self.secrets.seal(&purpose::unlock_key(&cid), fresh.expose())?;
+            self.store.propose(Command::SetAutolock { unlock_key: Some(sealed) }).await?;
+            tracing::info!("unlock key rotated");
+            fresh
+        } else {
+            let raw = self.secrets.open(&purpose::unlock_key(&cid), &sealed).map_err(internal)?;
+            let text = zeroize::Zeroizing::new(format!("SWDKEY-1-{}", hex::encode(&raw[..])));
+            UnlockKey::parse(&text).map_err(internal)?
+        };
+        Ok(Response::new(GetUnlockKeyResponse { key: key.text().to_string() }))
+    }
+
+    /// Administrator only. Turning autolock on returns the new unlock key.
+    async fn update_cluster(
+        &self,
+        req: Request<UpdateClusterRequest>,
+    ) -> Result<Response<UpdateClusterResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let record = self.secrets.record()?;
+        let mut out = UpdateClusterResponse::default();
+        match req.get_ref().autolock {
+            None => {}
+            Some(true) if record.unlock_key.is_some() => {}
+            Some(true) => {
+                let key = UnlockKey::generate();
+                let sealed = self.secrets.seal(&purpose::unlock_key(record.id.as_str()), key.expose())?;
+                self.store.propose(Command::SetAutolock { unlock_key: Some(sealed) }).await?;
+                tracing::info!("autolock turned on");
+                out.unlock_key = key.text().to_string();
+            }
+            Some(false) if record.unlock_key.is_some() => {
+                self.store.propose(Command::SetAutolock { unlock_key: None }).await?;
+                tracing::info!("autolock turned off");
+            }
+            Some(false) => {}
+        }
+        Ok(Response::new(out))
     }
 
     /// Administrator only.

@@ -36,6 +36,9 @@ pub enum KeyError {
     /// A key file has the wrong length or format.
     #[error("{path}: malformed key file")]
     Malformed { path: PathBuf },
+    /// Not an unlock key, or not this manager's.
+    #[error("wrong unlock key: {0}")]
+    BadUnlockKey(String),
     /// A value was sealed under a data key this manager does not hold.
     #[error("data key {id} is not held by this manager")]
     UnknownKey { id: u32 },
@@ -135,6 +138,63 @@ impl SymmetricKey {
     }
 }
 
+/// An autolocked cluster's unlock key, `SWDKEY-1-<64 hex digits>`: it seals
+/// each manager's KEK (and through it the node key and the data keys) on disk.
+#[derive(Clone)]
+pub struct UnlockKey(SymmetricKey);
+
+impl fmt::Debug for UnlockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UnlockKey(<redacted>)")
+    }
+}
+
+const UNLOCK_PREFIX: &str = "SWDKEY-1-";
+
+impl UnlockKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        Self(SymmetricKey::generate())
+    }
+
+    /// The text form operators keep.
+    pub fn text(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!("{UNLOCK_PREFIX}{}", hex::encode(self.0.expose())))
+    }
+
+    /// Parses the text form (surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Result<Self, KeyError> {
+        let s = s.trim();
+        let hexpart = s
+            .strip_prefix(UNLOCK_PREFIX)
+            .ok_or_else(|| KeyError::BadUnlockKey(format!("an unlock key starts with {UNLOCK_PREFIX}")))?;
+        let raw = Zeroizing::new(
+            hex::decode(hexpart).map_err(|_| KeyError::BadUnlockKey("malformed: expected 64 hex digits".into()))?,
+        );
+        SymmetricKey::from_slice(&raw)
+            .map(Self)
+            .ok_or_else(|| KeyError::BadUnlockKey("malformed: expected 64 hex digits".into()))
+    }
+
+    /// The raw bytes, for sealing in the cluster record.
+    pub fn expose(&self) -> &[u8; 32] {
+        self.0.expose()
+    }
+
+    /// Whether two keys are the same.
+    pub fn same_as(&self, other: &UnlockKey) -> bool {
+        use subtle_eq::ct_eq;
+        ct_eq(self.0.expose(), other.0.expose())
+    }
+}
+
+mod subtle_eq {
+    /// Constant-time equality of two keys.
+    pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
 /// The cluster's data keys by ID. Values are sealed with the key the cluster
 /// record names as active; older keys stay only until a rotation has re-sealed
 /// everything under the new one.
@@ -222,6 +282,14 @@ impl Keyring {
 pub mod purpose {
     /// The cluster's data keys, sealed under the KEK.
     pub const DEK: &str = "swarmd/keyring/v1";
+    /// The KEK, sealed under the unlock key (autolock).
+    pub const LOCKED_KEK: &str = "swarmd/kek/locked/v1";
+    /// The node's TLS key, sealed under the KEK (autolock).
+    pub const NODE_KEY: &str = "swarmd/node-key/v1";
+    /// The unlock key in the cluster record.
+    pub fn unlock_key(cluster: &str) -> String {
+        format!("swarmd/{cluster}/unlock-key")
+    }
     /// The CA private key.
     pub fn ca_key(cluster: &str) -> String {
         format!("swarmd/{cluster}/ca-key")
@@ -245,6 +313,8 @@ pub mod purpose {
 #[derive(Clone)]
 pub struct KeyDir {
     dir: PathBuf,
+    /// The KEK once loaded or unlocked (with autolock it is not on disk in the clear).
+    kek: Option<SymmetricKey>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
@@ -266,10 +336,71 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
     Ok(())
 }
 
+fn remove_synced(path: &Path) -> Result<(), KeyError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(KeyError::Io { path: path.to_owned(), source: e }),
+    }
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
 impl KeyDir {
     /// The `keys/` directory below `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.join("keys") }
+        Self { dir: data_dir.join("keys"), kek: None }
+    }
+
+    /// Whether the KEK on disk is sealed under an unlock key.
+    pub fn is_locked(&self) -> bool {
+        !self.dir.join("kek").exists() && self.dir.join("kek.locked").exists()
+    }
+
+    /// This directory with its KEK opened by `key`. Wrong key: `BadUnlockKey`,
+    /// and nothing changes.
+    pub fn unlock(&self, key: &UnlockKey) -> Result<KeyDir, KeyError> {
+        let path = self.dir.join("kek.locked");
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let sealed: Sealed = bincode::deserialize(&bytes).map_err(|_| KeyError::Malformed { path: path.clone() })?;
+        let raw = key.0.open(purpose::LOCKED_KEK, &sealed).map_err(|_| {
+            KeyError::BadUnlockKey("this is not the key this manager is locked with; nothing changed".into())
+        })?;
+        let kek = SymmetricKey::from_slice(&raw).ok_or(KeyError::Malformed { path })?;
+        Ok(KeyDir { dir: self.dir.clone(), kek: Some(kek) })
+    }
+
+    /// This directory with its KEK loaded from the plain `kek` file.
+    pub fn loaded(&self) -> Result<KeyDir, KeyError> {
+        Ok(KeyDir { dir: self.dir.clone(), kek: Some(self.kek()?) })
+    }
+
+    /// Seals the KEK under `key` on disk and deletes the plain copy.
+    pub fn lock(&self, key: &UnlockKey) -> Result<(), KeyError> {
+        let kek = self.kek()?;
+        let sealed = key.0.seal(purpose::LOCKED_KEK, kek.0.as_ref());
+        write_private(&self.dir.join("kek.locked"), &bincode::serialize(&sealed).expect("serialize sealed key"))?;
+        // Overwrite the plain copy before unlinking it (best effort: the
+        // filesystem decides whether the same blocks are rewritten).
+        let plain = self.dir.join("kek");
+        if plain.exists() {
+            write_private(&plain, &[0u8; 32])?;
+        }
+        remove_synced(&plain)
+    }
+
+    /// Writes the KEK in the clear again (autolock turned off) and deletes the sealed copy.
+    pub fn unlock_permanently(&self) -> Result<(), KeyError> {
+        let kek = self.kek()?;
+        write_private(&self.dir.join("kek"), kek.0.as_ref())?;
+        remove_synced(&self.dir.join("kek.locked"))
+    }
+
+    /// The KEK (for sealing the node key).
+    pub fn kek_key(&self) -> Result<SymmetricKey, KeyError> {
+        self.kek()
     }
 
     /// Creates a KEK and seals `keyring` under it. Refuses to overwrite existing keys.
@@ -288,6 +419,9 @@ impl KeyDir {
     }
 
     fn kek(&self) -> Result<SymmetricKey, KeyError> {
+        if let Some(k) = &self.kek {
+            return Ok(k.clone());
+        }
         let kek_path = self.dir.join("kek");
         let kek_bytes = Zeroizing::new(fs::read(&kek_path).map_err(io_err(&kek_path))?);
         SymmetricKey::from_slice(&kek_bytes).ok_or(KeyError::Malformed { path: kek_path })

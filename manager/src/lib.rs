@@ -10,6 +10,7 @@
 //! data dir; [`Manager::run`] serves until shut down.
 
 mod auth;
+mod autolock;
 mod ca_service;
 mod cluster;
 mod cluster_service;

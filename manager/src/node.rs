@@ -15,13 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::auth::{tls_incoming, unix_incoming, Authorizer};
+use crate::autolock::NodeKeyWrap;
 use crate::ca_service::{now_unix, CaService};
 use crate::cluster::SecretsCache;
 use crate::cluster_service::ClusterService;
 use crate::config::{default_advertise, InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
-use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey};
+use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey, UnlockKey};
 use crate::membership::{follow_deny_list, forget_other_managers, watch_demotion, Demotion, RunOutcome};
 use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
 use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
@@ -45,6 +46,12 @@ pub struct Manager {
     creds: Arc<TlsCredentials>,
     deny: DenyList,
     keyring: Keyring,
+    /// The key directory with the KEK open.
+    keydir: KeyDir,
+    /// Seals the node key while autolock is on.
+    wrap: Arc<NodeKeyWrap>,
+    /// The unlock key this manager's files are sealed under now, if any.
+    unlocked_with: Option<UnlockKey>,
     listener: TcpListener,
     applied: tokio::sync::watch::Receiver<u64>,
     /// Set by `recover --force-new-cluster`: once leader, remove the other managers.
@@ -100,6 +107,12 @@ impl Manager {
         let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
         let keyring = Keyring::single(FIRST_DATA_KEY, SymmetricKey::generate());
         KeyDir::new(data_dir).create(&keyring)?;
+        let keydir = KeyDir::new(data_dir).loaded()?;
+        let unlock = opts.autolock.then(UnlockKey::generate);
+        if let Some(k) = &unlock {
+            keydir.lock(k)?;
+        }
+        let wrap = Arc::new(NodeKeyWrap::new(keydir.kek_key()?, unlock.is_some()));
 
         let cluster_id = ClusterId::random();
         let node_id = NodeId::random();
@@ -108,7 +121,7 @@ impl Manager {
         let (key, csr) = generate_key_and_csr()?;
         let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
         let identity = NodeIdentity::new(ca.bundle_pem().to_owned(), issued.pem.clone(), key)?;
-        identity.save(&NodeIdentity::dir(data_dir))?;
+        identity.save_with(&NodeIdentity::dir(data_dir), Some(&*wrap))?;
 
         let cid = cluster_id.as_str();
         let seal_token = |role| {
@@ -124,6 +137,10 @@ impl Manager {
             data_key_id: FIRST_DATA_KEY,
             data_key_check: None,
             retired_below: 0,
+            unlock_key: match &unlock {
+                Some(k) => Some(keyring.seal(FIRST_DATA_KEY, &purpose::unlock_key(cid), k.expose())?),
+                None => None,
+            },
             cert_validity_secs: opts.cert_expiry.duration().as_secs(),
             heartbeat_ms: opts.heartbeat.as_millis() as u64,
             created_at: now_unix(),
@@ -151,7 +168,7 @@ impl Manager {
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
             raft: opts.raft.clone(),
         };
-        let manager = Self::start(cfg, data_dir, identity, keyring, listener, &opts.raft).await?;
+        let manager = Self::start(cfg, data_dir, identity, (keydir, wrap, unlock), listener, &opts.raft).await?;
         let init = async {
             let members = BTreeMap::from([(raft_id, BasicNode { addr: advertise })]);
             manager.raft.initialize(members).await.map_err(|e| ManagerError::Raft(e.to_string()))?;
@@ -172,11 +189,18 @@ impl Manager {
     /// Restarts the manager whose state is in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, ManagerError> {
         let cfg = ManagerConfig::load(data_dir)?;
-        let keyring = KeyDir::new(data_dir).load_keyring()?;
-        let identity = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
+        let (keydir, unlocked_with) = match KeyDir::new(data_dir) {
+            kd if kd.is_locked() => {
+                let (kd, key) = crate::autolock::wait_for_unlock(&cfg, kd).await?;
+                (kd, Some(key))
+            }
+            kd => (kd.loaded()?, None),
+        };
+        let wrap = Arc::new(NodeKeyWrap::new(keydir.kek_key()?, unlocked_with.is_some()));
+        let identity = NodeIdentity::load_with(&NodeIdentity::dir(data_dir), Some(&*wrap))?;
         let listener = bind(&cfg.listen_addr).await?;
         let settings = cfg.raft.clone();
-        let manager = Self::start(cfg, data_dir, identity, keyring, listener, &settings).await?;
+        let manager = Self::start(cfg, data_dir, identity, (keydir, wrap, unlocked_with), listener, &settings).await?;
         manager.wait_leader(Duration::from_secs(30)).await?;
         Ok(manager)
     }
@@ -185,7 +209,7 @@ impl Manager {
         cfg: ManagerConfig,
         data_dir: &Path,
         identity: NodeIdentity,
-        keyring: Keyring,
+        (keydir, wrap, unlocked_with): (KeyDir, Arc<NodeKeyWrap>, Option<UnlockKey>),
         listener: TcpListener,
         settings: &RaftSettings,
     ) -> Result<Self, ManagerError> {
@@ -204,7 +228,10 @@ impl Manager {
             view,
             creds,
             deny,
-            keyring,
+            keyring: keydir.load_keyring()?,
+            keydir,
+            wrap,
+            unlocked_with,
             listener,
             applied,
             forget_other_managers: false,
@@ -218,6 +245,11 @@ impl Manager {
             .await
             .map_err(|e| ManagerError::Raft(format!("no raft leader: {e}")))?;
         Ok(())
+    }
+
+    /// The unlock key of a cluster just created with autolock, to print once.
+    pub fn unlock_key(&self) -> Option<zeroize::Zeroizing<String>> {
+        self.unlocked_with.as_ref().map(|k| k.text())
     }
 
     /// The address the manager listens on.
@@ -237,7 +269,7 @@ impl Manager {
         let demotion: Arc<std::sync::Mutex<Option<Demotion>>> = Arc::default();
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
-        let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone(), KeyDir::new(&self.data_dir));
+        let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone(), self.keydir.clone());
         let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
         let advertise = self.cfg.advertise_addr.clone();
         let me = self.cfg.node_id.clone();
@@ -248,6 +280,19 @@ impl Manager {
             store.clone(),
             secrets.clone(),
             peers.clone(),
+            self.applied.clone(),
+            tasks.clone(),
+        ));
+        let files = crate::autolock::LockedFiles {
+            keydir: self.keydir.clone(),
+            wrap: self.wrap.clone(),
+            creds: self.creds.clone(),
+            certs_dir: NodeIdentity::dir(&self.data_dir),
+        };
+        tokio::spawn(crate::autolock::follow_autolock(
+            secrets.clone(),
+            files,
+            self.unlocked_with.clone(),
             self.applied.clone(),
             tasks.clone(),
         ));
@@ -272,7 +317,8 @@ impl Manager {
         tokio::spawn(dispatcher.clone().run_manager_probe(peers.clone(), tasks.clone()));
         dispatcher.report(me.clone(), NodeStatus::Ready, Some(advertise.clone()), Some(hostname()));
         let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: me.clone() };
-        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
+        let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer)
+            .with_key_wrap(self.wrap.clone());
         tokio::spawn(renewer.run(tasks.clone()));
 
         let sock = &self.cfg.control_socket;
@@ -300,6 +346,7 @@ impl Manager {
             .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
         let local = Server::builder()
             .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth, peers))
+            .add_service(crate::autolock::not_locked_service())
             .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
         tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
             control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
@@ -379,6 +426,8 @@ impl Manager {
         let keyring = Keyring::decode(&key).ok_or_else(|| ManagerError::Join("malformed data keys".into()))?;
         drop(key);
         KeyDir::new(data_dir).create(&keyring)?;
+        let keydir = KeyDir::new(data_dir).loaded()?;
+        let wrap = Arc::new(NodeKeyWrap::new(keydir.kek_key()?, false));
         issued.identity.save(&NodeIdentity::dir(data_dir))?;
         let raft_id = random_raft_id();
         let cfg = ManagerConfig {
@@ -390,7 +439,8 @@ impl Manager {
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
             raft: opts.raft.clone(),
         };
-        let manager = Self::start(cfg.clone(), data_dir, issued.identity, keyring, listener, &opts.raft).await?;
+        let manager =
+            Self::start(cfg.clone(), data_dir, issued.identity, (keydir, wrap, None), listener, &opts.raft).await?;
         let run = tokio::spawn(manager.run(shutdown.clone()));
         let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
         req.set_timeout(Duration::from_secs(150));

@@ -106,7 +106,10 @@ async fn reseal_pass(
         (ClusterField::CaKey, &record.ca_key, purpose::ca_key(cid)),
         (ClusterField::WorkerToken, &record.worker_token, purpose::join_token(cid, swarmd_certs::Role::Worker)),
         (ClusterField::ManagerToken, &record.manager_token, purpose::join_token(cid, swarmd_certs::Role::Manager)),
-    ] {
+    ]
+    .into_iter()
+    .chain(record.unlock_key.as_ref().map(|k| (ClusterField::UnlockKey, k, purpose::unlock_key(cid))))
+    {
         if sealed.key_id() >= key_id {
             continue;
         }

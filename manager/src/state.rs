@@ -55,16 +55,23 @@ pub struct ClusterRecord {
     /// Data keys below this ID are retired: nothing is sealed under them any
     /// more, and every manager deletes them.
     pub retired_below: u32,
+    /// With autolock on: the unlock key, sealed under the data key. Every
+    /// manager seals its KEK under it.
+    pub unlock_key: Option<Sealed>,
 }
 
 impl ClusterRecord {
     /// The sealed values of the record itself, with what they are.
-    pub fn sealed_fields(&self) -> [(&'static str, &Sealed); 3] {
-        [
+    pub fn sealed_fields(&self) -> Vec<(&'static str, &Sealed)> {
+        let mut v = vec![
             ("CA key", &self.ca_key),
             ("worker join token", &self.worker_token),
             ("manager join token", &self.manager_token),
-        ]
+        ];
+        if let Some(k) = &self.unlock_key {
+            v.push(("unlock key", k));
+        }
+        v
     }
 }
 
@@ -281,6 +288,8 @@ pub enum Command {
     /// Retires every data key below `below` (refused while anything is still
     /// sealed under one of them).
     RetireDataKeys { below: u32 },
+    /// Turns autolock on (or rotates its key) with `Some`, off with `None`.
+    SetAutolock { unlock_key: Option<Sealed> },
 }
 
 /// Which sealed field of the cluster record.
@@ -292,6 +301,8 @@ pub enum ClusterField {
     WorkerToken,
     /// The manager join token.
     ManagerToken,
+    /// The unlock key.
+    UnlockKey,
 }
 
 /// A cluster record field re-sealed.
@@ -629,6 +640,10 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
                     ClusterField::CaKey => &mut cluster.ca_key,
                     ClusterField::WorkerToken => &mut cluster.worker_token,
                     ClusterField::ManagerToken => &mut cluster.manager_token,
+                    ClusterField::UnlockKey => match &mut cluster.unlock_key {
+                        Some(k) => k,
+                        None => continue,
+                    },
                 };
                 if *slot == f.old {
                     *slot = f.new.clone();
@@ -658,6 +673,16 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             for (id, rec) in records {
                 batch.insert(secret_key(&id), encode(&rec));
             }
+        }
+        Command::SetAutolock { unlock_key } => {
+            let Some(mut cluster) = view.cluster()? else {
+                return Ok(Err("cluster is not initialised".into()));
+            };
+            if unlock_key.as_ref().is_some_and(|k| k.key_id() != cluster.data_key_id) {
+                return Ok(Err(STALE_DATA_KEY.into()));
+            }
+            cluster.unlock_key = unlock_key.clone();
+            batch.insert(CLUSTER_KEY, encode(&cluster));
         }
         Command::RetireDataKeys { below } => {
             let Some(mut cluster) = view.cluster()? else {
@@ -866,6 +891,7 @@ mod tests {
             data_key_id: 1,
             data_key_check: None,
             retired_below: 0,
+            unlock_key: None,
         }
     }
 

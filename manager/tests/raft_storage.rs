@@ -71,6 +71,7 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         data_key_id: 1,
         data_key_check: None,
         retired_below: 0,
+        unlock_key: None,
     };
     let mgr = NodeId::random();
     let workers: Vec<NodeId> = (0..10).map(|_| NodeId::random()).collect();

@@ -28,6 +28,15 @@ enum Command {
     Worker(WorkerCmd),
     /// Restart a node (manager or worker) from its saved state.
     Run(RunArgs),
+    /// Unlock a manager that restarted locked (autolock): reads the unlock key
+    /// (SWDKEY-1-…) on standard input and hands it to the waiting manager.
+    Unlock(UnlockArgs),
+}
+
+#[derive(Args, Debug)]
+struct UnlockArgs {
+    #[command(flatten)]
+    dir: DataDir,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +113,10 @@ struct InitArgs {
     /// Heartbeat period of node sessions; a node is down after 3 missed periods.
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat)]
     heartbeat: Duration,
+    /// Seal the managers' keys under an unlock key that is printed once; after a
+    /// restart a manager serves nothing until `swarmd unlock`.
+    #[arg(long)]
+    autolock: bool,
     #[command(flatten)]
     raft: RaftArgs,
 }
@@ -192,9 +205,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.cert_expiry = a.cert_expiry;
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
+            opts.autolock = a.autolock;
             let manager = Manager::init(opts).await?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
+            if let Some(key) = manager.unlock_key() {
+                print_unlock_key(&key);
+            }
             let shutdown = shutdown_on_signal();
             after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
         }
@@ -234,7 +251,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Run(a) => run_existing(&a.dir.data_dir).await?,
+        Command::Unlock(a) => unlock(&a.dir.data_dir).await?,
     }
+    Ok(())
+}
+
+/// How an unlock key is shown (here and by `secretctl unlock-key`).
+pub fn print_unlock_key(key: &str) {
+    println!("To unlock a manager after it restarts, run `swarmd unlock` and give it this key:");
+    println!();
+    println!("    {key}");
+    println!();
+    println!("Keep it in a password manager: without it a restarted manager stays locked.");
+}
+
+async fn unlock(data_dir: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let cfg = swarmd_manager::ManagerConfig::load(data_dir).context("no manager here to unlock")?;
+    let mut key = zeroize::Zeroizing::new(String::new());
+    std::io::stdin().read_to_string(&mut key).context("reading the unlock key from standard input")?;
+    let channel = crate::secretctl::connect(&crate::secretctl::Host::Unix(cfg.control_socket.clone())).await?;
+    let mut client = swarmd_proto::control::lock_client::LockClient::new(channel);
+    client
+        .unlock(swarmd_proto::control::UnlockRequest { key: key.trim().to_owned() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    println!("Manager unlocked.");
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `secretctl`: the control API client. One file per verb.
 
+mod autolock;
 mod client;
 mod info;
 mod join_token;
@@ -66,6 +67,11 @@ enum Command {
     /// The cluster's data keys.
     #[command(subcommand)]
     Keys(secret::KeysCmd),
+    /// Show (or rotate) the unlock key of an autolocked cluster.
+    UnlockKey(autolock::UnlockKeyArgs),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(autolock::ClusterCmd),
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(node::NodeCmd),
@@ -86,6 +92,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { secrets } => secret::inspect(channel, secrets, cli.format).await,
         Command::Rm { secrets } => secret::rm(channel, secrets).await,
         Command::Keys(c) => secret::keys(channel, c, cli.format).await,
+        Command::UnlockKey(a) => autolock::unlock_key(channel, a).await,
+        Command::Cluster(c) => autolock::cluster(channel, c).await,
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,
         Command::Info => info::run(channel, cli.format).await,

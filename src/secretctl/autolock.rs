@@ -1,0 +1,72 @@
+//! `secretctl unlock-key [-q] [--rotate]` and `cluster update --autolock`.
+
+use clap::{Args, Subcommand};
+use swarmd_proto::control::{GetUnlockKeyRequest, UpdateClusterRequest};
+use tonic::transport::Channel;
+
+use super::client::explain;
+
+/// `unlock-key [-q] [--rotate]`
+#[derive(Args, Debug)]
+pub(super) struct UnlockKeyArgs {
+    /// Only the key.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Replace the key; every manager re-seals its keys under the new one.
+    #[arg(long)]
+    rotate: bool,
+}
+
+/// `cluster update`
+#[derive(Subcommand, Debug)]
+pub(super) enum ClusterCmd {
+    /// Change cluster-wide settings.
+    Update {
+        /// Seal every manager's keys under an unlock key (true), or stop (false).
+        #[arg(long, action = clap::ArgAction::Set)]
+        autolock: Option<bool>,
+    },
+}
+
+pub(super) async fn unlock_key(channel: Channel, a: UnlockKeyArgs) -> anyhow::Result<()> {
+    let r = super::client::control(channel)
+        .get_unlock_key(GetUnlockKeyRequest { rotate: a.rotate })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let key = zeroize::Zeroizing::new(r.key);
+    if a.quiet {
+        println!("{}", key.as_str());
+    } else {
+        if a.rotate {
+            println!("Unlock key rotated; the previous key no longer unlocks any manager.");
+        }
+        crate::daemon::print_unlock_key(&key);
+    }
+    Ok(())
+}
+
+pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Update { autolock } => {
+            let Some(on) = autolock else {
+                anyhow::bail!("nothing to update: give --autolock=true or --autolock=false");
+            };
+            let r = super::client::control(channel)
+                .update_cluster(UpdateClusterRequest { autolock: Some(on) })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let key = zeroize::Zeroizing::new(r.unlock_key);
+            match (on, key.is_empty()) {
+                (true, false) => {
+                    println!("Autolock is on.");
+                    crate::daemon::print_unlock_key(&key);
+                }
+                (true, true) => println!("Autolock was already on (secretctl unlock-key shows the key)."),
+                (false, _) => println!("Autolock is off."),
+            }
+            Ok(())
+        }
+    }
+}
