@@ -121,6 +121,64 @@ async fn rpcs_are_authorized_by_certificate_role() {
     let mch = dial::connect(&m.addr, Arc::new(client_config(&mid).unwrap())).await.unwrap();
     let nodes = ControlClient::new(mch).list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
     assert_eq!(nodes.len(), 2);
+
+    // An admin certificate, issued through the control socket: the control API
+    // over mTLS (secretctl --host tcp://), nothing a node does.
+    let dir = env.path("admin");
+    let said = m.ctl_ok(&["admin-cert", "--out", dir.to_str().unwrap(), "--expiry", "1h"]);
+    assert!(said.contains("secretctl --host tcp://"), "{said}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join("admin.key")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let remote = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut c = std::process::Command::new(secretctl_bin())
+            .arg("--host")
+            .arg(format!("tcp://{}", m.addr))
+            .args(["--tls-cert", dir.join("admin.crt").to_str().unwrap()])
+            .args(["--tls-key", dir.join("admin.key").to_str().unwrap()])
+            .args(["--tls-ca", dir.join("ca.crt").to_str().unwrap()])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input).unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let o = remote(&["create", "remote-secret"], b"from afar");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = remote(&["ls", "-q"], b"");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    let o = remote(&["admin-cert", "--out", env.path("admin2").to_str().unwrap()], b"");
+    assert!(!o.status.success(), "an admin certificate minted another");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("control socket"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = m.ctl(&["admin-cert", "--out", env.path("admin3").to_str().unwrap(), "--expiry", "90d"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("at most 30 days"));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let aid = NodeIdentity::new(read("ca.crt"), read("admin.crt"), zeroize::Zeroizing::new(read("admin.key"))).unwrap();
+    let ach = dial::connect(&m.addr, Arc::new(client_config(&aid).unwrap())).await.unwrap();
+    for (rpc, c) in all_node_rpcs_code(ach.clone()).await {
+        let control = matches!(rpc, "ListNodes" | "GetJoinToken" | "PromoteNode");
+        if control {
+            assert_ne!(c, Code::PermissionDenied, "admin {rpc}");
+        } else {
+            assert_eq!(c, Code::PermissionDenied, "admin {rpc}");
+        }
+    }
+    assert_eq!(
+        code(DispatcherClient::new(ach.clone()).session(SessionRequest { hostname: "x".into() }).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            CaClient::new(ach.clone())
+                .renew_node_certificate(RenewNodeCertificateRequest { csr_pem: "x".into() })
+                .await
+        ),
+        Code::PermissionDenied
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

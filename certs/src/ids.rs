@@ -109,6 +109,10 @@ pub enum Role {
     Manager,
     /// Runs tasks; may call only the worker RPCs (session, heartbeat, renewal).
     Worker,
+    /// An operator's client certificate: may call only the control API over
+    /// mTLS. Not a node: never holds a session, never joins raft, has no join
+    /// token (so it never parses from a role name).
+    Admin,
 }
 
 impl Role {
@@ -117,6 +121,7 @@ impl Role {
         match self {
             Role::Manager => "swarm-manager",
             Role::Worker => "swarm-worker",
+            Role::Admin => "swarm-admin",
         }
     }
 
@@ -125,6 +130,7 @@ impl Role {
         match ou {
             "swarm-manager" => Some(Role::Manager),
             "swarm-worker" => Some(Role::Worker),
+            "swarm-admin" => Some(Role::Admin),
             _ => None,
         }
     }
@@ -146,6 +152,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Manager => "manager",
             Role::Worker => "worker",
+            Role::Admin => "admin",
         })
     }
 }

@@ -205,7 +205,8 @@ impl Authorizer {
         }
     }
 
-    /// Requires an administrator: the local control socket or a manager certificate.
+    /// Requires an administrator: the local control socket, an admin
+    /// certificate, or a manager certificate (managers forward to each other).
     pub fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
         match Self::info(req).caller {
             Caller::Local => Ok(()),
@@ -213,7 +214,7 @@ impl Authorizer {
                 "the control API requires the local socket or an administrator certificate",
             )),
             Caller::Node(_) => self
-                .require(req, &[Role::Manager])
+                .require(req, &[Role::Manager, Role::Admin])
                 .map(|_| ())
                 .map_err(|s| Status::permission_denied(format!("control API: {}", s.message()))),
         }

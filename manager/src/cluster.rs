@@ -65,11 +65,12 @@ impl ClusterSecrets {
         })
     }
 
-    /// The join token for `role`.
-    pub fn token(&self, role: Role) -> &JoinToken {
+    /// The join token for `role` (admins join with none).
+    pub fn token(&self, role: Role) -> Option<&JoinToken> {
         match role {
-            Role::Worker => &self.worker_token,
-            Role::Manager => &self.manager_token,
+            Role::Worker => Some(&self.worker_token),
+            Role::Manager => Some(&self.manager_token),
+            Role::Admin => None,
         }
     }
 }

@@ -23,13 +23,17 @@ use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{
-    CreateSecretRequest, GetSecretRequest, GetUnlockKeyRequest, GetUnlockKeyResponse, ListSecretsRequest,
-    ListSecretsResponse, RemoveSecretResponse, RotateDataKeyRequest, RotateDataKeyResponse, Secret,
-    UpdateClusterRequest, UpdateClusterResponse, UpdateSecretRequest, VerifySecretsRequest, VerifySecretsResponse,
+    CreateSecretRequest, GetSecretRequest, GetUnlockKeyRequest, GetUnlockKeyResponse, IssueAdminCertificateRequest,
+    IssueAdminCertificateResponse, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse, RotateDataKeyRequest,
+    RotateDataKeyResponse, Secret, UpdateClusterRequest, UpdateClusterResponse, UpdateSecretRequest,
+    VerifySecretsRequest, VerifySecretsResponse,
 };
 use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
 use crate::secret_store;
+
+/// Longest life of an admin certificate (revocation is by expiry).
+const MAX_ADMIN_CERT: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
 
 /// The control API.
 pub struct ControlService {
@@ -234,6 +238,42 @@ impl control_server::Control for ControlService {
         Ok(Response::new(out))
     }
 
+    /// The control socket only: an admin certificate cannot mint more.
+    async fn issue_admin_certificate(
+        &self,
+        req: Request<IssueAdminCertificateRequest>,
+    ) -> Result<Response<IssueAdminCertificateResponse>, Status> {
+        if !matches!(Authorizer::info(&req).caller, crate::auth::Caller::Local) {
+            return Err(Status::permission_denied(
+                "admin certificates are issued only through a manager's control socket",
+            ));
+        }
+        let s = self.secrets.get()?;
+        let r = req.get_ref();
+        let validity = match r.validity_secs {
+            0 => s.validity,
+            secs if secs > MAX_ADMIN_CERT.as_secs() => {
+                return Err(Status::invalid_argument(format!(
+                    "admin certificates live at most {} days",
+                    MAX_ADMIN_CERT.as_secs() / 86400
+                )))
+            }
+            secs => swarmd_certs::CertValidity::new(std::time::Duration::from_secs(secs))
+                .map_err(Status::invalid_argument)?,
+        };
+        let id = NodeId::random();
+        let issued =
+            s.ca.sign_node(&r.csr_pem, &id, Role::Admin, validity)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(admin.id = %id, not_after = issued.not_after, "admin certificate issued");
+        Ok(Response::new(IssueAdminCertificateResponse {
+            certificate_pem: issued.pem,
+            ca_pem: s.ca.bundle_pem().to_owned(),
+            id: id.to_string(),
+            not_after: issued.not_after,
+        }))
+    }
+
     /// Administrator only.
     async fn verify_secrets(
         &self,
@@ -408,7 +448,8 @@ impl control_server::Control for ControlService {
             self.secrets.reload()?;
             tracing::info!(%role, "join token rotated");
         }
-        let token = self.secrets.get()?.token(role).expose();
-        Ok(Response::new(GetJoinTokenResponse { token: token.to_string() }))
+        let secrets = self.secrets.get()?;
+        let token = secrets.token(role).ok_or_else(|| Status::invalid_argument("there is no admin join token"))?;
+        Ok(Response::new(GetJoinTokenResponse { token: token.expose().to_string() }))
     }
 }

@@ -609,6 +609,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             match role {
                 Role::Worker => cluster.worker_token = token.clone(),
                 Role::Manager => cluster.manager_token = token.clone(),
+                Role::Admin => return Ok(Err("there is no admin join token".into())),
             }
             batch.insert(CLUSTER_KEY, encode(&cluster));
         }

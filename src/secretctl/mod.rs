@@ -1,5 +1,6 @@
 //! `secretctl`: the control API client. One file per verb.
 
+mod admin_cert;
 mod autolock;
 mod client;
 mod info;
@@ -67,6 +68,8 @@ enum Command {
     /// The cluster's data keys.
     #[command(subcommand)]
     Keys(secret::KeysCmd),
+    /// Issue an operator's client certificate for --host tcp:// (control socket only).
+    AdminCert(admin_cert::AdminCertArgs),
     /// Show (or rotate) the unlock key of an autolocked cluster.
     UnlockKey(autolock::UnlockKeyArgs),
     /// Cluster-wide settings.
@@ -93,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rm { secrets } => secret::rm(channel, secrets).await,
         Command::Keys(c) => secret::keys(channel, c, cli.format).await,
         Command::UnlockKey(a) => autolock::unlock_key(channel, a).await,
+        Command::AdminCert(a) => admin_cert::run(channel, a).await,
         Command::Cluster(c) => autolock::cluster(channel, c).await,
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,
