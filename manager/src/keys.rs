@@ -467,6 +467,31 @@ mod tests {
     }
 
     #[test]
+    fn unlock_keys_parse_print_redacted_and_lock_the_kek() {
+        let k = UnlockKey::generate();
+        let text = k.text();
+        assert!(text.starts_with("SWDKEY-1-") && text.len() == 9 + 64);
+        assert!(UnlockKey::parse(&format!("  {}\n", &*text)).unwrap().same_as(&k));
+        assert!(!format!("{k:?}").contains(&text[9..20]));
+        for bad in ["", "SWDKEY-1-", "SWDKEY-1-zz", "SWDKEY-2-00", &format!("SWDKEY-1-{}", "0".repeat(62))] {
+            assert!(matches!(UnlockKey::parse(bad), Err(KeyError::BadUnlockKey(_))), "{bad:?}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let kd = KeyDir::new(d.path());
+        kd.create(&Keyring::single(1, SymmetricKey::generate())).unwrap();
+        let loaded = kd.loaded().unwrap();
+        loaded.lock(&k).unwrap();
+        assert!(KeyDir::new(d.path()).is_locked());
+        assert!(KeyDir::new(d.path()).load_keyring().is_err(), "the keyring opens without the unlock key");
+        assert!(matches!(KeyDir::new(d.path()).unlock(&UnlockKey::generate()), Err(KeyError::BadUnlockKey(_))));
+        let unlocked = KeyDir::new(d.path()).unlock(&k).unwrap();
+        assert_eq!(unlocked.load_keyring().unwrap().ids(), vec![1]);
+        unlocked.unlock_permanently().unwrap();
+        assert!(!KeyDir::new(d.path()).is_locked());
+        assert_eq!(KeyDir::new(d.path()).load_keyring().unwrap().ids(), vec![1]);
+    }
+
+    #[test]
     fn key_dir_round_trip_and_modes() {
         let d = tempfile::tempdir().unwrap();
         let kd = KeyDir::new(d.path());
