@@ -380,3 +380,73 @@ pub fn info(m: &Manager) -> Option<Value> {
     let o = m.ctl(&["--format", "json", "info"]);
     o.status.success().then(|| serde_json::from_slice(&o.stdout).ok()).flatten()
 }
+
+/// Whether this machine can run the container tests (root, runc, busybox).
+/// Without them the test is skipped loudly — recorded for `scripts/test`'s
+/// summary — unless SWARMD_REQUIRE_ROOT / SWARMD_REQUIRE_RUNC make it mandatory.
+pub fn can_run_containers(test: &str) -> bool {
+    let mut missing = Vec::new();
+    if !nix_is_root() {
+        missing.push(("SWARMD_REQUIRE_ROOT", "root"));
+    }
+    if Command::new("runc").arg("--version").output().map(|o| !o.status.success()).unwrap_or(true) {
+        missing.push(("SWARMD_REQUIRE_RUNC", "runc"));
+    }
+    if busybox().is_none() {
+        missing.push(("SWARMD_REQUIRE_RUNC", "busybox (Debian's busybox-static)"));
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let what: Vec<&str> = missing.iter().map(|(_, w)| *w).collect();
+    for (var, _) in &missing {
+        if std::env::var(var).is_ok_and(|v| v == "1") {
+            panic!(
+                "{test}: needs {} ({var}=1 makes it mandatory); scripts/setup installs them as root",
+                what.join(", ")
+            );
+        }
+    }
+    let line = format!("SKIPPED {test}: needs {}\n", what.join(", "));
+    eprintln!("\n!!!!! {line}");
+    use std::io::Write;
+    if let Ok(mut f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(Path::new(env!("CARGO_TARGET_TMPDIR")).join("swarmd-skipped.txt"))
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+    false
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: geteuid has no preconditions; read through /proc to avoid a libc dependency here.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The busybox binary of Debian's busybox-static, if installed.
+pub fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// A minimal root filesystem for workloads: a static busybox and the
+/// directories a read-only rootfs must already have (`/run` for
+/// `/run/secrets`, `/tmp`, `/proc`, `/dev`, `/sys`).
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc"] {
+        fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    // runc gives a tmpfs mount the mode of the directory it covers.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::copy(busybox().expect("busybox"), dir.join("bin/busybox")).unwrap();
+    for tool in ["sh", "cat", "id", "grep", "touch", "echo", "sha256sum", "sleep", "head", "ls", "stat", "mount"] {
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(tool));
+    }
+    fs::write(dir.join("etc/passwd"), "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n").unwrap();
+    dir.to_owned()
+}

@@ -7,7 +7,9 @@
 //! token needed.
 
 mod config;
+pub mod executor;
 mod join;
+pub mod secret_mount;
 mod session;
 
 use std::path::{Path, PathBuf};

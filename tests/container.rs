@@ -1,0 +1,113 @@
+//! The worker's executor and secret mounts with the real parts (root, runc,
+//! tmpfs, a busybox root filesystem): invariants 6 and 9 from inside a
+//! container. Skipped loudly without root/runc/busybox, mandatory in CI.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use swarmd_worker::executor::{ContainerSpec, ExecError, Runtime};
+use swarmd_worker::secret_mount::{require_tmpfs, SecretFile, SecretMount};
+use zeroize::Zeroizing;
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn file(name: &str, data: &[u8], mode: u32) -> SecretFile {
+    SecretFile { name: name.into(), uid: 0, gid: 0, mode, data: Zeroizing::new(data.to_vec()) }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hardened_container_reads_its_secret_from_a_read_only_tmpfs() {
+    if !can_run_containers("container::a_hardened_container_reads_its_secret_from_a_read_only_tmpfs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(&dir.path().join("rootfs"));
+    let task = dir.path().join("task1");
+    let mut mount = SecretMount::create(&task, 1 << 20).unwrap();
+    require_tmpfs(&task).unwrap();
+    let value = format!("s3cret-{}", std::process::id());
+    mount.write(&[file("db_pass", value.as_bytes(), 0o444)]).unwrap();
+    // Read-only between writes, even for root on the host.
+    assert!(std::fs::write(mount.dir().join("x"), b"x").is_err(), "the secret tmpfs is writable");
+    let opts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = opts.lines().find(|l| l.contains(task.to_str().unwrap())).expect("mounted").to_owned();
+    for flag in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(line.split([' ', ',']).any(|f| f == flag), "missing {flag}: {line}");
+    }
+
+    let rt = Runtime::new("runc", &dir.path().join("runc"), &dir.path().join("bundles"));
+    let script = "id -u; id -g; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  sha256sum /run/secrets/db_pass; \
+                  touch /rootfs-probe 2>/dev/null && echo ROOTFS-WRITABLE || echo rootfs-ro; \
+                  touch /run/secrets/probe 2>/dev/null && echo SECRETS-WRITABLE || echo secrets-ro; \
+                  touch /tmp/probe && echo tmp-rw; \
+                  mount -t tmpfs none /tmp 2>/dev/null && echo MOUNT-ALLOWED || echo mount-denied; \
+                  ls /proc | grep -E '^[0-9]+$' | head -5";
+    let spec = ContainerSpec {
+        rootfs: rootfs.clone(),
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        secrets_dir: Some(mount.dir().to_owned()),
+        memory: Some(64 << 20),
+        pids: Some(64),
+        ..Default::default()
+    };
+    let mut c = rt.start("swarmd-test-1", &spec).await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(60), c.wait()).await.expect("container hung").unwrap();
+    let out = c.logs.lines();
+    c.stop(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(code, 0, "{out:#?}");
+    let text = out.join("\n");
+    let want = [
+        "65534".to_string(),
+        "CapEff:\t0000000000000000".into(),
+        "CapPrm:\t0000000000000000".into(),
+        "CapBnd:\t0000000000000000".into(),
+        "NoNewPrivs:\t1".into(),
+        "Seccomp:\t2".into(),
+        format!("{}  /run/secrets/db_pass", sha256_hex(value.as_bytes())),
+        "rootfs-ro".into(),
+        "secrets-ro".into(),
+        "tmp-rw".into(),
+        "mount-denied".into(),
+    ];
+    for w in &want {
+        assert!(text.contains(w.as_str()), "missing {w:?} in:\n{text}");
+    }
+    assert_eq!(out.iter().filter(|l| *l == "65534").count(), 2, "uid and gid 65534:\n{text}");
+    // A private pid namespace: the shell is PID 1 there and few processes are seen.
+    assert!(out.iter().any(|l| l == "1"), "no PID 1 in the container's /proc:\n{text}");
+
+    // In-place rotation: the same container would see the new content; the
+    // file is replaced atomically.
+    mount.write(&[file("db_pass", b"v2", 0o400)]).unwrap();
+    assert_eq!(std::fs::read(mount.dir().join("db_pass")).unwrap(), b"v2");
+    let meta = std::fs::metadata(mount.dir().join("db_pass")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o400);
+
+    // Task end: wiped and unmounted, directory gone.
+    mount.destroy();
+    assert!(!task.exists(), "the task's secret directory is left behind");
+    let opts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!opts.contains(task.to_str().unwrap()), "still mounted");
+
+    // Policy: privileged containers and added capabilities are refused.
+    let privileged = ContainerSpec { privileged: true, ..spec.clone() };
+    assert!(matches!(rt.start("swarmd-test-2", &privileged).await, Err(ExecError::Refused(_))));
+    let caps = ContainerSpec { cap_add: vec!["SYS_ADMIN".into()], ..spec };
+    assert!(matches!(rt.start("swarmd-test-3", &caps).await, Err(ExecError::Refused(_))));
+}
+
+#[test]
+fn secrets_are_never_written_outside_a_tmpfs() {
+    if !can_run_containers("container::secrets_are_never_written_outside_a_tmpfs") {
+        return;
+    }
+    // A bind mount of a directory on disk looks like a mount, but statfs says ext4/overlay.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    assert!(require_tmpfs(dir.path()).is_err());
+}

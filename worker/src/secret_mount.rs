@@ -1,0 +1,244 @@
+//! A task's secrets on a tmpfs of its own (invariant 6).
+//!
+//! Per task: a fresh tmpfs (`nodev,nosuid,noexec`, size-limited, root mode
+//! 0700) that `statfs` must report as tmpfs — otherwise the task fails, there is
+//! no fallback to disk. Inside it a `secrets/` directory (0755, so that a
+//! non-root container user can traverse it) holds one file per reference with
+//! its uid, gid and mode; it is what gets bind-mounted read-only at
+//! `/run/secrets` in the container. Between writes the tmpfs is remounted
+//! read-only. A new version replaces a file atomically (write aside, rename),
+//! so a reader sees the old or the new content, never a mix. On task end the
+//! files are overwritten with zeros, the tmpfs is unmounted and its directory
+//! removed.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use zeroize::Zeroizing;
+
+/// The statfs magic of tmpfs.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Why a secret mount could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// mount(2) or umount(2) failed.
+    #[error("cannot {what} {path}: {errno}")]
+    Mount { what: &'static str, path: PathBuf, errno: nix::errno::Errno },
+    /// The filesystem is not a tmpfs: secrets are never written there.
+    #[error("{path} is not a tmpfs (statfs type {found:#x}): refusing to write secrets to it")]
+    NotTmpfs { path: PathBuf, found: i64 },
+    /// A target is not a plain file name below /run/secrets.
+    #[error("invalid secret target {0:?}: use a file name, or /run/secrets/<file name>")]
+    BadTarget(String),
+    /// File I/O inside the tmpfs.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
+    move |source| MountError::Io { path: path.to_owned(), source }
+}
+
+/// One secret file as the container sees it.
+pub struct SecretFile {
+    /// File name below `/run/secrets`.
+    pub name: String,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
+    /// The content, wiped on drop.
+    pub data: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretFile({}, {} bytes, <redacted>)", self.name, self.data.len())
+    }
+}
+
+/// The file name a reference's target maps to: `name`, or `/run/secrets/name`.
+pub fn target_file_name(target: &str) -> Result<String, MountError> {
+    let name = target.strip_prefix("/run/secrets/").unwrap_or(target);
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(MountError::BadTarget(target.to_owned()))
+    }
+}
+
+/// Checks with statfs(2) that `path` is on a tmpfs.
+pub fn require_tmpfs(path: &Path) -> Result<(), MountError> {
+    let st = nix::sys::statfs::statfs(path).map_err(|errno| MountError::Mount {
+        what: "statfs",
+        path: path.into(),
+        errno,
+    })?;
+    let found = st.filesystem_type().0 as i64;
+    if found == TMPFS_MAGIC {
+        Ok(())
+    } else {
+        Err(MountError::NotTmpfs { path: path.to_owned(), found })
+    }
+}
+
+/// A mounted per-task secret tmpfs.
+#[derive(Debug)]
+pub struct SecretMount {
+    root: PathBuf,
+    dir: PathBuf,
+    mounted: bool,
+}
+
+const FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID).union(MsFlags::MS_NOEXEC);
+
+impl SecretMount {
+    /// Mounts a tmpfs of at most `size` bytes at `root` (created 0700) and
+    /// prepares its `secrets/` directory; read-only once it returns.
+    pub fn create(root: &Path, size: u64) -> Result<Self, MountError> {
+        fs::create_dir_all(root).map_err(io(root))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io(root))?;
+        let data = format!("size={size},mode=0700,nr_inodes=1024");
+        mount(Some("swarmd-secrets"), root, Some("tmpfs"), FLAGS, Some(data.as_str()))
+            .map_err(|errno| MountError::Mount { what: "mount a tmpfs at", path: root.into(), errno })?;
+        let mut me = Self { root: root.to_owned(), dir: root.join("secrets"), mounted: true };
+        if let Err(e) = require_tmpfs(root) {
+            me.destroy();
+            return Err(e);
+        }
+        fs::create_dir(&me.dir).map_err(io(&me.dir))?;
+        fs::set_permissions(&me.dir, fs::Permissions::from_mode(0o755)).map_err(io(&me.dir))?;
+        me.remount(true)?;
+        Ok(me)
+    }
+
+    /// The directory to bind at `/run/secrets`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn remount(&self, read_only: bool) -> Result<(), MountError> {
+        let mut flags = FLAGS | MsFlags::MS_REMOUNT;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(None::<&str>, &self.root, None::<&str>, flags, None::<&str>).map_err(|errno| MountError::Mount {
+            what: "remount",
+            path: self.root.clone(),
+            errno,
+        })
+    }
+
+    /// Writes (or atomically replaces) `files`, then makes the tmpfs read-only again.
+    pub fn write(&self, files: &[SecretFile]) -> Result<(), MountError> {
+        require_tmpfs(&self.root)?;
+        self.remount(false)?;
+        let result = files.iter().try_for_each(|f| self.write_one(f));
+        let ro = self.remount(true);
+        result.and(ro)
+    }
+
+    fn write_one(&self, f: &SecretFile) -> Result<(), MountError> {
+        let name = target_file_name(&f.name)?;
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!(".{name}.new"));
+        let mut file =
+            fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        file.write_all(&f.data).map_err(io(&tmp))?;
+        drop(file);
+        std::os::unix::fs::chown(&tmp, Some(f.uid), Some(f.gid)).map_err(io(&tmp))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Removes the files not in `keep` (file names).
+    pub fn retain(&self, keep: &[String]) -> Result<(), MountError> {
+        self.remount(false)?;
+        let mut result = Ok(());
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    wipe(&e.path());
+                    if let Err(err) = fs::remove_file(e.path()) {
+                        result = Err(MountError::Io { path: e.path(), source: err });
+                    }
+                }
+            }
+        }
+        let ro = self.remount(true);
+        result.and(ro)
+    }
+
+    /// Overwrites every file with zeros, unmounts the tmpfs and removes its directory.
+    pub fn destroy(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        if self.remount(false).is_ok() {
+            if let Ok(entries) = fs::read_dir(&self.dir) {
+                for e in entries.flatten() {
+                    wipe(&e.path());
+                }
+            }
+        }
+        match umount2(&self.root, MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                self.mounted = false;
+                let _ = fs::remove_dir(&self.root);
+            }
+            Err(errno) => tracing::error!(path = %self.root.display(), %errno, "cannot unmount a secret tmpfs"),
+        }
+    }
+}
+
+impl Drop for SecretMount {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+/// Overwrites a file's content with zeros (tmpfs pages are freed on unmount;
+/// this also clears them for anyone who kept the file open).
+fn wipe(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        if let Ok(mut f) = fs::OpenOptions::new().write(true).open(path) {
+            let _ = f.write_all(&vec![0u8; meta.len() as usize]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_plain_names_below_run_secrets() {
+        assert_eq!(target_file_name("db_pass").unwrap(), "db_pass");
+        assert_eq!(target_file_name("/run/secrets/db.pass").unwrap(), "db.pass");
+        for bad in ["", "..", "a/b", "/etc/passwd", "/run/secrets/../x", "a b"] {
+            assert!(target_file_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_directory_on_disk_is_not_a_tmpfs() {
+        let d = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert!(matches!(require_tmpfs(d.path()), Err(MountError::NotTmpfs { .. })));
+    }
+}
