@@ -218,6 +218,22 @@ impl NodeIdentity {
     }
 }
 
+/// The PEM label of a sealed node key.
+pub const SEALED_KEY_LABEL: &str = "SWARMD SEALED PRIVATE KEY";
+
+/// Whether a stored node key is sealed.
+pub fn is_sealed_key(stored: &str) -> bool {
+    stored.trim_start().starts_with(&format!("-----BEGIN {SEALED_KEY_LABEL}-----"))
+}
+
+/// Seals a node key at rest and opens it again (autolocked managers).
+pub trait KeyWrap: Send + Sync {
+    /// The key in its stored form, or `None` to store it as plain PEM (autolock off).
+    fn seal(&self, key_pem: &str) -> Option<String>;
+    /// The PEM key from its stored, sealed form.
+    fn open(&self, stored: &str) -> Result<NodeKey, String>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,20 +262,4 @@ mod tests {
         let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
         assert!(NodeIdentity::new(ca.bundle_pem().into(), issued.pem, other_key).is_err());
     }
-}
-
-/// The PEM label of a sealed node key.
-pub const SEALED_KEY_LABEL: &str = "SWARMD SEALED PRIVATE KEY";
-
-/// Whether a stored node key is sealed.
-pub fn is_sealed_key(stored: &str) -> bool {
-    stored.trim_start().starts_with(&format!("-----BEGIN {SEALED_KEY_LABEL}-----"))
-}
-
-/// Seals a node key at rest and opens it again (autolocked managers).
-pub trait KeyWrap: Send + Sync {
-    /// The key in its stored form, or `None` to store it as plain PEM (autolock off).
-    fn seal(&self, key_pem: &str) -> Option<String>;
-    /// The PEM key from its stored, sealed form.
-    fn open(&self, stored: &str) -> Result<NodeKey, String>;
 }
