@@ -120,4 +120,15 @@ fn an_autolocked_manager_restarts_locked_and_unlocks_with_its_key_only() {
     wait_locked(&m);
     assert!(unlock(&m.data, &again).status.success());
     wait_serving(&m);
+
+    // A manager that joins an autolocked cluster seals its own keys with the
+    // cluster's unlock key.
+    let m2 = env.join_manager("m2", &m.token("manager"), &m);
+    let again = swarmd_manager::keys::UnlockKey::parse(&again).unwrap();
+    wait_for("the joined manager to seal its keys", Duration::from_secs(30), || {
+        swarmd_manager::keys::KeyDir::new(&m2.data).unlock(&again).ok()
+    });
+    assert!(!m2.data.join("keys/kek").exists());
+    let node_key = std::fs::read_to_string(m2.data.join("certs/node.key")).unwrap();
+    assert!(node_key.starts_with("-----BEGIN SWARMD SEALED PRIVATE KEY-----"));
 }

@@ -205,8 +205,7 @@ fn sync(
         None => None,
         Some(sealed) => {
             let raw = secrets.open(&purpose::unlock_key(record.id.as_str()), sealed).map_err(|e| e.to_string())?;
-            let text = Zeroizing::new(format!("SWDKEY-1-{}", hex::encode(&raw[..])));
-            Some(UnlockKey::parse(&text).map_err(|e| e.to_string())?)
+            Some(UnlockKey::from_bytes(&raw).ok_or("the stored unlock key is malformed")?)
         }
     };
     let same = match (&wanted, &*current) {

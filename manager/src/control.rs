@@ -205,8 +205,7 @@ impl control_server::Control for ControlService {
             fresh
         } else {
             let raw = self.secrets.open(&purpose::unlock_key(&cid), &sealed).map_err(internal)?;
-            let text = zeroize::Zeroizing::new(format!("SWDKEY-1-{}", hex::encode(&raw[..])));
-            UnlockKey::parse(&text).map_err(internal)?
+            UnlockKey::from_bytes(&raw).ok_or_else(|| Status::internal("the stored unlock key is malformed"))?
         };
         Ok(Response::new(GetUnlockKeyResponse { key: key.text().to_string() }))
     }

@@ -176,6 +176,11 @@ impl UnlockKey {
             .ok_or_else(|| KeyError::BadUnlockKey("malformed: expected 64 hex digits".into()))
     }
 
+    /// The key from its raw bytes (as sealed in the cluster record).
+    pub fn from_bytes(raw: &[u8]) -> Option<Self> {
+        SymmetricKey::from_slice(raw).map(Self)
+    }
+
     /// The raw bytes, for sealing in the cluster record.
     pub fn expose(&self) -> &[u8; 32] {
         self.0.expose()

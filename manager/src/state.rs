@@ -491,15 +491,7 @@ impl StateView {
     /// Every node with the manager role (raft member or not yet), from the
     /// index: cheap however large the node records are.
     pub fn managers(&self) -> Result<Vec<ManagerEntry>, StateError> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(MANAGER_PREFIX) {
-            let (k, v) = kv?;
-            out.push(bincode::deserialize(&v).map_err(|e| StateError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        self.scan(MANAGER_PREFIX)
     }
 
     /// One secret by ID.
@@ -536,15 +528,7 @@ impl StateView {
 
     /// All nodes, ordered by ID.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, StateError> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(NODE_PREFIX) {
-            let (k, v) = kv?;
-            out.push(bincode::deserialize(&v).map_err(|e| StateError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        self.scan(NODE_PREFIX)
     }
 }
 
