@@ -36,8 +36,11 @@ async fn write(ch: &Channel, node: &str, k: &str, v: usize) -> Result<(), tonic:
 #[tokio::main]
 async fn main() {
     swarmd_certs::install_crypto_provider();
-    let writes: usize = std::env::var("WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let trials: usize = std::env::var("TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    // Under `cargo test` (no --bench flag) a short smoke run keeps it working.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let writes: usize =
+        std::env::var("WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke { 20 } else { 500 });
+    let trials: usize = std::env::var("TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke { 2 } else { 10 });
     let extra = std::env::var("MANAGER_ARGS").unwrap_or_default();
     let extra: Vec<&str> = extra.split_whitespace().collect();
     let mut env = Env::new();

@@ -40,8 +40,10 @@ async fn create(ch: &Channel, name: String, bytes: usize) -> Result<(), tonic::S
 #[tokio::main]
 async fn main() {
     swarmd_certs::install_crypto_provider();
-    let creates = env_or("CREATES", 500);
-    let seconds = env_or("SECONDS_PER_LEVEL", 5) as u64;
+    // Under `cargo test` (no --bench flag) a short smoke run keeps it working.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let creates = env_or("CREATES", if smoke { 20 } else { 500 });
+    let seconds = env_or("SECONDS_PER_LEVEL", if smoke { 1 } else { 5 }) as u64;
     let bytes = env_or("VALUE_BYTES", 64);
     let mut env = Env::new();
     let m1 = env.start_manager("m1", &[]);

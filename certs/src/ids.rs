@@ -100,6 +100,16 @@ typed_id!(
     SecretId,
     "secret ID"
 );
+typed_id!(
+    /// A service's identity.
+    ServiceId,
+    "service ID"
+);
+typed_id!(
+    /// A task's identity: one run of one replica on one node.
+    TaskId,
+    "task ID"
+);
 
 /// What a certificate allows its holder to do. It is the certificate's OU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -23,7 +23,7 @@ pub use error::CertError;
 pub use identity::{
     generate_key_and_csr, is_sealed_key, write_atomic, CertInfo, KeyWrap, NodeIdentity, NodeKey, SEALED_KEY_LABEL,
 };
-pub use ids::{ClusterId, IdError, NodeId, Role, SecretId};
+pub use ids::{ClusterId, IdError, NodeId, Role, SecretId, ServiceId, TaskId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 
 /// The DNS name managers present in their certificates and clients dial.

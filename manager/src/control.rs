@@ -31,6 +31,11 @@ use swarmd_proto::control::{
 use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
 use crate::secret_store;
+use crate::service_api;
+use swarmd_proto::control::{
+    CreateServiceRequest, GetServiceRequest, ListServicesRequest, ListServicesResponse, LogLine, RemoveServiceResponse,
+    Service, ServiceLogsRequest, ServiceLogsResponse, ServiceTasksResponse, UpdateServiceRequest,
+};
 
 /// Longest life of an admin certificate (revocation is by expiry).
 const MAX_ADMIN_CERT: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
@@ -271,6 +276,80 @@ impl control_server::Control for ControlService {
             id: id.to_string(),
             not_after: issued.not_after,
         }))
+    }
+
+    /// Administrator only.
+    async fn create_service(&self, req: Request<CreateServiceRequest>) -> Result<Response<Service>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(service_api::create(&self.store, req.into_inner()).await?))
+    }
+
+    /// Administrator only.
+    async fn update_service(&self, req: Request<UpdateServiceRequest>) -> Result<Response<Service>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(service_api::update(&self.store, req.into_inner()).await?))
+    }
+
+    /// Administrator only.
+    async fn list_services(&self, req: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let view = self.store.view();
+        let mut services: Vec<Service> =
+            view.services().map_err(internal)?.into_iter().map(|s| service_api::to_wire(view, s)).collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListServicesResponse { services }))
+    }
+
+    /// Administrator only.
+    async fn get_service(&self, req: Request<GetServiceRequest>) -> Result<Response<Service>, Status> {
+        self.auth.require_admin(&req)?;
+        let s = service_api::find(self.store.view(), &req.get_ref().name_or_id)?;
+        Ok(Response::new(service_api::to_wire(self.store.view(), s)))
+    }
+
+    /// Administrator only. Its tasks are stopped.
+    async fn remove_service(&self, req: Request<GetServiceRequest>) -> Result<Response<RemoveServiceResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let s = service_api::find(self.store.view(), &req.get_ref().name_or_id)?;
+        self.store.propose(Command::RemoveService { id: s.id.clone() }).await?;
+        tracing::info!(service.id = %s.id, service.name = %s.name, "service removed");
+        Ok(Response::new(RemoveServiceResponse { id: s.id.to_string() }))
+    }
+
+    /// Administrator only.
+    async fn service_tasks(&self, req: Request<GetServiceRequest>) -> Result<Response<ServiceTasksResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        Ok(Response::new(ServiceTasksResponse {
+            tasks: service_api::tasks(self.store.view(), &req.get_ref().name_or_id)?,
+        }))
+    }
+
+    /// Administrator only. Gathers the output each manager holds for the
+    /// sessions of the nodes running the service's tasks.
+    async fn service_logs(&self, req: Request<ServiceLogsRequest>) -> Result<Response<ServiceLogsResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let view = self.store.view();
+        let svc = service_api::find(view, &req.get_ref().name_or_id)?;
+        let mut tasks: Vec<_> = view.tasks().map_err(internal)?.into_iter().filter(|t| t.service == svc.id).collect();
+        tasks.sort_by_key(|t| (t.slot, t.created_at));
+        let mut lines = Vec::new();
+        for t in &tasks {
+            for line in self.dispatcher.task_logs(&t.id) {
+                lines.push(LogLine { task_id: t.id.to_string(), slot: t.slot, line });
+            }
+        }
+        if !req.get_ref().local_only {
+            let me = self.store.view().managers().map_err(internal)?;
+            let my_addr = me.iter().find(|m| m.id == *self.dispatcher.me()).map(|m| m.addr.clone());
+            for addr in view.manager_addrs().map_err(internal)?.into_iter().filter(|a| Some(a) != my_addr.as_ref()) {
+                let mut c = ControlClient::new(self.peers.channel(&addr));
+                let ask = ServiceLogsRequest { name_or_id: svc.id.to_string(), local_only: true };
+                if let Ok(Ok(r)) = tokio::time::timeout(std::time::Duration::from_secs(2), c.service_logs(ask)).await {
+                    lines.extend(r.into_inner().lines);
+                }
+            }
+        }
+        Ok(Response::new(ServiceLogsResponse { lines }))
     }
 
     /// Administrator only.

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use swarmd_certs::{NodeId, Role};
 use swarmd_proto::dispatcher::dispatcher_server::{self, DispatcherServer};
-use swarmd_proto::dispatcher::{HeartbeatRequest, HeartbeatResponse, SessionMessage, SessionRequest};
+use swarmd_proto::dispatcher::{
+    HeartbeatRequest, HeartbeatResponse, PushLogsRequest, PushLogsResponse, SessionMessage, SessionRequest,
+    UpdateTaskStatusRequest, UpdateTaskStatusResponse,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +37,8 @@ struct Session {
     last_beat_unix: i64,
     // Dropping the sender ends the node's session stream.
     _tx: mpsc::Sender<Result<SessionMessage, Status>>,
+    // Dropping it stops the session's assignment stream (which holds a sender too).
+    _assigner: tokio_util::sync::DropGuard,
 }
 
 /// What the control API shows about a live session.
@@ -51,6 +56,7 @@ struct Inner {
     store: Store,
     auth: Authorizer,
     secrets: SecretsCache,
+    logs: crate::assignments::TaskLogs,
     me: NodeId,
     sessions: Mutex<HashMap<NodeId, Session>>,
     /// Nodes believed ready at startup that have not reconnected yet.
@@ -80,8 +86,16 @@ impl Dispatcher {
             .map(|n| (n.id, now))
             .collect();
         let writer = StatusWriter { store: store.clone(), rx };
-        let inner =
-            Inner { store, auth, secrets, me, sessions: Mutex::default(), expected: Mutex::new(expected), status: tx };
+        let inner = Inner {
+            store,
+            auth,
+            secrets,
+            logs: Default::default(),
+            me,
+            sessions: Mutex::default(),
+            expected: Mutex::new(expected),
+            status: tx,
+        };
         (Self(Arc::new(inner)), writer)
     }
 
@@ -211,6 +225,10 @@ impl Dispatcher {
                 sessions.retain(|id, _| !now_denied.contains(id));
                 denied = now_denied;
             }
+            // Output of tasks that no longer exist is forgotten.
+            if let Ok(tasks) = self.0.store.view().tasks() {
+                self.0.logs.retain(&tasks.into_iter().map(|t| t.id).collect());
+            }
             let now = self.managers();
             if now == last {
                 continue;
@@ -297,14 +315,27 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             node_id: peer.node_id.to_string(),
             role: record.role.to_string(),
             managers: self.managers(),
+            assignments: None,
         };
         tx.send(Ok(first)).await.map_err(|_| Status::internal("session channel closed"))?;
+        let assigner = CancellationToken::new();
+        {
+            let (store, secrets, node, tx, stop) =
+                (self.0.store.clone(), self.0.secrets.clone(), peer.node_id.clone(), tx.clone(), assigner.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = crate::assignments::stream(store, secrets, node, tx) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         let session = Session {
             id: session_id,
             since: now_unix(),
             last_beat: Instant::now(),
             last_beat_unix: now_unix(),
             _tx: tx,
+            _assigner: assigner.drop_guard(),
         };
         self.0.sessions.lock().expect("sessions lock").insert(peer.node_id.clone(), session);
         self.0.expected.lock().expect("expected lock").remove(&peer.node_id);
@@ -329,6 +360,61 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             }
             _ => Err(Status::not_found("no such session: open a new one")),
         }
+    }
+
+    /// Worker certificate with its live session; only the node's own tasks.
+    async fn update_task_status(
+        &self,
+        req: Request<UpdateTaskStatusRequest>,
+    ) -> Result<Response<UpdateTaskStatusResponse>, Status> {
+        let peer = self.0.auth.require(&req, &[Role::Worker])?;
+        self.check_session(&peer.node_id, &req.get_ref().session_id)?;
+        let mut updates = Vec::new();
+        for u in &req.get_ref().updates {
+            let task = u.task_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+            let state = u.state.parse().map_err(Status::invalid_argument)?;
+            updates.push(crate::services::TaskUpdate { task, state, message: u.message.clone() });
+        }
+        if !updates.is_empty() {
+            let cmd = Command::TaskStatus { node: peer.node_id.clone(), updates, at: now_unix() };
+            self.0.store.propose(cmd).await?;
+        }
+        Ok(Response::new(UpdateTaskStatusResponse {}))
+    }
+
+    /// Worker certificate with its live session; only the node's own tasks.
+    async fn push_logs(&self, req: Request<PushLogsRequest>) -> Result<Response<PushLogsResponse>, Status> {
+        let peer = self.0.auth.require(&req, &[Role::Worker])?;
+        self.check_session(&peer.node_id, &req.get_ref().session_id)?;
+        let r = req.into_inner();
+        let task: swarmd_certs::TaskId =
+            r.task_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+        match self.0.store.view().task(&task).map_err(|e| Status::internal(e.to_string()))? {
+            Some(t) if t.node == peer.node_id => {
+                self.0.logs.push(task, r.lines);
+                Ok(Response::new(PushLogsResponse {}))
+            }
+            _ => Err(Status::permission_denied("not a task of this node")),
+        }
+    }
+}
+
+impl Dispatcher {
+    fn check_session(&self, node: &NodeId, session: &str) -> Result<(), Status> {
+        match self.0.sessions.lock().expect("sessions lock").get(node) {
+            Some(s) if s.id == session => Ok(()),
+            _ => Err(Status::not_found("no such session: open a new one")),
+        }
+    }
+
+    /// This manager's node ID.
+    pub fn me(&self) -> &NodeId {
+        &self.0.me
+    }
+
+    /// Output of `task` held here (its node's session is on this manager).
+    pub fn task_logs(&self, task: &swarmd_certs::TaskId) -> Vec<String> {
+        self.0.logs.get(task)
     }
 }
 

@@ -9,6 +9,7 @@
 //! [`Manager::init`] creates a cluster; [`Manager::open`] restarts one from its
 //! data dir; [`Manager::run`] serves until shut down.
 
+mod assignments;
 mod auth;
 mod autolock;
 mod ca_service;
@@ -23,7 +24,10 @@ mod membership;
 mod node;
 pub mod raft;
 mod rotation;
+mod scheduler;
 mod secret_store;
+mod service_api;
+pub mod services;
 pub mod state;
 mod store;
 

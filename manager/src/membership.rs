@@ -158,6 +158,7 @@ fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) 
         cluster_id: cfg.cluster_id.clone(),
         remotes,
         listen_addr: Some(cfg.listen_addr.clone()),
+        runtime: None,
     };
     Ok(Demotion { identity, worker })
 }

@@ -310,6 +310,7 @@ impl Manager {
             shutdown.clone(),
             demotion.clone(),
         ));
+        tokio::spawn(crate::scheduler::run(store.clone(), self.applied.clone(), tasks.clone()));
         let (dispatcher, writer) = Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), me.clone());
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use swarmd_certs::{ClusterId, NodeId, Role, SecretId};
+use swarmd_certs::{ClusterId, NodeId, Role, SecretId, ServiceId, TaskId};
 
 use crate::keys::Sealed;
 
@@ -290,6 +290,16 @@ pub enum Command {
     RetireDataKeys { below: u32 },
     /// Turns autolock on (or rotates its key) with `Some`, off with `None`.
     SetAutolock { unlock_key: Option<Sealed> },
+    /// Creates a service.
+    CreateService(Box<crate::services::ServiceRecord>),
+    /// Replaces a service's spec if it is still at `expected_version`.
+    UpdateService { id: ServiceId, spec: Box<crate::services::ServiceSpec>, expected_version: u64, at: i64 },
+    /// Deletes a service; its tasks are told to stop.
+    RemoveService { id: ServiceId },
+    /// The scheduler's decisions: tasks to create, to stop, and to forget.
+    Schedule { create: Vec<crate::services::TaskRecord>, stop: Vec<TaskId>, delete: Vec<TaskId> },
+    /// Task states reported by the node running them.
+    TaskStatus { node: NodeId, updates: Vec<crate::services::TaskUpdate>, at: i64 },
 }
 
 /// Which sealed field of the cluster record.
@@ -425,7 +435,7 @@ impl StateView {
         Self { tree }
     }
 
-    fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
+    pub(crate) fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
         match self.tree.get(key)? {
             None => Ok(None),
             Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| StateError::Corrupt {
@@ -514,7 +524,17 @@ impl StateView {
         self.get(&secret_data_key(id, version))
     }
 
-    fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, StateError> {
+    /// The keys below `prefix`, without it.
+    pub(crate) fn scan_key_suffixes(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(prefix).keys() {
+            let k = k?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, StateError> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv?;
@@ -657,6 +677,96 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             }
             for (id, rec) in records {
                 batch.insert(secret_key(&id), encode(&rec));
+            }
+        }
+        Command::CreateService(rec) => {
+            use crate::services::*;
+            if let Err(why) = check_service_name(&rec.name).and_then(|_| check_spec(&rec.spec)) {
+                return Ok(Err(why));
+            }
+            if let Some(other) = view.service_id_by_name(&rec.name)? {
+                return Ok(Err(format!("service name {:?} is already in use by service {other}", rec.name)));
+            }
+            if view.service(&rec.id)?.is_some() {
+                return Ok(Err(format!("service ID {} is already in use", rec.id)));
+            }
+            if let Err(why) = check_references(view, &rec.spec)? {
+                return Ok(Err(why));
+            }
+            batch.insert(service_key(&rec.id), encode(rec.as_ref()));
+            batch.insert(service_name_key(&rec.name), encode(&rec.id));
+        }
+        Command::UpdateService { id, spec, expected_version, at } => {
+            use crate::services::*;
+            let Some(mut rec) = view.service(id)? else {
+                return Ok(Err(format!("service {id} does not exist")));
+            };
+            if rec.version != *expected_version {
+                return Ok(Err(format!("service {} was updated meanwhile; try again", rec.name)));
+            }
+            if let Err(why) = check_spec(spec) {
+                return Ok(Err(why));
+            }
+            if let Err(why) = check_references(view, spec)? {
+                return Ok(Err(why));
+            }
+            // A change of replicas alone keeps the running tasks.
+            let mut same_but_replicas = rec.spec.clone();
+            same_but_replicas.replicas = spec.replicas;
+            if same_but_replicas != **spec {
+                rec.version += 1;
+            }
+            rec.spec = (**spec).clone();
+            rec.updated_at = *at;
+            batch.insert(service_key(id), encode(&rec));
+        }
+        Command::RemoveService { id } => {
+            use crate::services::*;
+            let Some(rec) = view.service(id)? else {
+                return Ok(Err(format!("service {id} does not exist")));
+            };
+            batch.remove(service_key(id));
+            batch.remove(service_name_key(&rec.name));
+            for mut t in view.tasks()?.into_iter().filter(|t| t.service == *id && t.desired_running) {
+                t.desired_running = false;
+                put_task(&mut batch, &t);
+            }
+        }
+        Command::Schedule { create, stop, delete } => {
+            use crate::services::*;
+            for t in create {
+                if view.service(&t.service)?.is_none() || view.node(&t.node)?.is_none() || view.task(&t.id)?.is_some() {
+                    continue;
+                }
+                put_task(&mut batch, t);
+            }
+            for id in stop {
+                if let Some(mut t) = view.task(id)? {
+                    if t.desired_running {
+                        t.desired_running = false;
+                        put_task(&mut batch, &t);
+                    }
+                }
+            }
+            for id in delete {
+                if let Some(t) = view.task(id)? {
+                    if !t.desired_running {
+                        delete_task(&mut batch, &t);
+                    }
+                }
+            }
+        }
+        Command::TaskStatus { node, updates, at } => {
+            use crate::services::*;
+            for u in updates {
+                let Some(mut t) = view.task(&u.task)? else { continue };
+                if t.node != *node || u.state < t.state || (u.state == t.state && u.message == t.message) {
+                    continue;
+                }
+                t.state = u.state;
+                t.message = u.message.chars().take(1024).collect();
+                t.updated_at = *at;
+                put_task(&mut batch, &t);
             }
         }
         Command::SetAutolock { unlock_key } => {
@@ -819,6 +929,14 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
             let Some(rec) = view.secret(id)? else {
                 return Ok(Err(format!("secret {id} does not exist")));
             };
+            let users = view.services_using(id)?;
+            if !users.is_empty() {
+                return Ok(Err(format!(
+                    "secret {} is in use by service(s) {}: remove it from them first (service update --secret-rm)",
+                    rec.name,
+                    users.join(", ")
+                )));
+            }
             batch.remove(secret_key(id));
             batch.remove(secret_name_key(&rec.name));
             for v in &rec.versions {

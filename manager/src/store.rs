@@ -103,6 +103,11 @@ impl Store {
         self
     }
 
+    /// Follows the index of the last applied entry.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
     /// The local applied state.
     pub fn view(&self) -> &StateView {
         &self.view

@@ -78,6 +78,9 @@ struct ManagerJoinArgs {
 enum WorkerCmd {
     /// Join a cluster as a worker with a join token, then run.
     Join(JoinArgs),
+    /// What this worker holds now: its tasks and the IDs (never the values)
+    /// of the secrets in its memory, as JSON.
+    Status(DataDir),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +159,9 @@ struct JoinArgs {
     /// Address to listen on if this node is promoted to manager [default: 0.0.0.0:4242]
     #[arg(long)]
     listen_addr: Option<String>,
+    /// The OCI runtime that runs tasks.
+    #[arg(long, default_value = "runc", value_parser = ["runc", "crun"])]
+    runtime: String,
 }
 
 #[derive(Args, Debug)]
@@ -244,6 +250,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: a.dir.data_dir,
                 hostname: hostname(),
                 listen_addr: a.listen_addr,
+                runtime: Some(a.runtime),
             };
             let worker = Worker::join(opts).await?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
@@ -251,6 +258,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Run(a) => run_existing(&a.dir.data_dir).await?,
+        Command::Worker(WorkerCmd::Status(d)) => {
+            let cfg = swarmd_worker::WorkerConfig::load(&d.data_dir)?;
+            let path = swarmd_worker::run_dir(&cfg.node_id).join("state.json");
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|_| r#"{"tasks":[],"secrets":[]}"#.into());
+            println!("{text}");
+        }
         Command::Unlock(a) => unlock(&a.dir.data_dir).await?,
     }
     Ok(())
@@ -301,6 +314,10 @@ async fn after_manager(data_dir: &Path, outcome: RunOutcome, _shutdown: Cancella
 async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: CancellationToken) -> anyhow::Result<()> {
     match outcome {
         WorkerOutcome::Stopped => Ok(()),
+        WorkerOutcome::Removed => anyhow::bail!(
+            "this node was removed from the cluster (secretctl node rm): its tasks are stopped and its secrets \
+             wiped; to come back, join again from an empty data dir with a new token"
+        ),
         WorkerOutcome::Promoted => {
             let outcome = Manager::promote(data_dir, shutdown.clone()).await.context("promotion to manager failed")?;
             Box::pin(after_manager(data_dir, outcome, shutdown)).await

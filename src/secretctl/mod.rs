@@ -8,6 +8,7 @@ mod join_token;
 mod node;
 mod output;
 mod secret;
+mod service;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -68,6 +69,9 @@ enum Command {
     /// The cluster's data keys.
     #[command(subcommand)]
     Keys(secret::KeysCmd),
+    /// Services: containers on the workers that get secrets on a tmpfs.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// Issue an operator's client certificate for --host tcp:// (control socket only).
     AdminCert(admin_cert::AdminCertArgs),
     /// Show (or rotate) the unlock key of an autolocked cluster.
@@ -95,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { secrets } => secret::inspect(channel, secrets, cli.format).await,
         Command::Rm { secrets } => secret::rm(channel, secrets).await,
         Command::Keys(c) => secret::keys(channel, c, cli.format).await,
+        Command::Service(c) => service::run(channel, c, cli.format).await,
         Command::UnlockKey(a) => autolock::unlock_key(channel, a).await,
         Command::AdminCert(a) => admin_cert::run(channel, a).await,
         Command::Cluster(c) => autolock::cluster(channel, c).await,

@@ -90,10 +90,22 @@ pub struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // Workers that may run containers get a SIGTERM first: they stop their
+        // tasks and unmount their secret filesystems on the way out.
         for p in &mut self.procs {
+            if matches!(p.child.try_wait(), Ok(None)) {
+                let _ = Command::new("kill").arg("-TERM").arg(p.pid().to_string()).status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for p in &mut self.procs {
+            while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        self.sweep_worker_leftovers();
         if std::thread::panicking() {
             for p in &self.procs {
                 let text = p.log_text();
@@ -103,6 +115,39 @@ impl Drop for Env {
                     eprintln!("{l}");
                 }
             }
+        }
+    }
+}
+
+impl Env {
+    /// After a crash: containers, secret mounts and run dirs of this
+    /// environment's workers (their node IDs come from their `worker.json`).
+    fn sweep_worker_leftovers(&self) {
+        let run = PathBuf::from(std::env::var("SWARMD_RUN_DIR").unwrap_or_else(|_| "/run/swarmd".into()));
+        for cfg in files_below(self.dir.path()).into_iter().filter(|p| p.ends_with("worker.json")) {
+            let Some(id) = fs::read_to_string(&cfg)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["node_id"].as_str().map(str::to_owned))
+            else {
+                continue;
+            };
+            let dir = run.join(&id);
+            if !dir.exists() {
+                continue;
+            }
+            let state = dir.join("runtime");
+            if let Ok(o) = Command::new("runc").arg("--root").arg(&state).args(["list", "-q"]).output() {
+                for c in String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.is_empty()) {
+                    let _ = Command::new("runc").arg("--root").arg(&state).args(["delete", "--force", c]).output();
+                }
+            }
+            if let Ok(entries) = fs::read_dir(dir.join("tasks")) {
+                for e in entries.flatten() {
+                    let _ = Command::new("umount").arg("-l").arg(e.path()).output();
+                }
+            }
+            let _ = fs::remove_dir_all(&dir);
         }
     }
 }

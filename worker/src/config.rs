@@ -22,6 +22,9 @@ pub struct WorkerConfig {
     /// Where to listen if this node is promoted to manager.
     #[serde(default)]
     pub listen_addr: Option<String>,
+    /// The OCI runtime binary: `runc` (default) or `crun`.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 impl WorkerConfig {

@@ -231,7 +231,7 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
 /// A task's output, kept in memory only: the last `max_lines` lines.
 #[derive(Clone, Debug)]
 pub struct LogRing {
-    inner: Arc<Mutex<VecDeque<String>>>,
+    inner: Arc<Mutex<(VecDeque<String>, u64)>>,
     max_lines: usize,
 }
 
@@ -242,16 +242,26 @@ impl LogRing {
     }
 
     fn push(&self, line: String) {
-        let mut q = self.inner.lock().expect("log ring lock");
-        if q.len() == self.max_lines {
-            q.pop_front();
+        let mut g = self.inner.lock().expect("log ring lock");
+        if g.0.len() == self.max_lines {
+            g.0.pop_front();
         }
-        q.push_back(line);
+        g.0.push_back(line);
+        g.1 += 1;
     }
 
     /// The lines held, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.inner.lock().expect("log ring lock").iter().cloned().collect()
+        self.inner.lock().expect("log ring lock").0.iter().cloned().collect()
+    }
+
+    /// The lines pushed after the first `seen` ever pushed (those still held),
+    /// and the new count to pass next time.
+    pub fn since(&self, seen: u64) -> (Vec<String>, u64) {
+        let g = self.inner.lock().expect("log ring lock");
+        let total = g.1;
+        let new = (total - seen.min(total)).min(g.0.len() as u64) as usize;
+        (g.0.iter().skip(g.0.len() - new).cloned().collect(), total)
     }
 }
 
@@ -277,6 +287,11 @@ impl Runtime {
     /// `binary` (`runc` or `crun`), state under `state_dir`, bundles under `bundles`.
     pub fn new(binary: &str, state_dir: &Path, bundles: &Path) -> Self {
         Self { binary: binary.to_owned(), state_dir: state_dir.to_owned(), bundles: bundles.to_owned() }
+    }
+
+    /// The runtime binary.
+    pub fn binary(&self) -> &str {
+        &self.binary
     }
 
     fn err(&self, why: impl std::fmt::Display) -> ExecError {

@@ -33,6 +33,8 @@ pub struct JoinOptions {
     pub hostname: String,
     /// Where to listen if this node is later promoted to manager.
     pub listen_addr: Option<String>,
+    /// The OCI runtime binary.
+    pub runtime: Option<String>,
 }
 
 /// Why a join failed. Each message names the cause and what to do.
@@ -190,6 +192,7 @@ fn persist(opts: &JoinOptions, issued: Issued) -> Result<(WorkerConfig, NodeIden
         cluster_id,
         remotes,
         listen_addr: opts.listen_addr.clone(),
+        runtime: opts.runtime.clone(),
     };
     let certs = NodeIdentity::dir(&opts.data_dir);
     let persisted = std::fs::create_dir_all(&opts.data_dir)

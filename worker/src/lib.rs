@@ -6,6 +6,7 @@
 //! the same connection. [`Worker::open`] restarts it from its data dir — no
 //! token needed.
 
+pub mod agent;
 mod config;
 pub mod executor;
 mod join;
@@ -89,12 +90,48 @@ impl Worker {
         let tasks = shutdown.child_token();
         tokio::spawn(renewer.run(tasks.clone()));
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
-        let session = session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone());
-        let promoted = session.run(shutdown).await;
+        let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
+        let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
+        let run_dir = run_dir(&self.cfg.node_id);
+        let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
+        let agent = agent::Agent::new(channel.clone(), session_rx, &runtime, run_dir.clone(), tasks.clone());
+        let (state_tx, mut state_rx) = tokio::sync::watch::channel(agent::AgentState::default());
+        let agent_done = tokio::spawn(agent.run(assign_rx, state_tx));
+        // What the agent holds (task and secret IDs, never values), for `swarmd worker status`.
+        let writer = tokio::spawn(async move {
+            while state_rx.changed().await.is_ok() {
+                let s = state_rx.borrow_and_update().clone();
+                let _ = std::fs::create_dir_all(&run_dir);
+                let _ = swarmd_certs::write_atomic(
+                    &run_dir.join("state.json"),
+                    serde_json::to_string(&s).unwrap_or_default().as_bytes(),
+                    0o600,
+                );
+            }
+        });
+        let session =
+            session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone(), session_tx, assign_tx);
+        let end = session.run(shutdown).await;
+        // Stops every task, unmounts and wipes their secret filesystems and
+        // drops every secret from memory.
         tasks.cancel();
+        let _ = agent_done.await;
+        // Nothing is left running: the runtime state, bundles and status go too.
+        let _ = writer.await;
+        let _ = std::fs::remove_dir_all(crate::run_dir(&self.cfg.node_id));
         tracing::info!("worker stopped");
-        Ok(if promoted { WorkerOutcome::Promoted } else { WorkerOutcome::Stopped })
+        Ok(match end {
+            session::SessionEnd::Stopped => WorkerOutcome::Stopped,
+            session::SessionEnd::Promoted => WorkerOutcome::Promoted,
+            session::SessionEnd::Removed => WorkerOutcome::Removed,
+        })
     }
+}
+
+/// Where a worker keeps its runtime state, task bundles and secret mounts:
+/// `$SWARMD_RUN_DIR/<node ID>` (default `/run/swarmd`).
+pub fn run_dir(node: &swarmd_certs::NodeId) -> PathBuf {
+    PathBuf::from(std::env::var("SWARMD_RUN_DIR").unwrap_or_else(|_| "/run/swarmd".into())).join(node.as_str())
 }
 
 /// How a worker's run ended.
@@ -104,6 +141,8 @@ pub enum WorkerOutcome {
     Stopped,
     /// Promoted: the caller turns this node into a manager (`Manager::promote`).
     Promoted,
+    /// Removed from the cluster: its tasks are stopped and its secrets wiped.
+    Removed,
 }
 
 /// Renews through the `RenewNodeCertificate` RPC on the session's channel, so a

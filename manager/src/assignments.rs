@@ -1,0 +1,210 @@
+//! What each node's session carries: its tasks, and exactly the secrets those
+//! tasks reference (invariant 4). Computed from the node's own task index after
+//! every applied change and sent as a difference from what the session already
+//! carried; the first message is complete. Secret values are opened here, on
+//! the manager holding the session, only to be sent down that node's mTLS
+//! stream.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use swarmd_certs::{NodeId, TaskId};
+use swarmd_proto::dispatcher::{Assignments, SecretKey, SecretValue, SessionMessage, Task, TaskSecret, TaskSpec};
+use tokio::sync::mpsc;
+use tonic::Status;
+use zeroize::Zeroizing;
+
+use crate::cluster::SecretsCache;
+use crate::keys::purpose;
+use crate::services::{Network, TaskRecord};
+use crate::state::{StateError, StateView};
+use crate::store::Store;
+
+type SecretKeyPair = (String, u32);
+
+/// A node's assignment set: its tasks by ID and the secret versions they need.
+struct Set {
+    tasks: BTreeMap<String, Task>,
+    secrets: BTreeSet<SecretKeyPair>,
+}
+
+fn to_wire(t: &TaskRecord, service: &str, view: &StateView) -> Result<(Task, Vec<SecretKeyPair>), StateError> {
+    let mut needed = Vec::new();
+    let mut secrets = Vec::new();
+    if t.desired_running {
+        for r in &t.spec.secrets {
+            let Some(s) = view.secret(&r.secret)? else { continue };
+            let version = r.pin.unwrap_or(s.latest().version);
+            needed.push((r.secret.to_string(), version));
+            secrets.push(TaskSecret {
+                secret_id: r.secret.to_string(),
+                version,
+                name: s.name.clone(),
+                target: r.target.clone(),
+                uid: r.uid,
+                gid: r.gid,
+                mode: r.mode,
+            });
+        }
+    }
+    let (has_user, (uid, gid)) = match t.spec.user {
+        Some(u) => (true, u),
+        None => (false, (0, 0)),
+    };
+    let spec = TaskSpec {
+        image: t.spec.image.clone(),
+        args: t.spec.args.clone(),
+        env: t.spec.env.clone(),
+        has_user,
+        uid,
+        gid,
+        secrets,
+        memory: t.spec.memory.unwrap_or(0),
+        pids: t.spec.pids.unwrap_or(0),
+        host_network: t.spec.network == Network::Host,
+    };
+    let task = Task {
+        id: t.id.to_string(),
+        service: service.to_owned(),
+        slot: t.slot,
+        desired_running: t.desired_running,
+        spec: Some(spec),
+    };
+    Ok((task, needed))
+}
+
+fn compute(view: &StateView, node: &NodeId) -> Result<Set, StateError> {
+    let mut tasks = BTreeMap::new();
+    let mut secrets = BTreeSet::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    for t in view.node_tasks(node)? {
+        // Stopped tasks stay until the node reports them ended.
+        if !t.desired_running && t.state.is_terminal() {
+            continue;
+        }
+        let sid = t.service.to_string();
+        if !names.contains_key(&sid) {
+            let name = view.service(&t.service)?.map(|s| s.name).unwrap_or_else(|| sid.clone());
+            names.insert(sid.clone(), name);
+        }
+        let (task, needed) = to_wire(&t, &names[&sid], view)?;
+        secrets.extend(needed);
+        tasks.insert(task.id.clone(), task);
+    }
+    Ok(Set { tasks, secrets })
+}
+
+fn open_secret(view: &StateView, secrets: &SecretsCache, key: &SecretKeyPair) -> Option<Zeroizing<Vec<u8>>> {
+    let id = key.0.parse().ok()?;
+    let sealed = view.secret_data(&id, key.1).ok()??;
+    let cid = secrets.record().ok()?.id.to_string();
+    match secrets.open(&purpose::secret(&cid, &key.0, key.1), &sealed) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(secret.id = %key.0, version = key.1, error = %e, "cannot open a secret for delivery");
+            None
+        }
+    }
+}
+
+/// Streams `node`'s assignments down `tx` until the session ends.
+pub(crate) async fn stream(
+    store: Store,
+    secrets: SecretsCache,
+    node: NodeId,
+    tx: mpsc::Sender<Result<SessionMessage, Status>>,
+) {
+    let mut applied = store.applied_watch();
+    let mut sent = Set { tasks: BTreeMap::new(), secrets: BTreeSet::new() };
+    let mut full = true;
+    loop {
+        let view = store.view().clone();
+        let now = match compute(&view, &node) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(node.id = %node, error = %e, "cannot compute assignments");
+                Set { tasks: sent.tasks.clone(), secrets: sent.secrets.clone() }
+            }
+        };
+        let mut msg = Assignments { full, ..Default::default() };
+        for (id, t) in &now.tasks {
+            if full || sent.tasks.get(id) != Some(t) {
+                msg.tasks.push(t.clone());
+            }
+        }
+        if !full {
+            msg.removed_tasks = sent.tasks.keys().filter(|id| !now.tasks.contains_key(*id)).cloned().collect();
+        }
+        let mut delivered = BTreeSet::new();
+        for key in &now.secrets {
+            if !full && sent.secrets.contains(key) {
+                delivered.insert(key.clone());
+                continue;
+            }
+            if let Some(data) = open_secret(&view, &secrets, key) {
+                msg.secrets.push(SecretValue { id: key.0.clone(), version: key.1, data: data.to_vec() });
+                delivered.insert(key.clone());
+            }
+        }
+        if !full {
+            msg.removed_secrets = sent
+                .secrets
+                .iter()
+                .filter(|k| !now.secrets.contains(*k))
+                .map(|k| SecretKey { id: k.0.clone(), version: k.1 })
+                .collect();
+        }
+        let changed = full
+            || !msg.tasks.is_empty()
+            || !msg.removed_tasks.is_empty()
+            || !msg.secrets.is_empty()
+            || !msg.removed_secrets.is_empty();
+        if changed {
+            for s in &msg.secrets {
+                tracing::info!(node.id = %node, secret.id = %s.id, version = s.version, "secret delivered to node");
+            }
+            let out = SessionMessage { assignments: Some(msg), ..Default::default() };
+            if tx.send(Ok(out)).await.is_err() {
+                return;
+            }
+            sent = Set { tasks: now.tasks, secrets: delivered };
+            full = false;
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// Tasks' output, in memory on the manager holding each node's session:
+/// the last [`LINES`] lines per task. Never written to disk (it may echo secrets).
+#[derive(Clone, Default)]
+pub struct TaskLogs(Arc<Mutex<HashMap<TaskId, VecDeque<String>>>>);
+
+/// Lines kept per task.
+pub const LINES: usize = 1000;
+
+impl TaskLogs {
+    /// Appends lines of `task`.
+    pub fn push(&self, task: TaskId, lines: Vec<String>) {
+        let mut m = self.0.lock().expect("logs lock");
+        let q = m.entry(task).or_default();
+        for l in lines {
+            if q.len() == LINES {
+                q.pop_front();
+            }
+            q.push_back(l.chars().take(4096).collect());
+        }
+    }
+
+    /// The lines of `task`.
+    pub fn get(&self, task: &TaskId) -> Vec<String> {
+        self.0.lock().expect("logs lock").get(task).map(|q| q.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Forgets tasks not in `keep`.
+    pub fn retain(&self, keep: &BTreeSet<TaskId>) {
+        self.0.lock().expect("logs lock").retain(|t, _| keep.contains(t));
+    }
+}

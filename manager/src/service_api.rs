@@ -1,0 +1,273 @@
+//! The services half of the control API: parsing what secretctl sends,
+//! validating it, and showing services and their tasks.
+
+use swarmd_certs::ServiceId;
+use swarmd_proto::control::{CreateServiceRequest, Service, ServiceTask, UpdateServiceRequest};
+use tonic::Status;
+
+use crate::ca_service::now_unix;
+use crate::services::{
+    check_service_name, check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState,
+};
+use crate::state::{Command, StateView};
+use crate::store::Store;
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Parses `SRC[@VERSION][,target=T][,uid=U][,gid=G][,mode=M]`, resolving SRC.
+pub(crate) fn parse_secret_ref(view: &StateView, s: &str) -> Result<SecretRef, Status> {
+    let bad = |why: String| Status::invalid_argument(format!("--secret {s:?}: {why}"));
+    let mut parts = s.split(',');
+    let src = parts.next().unwrap_or_default().trim();
+    let (src, pin) = match src.split_once('@') {
+        Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| bad(format!("version {v:?} is not a number")))?)),
+        None => (src, None),
+    };
+    if src.is_empty() {
+        return Err(bad("name the secret first".into()));
+    }
+    let rec = crate::secret_store::find(view, src).map_err(|e| bad(e.message().to_owned()))?;
+    let mut r = SecretRef {
+        secret: rec.id.clone(),
+        name: rec.name.clone(),
+        target: rec.name.clone(),
+        uid: 0,
+        gid: 0,
+        mode: 0o444,
+        pin,
+    };
+    for p in parts {
+        let (k, v) = p.split_once('=').ok_or_else(|| bad(format!("{p:?} is not KEY=VALUE")))?;
+        let num = |v: &str| v.parse::<u32>().map_err(|_| bad(format!("{k}={v} is not a number")));
+        match k.trim() {
+            "target" => r.target = v.strip_prefix("/run/secrets/").unwrap_or(v).to_owned(),
+            "uid" => r.uid = num(v)?,
+            "gid" => r.gid = num(v)?,
+            "mode" => {
+                r.mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
+                    .map_err(|_| bad(format!("mode={v} is not an octal mode")))?
+            }
+            "source" | "src" => return Err(bad("give the secret first, not as source=".into())),
+            other => return Err(bad(format!("unknown option {other:?}: use target, uid, gid or mode"))),
+        }
+    }
+    if let Some(v) = pin {
+        if !rec.versions.iter().any(|x| x.version == v) {
+            return Err(bad(format!("secret {} has no version {v}", rec.name)));
+        }
+    }
+    Ok(r)
+}
+
+fn secret_ref_text(r: &SecretRef) -> String {
+    let mut s = r.name.clone();
+    if let Some(v) = r.pin {
+        s.push_str(&format!("@{v}"));
+    }
+    if r.target != r.name {
+        s.push_str(&format!(",target={}", r.target));
+    }
+    if r.uid != 0 {
+        s.push_str(&format!(",uid={}", r.uid));
+    }
+    if r.gid != 0 {
+        s.push_str(&format!(",gid={}", r.gid));
+    }
+    if r.mode != 0o444 {
+        s.push_str(&format!(",mode={:o}", r.mode));
+    }
+    s
+}
+
+fn parse_user(u: &str) -> Result<Option<(u32, u32)>, Status> {
+    if u.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument(format!("--user {u:?}: expected UID or UID:GID (numbers)"));
+    let (uid, gid) = match u.split_once(':') {
+        Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+        None => {
+            let a: u32 = u.parse().map_err(|_| bad())?;
+            (a, a)
+        }
+    };
+    Ok(Some((uid, gid)))
+}
+
+/// The spec a create request describes, or why it is refused.
+fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, Status> {
+    if r.privileged {
+        return Err(Status::permission_denied(
+            "--privileged: privileged containers are not allowed in this cluster (no cluster policy allows them yet)",
+        ));
+    }
+    if !r.cap_add.is_empty() {
+        return Err(Status::permission_denied(format!(
+            "--cap-add {}: adding capabilities is not allowed in this cluster (no cluster policy allows it yet)",
+            r.cap_add.join(",")
+        )));
+    }
+    let network = match r.network.as_str() {
+        "" | "none" => Network::None,
+        "host" => Network::Host,
+        n => return Err(Status::invalid_argument(format!("--network {n:?}: use none or host"))),
+    };
+    let secrets = r.secrets.iter().map(|s| parse_secret_ref(view, s)).collect::<Result<Vec<_>, _>>()?;
+    let constraints = r
+        .constraints
+        .iter()
+        .map(|c| c.parse::<Constraint>().map_err(Status::invalid_argument))
+        .collect::<Result<Vec<_>, _>>()?;
+    let spec = ServiceSpec {
+        image: r.image.clone(),
+        args: r.args.clone(),
+        env: r.env.clone(),
+        user: parse_user(&r.user)?,
+        secrets,
+        replicas: r.replicas,
+        constraints,
+        memory: (r.memory > 0).then_some(r.memory),
+        pids: (r.pids > 0).then_some(r.pids),
+        network,
+    };
+    check_spec(&spec).map_err(Status::invalid_argument)?;
+    Ok(spec)
+}
+
+/// The service `key` names: ID, name or unique ID prefix.
+pub(crate) fn find(view: &StateView, key: &str) -> Result<ServiceRecord, Status> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(Status::invalid_argument("service name or ID must not be empty"));
+    }
+    if let Ok(id) = key.parse::<ServiceId>() {
+        if let Some(s) = view.service(&id).map_err(internal)? {
+            return Ok(s);
+        }
+    }
+    if let Some(id) = view.service_id_by_name(key).map_err(internal)? {
+        if let Some(s) = view.service(&id).map_err(internal)? {
+            return Ok(s);
+        }
+    }
+    let mut m: Vec<_> =
+        view.services().map_err(internal)?.into_iter().filter(|s| s.id.as_str().starts_with(key)).collect();
+    match m.len() {
+        0 => Err(Status::not_found(format!("no such service: {key}"))),
+        1 => Ok(m.remove(0)),
+        n => Err(Status::invalid_argument(format!("{key:?} matches {n} services: give more of the ID"))),
+    }
+}
+
+/// The wire form of a service.
+pub(crate) fn to_wire(view: &StateView, s: ServiceRecord) -> Service {
+    let running = view
+        .tasks()
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.service == s.id && t.desired_running && t.state == TaskState::Running)
+        .count() as u32;
+    Service {
+        id: s.id.to_string(),
+        name: s.name,
+        image: s.spec.image,
+        args: s.spec.args,
+        env: s.spec.env,
+        user: s.spec.user.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default(),
+        secrets: s.spec.secrets.iter().map(secret_ref_text).collect(),
+        replicas: s.spec.replicas,
+        constraints: s.spec.constraints.iter().map(|c| c.to_string()).collect(),
+        memory: s.spec.memory.unwrap_or(0),
+        pids: s.spec.pids.unwrap_or(0),
+        network: match s.spec.network {
+            Network::None => "none".into(),
+            Network::Host => "host".into(),
+        },
+        version: s.version,
+        created_at: s.created_at,
+        updated_at: s.updated_at,
+        running,
+    }
+}
+
+/// Creates a service.
+pub(crate) async fn create(store: &Store, r: CreateServiceRequest) -> Result<Service, Status> {
+    check_service_name(&r.name).map_err(Status::invalid_argument)?;
+    if let Some(id) = store.view().service_id_by_name(&r.name).map_err(internal)? {
+        return Err(Status::already_exists(format!("service name {:?} is already in use by service {id}", r.name)));
+    }
+    let spec = spec_of(store.view(), &r)?;
+    let now = now_unix();
+    let rec = ServiceRecord {
+        id: ServiceId::random(),
+        name: r.name.clone(),
+        spec,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    };
+    let id = rec.id.clone();
+    store.propose(Command::CreateService(Box::new(rec))).await?;
+    tracing::info!(service.id = %id, service.name = %r.name, "service created");
+    let s = store.view().service(&id).map_err(internal)?.ok_or_else(|| Status::not_found("service was removed"))?;
+    Ok(to_wire(store.view(), s))
+}
+
+/// Adds or removes secret references, or changes the replica count.
+pub(crate) async fn update(store: &Store, r: UpdateServiceRequest) -> Result<Service, Status> {
+    let cur = find(store.view(), &r.name_or_id)?;
+    let mut spec = cur.spec.clone();
+    for rm in &r.secret_rm {
+        let before = spec.secrets.len();
+        spec.secrets.retain(|s| s.name != *rm && s.secret.as_str() != rm && s.target != *rm);
+        if spec.secrets.len() == before {
+            return Err(Status::invalid_argument(format!("--secret-rm {rm:?}: the service does not use it")));
+        }
+    }
+    for add in &r.secret_add {
+        let new = parse_secret_ref(store.view(), add)?;
+        spec.secrets.retain(|s| s.secret != new.secret);
+        spec.secrets.push(new);
+    }
+    if let Some(n) = r.replicas {
+        spec.replicas = n;
+    }
+    check_spec(&spec).map_err(Status::invalid_argument)?;
+    let cmd = Command::UpdateService {
+        id: cur.id.clone(),
+        spec: Box::new(spec),
+        expected_version: cur.version,
+        at: now_unix(),
+    };
+    store.propose(cmd).await?;
+    tracing::info!(service.id = %cur.id, service.name = %cur.name, "service updated");
+    let s = store.view().service(&cur.id).map_err(internal)?.ok_or_else(|| Status::not_found("service was removed"))?;
+    Ok(to_wire(store.view(), s))
+}
+
+/// The service's tasks, newest first within each slot.
+pub(crate) fn tasks(view: &StateView, key: &str) -> Result<Vec<ServiceTask>, Status> {
+    let svc = find(view, key)?;
+    let mut ts: Vec<_> = view.tasks().map_err(internal)?.into_iter().filter(|t| t.service == svc.id).collect();
+    ts.sort_by(|a, b| a.slot.cmp(&b.slot).then(b.created_at.cmp(&a.created_at)));
+    Ok(ts
+        .into_iter()
+        .map(|t| {
+            let hostname = view.node(&t.node).ok().flatten().map(|n| n.hostname).unwrap_or_default();
+            ServiceTask {
+                id: t.id.to_string(),
+                service: svc.name.clone(),
+                slot: t.slot,
+                node_id: t.node.to_string(),
+                node_hostname: hostname,
+                desired: if t.desired_running { "running".into() } else { "shutdown".into() },
+                state: t.state.to_string(),
+                message: t.message,
+                created_at: t.created_at,
+                updated_at: t.updated_at,
+            }
+        })
+        .collect())
+}

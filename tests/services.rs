@@ -1,0 +1,230 @@
+//! Services and secret delivery end to end, with real runc containers (root,
+//! runc and busybox: skipped loudly without them, mandatory in CI).
+//!
+//! Two workers; a service placed on A referencing S reads it from a read-only
+//! tmpfs; B holds nothing and its session never carried S; a raw client with
+//! B's certificate gets no S; an update of S reaches the running task in place;
+//! removing A moves the task to B while A wipes everything and exits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn worker_status(env: &Env, w: &Worker) -> Value {
+    let o = env.swarmd(&["worker", "status", "--data-dir", w.data.to_str().unwrap()]);
+    serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+}
+
+fn tasks(m: &Manager, service: &str) -> Vec<Value> {
+    let o = m.ctl(&["--format", "json", "service", "ps", service]);
+    serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+fn running_task(m: &Manager, service: &str) -> Option<Value> {
+    tasks(m, service).into_iter().find(|t| t["desired"] == "running" && t["state"] == "running")
+}
+
+fn secret_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("swarmd-secrets"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn logs(m: &Manager, service: &str) -> String {
+    m.ctl_ok(&["service", "logs", service])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_removal() {
+    if !can_run_containers("services::secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_removal") {
+        return;
+    }
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    let image = busybox_rootfs(&env.path("image"));
+    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let token = m.token("worker");
+    let a = env.join_worker("wa", &token, &m.addr);
+    let b = env.join_worker("wb", &token, &m.addr);
+    m.wait_ready(3);
+    let (a_id, b_id) = (a.node_id(), b.node_id());
+
+    let value = format!("db-password-{}", std::process::id());
+    let o = m.ctl_stdin(&["create", "db_pass"], value.as_bytes());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let secret_id = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    let o = m.ctl_stdin(&["create", "unused"], b"never delivered");
+    assert!(o.status.success());
+
+    // Policy refusals change nothing.
+    let img = image.to_str().unwrap();
+    for extra in [vec!["--privileged"], vec!["--cap-add", "NET_ADMIN"]] {
+        let mut args = vec!["service", "create", "bad", "--image", img];
+        args.extend(extra);
+        args.extend(["--", "true"]);
+        let o = m.ctl(&args);
+        assert!(!o.status.success(), "{args:?} was accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not allowed"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(m.ctl_ok(&["service", "ls", "-q"]).trim().is_empty());
+
+    let script = "id; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  touch /x 2>/dev/null || echo rootfs-ro; touch /run/secrets/y 2>/dev/null || echo secrets-ro; \
+                  last=; while true; do h=$(sha256sum /run/secrets/db_pass); \
+                  if [ \"$h\" != \"$last\" ]; then echo \"$h\"; last=$h; fi; sleep 0.2; done";
+    let constraint = format!("node.id=={a_id}");
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "web",
+        "--image",
+        img,
+        "--secret",
+        "db_pass,mode=0400,uid=65534",
+        "--constraint",
+        &constraint,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let first = wait_for("the task to run on A", Duration::from_secs(60), || running_task(&m, "web"));
+    assert_eq!(first["node_id"], a_id.as_str());
+    let want = format!("{}  /run/secrets/db_pass", sha256_hex(value.as_bytes()));
+    wait_for("the workload to read the secret", Duration::from_secs(30), || {
+        logs(&m, "web").contains(&want).then_some(())
+    });
+    let out = logs(&m, "web");
+    for w in ["uid=65534", "CapEff:\t0000000000000000", "NoNewPrivs:\t1", "Seccomp:\t2", "rootfs-ro", "secrets-ro"] {
+        assert!(out.contains(w), "missing {w:?} in the task's output:\n{out}");
+    }
+    assert!(!out.contains(&value), "the value itself was printed");
+
+    // A holds S (and only S); B holds nothing, mounts nothing, and its session
+    // never carried S (the managers' delivery audit names nodes).
+    let sa = worker_status(&env, &a);
+    assert_eq!(sa["secrets"], serde_json::json!([format!("{secret_id}@1")]), "{sa}");
+    let sb = worker_status(&env, &b);
+    assert_eq!(sb["secrets"], serde_json::json!([]), "{sb}");
+    assert_eq!(sb["tasks"], serde_json::json!([]), "{sb}");
+    let mounts = secret_mounts();
+    assert_eq!(mounts.len(), 1, "{mounts:#?}");
+    assert!(mounts[0].contains(&a_id) && !mounts[0].contains(&b_id));
+    let mlog = env.procs[m.proc_idx].log_text();
+    assert!(mlog.contains(&format!("secret delivered to node node.id={a_id}")));
+    assert!(!mlog.contains(&format!("secret delivered to node node.id={b_id}")), "B's session carried a secret");
+
+    // A raw client with B's certificate: its own session carries no secret,
+    // and the control API (where secrets live) refuses it.
+    {
+        use swarmd_proto::control::control_client::ControlClient;
+        use swarmd_proto::control::{GetSecretRequest, ListSecretsRequest};
+        use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
+        use swarmd_proto::dispatcher::SessionRequest;
+        let bid = swarmd_certs::NodeIdentity::load(&b.data.join("certs")).unwrap();
+        let ch =
+            swarmd_certs::dial::connect(&m.addr, std::sync::Arc::new(swarmd_certs::tls::client_config(&bid).unwrap()))
+                .await
+                .unwrap();
+        let mut stream = DispatcherClient::new(ch.clone())
+            .session(SessionRequest { hostname: "impostor".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut carried = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                if let Some(a) = msg.assignments {
+                    carried.extend(a.secrets.into_iter().map(|s| s.id));
+                    assert!(a.tasks.is_empty(), "B was given tasks");
+                }
+            }
+        }
+        assert!(carried.is_empty(), "B's session carried secrets {carried:?}");
+        let c = ControlClient::new(ch.clone()).list_secrets(ListSecretsRequest::default()).await;
+        assert_eq!(c.unwrap_err().code(), tonic::Code::PermissionDenied);
+        let c = ControlClient::new(ch).get_secret(GetSecretRequest { name_or_id: secret_id.clone() }).await;
+        assert_eq!(c.unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+
+    // The secret is in use: it cannot be removed.
+    let o = m.ctl(&["rm", "db_pass"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by service(s) web"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // An update reaches the running task in place: same task, new content.
+    let v2 = format!("rotated-{}", std::process::id());
+    assert!(m.ctl_stdin(&["update", "db_pass"], v2.as_bytes()).status.success());
+    let want2 = format!("{}  /run/secrets/db_pass", sha256_hex(v2.as_bytes()));
+    wait_for("the running task to see version 2", Duration::from_secs(30), || {
+        logs(&m, "web").contains(&want2).then_some(())
+    });
+    let now = running_task(&m, "web").expect("still running");
+    assert_eq!(now["id"], first["id"], "the task was restarted for an update");
+    assert_eq!(worker_status(&env, &a)["secrets"], serde_json::json!([format!("{secret_id}@2")]));
+
+    // Worker restart: the task comes back with its secret re-delivered.
+    let exit = env.proc(a.proc_idx).terminate();
+    assert!(exit.success(), "{exit:?}");
+    assert!(secret_mounts().is_empty(), "a stopped worker left a secret mount");
+    let a_idx = env.run_node("wa2", &a.data);
+    wait_for("the secret re-delivered after a restart", Duration::from_secs(60), || {
+        (worker_status(&env, &a)["secrets"] == serde_json::json!([format!("{secret_id}@2")])).then_some(())
+    });
+    wait_for("the task running again", Duration::from_secs(60), || running_task(&m, "web"));
+
+    // Removal: an unconstrained replica on A (B drained while it is placed);
+    // `node rm A` → A is refused and exits having wiped everything, the task
+    // runs on B.
+    m.ctl_ok(&["service", "rm", "web"]);
+    m.ctl_ok(&["node", "update", &b_id, "--availability", "drain"]);
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "api",
+        "--image",
+        img,
+        "--secret",
+        "db_pass",
+        "--",
+        "sh",
+        "-c",
+        "sha256sum /run/secrets/db_pass; while true; do sleep 1; done",
+    ]);
+    let t = wait_for("api on A", Duration::from_secs(60), || running_task(&m, "api"));
+    assert_eq!(t["node_id"], a_id.as_str());
+    m.ctl_ok(&["node", "update", &b_id, "--availability", "active"]);
+    let removed = m.ctl(&["node", "rm", "--force", &a_id]);
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    let exit = wait_for("A to exit", Duration::from_secs(30), || env.procs[a_idx].child.try_wait().unwrap());
+    assert!(!exit.success());
+    let alog = env.procs[a_idx].log_text();
+    assert!(alog.contains("removed from the cluster"), "{alog}");
+    assert!(secret_mounts().iter().all(|l| !l.contains(&a_id)), "A left a secret mount");
+    assert!(!std::path::Path::new("/run/swarmd").join(&a_id).exists(), "A left its run dir");
+    let t = wait_for("api on B", Duration::from_secs(60), || running_task(&m, "api"));
+    assert_eq!(t["node_id"], b_id.as_str());
+    assert_eq!(worker_status(&env, &b)["secrets"], serde_json::json!([format!("{secret_id}@2")]));
+
+    // Service removal: the task ends, its tmpfs goes, B forgets the secret.
+    m.ctl_ok(&["service", "rm", "api"]);
+    wait_for("B to forget everything", Duration::from_secs(30), || {
+        let s = worker_status(&env, &b);
+        (s["tasks"] == serde_json::json!([]) && s["secrets"] == serde_json::json!([]) && secret_mounts().is_empty())
+            .then_some(())
+    });
+}

@@ -1,0 +1,389 @@
+//! The worker's task agent: applies the assignments its session carries.
+//!
+//! Secrets arrive only with the tasks that reference them and live only in
+//! memory here (`Zeroizing`, wiped when removed), and in each task's own
+//! secret tmpfs. For each task it mounts that tmpfs, writes the task's files,
+//! starts the container, reports its states, streams its output to the
+//! manager, and at the end stops it, wipes and unmounts the tmpfs. A new
+//! version of a secret replaces the file in place in every running task that
+//! follows it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
+use swarmd_proto::dispatcher::{Assignments, PushLogsRequest, Task, TaskStatus, UpdateTaskStatusRequest};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::executor::{ContainerSpec, ExecError, Runtime};
+use crate::secret_mount::{SecretFile, SecretMount};
+
+type SecretKey = (String, u32);
+
+enum Control {
+    Secrets(Vec<SecretFile>),
+    Stop,
+}
+
+struct Handle {
+    task: Task,
+    ctl: mpsc::UnboundedSender<Control>,
+}
+
+/// Applies assignments; one per worker process.
+pub(crate) struct Agent {
+    channel: Channel,
+    session: watch::Receiver<String>,
+    runtime: Runtime,
+    run_dir: PathBuf,
+    secrets: HashMap<SecretKey, Zeroizing<Vec<u8>>>,
+    running: HashMap<String, Handle>,
+    /// Tasks this process has run to the end: never started again.
+    finished: HashSet<String>,
+    ended: (mpsc::UnboundedSender<String>, mpsc::UnboundedReceiver<String>),
+    shutdown: CancellationToken,
+}
+
+/// What the agent holds, for `swarmd worker status`-like inspection and tests.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AgentState {
+    /// Task IDs with a live container or being prepared.
+    pub tasks: Vec<String>,
+    /// `secret-id@version` held in memory.
+    pub secrets: Vec<String>,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        channel: Channel,
+        session: watch::Receiver<String>,
+        runtime_bin: &str,
+        run_dir: PathBuf,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let runtime = Runtime::new(runtime_bin, &run_dir.join("runtime"), &run_dir.join("bundles"));
+        Self {
+            channel,
+            session,
+            runtime,
+            run_dir,
+            secrets: HashMap::new(),
+            running: HashMap::new(),
+            finished: HashSet::new(),
+            ended: mpsc::unbounded_channel(),
+            shutdown,
+        }
+    }
+
+    /// Removes containers and secret mounts a previous run of this worker left.
+    pub(crate) async fn clean_up_leftovers(&self) {
+        let state = self.run_dir.join("runtime");
+        if state.exists() {
+            if let Ok(out) = tokio::process::Command::new(self.runtime_bin())
+                .arg("--root")
+                .arg(&state)
+                .args(["list", "-q"])
+                .output()
+                .await
+            {
+                for id in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
+                    let _ = tokio::process::Command::new(self.runtime_bin())
+                        .arg("--root")
+                        .arg(&state)
+                        .args(["delete", "--force", id])
+                        .output()
+                        .await;
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(self.run_dir.join("tasks")) {
+            for e in entries.flatten() {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    fn runtime_bin(&self) -> String {
+        self.runtime.binary().to_owned()
+    }
+
+    /// What is held now.
+    pub(crate) fn state(&self) -> AgentState {
+        let mut tasks: Vec<String> = self.running.keys().cloned().collect();
+        tasks.sort();
+        let mut secrets: Vec<String> = self.secrets.keys().map(|(id, v)| format!("{id}@{v}")).collect();
+        secrets.sort();
+        AgentState { tasks, secrets }
+    }
+
+    /// Runs until the shutdown token is cancelled, applying what arrives on
+    /// `rx`; then stops every task.
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Assignments>, state: watch::Sender<AgentState>) {
+        self.clean_up_leftovers().await;
+        loop {
+            tokio::select! {
+                a = rx.recv() => match a {
+                    Some(a) => self.apply(a),
+                    None => break,
+                },
+                Some(id) = self.ended.1.recv() => {
+                    self.running.remove(&id);
+                    self.finished.insert(id);
+                }
+                _ = self.shutdown.cancelled() => break,
+            }
+            state.send_replace(self.state());
+        }
+        self.stop_all().await;
+        state.send_replace(self.state());
+    }
+
+    /// Stops every task and forgets every secret (shutdown, or removal from the cluster).
+    pub(crate) async fn stop_all(&mut self) {
+        for (_, h) in self.running.drain() {
+            let _ = h.ctl.send(Control::Stop);
+        }
+        // Give the task loops time to stop their containers and unmount.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let tasks = self.run_dir.join("tasks");
+        while tokio::time::Instant::now() < deadline
+            && std::fs::read_dir(&tasks).map(|mut d| d.next().is_some()).unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.secrets.clear();
+    }
+
+    fn files_for(&self, task: &Task) -> Result<Vec<SecretFile>, String> {
+        let mut files = Vec::new();
+        for s in task.spec.as_ref().map(|s| s.secrets.as_slice()).unwrap_or_default() {
+            let data = self
+                .secrets
+                .get(&(s.secret_id.clone(), s.version))
+                .ok_or_else(|| format!("secret {} version {} was not delivered", s.name, s.version))?;
+            files.push(SecretFile { name: s.target.clone(), uid: s.uid, gid: s.gid, mode: s.mode, data: data.clone() });
+        }
+        Ok(files)
+    }
+
+    fn apply(&mut self, a: Assignments) {
+        for s in a.secrets {
+            self.secrets.insert((s.id, s.version), Zeroizing::new(s.data));
+        }
+        let listed: HashSet<String> = a.tasks.iter().map(|t| t.id.clone()).collect();
+        let mut stop: Vec<String> = a.removed_tasks.clone();
+        if a.full {
+            stop.extend(self.running.keys().filter(|id| !listed.contains(*id)).cloned());
+        }
+        for id in stop {
+            if let Some(h) = self.running.remove(&id) {
+                let _ = h.ctl.send(Control::Stop);
+            }
+        }
+        for t in a.tasks {
+            if !t.desired_running {
+                match self.running.remove(&t.id) {
+                    Some(h) => {
+                        let _ = h.ctl.send(Control::Stop);
+                    }
+                    None => self.report(&t.id, "shutdown", ""),
+                }
+                continue;
+            }
+            let changed = match self.running.get(&t.id) {
+                Some(h) => Some(h.task.spec != t.spec),
+                None => None,
+            };
+            match changed {
+                Some(true) => {
+                    let files = self.files_for(&t);
+                    if let Some(h) = self.running.get_mut(&t.id) {
+                        match files {
+                            Ok(files) => {
+                                let _ = h.ctl.send(Control::Secrets(files));
+                            }
+                            Err(e) => tracing::warn!(task.id = %t.id, error = %e, "cannot update secrets"),
+                        }
+                        h.task = t;
+                    }
+                }
+                Some(false) => {}
+                None if self.finished.contains(&t.id) => {}
+                None => self.start(t),
+            }
+        }
+        for k in a.removed_secrets {
+            // Dropping the Zeroizing buffer wipes it.
+            self.secrets.remove(&(k.id, k.version));
+        }
+        if a.full {
+            let needed: HashSet<SecretKey> = self
+                .running
+                .values()
+                .flat_map(|h| h.task.spec.iter().flat_map(|s| s.secrets.iter()))
+                .map(|s| (s.secret_id.clone(), s.version))
+                .collect();
+            self.secrets.retain(|k, _| needed.contains(k));
+        }
+    }
+
+    fn report(&self, task: &str, state: &str, message: &str) {
+        report(self.channel.clone(), self.session.clone(), task.to_owned(), state, message.to_owned());
+    }
+
+    fn start(&mut self, t: Task) {
+        let files = match self.files_for(&t) {
+            Ok(f) => f,
+            Err(e) => {
+                self.report(&t.id, "rejected", &e);
+                self.finished.insert(t.id.clone());
+                return;
+            }
+        };
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let ctx = TaskCtx {
+            channel: self.channel.clone(),
+            session: self.session.clone(),
+            runtime: self.runtime.clone(),
+            dir: self.run_dir.join("tasks").join(&t.id),
+            ended: self.ended.0.clone(),
+        };
+        tokio::spawn(run_task(ctx, t.clone(), files, ctl_rx));
+        self.running.insert(t.id.clone(), Handle { task: t, ctl });
+    }
+}
+
+/// Sends one task state to the manager, retrying briefly across session changes.
+fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, state: &str, message: String) {
+    let state = state.to_owned();
+    tokio::spawn(async move {
+        for _ in 0..20 {
+            let sid = session.borrow_and_update().clone();
+            if !sid.is_empty() {
+                let req = UpdateTaskStatusRequest {
+                    session_id: sid,
+                    updates: vec![TaskStatus { task_id: task.clone(), state: state.clone(), message: message.clone() }],
+                };
+                if DispatcherClient::new(channel.clone()).update_task_status(req).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = session.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        tracing::warn!(task.id = %task, %state, "could not report a task state");
+    });
+}
+
+struct TaskCtx {
+    channel: Channel,
+    session: watch::Receiver<String>,
+    runtime: Runtime,
+    dir: PathBuf,
+    ended: mpsc::UnboundedSender<String>,
+}
+
+async fn push_logs(ctx: &TaskCtx, task: &str, lines: Vec<String>) {
+    if lines.is_empty() {
+        return;
+    }
+    let sid = ctx.session.borrow().clone();
+    let req = PushLogsRequest { session_id: sid, task_id: task.to_owned(), lines };
+    let _ = DispatcherClient::new(ctx.channel.clone()).push_logs(req).await;
+}
+
+async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
+    let id = t.id.clone();
+    let rep = |state: &str, msg: String| report(ctx.channel.clone(), ctx.session.clone(), id.clone(), state, msg);
+    rep("preparing", String::new());
+    let spec = t.spec.clone().unwrap_or_default();
+    let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
+    let mut mount = if spec.secrets.is_empty() {
+        None
+    } else {
+        match SecretMount::create(&ctx.dir, size).and_then(|m| m.write(&files).map(|_| m)) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                rep("failed", format!("secrets: {e}"));
+                let _ = ctx.ended.send(id);
+                return;
+            }
+        }
+    };
+    drop(files);
+    let c = ContainerSpec {
+        rootfs: PathBuf::from(&spec.image),
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        user: spec.has_user.then_some((spec.uid, spec.gid)),
+        memory: (spec.memory > 0).then_some(spec.memory),
+        pids: (spec.pids > 0).then_some(spec.pids),
+        host_network: spec.host_network,
+        secrets_dir: mount.as_ref().map(|m| m.dir().to_owned()),
+        ..Default::default()
+    };
+    let mut running = match ctx.runtime.start(&id, &c).await {
+        Ok(r) => r,
+        Err(e) => {
+            let state =
+                if matches!(e, ExecError::Refused(_) | ExecError::BadImage { .. }) { "rejected" } else { "failed" };
+            rep(state, e.to_string());
+            if let Some(m) = mount.as_mut() {
+                m.destroy();
+            }
+            let _ = ctx.ended.send(id);
+            return;
+        }
+    };
+    rep("running", String::new());
+    tracing::info!(task.id = %id, service = %t.service, "task running");
+    let mut seen = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (state, message) = loop {
+        tokio::select! {
+            code = running.wait() => {
+                break match code {
+                    Ok(0) => ("complete", "exit status 0".to_string()),
+                    Ok(c) => ("failed", format!("exit status {c}")),
+                    Err(e) => ("failed", e.to_string()),
+                };
+            }
+            _ = tick.tick() => {
+                let (lines, total) = running.logs.since(seen);
+                seen = total;
+                push_logs(&ctx, &id, lines).await;
+            }
+            cmd = ctl.recv() => match cmd {
+                Some(Control::Secrets(files)) => {
+                    if let Some(m) = mount.as_ref() {
+                        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+                        match m.write(&files).and_then(|_| m.retain(&names)) {
+                            Ok(()) => tracing::info!(task.id = %id, "secrets updated in place"),
+                            Err(e) => tracing::error!(task.id = %id, error = %e, "cannot update secrets"),
+                        }
+                    }
+                }
+                Some(Control::Stop) | None => {
+                    let _ = running.stop(Duration::from_secs(5)).await;
+                    break ("shutdown", "stopped".to_string());
+                }
+            }
+        }
+    };
+    let (lines, _) = running.logs.since(seen);
+    push_logs(&ctx, &id, lines).await;
+    let _ = running.stop(Duration::from_millis(100)).await;
+    if let Some(m) = mount.as_mut() {
+        m.destroy();
+    }
+    rep(state, message);
+    tracing::info!(task.id = %id, %state, "task ended");
+    let _ = ctx.ended.send(id);
+}
