@@ -83,20 +83,9 @@ impl Agent {
     pub(crate) async fn clean_up_leftovers(&self) {
         let state = self.run_dir.join("runtime");
         if state.exists() {
-            if let Ok(out) = tokio::process::Command::new(self.runtime_bin())
-                .arg("--root")
-                .arg(&state)
-                .args(["list", "-q"])
-                .output()
-                .await
-            {
+            if let Ok(out) = self.runtime.command().args(["list", "-q"]).output().await {
                 for id in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
-                    let _ = tokio::process::Command::new(self.runtime_bin())
-                        .arg("--root")
-                        .arg(&state)
-                        .args(["delete", "--force", id])
-                        .output()
-                        .await;
+                    let _ = self.runtime.command().args(["delete", "--force", id]).output().await;
                 }
             }
         }
@@ -106,10 +95,6 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-    }
-
-    fn runtime_bin(&self) -> String {
-        self.runtime.binary().to_owned()
     }
 
     /// What is held now.

@@ -228,6 +228,15 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
     Ok(spec)
 }
 
+/// Whether this host mixes cgroup v1 controllers with a v2 hierarchy at
+/// `/sys/fs/cgroup/unified` (the hybrid layout).
+pub fn hybrid_cgroups() -> bool {
+    let v1_root = nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false);
+    v1_root && std::path::Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists()
+}
+
 /// A task's output, kept in memory only: the last `max_lines` lines.
 #[derive(Clone, Debug)]
 pub struct LogRing {
@@ -294,6 +303,28 @@ impl Runtime {
         &self.binary
     }
 
+    /// A command running the runtime with `--root` set. crun refuses hosts with
+    /// cgroups in hybrid mode (v1 controllers plus `/sys/fs/cgroup/unified`);
+    /// there it runs in a private mount namespace where `unified` is hidden
+    /// (unmounted there, or covered by an empty tmpfs), as DESIGN.md describes.
+    /// runc handles hybrid hosts itself.
+    pub fn command(&self) -> tokio::process::Command {
+        let mut c = if self.binary.ends_with("crun") && hybrid_cgroups() {
+            let mut c = tokio::process::Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(
+                    "umount -l /sys/fs/cgroup/unified 2>/dev/null || mount -t tmpfs none /sys/fs/cgroup/unified; \
+                     exec \"$0\" \"$@\"",
+                )
+                .arg(&self.binary);
+            c
+        } else {
+            tokio::process::Command::new(&self.binary)
+        };
+        c.arg("--root").arg(&self.state_dir);
+        c
+    }
+
     fn err(&self, why: impl std::fmt::Display) -> ExecError {
         ExecError::Runtime { runtime: self.binary.clone(), why: why.to_string() }
     }
@@ -318,9 +349,8 @@ impl Runtime {
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| ExecError::Spec(e.to_string()))?;
         std::fs::write(bundle.join("config.json"), json).map_err(|e| self.err(e))?;
         std::fs::create_dir_all(&self.state_dir).map_err(|e| self.err(e))?;
-        let mut child = tokio::process::Command::new(&self.binary)
-            .arg("--root")
-            .arg(&self.state_dir)
+        let mut child = self
+            .command()
             .args(["run", "--no-new-keyring", "--bundle"])
             .arg(&bundle)
             .arg(id)
@@ -362,22 +392,15 @@ impl Running {
     pub async fn stop(&mut self, grace: std::time::Duration) -> Result<(), ExecError> {
         let rt = &self.runtime;
         let signal = |sig: &'static str| {
-            tokio::process::Command::new(&rt.binary)
-                .arg("--root")
-                .arg(&rt.state_dir)
-                .args(["kill", "--all", &self.id, sig])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
+            rt.command().args(["kill", "--all", &self.id, sig]).stdout(Stdio::null()).stderr(Stdio::null()).status()
         };
         let _ = signal("TERM").await;
         if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
             let _ = signal("KILL").await;
             let _ = self.child.wait().await;
         }
-        let _ = tokio::process::Command::new(&rt.binary)
-            .arg("--root")
-            .arg(&rt.state_dir)
+        let _ = rt
+            .command()
             .args(["delete", "--force", &self.id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
