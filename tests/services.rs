@@ -228,3 +228,55 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
             .then_some(())
     });
 }
+
+/// A worker that dies (kill -9): once it has been DOWN for three heartbeat
+/// periods its task runs on another worker; when it comes back it removes
+/// what its previous run left (container, secret mount) and does not restart
+/// the task it lost.
+#[test]
+fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
+    if !can_run_containers("services::a_task_of_a_dead_worker_moves_after_the_grace_period") {
+        return;
+    }
+    let mut env = Env::new();
+    let image = busybox_rootfs(&env.path("image"));
+    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let token = m.token("worker");
+    let a = env.join_worker("wa", &token, &m.addr);
+    let b = env.join_worker("wb", &token, &m.addr);
+    m.wait_ready(3);
+    let (a_id, b_id) = (a.node_id(), b.node_id());
+    assert!(m.ctl_stdin(&["create", "s"], b"v").status.success());
+    m.ctl_ok(&["node", "update", &b_id, "--availability", "drain"]);
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "job",
+        "--image",
+        image.to_str().unwrap(),
+        "--secret",
+        "s",
+        "--",
+        "sh",
+        "-c",
+        "while true; do sleep 1; done",
+    ]);
+    let first = wait_for("job on A", Duration::from_secs(60), || running_task(&m, "job"));
+    assert_eq!(first["node_id"], a_id.as_str());
+    m.ctl_ok(&["node", "update", &b_id, "--availability", "active"]);
+    env.proc(a.proc_idx).kill9();
+    let moved = wait_for("job on B", Duration::from_secs(60), || {
+        running_task(&m, "job").filter(|t| t["node_id"] == b_id.as_str())
+    });
+    assert_ne!(moved["id"], first["id"]);
+    // A comes back: it clears what it left, and the lost task stays stopped.
+    env.run_node("wa2", &a.data);
+    wait_for("A's leftovers cleared", Duration::from_secs(60), || {
+        let mounts = secret_mounts();
+        let s = worker_status(&env, &a);
+        (mounts.iter().all(|l| !l.contains(&a_id)) && s["tasks"] == serde_json::json!([])).then_some(())
+    });
+    wait_for("the lost task recorded as shut down", Duration::from_secs(30), || {
+        tasks(&m, "job").into_iter().find(|t| t["id"] == first["id"] && t["state"] == "shutdown")
+    });
+}
