@@ -17,6 +17,7 @@ cleanup() {
   if ((rc != 0)); then dc logs --tail 30 >&2 || true; fi
   dc down -v --remove-orphans >/dev/null 2>&1 || true
   docker rmi -f swarmd-manager:local swarmd-worker:local swarmd-base:local >/dev/null 2>&1 || true
+  docker image prune -f --filter label=org.swarmd.built-here=1 >/dev/null 2>&1 || true
   echo "demo: torn down ($(($(date +%s) - started)) s in all)"
 }
 trap cleanup EXIT

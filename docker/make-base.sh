@@ -53,5 +53,6 @@ chown 10001:10001 "$root/var/lib/swarmd" "$root/bootstrap"
 tar -C "$root" -c . | docker import \
   -c 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/bin' \
   -c 'ENTRYPOINT ["/usr/local/bin/swarmd"]' \
+  -c 'LABEL org.swarmd.built-here=1' \
   - swarmd-base:local >/dev/null
 echo "swarmd-base:local: $(docker image inspect swarmd-base:local --format '{{.Size}}' | awk '{printf "%.1f MB", $1/1e6}')"

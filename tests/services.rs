@@ -32,11 +32,12 @@ fn running_task(m: &Manager, service: &str) -> Option<Value> {
     tasks(m, service).into_iter().find(|t| t["desired"] == "running" && t["state"] == "running")
 }
 
-fn secret_mounts() -> Vec<String> {
+/// Secret mounts of these nodes (tests run side by side: others may exist).
+fn secret_mounts(nodes: &[&str]) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .filter(|l| l.contains("swarmd-secrets"))
+        .filter(|l| l.contains("swarmd-secrets") && nodes.iter().any(|n| l.contains(n)))
         .map(str::to_owned)
         .collect()
 }
@@ -118,7 +119,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
     let sb = worker_status(&env, &b);
     assert_eq!(sb["secrets"], serde_json::json!([]), "{sb}");
     assert_eq!(sb["tasks"], serde_json::json!([]), "{sb}");
-    let mounts = secret_mounts();
+    let mounts = secret_mounts(&[&a_id, &b_id]);
     assert_eq!(mounts.len(), 1, "{mounts:#?}");
     assert!(mounts[0].contains(&a_id) && !mounts[0].contains(&b_id));
     let mlog = env.procs[m.proc_idx].log_text();
@@ -180,7 +181,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
     // Worker restart: the task comes back with its secret re-delivered.
     let exit = env.proc(a.proc_idx).terminate();
     assert!(exit.success(), "{exit:?}");
-    assert!(secret_mounts().is_empty(), "a stopped worker left a secret mount");
+    assert!(secret_mounts(&[&a_id]).is_empty(), "a stopped worker left a secret mount");
     let a_idx = env.run_node("wa2", &a.data);
     wait_for("the secret re-delivered after a restart", Duration::from_secs(60), || {
         (worker_status(&env, &a)["secrets"] == serde_json::json!([format!("{secret_id}@2")])).then_some(())
@@ -214,7 +215,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
     assert!(!exit.success());
     let alog = env.procs[a_idx].log_text();
     assert!(alog.contains("removed from the cluster"), "{alog}");
-    assert!(secret_mounts().iter().all(|l| !l.contains(&a_id)), "A left a secret mount");
+    assert!(secret_mounts(&[&a_id]).is_empty(), "A left a secret mount");
     assert!(!std::path::Path::new("/run/swarmd").join(&a_id).exists(), "A left its run dir");
     let t = wait_for("api on B", Duration::from_secs(60), || running_task(&m, "api"));
     assert_eq!(t["node_id"], b_id.as_str());
@@ -224,8 +225,10 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
     m.ctl_ok(&["service", "rm", "api"]);
     wait_for("B to forget everything", Duration::from_secs(30), || {
         let s = worker_status(&env, &b);
-        (s["tasks"] == serde_json::json!([]) && s["secrets"] == serde_json::json!([]) && secret_mounts().is_empty())
-            .then_some(())
+        (s["tasks"] == serde_json::json!([])
+            && s["secrets"] == serde_json::json!([])
+            && secret_mounts(&[&b_id]).is_empty())
+        .then_some(())
     });
 }
 
@@ -272,9 +275,8 @@ fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
     // A comes back: it clears what it left, and the lost task stays stopped.
     env.run_node("wa2", &a.data);
     wait_for("A's leftovers cleared", Duration::from_secs(60), || {
-        let mounts = secret_mounts();
         let s = worker_status(&env, &a);
-        (mounts.iter().all(|l| !l.contains(&a_id)) && s["tasks"] == serde_json::json!([])).then_some(())
+        (secret_mounts(&[&a_id]).is_empty() && s["tasks"] == serde_json::json!([])).then_some(())
     });
     wait_for("the lost task recorded as shut down", Duration::from_secs(30), || {
         tasks(&m, "job").into_iter().find(|t| t["id"] == first["id"] && t["state"] == "shutdown")
