@@ -37,7 +37,6 @@ leader_of() { # the manager container that leads, as seen by manager $1
   done
   return 1
 }
-up_managers() { for m in manager1 manager2 manager3; do [[ -n $(dc ps -q "$m") ]] && docker inspect -f '{{.State.Running}}' "$(dc ps -q "$m")" | grep -q true && echo "$m"; done; }
 
 step "build the images (SWARMD_IMAGE_BUILD=${SWARMD_IMAGE_BUILD:-offline})"
 docker/build.sh
@@ -93,7 +92,7 @@ converged() {
   [[ $a == "$b" ]]
 }
 wait_for 60 "$cut to converge" converged
-ctl "$cut" ls | grep -q during-partition || fail "$cut lacks the write made during the partition"
+[[ $(ctl "$cut" ls) == *during-partition* ]] || fail "$cut lacks the write made during the partition"
 echo "$cut has caught up (equal state digests)"
 
 step "secretctl update: the running task sees the new value, same task"
@@ -111,9 +110,12 @@ moved() { ctl manager1 --format json service ps web | python3 -c "import json,sy
 wait_for 60 "the task on $other" moved
 exited() { [[ $(docker inspect -f '{{.State.Running}}' "$(dc ps -q "$node")") == false ]]; }
 wait_for 30 "$node to exit" exited
-dc logs "$node" | grep -q "removed from the cluster" || fail "$node did not say it was removed"
-dc logs "$node" | grep -q "task ended" || fail "$node did not stop its task"
-echo "$node exited: $(dc logs "$node" | grep -o 'this node was removed[^;]*' | tail -1)"
+# (Read the logs whole: `grep -q` on a pipe would end it early and, with
+# pipefail, fail the check.)
+nodelog=$(dc logs --no-color "$node" 2>&1)
+grep -q "removed from the cluster" <<<"$nodelog" || fail "$node did not say it was removed"
+grep -q "task ended" <<<"$nodelog" || fail "$node did not stop its task"
+echo "$node exited: $(grep -o 'this node was removed[^;]*' <<<"$nodelog" | tail -1)"
 wait_for 30 "the value on $other" bash -c "docker-compose -p $P exec -T manager1 secretctl service logs web | grep -c 'read: v2-compose-secret' | grep -q 2"
 ctl manager1 service ps web
 

@@ -42,6 +42,26 @@ fn secret_mounts(nodes: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// One manager (1 s heartbeats), workers A and B, a busybox image.
+struct Cluster {
+    env: Env,
+    image: std::path::PathBuf,
+    m: Manager,
+    a: Worker,
+    b: Worker,
+}
+
+fn cluster() -> Cluster {
+    let mut env = Env::new();
+    let image = busybox_rootfs(&env.path("image"));
+    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let token = m.token("worker");
+    let a = env.join_worker("wa", &token, &m.addr);
+    let b = env.join_worker("wb", &token, &m.addr);
+    m.wait_ready(3);
+    Cluster { env, image, m, a, b }
+}
+
 fn logs(m: &Manager, service: &str) -> String {
     m.ctl_ok(&["service", "logs", service])
 }
@@ -52,13 +72,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
         return;
     }
     swarmd_certs::install_crypto_provider();
-    let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
-    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
-    let token = m.token("worker");
-    let a = env.join_worker("wa", &token, &m.addr);
-    let b = env.join_worker("wb", &token, &m.addr);
-    m.wait_ready(3);
+    let Cluster { mut env, image, m, a, b } = cluster();
     let (a_id, b_id) = (a.node_id(), b.node_id());
 
     let value = format!("db-password-{}", std::process::id());
@@ -241,13 +255,7 @@ fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
     if !can_run_containers("services::a_task_of_a_dead_worker_moves_after_the_grace_period") {
         return;
     }
-    let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
-    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
-    let token = m.token("worker");
-    let a = env.join_worker("wa", &token, &m.addr);
-    let b = env.join_worker("wb", &token, &m.addr);
-    m.wait_ready(3);
+    let Cluster { mut env, image, m, a, b } = cluster();
     let (a_id, b_id) = (a.node_id(), b.node_id());
     assert!(m.ctl_stdin(&["create", "s"], b"v").status.success());
     m.ctl_ok(&["node", "update", &b_id, "--availability", "drain"]);

@@ -50,29 +50,50 @@ pub(crate) fn to_wire(r: SecretRecord) -> Secret {
     }
 }
 
-/// The secret `key` names: an ID, a name, or a unique ID prefix (as Docker).
-pub(crate) fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> {
+/// Resolves `key` as Docker does: an exact ID, then an exact name, then a
+/// unique ID prefix. `kind` names the object in errors.
+pub(crate) fn resolve<T>(
+    kind: &str,
+    key: &str,
+    by_id: impl Fn(&str) -> Result<Option<T>, crate::state::StateError>,
+    by_name: impl Fn(&str) -> Result<Option<T>, crate::state::StateError>,
+    all: impl Fn() -> Result<Vec<T>, crate::state::StateError>,
+    id_of: impl Fn(&T) -> &str,
+) -> Result<T, Status> {
     let key = key.trim();
     if key.is_empty() {
-        return Err(Status::invalid_argument("secret name or ID must not be empty"));
+        return Err(Status::invalid_argument(format!("{kind} name or ID must not be empty")));
     }
-    if let Ok(id) = key.parse::<SecretId>() {
-        if let Some(r) = view.secret(&id).map_err(internal)? {
-            return Ok(r);
-        }
+    if let Some(r) = by_id(key).map_err(internal)? {
+        return Ok(r);
     }
-    if let Some(id) = view.secret_id_by_name(key).map_err(internal)? {
-        if let Some(r) = view.secret(&id).map_err(internal)? {
-            return Ok(r);
-        }
+    if let Some(r) = by_name(key).map_err(internal)? {
+        return Ok(r);
     }
-    let mut matches: Vec<_> =
-        view.secrets().map_err(internal)?.into_iter().filter(|s| s.id.as_str().starts_with(key)).collect();
+    let mut matches: Vec<T> = all().map_err(internal)?.into_iter().filter(|r| id_of(r).starts_with(key)).collect();
     match matches.len() {
-        0 => Err(Status::not_found(format!("no such secret: {key}"))),
+        0 => Err(Status::not_found(format!("no such {kind}: {key}"))),
         1 => Ok(matches.remove(0)),
-        n => Err(Status::invalid_argument(format!("{key:?} matches {n} secrets: give more of the ID"))),
+        n => Err(Status::invalid_argument(format!("{key:?} matches {n} {kind}s: give more of the ID"))),
     }
+}
+
+/// The secret `key` names: an ID, a name, or a unique ID prefix (as Docker).
+pub(crate) fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> {
+    resolve(
+        "secret",
+        key,
+        |k| match k.parse::<SecretId>() {
+            Ok(id) => view.secret(&id),
+            Err(_) => Ok(None),
+        },
+        |k| match view.secret_id_by_name(k)? {
+            Some(id) => view.secret(&id),
+            None => Ok(None),
+        },
+        || view.secrets(),
+        |r| r.id.as_str(),
+    )
 }
 
 /// Takes the value out of a request into memory that is wiped on drop.

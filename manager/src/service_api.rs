@@ -138,27 +138,20 @@ fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, St
 
 /// The service `key` names: ID, name or unique ID prefix.
 pub(crate) fn find(view: &StateView, key: &str) -> Result<ServiceRecord, Status> {
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(Status::invalid_argument("service name or ID must not be empty"));
-    }
-    if let Ok(id) = key.parse::<ServiceId>() {
-        if let Some(s) = view.service(&id).map_err(internal)? {
-            return Ok(s);
-        }
-    }
-    if let Some(id) = view.service_id_by_name(key).map_err(internal)? {
-        if let Some(s) = view.service(&id).map_err(internal)? {
-            return Ok(s);
-        }
-    }
-    let mut m: Vec<_> =
-        view.services().map_err(internal)?.into_iter().filter(|s| s.id.as_str().starts_with(key)).collect();
-    match m.len() {
-        0 => Err(Status::not_found(format!("no such service: {key}"))),
-        1 => Ok(m.remove(0)),
-        n => Err(Status::invalid_argument(format!("{key:?} matches {n} services: give more of the ID"))),
-    }
+    crate::secret_store::resolve(
+        "service",
+        key,
+        |k| match k.parse::<ServiceId>() {
+            Ok(id) => view.service(&id),
+            Err(_) => Ok(None),
+        },
+        |k| match view.service_id_by_name(k)? {
+            Some(id) => view.service(&id),
+            None => Ok(None),
+        },
+        || view.services(),
+        |s| s.id.as_str(),
+    )
 }
 
 /// The wire form of a service.
