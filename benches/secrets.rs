@@ -9,6 +9,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod swarm_peer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +20,9 @@ use swarmd::secretctl::{connect, Host};
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::CreateSecretRequest;
 use tonic::transport::Channel;
+
+/// A peer's sequential latencies and its throughput per client count.
+type PeerResult = (Vec<Duration>, Vec<(usize, f64)>);
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -91,6 +95,28 @@ async fn main() {
         levels.push((clients, n as f64 / t.elapsed().as_secs_f64()));
     }
 
+    // The peer, in the same run (not in the smoke run under `cargo test`).
+    let mut peer: Option<PeerResult> = None;
+    if !smoke && std::env::var("PEERS").map_or(true, |v| v != "0") {
+        match swarm_peer::SwarmMode::enter() {
+            None => eprintln!("peer skipped: no Docker Engine that can enter swarm mode"),
+            Some(_swarm) => {
+                let run = async {
+                    let lat = swarm_peer::sequential(creates, bytes).await?;
+                    let mut levels = Vec::new();
+                    for c in [1usize, 16, 64] {
+                        levels.push((c, swarm_peer::throughput(c, seconds, bytes).await?));
+                    }
+                    Ok::<_, String>((lat, levels))
+                };
+                match run.await {
+                    Ok(p) => peer = Some(p),
+                    Err(e) => eprintln!("peer failed: {e}"),
+                }
+            }
+        }
+    }
+
     println!("secret create, 3 managers, {bytes}-byte values");
     println!(
         "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
@@ -101,6 +127,27 @@ async fn main() {
     );
     for (c, rate) in &levels {
         println!("{c:>3} clients  {rate:>8.0} creates/s");
+    }
+    if let Some((plat, plevels)) = &peer {
+        println!("peer: Docker Swarm (this engine, single manager, Engine API over its socket)");
+        println!(
+            "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms   swarmd/swarm p50 ratio {:.2}",
+            plat.len(),
+            ms(pct(plat, 0.5)),
+            ms(pct(plat, 0.99)),
+            ms(pct(&lat, 0.5)) / ms(pct(plat, 0.5))
+        );
+        for ((c, rate), (_, ours)) in plevels.iter().zip(&levels) {
+            println!("{c:>3} clients  {rate:>8.0} creates/s   swarmd/swarm {:.2}x", ours / rate);
+        }
+        println!(
+            "{{\"bench\":\"secret-create-peer\",\"peer\":\"docker-swarm\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
+            ms(pct(plat, 0.5)),
+            ms(pct(plat, 0.99)),
+            plevels[0].1,
+            plevels[1].1,
+            plevels[2].1
+        );
     }
     println!(
         "{{\"bench\":\"secret-create\",\"managers\":3,\"value_bytes\":{bytes},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
