@@ -14,7 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use swarmd_certs::{NodeId, SecretId, ServiceId, TaskId};
 
-use crate::state::{check_secret_name, encode, NodeRecord, StateError, StateView};
+use crate::state::{check_secret_name, encode, Command, NodeRecord, StateError, StateView};
 
 /// How a task sees one secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -424,6 +424,100 @@ pub fn tasks_by_service(tasks: Vec<TaskRecord>) -> BTreeMap<ServiceId, Vec<TaskR
         m.entry(t.service.clone()).or_default().push(t);
     }
     m
+}
+
+/// The service and task commands of [`crate::state::plan`].
+pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
+    let mut batch = sled::Batch::default();
+    match cmd {
+        Command::CreateService(rec) => {
+            if let Err(why) = check_service_name(&rec.name).and_then(|_| check_spec(&rec.spec)) {
+                return Ok(Err(why));
+            }
+            if let Some(other) = view.service_id_by_name(&rec.name)? {
+                return Ok(Err(format!("service name {:?} is already in use by service {other}", rec.name)));
+            }
+            if view.service(&rec.id)?.is_some() {
+                return Ok(Err(format!("service ID {} is already in use", rec.id)));
+            }
+            if let Err(why) = check_references(view, &rec.spec)? {
+                return Ok(Err(why));
+            }
+            batch.insert(service_key(&rec.id), encode(rec.as_ref()));
+            batch.insert(service_name_key(&rec.name), encode(&rec.id));
+        }
+        Command::UpdateService { id, spec, expected_version, at } => {
+            let Some(mut rec) = view.service(id)? else {
+                return Ok(Err(format!("service {id} does not exist")));
+            };
+            if rec.version != *expected_version {
+                return Ok(Err(format!("service {} was updated meanwhile; try again", rec.name)));
+            }
+            if let Err(why) = check_spec(spec) {
+                return Ok(Err(why));
+            }
+            if let Err(why) = check_references(view, spec)? {
+                return Ok(Err(why));
+            }
+            // A change of replicas alone keeps the running tasks.
+            let mut same_but_replicas = rec.spec.clone();
+            same_but_replicas.replicas = spec.replicas;
+            if same_but_replicas != **spec {
+                rec.version += 1;
+            }
+            rec.spec = (**spec).clone();
+            rec.updated_at = *at;
+            batch.insert(service_key(id), encode(&rec));
+        }
+        Command::RemoveService { id } => {
+            let Some(rec) = view.service(id)? else {
+                return Ok(Err(format!("service {id} does not exist")));
+            };
+            batch.remove(service_key(id));
+            batch.remove(service_name_key(&rec.name));
+            for mut t in view.tasks()?.into_iter().filter(|t| t.service == *id && t.desired_running) {
+                t.desired_running = false;
+                put_task(&mut batch, &t);
+            }
+        }
+        Command::Schedule { create, stop, delete } => {
+            for t in create {
+                if view.service(&t.service)?.is_none() || view.node(&t.node)?.is_none() || view.task(&t.id)?.is_some() {
+                    continue;
+                }
+                put_task(&mut batch, t);
+            }
+            for id in stop {
+                if let Some(mut t) = view.task(id)? {
+                    if t.desired_running {
+                        t.desired_running = false;
+                        put_task(&mut batch, &t);
+                    }
+                }
+            }
+            for id in delete {
+                if let Some(t) = view.task(id)? {
+                    if !t.desired_running {
+                        delete_task(&mut batch, &t);
+                    }
+                }
+            }
+        }
+        Command::TaskStatus { node, updates, at } => {
+            for u in updates {
+                let Some(mut t) = view.task(&u.task)? else { continue };
+                if t.node != *node || u.state < t.state || (u.state == t.state && u.message == t.message) {
+                    continue;
+                }
+                t.state = u.state;
+                t.message = u.message.chars().take(1024).collect();
+                t.updated_at = *at;
+                put_task(&mut batch, &t);
+            }
+        }
+        _ => unreachable!("not a service or task command"),
+    }
+    Ok(Ok(batch))
 }
 
 #[cfg(test)]
