@@ -9,6 +9,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod etcd_peer;
 mod swarm_peer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,6 +118,27 @@ async fn main() {
         }
     }
 
+    let mut etcd: Option<PeerResult> = None;
+    if !smoke && std::env::var("PEERS").map_or(true, |v| v != "0") {
+        match etcd_peer::Etcd::start().await {
+            None => eprintln!("etcd peer skipped: no etcd (Debian's etcd-server) or it did not start"),
+            Some(e) => {
+                let run = async {
+                    let lat = etcd_peer::sequential(&e, creates, bytes).await?;
+                    let mut levels = Vec::new();
+                    for c in [1usize, 16, 64] {
+                        levels.push((c, etcd_peer::throughput(&e, c, seconds, bytes).await?));
+                    }
+                    Ok::<_, String>((lat, levels))
+                };
+                match run.await {
+                    Ok(p) => etcd = Some(p),
+                    Err(x) => eprintln!("etcd peer failed: {x}"),
+                }
+            }
+        }
+    }
+
     println!("secret create, 3 managers, {bytes}-byte values");
     println!(
         "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
@@ -142,6 +164,27 @@ async fn main() {
         }
         println!(
             "{{\"bench\":\"secret-create-peer\",\"peer\":\"docker-swarm\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
+            ms(pct(plat, 0.5)),
+            ms(pct(plat, 0.99)),
+            plevels[0].1,
+            plevels[1].1,
+            plevels[2].1
+        );
+    }
+    if let Some((plat, plevels)) = &etcd {
+        println!("peer: etcd (3 members on 127.0.0.1, 64-byte puts over gRPC)");
+        println!(
+            "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms   swarmd/etcd p50 ratio {:.2}",
+            plat.len(),
+            ms(pct(plat, 0.5)),
+            ms(pct(plat, 0.99)),
+            ms(pct(&lat, 0.5)) / ms(pct(plat, 0.5))
+        );
+        for ((c, rate), (_, ours)) in plevels.iter().zip(&levels) {
+            println!("{c:>3} clients  {rate:>8.0} puts/s      swarmd/etcd {:.2}x", ours / rate);
+        }
+        println!(
+            "{{\"bench\":\"secret-create-peer\",\"peer\":\"etcd\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
             ms(pct(plat, 0.5)),
             ms(pct(plat, 0.99)),
             plevels[0].1,

@@ -29,3 +29,8 @@ pub mod raft {
 pub mod cluster {
     tonic::include_proto!("swarmd.cluster");
 }
+
+/// etcd v3's KV.Put, to measure etcd as a peer in the benchmarks (not used by swarmd itself).
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
