@@ -96,45 +96,32 @@ async fn main() {
         levels.push((clients, n as f64 / t.elapsed().as_secs_f64()));
     }
 
-    // The peer, in the same run (not in the smoke run under `cargo test`).
-    let mut peer: Option<PeerResult> = None;
-    if !smoke && std::env::var("PEERS").map_or(true, |v| v != "0") {
+    // The peers, in the same run (not in the smoke run under `cargo test`).
+    let peers_on = !smoke && std::env::var("PEERS").map_or(true, |v| v != "0");
+    let mut swarm: Option<PeerResult> = None;
+    let mut etcd: Option<PeerResult> = None;
+    if peers_on {
         match swarm_peer::SwarmMode::enter() {
-            None => eprintln!("peer skipped: no Docker Engine that can enter swarm mode"),
+            None => eprintln!("Swarm peer skipped: no Docker Engine that can enter swarm mode"),
             Some(_swarm) => {
-                let run = async {
-                    let lat = swarm_peer::sequential(creates, bytes).await?;
-                    let mut levels = Vec::new();
-                    for c in [1usize, 16, 64] {
-                        levels.push((c, swarm_peer::throughput(c, seconds, bytes).await?));
-                    }
-                    Ok::<_, String>((lat, levels))
-                };
-                match run.await {
-                    Ok(p) => peer = Some(p),
-                    Err(e) => eprintln!("peer failed: {e}"),
-                }
+                swarm = measure(
+                    "Swarm",
+                    |c| async move { swarm_peer::throughput(c, seconds, bytes).await },
+                    swarm_peer::sequential(creates, bytes),
+                )
+                .await
             }
         }
-    }
-
-    let mut etcd: Option<PeerResult> = None;
-    if !smoke && std::env::var("PEERS").map_or(true, |v| v != "0") {
         match etcd_peer::Etcd::start().await {
             None => eprintln!("etcd peer skipped: no etcd (Debian's etcd-server) or it did not start"),
             Some(e) => {
-                let run = async {
-                    let lat = etcd_peer::sequential(&e, creates, bytes).await?;
-                    let mut levels = Vec::new();
-                    for c in [1usize, 16, 64] {
-                        levels.push((c, etcd_peer::throughput(&e, c, seconds, bytes).await?));
-                    }
-                    Ok::<_, String>((lat, levels))
-                };
-                match run.await {
-                    Ok(p) => etcd = Some(p),
-                    Err(x) => eprintln!("etcd peer failed: {x}"),
-                }
+                let e = &e;
+                etcd = measure(
+                    "etcd",
+                    |c| async move { etcd_peer::throughput(e, c, seconds, bytes).await },
+                    etcd_peer::sequential(e, creates, bytes),
+                )
+                .await
             }
         }
     }
@@ -150,47 +137,17 @@ async fn main() {
     for (c, rate) in &levels {
         println!("{c:>3} clients  {rate:>8.0} creates/s");
     }
-    if let Some((plat, plevels)) = &peer {
-        println!("peer: Docker Swarm (this engine, single manager, Engine API over its socket)");
-        println!(
-            "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms   swarmd/swarm p50 ratio {:.2}",
-            plat.len(),
-            ms(pct(plat, 0.5)),
-            ms(pct(plat, 0.99)),
-            ms(pct(&lat, 0.5)) / ms(pct(plat, 0.5))
-        );
-        for ((c, rate), (_, ours)) in plevels.iter().zip(&levels) {
-            println!("{c:>3} clients  {rate:>8.0} creates/s   swarmd/swarm {:.2}x", ours / rate);
-        }
-        println!(
-            "{{\"bench\":\"secret-create-peer\",\"peer\":\"docker-swarm\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
-            ms(pct(plat, 0.5)),
-            ms(pct(plat, 0.99)),
-            plevels[0].1,
-            plevels[1].1,
-            plevels[2].1
+    if let Some(p) = &swarm {
+        report_peer(
+            "docker-swarm",
+            "Docker Swarm (this engine, single manager, Engine API over its socket)",
+            p,
+            &lat,
+            &levels,
         );
     }
-    if let Some((plat, plevels)) = &etcd {
-        println!("peer: etcd (3 members on 127.0.0.1, 64-byte puts over gRPC)");
-        println!(
-            "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms   swarmd/etcd p50 ratio {:.2}",
-            plat.len(),
-            ms(pct(plat, 0.5)),
-            ms(pct(plat, 0.99)),
-            ms(pct(&lat, 0.5)) / ms(pct(plat, 0.5))
-        );
-        for ((c, rate), (_, ours)) in plevels.iter().zip(&levels) {
-            println!("{c:>3} clients  {rate:>8.0} puts/s      swarmd/etcd {:.2}x", ours / rate);
-        }
-        println!(
-            "{{\"bench\":\"secret-create-peer\",\"peer\":\"etcd\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
-            ms(pct(plat, 0.5)),
-            ms(pct(plat, 0.99)),
-            plevels[0].1,
-            plevels[1].1,
-            plevels[2].1
-        );
+    if let Some(p) = &etcd {
+        report_peer("etcd", "etcd (3 members on 127.0.0.1, 64-byte puts over gRPC)", p, &lat, &levels);
     }
     println!(
         "{{\"bench\":\"secret-create\",\"managers\":3,\"value_bytes\":{bytes},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
@@ -199,5 +156,55 @@ async fn main() {
         levels[0].1,
         levels[1].1,
         levels[2].1
+    );
+}
+
+/// A peer's sequential run, then its throughput at 1, 16 and 64 clients; `None` (said why) on failure.
+async fn measure<F, Fut>(
+    name: &str,
+    throughput: F,
+    sequential: impl std::future::Future<Output = Result<Vec<Duration>, String>>,
+) -> Option<PeerResult>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<f64, String>>,
+{
+    let run = async {
+        let lat = sequential.await?;
+        let mut levels = Vec::new();
+        for c in [1usize, 16, 64] {
+            levels.push((c, throughput(c).await?));
+        }
+        Ok::<_, String>((lat, levels))
+    };
+    match run.await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("{name} peer failed: {e}");
+            None
+        }
+    }
+}
+
+/// Prints a peer's table rows, the ratios to ours, and its JSON line.
+fn report_peer(id: &str, what: &str, (plat, plevels): &PeerResult, lat: &[Duration], levels: &[(usize, f64)]) {
+    println!("peer: {what}");
+    println!(
+        "sequential  n={:<5} p50 {:.2} ms  p99 {:.2} ms   swarmd/{id} p50 ratio {:.2}",
+        plat.len(),
+        ms(pct(plat, 0.5)),
+        ms(pct(plat, 0.99)),
+        ms(pct(lat, 0.5)) / ms(pct(plat, 0.5))
+    );
+    for ((c, rate), (_, ours)) in plevels.iter().zip(levels) {
+        println!("{c:>3} clients  {rate:>8.0} per s   swarmd/{id} {:.2}x", ours / rate);
+    }
+    println!(
+        "{{\"bench\":\"secret-create-peer\",\"peer\":\"{id}\",\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"per_s_1\":{:.0},\"per_s_16\":{:.0},\"per_s_64\":{:.0}}}",
+        ms(pct(plat, 0.5)),
+        ms(pct(plat, 0.99)),
+        plevels[0].1,
+        plevels[1].1,
+        plevels[2].1
     );
 }

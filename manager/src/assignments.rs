@@ -203,6 +203,11 @@ impl TaskLogs {
         self.0.lock().expect("logs lock").get(task).map(|q| q.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// Whether no output is held.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().expect("logs lock").is_empty()
+    }
+
     /// Forgets tasks not in `keep`.
     pub fn retain(&self, keep: &BTreeSet<TaskId>) {
         self.0.lock().expect("logs lock").retain(|t, _| keep.contains(t));

@@ -294,8 +294,16 @@ impl control_server::Control for ControlService {
     async fn list_services(&self, req: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
         self.auth.require_admin(&req)?;
         let view = self.store.view();
-        let mut services: Vec<Service> =
-            view.services().map_err(internal)?.into_iter().map(|s| service_api::to_wire(view, s)).collect();
+        let running = service_api::running_counts(view);
+        let mut services: Vec<Service> = view
+            .services()
+            .map_err(internal)?
+            .into_iter()
+            .map(|s| {
+                let n = running.get(&s.id).copied().unwrap_or(0);
+                service_api::to_wire(s, n)
+            })
+            .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(ListServicesResponse { services }))
     }
@@ -304,7 +312,8 @@ impl control_server::Control for ControlService {
     async fn get_service(&self, req: Request<GetServiceRequest>) -> Result<Response<Service>, Status> {
         self.auth.require_admin(&req)?;
         let s = service_api::find(self.store.view(), &req.get_ref().name_or_id)?;
-        Ok(Response::new(service_api::to_wire(self.store.view(), s)))
+        let n = service_api::running_counts(self.store.view()).get(&s.id).copied().unwrap_or(0);
+        Ok(Response::new(service_api::to_wire(s, n)))
     }
 
     /// Administrator only. Its tasks are stopped.

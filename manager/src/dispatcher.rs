@@ -226,8 +226,10 @@ impl Dispatcher {
                 denied = now_denied;
             }
             // Output of tasks that no longer exist is forgotten.
-            if let Ok(tasks) = self.0.store.view().tasks() {
-                self.0.logs.retain(&tasks.into_iter().map(|t| t.id).collect());
+            if !self.0.logs.is_empty() {
+                if let Ok(tasks) = self.0.store.view().tasks() {
+                    self.0.logs.retain(&tasks.into_iter().map(|t| t.id).collect());
+                }
             }
             let now = self.managers();
             if now == last {

@@ -69,6 +69,14 @@ pub(crate) fn reconcile(
     now: Instant,
     now_unix: i64,
 ) -> Result<Option<Command>, StateError> {
+    // Every applied entry wakes the scheduler (secret writes too): with no
+    // services and no tasks there is nothing to read the nodes for.
+    let services = view.services()?;
+    let tasks = view.tasks()?;
+    if services.is_empty() && tasks.is_empty() {
+        down_since.clear();
+        return Ok(None);
+    }
     let heartbeat = view.cluster()?.map_or(5000, |c| c.heartbeat_ms);
     let grace = Duration::from_millis(heartbeat * 3);
     let nodes: HashMap<NodeId, NodeRecord> = view.nodes()?.into_iter().map(|n| (n.id.clone(), n)).collect();
@@ -87,8 +95,7 @@ pub(crate) fn reconcile(
         n.role == Role::Worker && n.status == NodeStatus::Ready && n.availability == Availability::Active
     };
 
-    let services = view.services()?;
-    let mut by_service = tasks_by_service(view.tasks()?);
+    let mut by_service = tasks_by_service(tasks);
     let mut load: HashMap<NodeId, usize> = HashMap::new();
     for t in by_service.values().flatten().filter(|t| t.desired_running) {
         *load.entry(t.node.clone()).or_default() += 1;
@@ -98,14 +105,11 @@ pub(crate) fn reconcile(
         let tasks = by_service.remove(&svc.id).unwrap_or_default();
         let mut live: Vec<&TaskRecord> = Vec::new();
         for t in tasks.iter().filter(|t| t.desired_running) {
+            // An ended task keeps its slot until the restart delay has passed.
             let ended_long_ago = t.state.is_terminal() && now_unix - t.updated_at >= RESTART_DELAY.as_secs() as i64;
-            let ended = t.state.is_terminal();
             if lost(&t.node) || ended_long_ago || t.spec_version != svc.version {
                 stop.push(t.id.clone());
                 *load.entry(t.node.clone()).or_default() -= 1;
-            } else if ended {
-                // Counted as its slot until it is replaced, after the delay.
-                live.push(t);
             } else {
                 live.push(t);
             }

@@ -154,14 +154,19 @@ pub(crate) fn find(view: &StateView, key: &str) -> Result<ServiceRecord, Status>
     )
 }
 
-/// The wire form of a service.
-pub(crate) fn to_wire(view: &StateView, s: ServiceRecord) -> Service {
-    let running = view
-        .tasks()
-        .unwrap_or_default()
-        .iter()
-        .filter(|t| t.service == s.id && t.desired_running && t.state == TaskState::Running)
-        .count() as u32;
+/// Tasks running per service, counted in one pass over the tasks.
+pub(crate) fn running_counts(view: &StateView) -> std::collections::HashMap<ServiceId, u32> {
+    let mut m = std::collections::HashMap::new();
+    for t in view.tasks().unwrap_or_default() {
+        if t.desired_running && t.state == TaskState::Running {
+            *m.entry(t.service).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// The wire form of a service with `running` tasks.
+pub(crate) fn to_wire(s: ServiceRecord, running: u32) -> Service {
     Service {
         id: s.id.to_string(),
         name: s.name,
@@ -205,7 +210,7 @@ pub(crate) async fn create(store: &Store, r: CreateServiceRequest) -> Result<Ser
     store.propose(Command::CreateService(Box::new(rec))).await?;
     tracing::info!(service.id = %id, service.name = %r.name, "service created");
     let s = store.view().service(&id).map_err(internal)?.ok_or_else(|| Status::not_found("service was removed"))?;
-    Ok(to_wire(store.view(), s))
+    Ok(to_wire(s, 0))
 }
 
 /// Adds or removes secret references, or changes the replica count.
@@ -237,7 +242,8 @@ pub(crate) async fn update(store: &Store, r: UpdateServiceRequest) -> Result<Ser
     store.propose(cmd).await?;
     tracing::info!(service.id = %cur.id, service.name = %cur.name, "service updated");
     let s = store.view().service(&cur.id).map_err(internal)?.ok_or_else(|| Status::not_found("service was removed"))?;
-    Ok(to_wire(store.view(), s))
+    let running = running_counts(store.view()).get(&s.id).copied().unwrap_or(0);
+    Ok(to_wire(s, running))
 }
 
 /// The service's tasks, newest first within each slot.
