@@ -169,3 +169,39 @@ fn a_tampered_ciphertext_fails_for_that_secret_only() {
     assert!(create(&m, "four", b"4", &[]).status.success());
     assert_eq!(m.ctl_ok(&["ls", "-q"]).lines().count(), 4);
 }
+
+/// Bad service specs are refused with a clear message and change nothing (no
+/// containers needed: they never get past the manager).
+#[test]
+fn bad_service_specs_are_refused_and_change_nothing() {
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &[]);
+    assert!(create(&m, "db_pass", b"x", &[]).status.success());
+    let before = digest(&m);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--image", "relative/dir"], "absolute path"),
+        (vec!["--image", "/img", "--constraint", "node.cpu==4"], "invalid constraint"),
+        (vec!["--image", "/img", "--secret", "nosuch"], "no such secret"),
+        (vec!["--image", "/img", "--secret", "db_pass@7"], "no version 7"),
+        (vec!["--image", "/img", "--secret", "db_pass,target=../etc/passwd"], "invalid secret target"),
+        (vec!["--image", "/img", "--secret", "db_pass,mode=999"], "octal mode"),
+        (vec!["--image", "/img", "--secret", "db_pass,colour=red"], "unknown option"),
+        (vec!["--image", "/img", "--user", "root"], "expected UID"),
+        (vec!["--image", "/img", "--env", "NOEQUALS"], "KEY=VALUE"),
+        (vec!["--image", "/img", "--memory", "1000"], "at least 4 MiB"),
+        (vec!["--image", "/img", "--privileged"], "not allowed"),
+        (vec!["--image", "/img", "--cap-add", "SYS_ADMIN"], "not allowed"),
+    ];
+    for (flags, why) in cases {
+        let mut args = vec!["service", "create", "svc"];
+        args.extend(&flags);
+        args.extend(["--", "true"]);
+        let o = m.ctl(&args);
+        assert!(!o.status.success(), "{flags:?} was accepted");
+        assert!(stderr(&o).contains(why), "{flags:?}: {}", stderr(&o));
+    }
+    let o = m.ctl(&["service", "create", "-bad", "--image", "/img", "--", "true"]);
+    assert!(!o.status.success());
+    assert_eq!(digest(&m), before, "a refused service changed the state");
+    assert!(m.ctl_ok(&["service", "ls", "-q"]).trim().is_empty());
+}

@@ -158,8 +158,12 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
             .unwrap()
             .into_inner();
         let mut carried = Vec::new();
+        let mut session_id = String::new();
         for _ in 0..2 {
             if let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                if !msg.session_id.is_empty() {
+                    session_id = msg.session_id.clone();
+                }
                 if let Some(a) = msg.assignments {
                     carried.extend(a.secrets.into_iter().map(|s| s.id));
                     assert!(a.tasks.is_empty(), "B was given tasks");
@@ -169,8 +173,29 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
         assert!(carried.is_empty(), "B's session carried secrets {carried:?}");
         let c = ControlClient::new(ch.clone()).list_secrets(ListSecretsRequest::default()).await;
         assert_eq!(c.unwrap_err().code(), tonic::Code::PermissionDenied);
-        let c = ControlClient::new(ch).get_secret(GetSecretRequest { name_or_id: secret_id.clone() }).await;
+        let c = ControlClient::new(ch.clone()).get_secret(GetSecretRequest { name_or_id: secret_id.clone() }).await;
         assert_eq!(c.unwrap_err().code(), tonic::Code::PermissionDenied);
+        // Nor can it report on, or read the output of, A's task.
+        use swarmd_proto::dispatcher::{PushLogsRequest, TaskStatus, UpdateTaskStatusRequest};
+        let a_task = first["id"].as_str().unwrap().to_owned();
+        let forged = UpdateTaskStatusRequest {
+            session_id: session_id.clone(),
+            updates: vec![TaskStatus { task_id: a_task.clone(), state: "failed".into(), message: "forged".into() }],
+        };
+        let _ = DispatcherClient::new(ch.clone()).update_task_status(forged).await;
+        let push = PushLogsRequest { session_id, task_id: a_task.clone(), lines: vec!["forged".into()] };
+        let c = DispatcherClient::new(ch).push_logs(push).await;
+        assert_eq!(c.unwrap_err().code(), tonic::Code::PermissionDenied);
+        let t = tasks(&m, "web").into_iter().find(|t| t["id"] == a_task.as_str()).unwrap();
+        assert_eq!(t["state"], "running", "B changed A's task: {t}");
+        assert!(!logs(&m, "web").contains("forged"));
+    }
+
+    // No disk of any node holds the value, nor any log (the task's output
+    // printed only its hash): data dirs of the manager and both workers.
+    for needle in [value.as_bytes().to_vec(), hex::encode(value.as_bytes()).into_bytes()] {
+        let hits = grep_dir(env.dir.path(), &needle);
+        assert!(hits.is_empty(), "the secret value is on disk: {hits:?}");
     }
 
     // The secret is in use: it cannot be removed.
