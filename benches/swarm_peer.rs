@@ -3,7 +3,8 @@
 //! Engine API on its unix socket, from an in-process client.
 //!
 //! The harness puts the engine in swarm mode only if it is not already, and
-//! then leaves swarm mode again (`docker swarm leave --force`) at the end.
+//! then leaves swarm mode again (`docker swarm leave --force`) at the end,
+//! removing the `docker_gwbridge` network swarm mode made.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,16 @@ impl Client {
 /// Swarm mode for the duration of the measurement.
 pub struct SwarmMode {
     joined_by_us: bool,
+    /// Swarm mode creates the `docker_gwbridge` network and leaving keeps it.
+    gwbridge_by_us: bool,
+}
+
+fn gwbridge_exists() -> bool {
+    std::process::Command::new("docker")
+        .args(["network", "inspect", "docker_gwbridge"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 impl SwarmMode {
@@ -64,14 +75,15 @@ impl SwarmMode {
             .filter(|o| o.status.success())?;
         let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
         if state == "active" {
-            return Some(Self { joined_by_us: false });
+            return Some(Self { joined_by_us: false, gwbridge_by_us: false });
         }
+        let gwbridge_by_us = !gwbridge_exists();
         let ok = std::process::Command::new("docker")
             .args(["swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
-        ok.then_some(Self { joined_by_us: true })
+        ok.then_some(Self { joined_by_us: true, gwbridge_by_us })
     }
 }
 
@@ -79,6 +91,9 @@ impl Drop for SwarmMode {
     fn drop(&mut self) {
         if self.joined_by_us {
             let _ = std::process::Command::new("docker").args(["swarm", "leave", "--force"]).output();
+        }
+        if self.gwbridge_by_us {
+            let _ = std::process::Command::new("docker").args(["network", "rm", "docker_gwbridge"]).output();
         }
     }
 }
