@@ -15,7 +15,7 @@ use rustls::ClientConfig;
 use swarmd_certs::dial::{lazy_channel, Remotes};
 use swarmd_proto::cluster::cluster_client::ClusterClient;
 use swarmd_proto::cluster::ProposeRequest;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -24,6 +24,12 @@ use crate::state::{Command, CommandResult, StateError, StateView};
 
 /// How long a write may take before it is reported as not committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Raft proposals in flight at once; further commands wait and go together.
+const PROPOSALS_IN_FLIGHT: usize = 4;
+/// At most this many commands share one raft entry...
+const BATCH_COMMANDS: usize = 512;
+/// ...and, after the first, at most this many encoded bytes.
+const BATCH_BYTES: u64 = 4 << 20;
 /// A leader that has not heard from a quorum for this long refuses writes.
 const QUORUM_STALE: Duration = Duration::from_millis(1500);
 
@@ -46,6 +52,19 @@ pub enum StoreError {
     /// Reading state failed.
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+impl StoreError {
+    /// The same error, for each of the commands that shared a failed proposal.
+    fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::NoQuorum(s) => StoreError::NoQuorum(s.clone()),
+            StoreError::Rejected(s) => StoreError::Rejected(s.clone()),
+            StoreError::Timeout(d) => StoreError::Timeout(*d),
+            StoreError::Raft(s) => StoreError::Raft(s.clone()),
+            StoreError::State(e) => StoreError::Raft(e.to_string()),
+        }
+    }
 }
 
 impl From<StoreError> for Status {
@@ -88,13 +107,90 @@ pub struct Store {
     view: StateView,
     applied: watch::Receiver<u64>,
     peers: Option<Peers>,
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+/// A command waiting for its turn in raft, and where its outcome goes.
+struct Proposal {
+    cmd: Command,
+    bytes: u64,
+    reply: oneshot::Sender<Result<(u64, CommandResult), StoreError>>,
+}
+
+/// Group commit: while [`PROPOSALS_IN_FLIGHT`] proposals are in raft, new
+/// commands queue; the next proposal carries every queued command as one
+/// [`Command::Batch`] entry. A lone command goes as itself, without waiting.
+async fn run_proposals(raft: Raft, mut rx: mpsc::UnboundedReceiver<Proposal>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < BATCH_COMMANDS && bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            submit(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn submit(raft: &Raft, mut batch: Vec<Proposal>) {
+    let (cmd, replies) = if batch.len() == 1 {
+        let p = batch.pop().expect("one proposal");
+        (p.cmd, vec![p.reply])
+    } else {
+        let (cmds, replies) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+        (Command::Batch(cmds), replies)
+    };
+    let outcome = match raft.client_write(cmd).await {
+        Ok(resp) => Ok((resp.log_id.index, resp.data)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(StoreError::NoQuorum(format!("{NOT_LEADER} {:?}", f.leader_id)))
+        }
+        Err(e) => Err(StoreError::Raft(e.to_string())),
+    };
+    match outcome {
+        Ok((index, CommandResult::Batch(results))) if results.len() == replies.len() => {
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok((index, r)));
+            }
+        }
+        Ok((index, r)) if replies.len() == 1 => {
+            let _ = replies.into_iter().next().expect("one reply").send(Ok((index, r)));
+        }
+        Ok((_, r)) => {
+            let why = format!("raft answered a batch of {} commands with {r:?}", replies.len());
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Raft(why.clone())));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+        }
+    }
 }
 
 impl Store {
     /// A store over a running raft node and its state machine's view; without
     /// `peers`, writes on a follower fail instead of being forwarded.
+    ///
+    /// Must be called inside a tokio runtime: it starts the task that groups
+    /// concurrent proposals into shared raft entries.
     pub fn new(raft: Raft, view: StateView, applied: watch::Receiver<u64>) -> Self {
-        Self { raft, view, applied, peers: None }
+        let (proposals, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_proposals(raft.clone(), rx));
+        Self { raft, view, applied, peers: None, proposals }
     }
 
     /// Forwards writes to the leader through `peers`.
@@ -178,16 +274,18 @@ impl Store {
                 m.millis_since_quorum_ack.unwrap_or(0)
             )));
         }
-        match tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(cmd)).await {
+        let (reply, outcome) = oneshot::channel();
+        let bytes = bincode::serialized_size(&cmd).unwrap_or(0);
+        if self.proposals.send(Proposal { cmd, bytes, reply }).is_err() {
+            return Err(StoreError::Raft("raft is shutting down".into()));
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, outcome).await {
             Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT)),
-            Ok(Ok(resp)) => match resp.data {
-                CommandResult::Ok => Ok(resp.log_id.index),
-                CommandResult::Rejected(why) => Err(StoreError::Rejected(why)),
-            },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(StoreError::NoQuorum(format!("{NOT_LEADER} {:?}", f.leader_id)))
-            }
-            Ok(Err(e)) => Err(StoreError::Raft(e.to_string())),
+            Ok(Err(_)) => Err(StoreError::Raft("raft is shutting down".into())),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok((index, CommandResult::Ok)))) => Ok(index),
+            Ok(Ok(Ok((_, CommandResult::Rejected(why))))) => Err(StoreError::Rejected(why)),
+            Ok(Ok(Ok((_, other)))) => Err(StoreError::Raft(format!("unexpected result {other:?}"))),
         }
     }
 }
@@ -205,6 +303,7 @@ async fn forward(peers: &Peers, addr: &str, cmd: &Command) -> Result<u64, StoreE
             match bincode::deserialize::<CommandResult>(&r.result) {
                 Ok(CommandResult::Ok) => Ok(r.log_index),
                 Ok(CommandResult::Rejected(why)) => Err(StoreError::Rejected(why)),
+                Ok(other) => Err(StoreError::Raft(format!("the leader answered a single command with {other:?}"))),
                 Err(e) => Err(StoreError::Raft(format!("leader sent an undecodable result: {e}"))),
             }
         }

@@ -54,12 +54,9 @@ fn node(id: &NodeId) -> NodeRecord {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn snapshots_compact_the_log_and_state_survives_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = RaftSettings { snapshot_every: 200, keep_behind_snapshot: 50, ..RaftSettings::default() };
+fn cluster_record() -> ClusterRecord {
     let k = SymmetricKey::generate();
-    let cluster = ClusterRecord {
+    ClusterRecord {
         id: ClusterId::random(),
         ca_cert_pem: "pem".into(),
         ca_key: k.seal("a", b"k"),
@@ -72,7 +69,14 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         data_key_check: None,
         retired_below: 0,
         unlock_key: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_compact_the_log_and_state_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = RaftSettings { snapshot_every: 200, keep_behind_snapshot: 50, ..RaftSettings::default() };
+    let cluster = cluster_record();
     let mgr = NodeId::random();
     let workers: Vec<NodeId> = (0..10).map(|_| NodeId::random()).collect();
     {
@@ -134,4 +138,85 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
     store.propose(Command::AddNode(node(&NodeId::random()))).await.unwrap();
     assert_eq!(view.nodes().unwrap().len(), 12);
     r.shutdown().await.unwrap();
+}
+
+/// Concurrent proposals share raft entries (group commit), yet each gets its
+/// own result, and a later command of a batch sees the earlier ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_proposals_share_entries_and_keep_their_own_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = raft::open_storage(dir.path()).unwrap();
+    let view = storage.sm.view();
+    let applied = storage.sm.applied_watch();
+    let r = raft::start(1, &RaftSettings::default(), storage, network()).await.unwrap();
+    r.initialize(BTreeMap::from([(1, BasicNode { addr: "127.0.0.1:1".into() })])).await.unwrap();
+    r.wait(Some(Duration::from_secs(10))).metrics(|m| m.current_leader == Some(1), "leader").await.unwrap();
+    let store = Store::new(r.clone(), view.clone(), applied.clone());
+    let mut m = node(&NodeId::random());
+    m.role = Role::Manager;
+    store.propose(Command::InitCluster { cluster: Box::new(cluster_record()), manager: m }).await.unwrap();
+    let before = r.metrics().borrow().last_log_index.unwrap();
+
+    // 400 proposals at once; node 0 is proposed twice.
+    let ids: Vec<NodeId> = (0..399).map(|_| NodeId::random()).collect();
+    let mut all: Vec<NodeId> = ids.clone();
+    all.push(ids[0].clone());
+    let calls = all.into_iter().map(|id| {
+        let store = store.clone();
+        tokio::spawn(async move { store.propose(Command::AddNode(node(&id))).await })
+    });
+    let results: Vec<_> = futures::future::join_all(calls).await.into_iter().map(|r| r.unwrap()).collect();
+    let refused: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+    assert_eq!(refused.len(), 1, "exactly the duplicate is refused: {refused:?}");
+    assert!(refused[0].contains("already exists"), "{}", refused[0]);
+    assert_eq!(view.nodes().unwrap().len(), 400, "the manager and 399 workers");
+    let entries = r.metrics().borrow().last_log_index.unwrap() - before;
+    assert!(entries < 400, "400 concurrent proposals took {entries} raft entries: no group commit");
+    r.shutdown().await.unwrap();
+}
+
+/// A batch entry interrupted by a crash is applied again from the command
+/// where it stopped: the ones already applied are not applied twice.
+#[tokio::test]
+async fn an_interrupted_batch_entry_resumes_where_it_stopped() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use swarmd_manager::state::CommandResult;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = raft::open_storage(dir.path()).unwrap();
+    let entry = |index: u64, cmd: Command| Entry::<TypeConfig> {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(cmd),
+    };
+    let mut m = node(&NodeId::random());
+    m.role = Role::Manager;
+    let init = Command::InitCluster { cluster: Box::new(cluster_record()), manager: m };
+    let (a, b, c) = (NodeId::random(), NodeId::random(), NodeId::random());
+    let batch = Command::Batch(vec![
+        Command::AddNode(node(&a)),
+        Command::AddNode(node(&a)),
+        Command::Batch(vec![]),
+        Command::AddNode(node(&b)),
+    ]);
+    let out = s.sm.apply(vec![entry(1, init), entry(2, batch)]).await.unwrap();
+    let CommandResult::Batch(results) = &out[1] else { panic!("{out:?}") };
+    assert_eq!(results[0], CommandResult::Ok);
+    assert!(matches!(&results[1], CommandResult::Rejected(w) if w.contains("already exists")), "{results:?}");
+    assert!(matches!(&results[2], CommandResult::Rejected(w) if w.contains("nested")), "{results:?}");
+    assert_eq!(results[3], CommandResult::Ok);
+
+    // As if a crash came after the first command of entry 3 was applied: that
+    // command (adding `c`) must not run again, the second must.
+    let d = NodeId::random();
+    let mut removed = node(&c);
+    removed.hostname = "applied before the crash".into();
+    s.db.open_tree("sm").unwrap().insert(b"meta/batch_progress", bincode::serialize(&(3u64, 1usize)).unwrap()).unwrap();
+    let batch = Command::Batch(vec![Command::AddNode(removed), Command::AddNode(node(&d))]);
+    s.sm.apply(vec![entry(3, batch)]).await.unwrap();
+    let view = s.sm.view();
+    assert!(view.node(&c).unwrap().is_none(), "a command applied before the crash was applied again");
+    assert!(view.node(&d).unwrap().is_some());
+    assert!(s.db.open_tree("sm").unwrap().get(b"meta/batch_progress").unwrap().is_none());
+    let (last, _) = s.sm.applied_state().await.unwrap();
+    assert_eq!(last.unwrap().index, 3);
 }

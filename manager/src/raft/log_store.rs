@@ -1,5 +1,10 @@
 //! The raft log on sled: entries keyed by big-endian index in the `log` tree;
 //! vote, committed and purged markers in `raft_meta`.
+//!
+//! Group commit: `append` writes the entries to sled's memory and returns at
+//! once; a flusher thread fsyncs and only then tells openraft the entries are
+//! durable. The leader therefore sends entries to its followers while its own
+//! fsync runs, and every append that arrives during one fsync shares the next.
 
 // openraft's storage traits fix `StorageError` (224 bytes) as their error type.
 #![allow(clippy::result_large_err)]
@@ -17,12 +22,26 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
-/// The sled-backed raft log. Cloning shares the same trees.
+/// The sled-backed raft log. Cloning shares the same trees and flusher.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Fsyncs `db` for every batch of waiting appends, then acknowledges them in
+/// order. Ends when the last [`LogStore`] clone is dropped.
+fn run_flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(rx.try_iter());
+        let res = db.flush().map(|_| ());
+        for cb in waiting {
+            cb.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        }
+    }
 }
 
 fn idx(i: u64) -> [u8; 8] {
@@ -39,7 +58,13 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 impl LogStore {
     pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("raft_meta")? })
+        let (flusher, rx) = std::sync::mpsc::channel();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || run_flusher(flush_db, rx))
+            .map_err(sled::Error::Io)?;
+        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("raft_meta")?, flusher })
     }
 
     fn meta_get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
@@ -149,9 +174,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&idx(e.get_log_id().index), encode(&e));
         }
         self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-        // Acknowledge only once durable.
-        let res = self.flush().await.map_err(std::io::Error::other);
-        callback.log_io_completed(res);
+        // Acknowledged only once durable, by the flusher (group commit).
+        if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("the raft log flusher has stopped")));
+        }
         Ok(())
     }
 

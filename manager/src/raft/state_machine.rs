@@ -16,9 +16,11 @@ use openraft::{
 use tokio::sync::{watch, Mutex};
 
 use super::TypeConfig;
-use crate::state::{encode, plan, CommandResult, StateView};
+use crate::state::{encode, plan, Command, CommandResult, StateView};
 
 const LAST_APPLIED: &[u8] = b"meta/last_applied";
+/// While a batch entry is being applied: `(log index, commands applied)`.
+const BATCH_PROGRESS: &[u8] = b"meta/batch_progress";
 const MEMBERSHIP: &[u8] = b"meta/membership";
 const META_PREFIX: &[u8] = b"meta/";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -71,6 +73,43 @@ impl StateMachine {
     /// Follows the index of the last applied entry (to react to changes).
     pub fn applied_watch(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+}
+
+impl StateMachine {
+    /// Applies a batch entry's commands in order, each in its own sled batch so
+    /// that the next one is planned against it. Each sled batch also records how
+    /// many commands of the entry are applied: after a crash in the middle, the
+    /// entry is applied again from where it stopped, not from its start. The
+    /// last one moves `last_applied` and clears that mark.
+    fn apply_batch_entry(
+        &self,
+        view: &StateView,
+        log_id: LogId<u64>,
+        cmds: &[Command],
+    ) -> Result<CommandResult, StorageError<u64>> {
+        let done = match self.sm.get(BATCH_PROGRESS).map_err(io_read)? {
+            Some(v) => match bincode::deserialize::<(u64, usize)>(&v).map_err(io_read)? {
+                (index, n) if index == log_id.index => n,
+                _ => 0,
+            },
+            None => 0,
+        };
+        let mut results = vec![CommandResult::Ok; done.min(cmds.len())];
+        for (i, cmd) in cmds.iter().enumerate().skip(done) {
+            let (mut batch, result) = match plan(view, cmd).map_err(io_read)? {
+                Ok(batch) => (batch, CommandResult::Ok),
+                Err(why) => (sled::Batch::default(), CommandResult::Rejected(why)),
+            };
+            batch.insert(BATCH_PROGRESS, encode(&(log_id.index, i + 1)));
+            self.sm.apply_batch(batch).map_err(io_write)?;
+            results.push(result);
+        }
+        let mut end = sled::Batch::default();
+        end.remove(BATCH_PROGRESS);
+        end.insert(LAST_APPLIED, encode(&Some(log_id)));
+        self.sm.apply_batch(end).map_err(io_write)?;
+        Ok(CommandResult::Batch(results))
     }
 }
 
@@ -221,6 +260,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let log_id = entry.log_id;
             last = log_id.index;
+            if let EntryPayload::Normal(Command::Batch(cmds)) = &entry.payload {
+                out.push(self.apply_batch_entry(&view, log_id, cmds)?);
+                continue;
+            }
             let (mut batch, result) = match &entry.payload {
                 EntryPayload::Blank => (sled::Batch::default(), CommandResult::Ok),
                 EntryPayload::Normal(cmd) => match plan(&view, cmd).map_err(io_read)? {

@@ -228,6 +228,9 @@ pub enum Command {
     Schedule { create: Vec<crate::services::TaskRecord>, stop: Vec<TaskId>, delete: Vec<TaskId> },
     /// Task states reported by the node running them.
     TaskStatus { node: NodeId, updates: Vec<crate::services::TaskUpdate>, at: i64 },
+    /// Commands proposed concurrently, applied in order as one entry (group
+    /// commit); each has its own result. Never nested.
+    Batch(Vec<Command>),
 }
 
 /// Which sealed field of the cluster record.
@@ -274,6 +277,8 @@ pub enum CommandResult {
     Ok,
     /// Refused; nothing changed. The text says why.
     Rejected(String),
+    /// The results of a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResult>),
 }
 
 pub(crate) const CLUSTER_KEY: &[u8] = b"cluster";
@@ -612,6 +617,9 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch
         | Command::RemoveService { .. }
         | Command::Schedule { .. }
         | Command::TaskStatus { .. }) => return crate::services::plan(view, c),
+        // The state machine applies a batch's commands one by one (see
+        // `raft::state_machine`); only a nested batch reaches this point.
+        Command::Batch(_) => return Ok(Err("a batch of commands cannot be nested".into())),
         Command::SetAutolock { unlock_key } => {
             let Some(mut cluster) = view.cluster()? else {
                 return Ok(Err("cluster is not initialised".into()));
