@@ -1,29 +1,31 @@
-//! Benchmark: `secretctl update` → the new content visible inside a running
-//! container (one manager, one worker, real runc). The task's secret file is
-//! watched through its tmpfs, which the container has bind-mounted: what is
-//! there is what the workload reads. Prints p50/p99 and one JSON line.
+//! Benchmark `delivery`: `secretctl update` → the new content visible inside a
+//! running container (one manager, one worker, real runc). The task's secret
+//! file is watched through its tmpfs, which the container has bind-mounted:
+//! what is there is what the workload reads. The peer in the same run is
+//! Docker Swarm's only way to change a running service's secret, `docker
+//! service update --secret-rm/--secret-add`, timed until the new task has read
+//! the new value, with `--update-order start-first` (its best) and the default.
+//! Prints p50/p99 and one JSON line.
 //!
 //! Run: `cargo bench --bench delivery` as root with runc and busybox
-//! (env: UPDATES=100).
+//! (env: UPDATES=100, SWARM_TRIALS=10, PEERS=0 to skip Swarm).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod stats;
+mod swarm_peer;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
+use stats::*;
 
 fn main() {
     if !can_run_containers("bench delivery") {
         return;
     }
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let updates: usize =
-        std::env::var("UPDATES").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke { 3 } else { 100 });
+    let updates = env_or("UPDATES", if smoke() { 3 } else { 100 });
+    let swarm_trials = env_or("SWARM_TRIALS", 10);
     let mut env = Env::new();
     let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
@@ -66,16 +68,52 @@ fn main() {
         lat.push(t.elapsed());
     }
     lat.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    drop(env);
+
+    // The peer: Docker Swarm, best case and default.
+    let mut swarm = Vec::new();
+    if peers_on() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let rootfs = busybox_rootfs(rootfs.path());
+        for start_first in [true, false] {
+            match swarm_peer::delivery(&rootfs, swarm_trials, start_first) {
+                Ok(l) => swarm.push((start_first, l)),
+                Err(e) => eprintln!("Swarm delivery peer failed: {e}"),
+            }
+        }
+    }
+
     println!("delivery: secretctl update → new content in the running container (n={})", lat.len());
     println!(
-        "p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        "swarmd                                 p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms",
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
         ms(*lat.last().unwrap())
     );
+    let mut peers = Vec::new();
+    for (start_first, l) in &swarm {
+        let order = if *start_first { "start-first" } else { "stop-first" };
+        println!(
+            "peer: Swarm service update, {order:<11} p50 {:>8.1} ms  p99 {:>8.1} ms  (n={})   Swarm/swarmd p50 {:.0}x",
+            ms(pct(l, 0.5)),
+            ms(pct(l, 0.99)),
+            l.len(),
+            ms(pct(l, 0.5)) / ms(pct(&lat, 0.5))
+        );
+        peers.push(format!(
+            "\"peer_swarm_{}\":{{\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"n\":{}}}",
+            order.replace('-', "_"),
+            ms(pct(l, 0.5)),
+            ms(pct(l, 0.99)),
+            l.len()
+        ));
+    }
+    if swarm.is_empty() {
+        println!("peer: Docker Swarm not measured in this run");
+    }
+    let peers = if peers.is_empty() { String::new() } else { format!(",{}", peers.join(",")) };
     println!(
-        "{{\"bench\":\"delivery\",\"n\":{},\"p50_ms\":{:.2},\"p99_ms\":{:.2}}}",
+        "{{\"bench\":\"delivery\",\"n\":{},\"p50_ms\":{:.2},\"p99_ms\":{:.2}{peers}}}",
         lat.len(),
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99))

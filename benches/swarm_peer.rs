@@ -6,6 +6,8 @@
 //! then leaves swarm mode again (`docker swarm leave --force`) at the end,
 //! removing the `docker_gwbridge` network swarm mode made.
 
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -134,4 +136,167 @@ pub async fn throughput(clients: usize, secs: u64, bytes: usize) -> Result<f64, 
         total += task.await.map_err(|e| e.to_string())??;
     }
     Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// dockerd's resident memory in swarm mode with no nodes but itself, a few
+/// seconds after entering it; `None` without an engine.
+pub fn idle_rss() -> Option<u64> {
+    let _swarm = SwarmMode::enter()?;
+    std::thread::sleep(Duration::from_secs(5));
+    let pid = std::process::Command::new("pidof").arg("dockerd").output().ok()?;
+    let pid: u32 = String::from_utf8_lossy(&pid.stdout).split_whitespace().next()?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let o = std::process::Command::new("docker").args(args).output().map_err(|e| format!("docker: {e}"))?;
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    } else {
+        Err(format!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()))
+    }
+}
+
+fn docker_secret(name: &str, value: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("docker")
+        .args(["secret", "create", name, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("docker: {e}"))?;
+    child.stdin.take().expect("stdin").write_all(value.as_bytes()).map_err(|e| e.to_string())?;
+    let ok = child.wait().map_err(|e| e.to_string())?.success();
+    ok.then_some(()).ok_or_else(|| format!("docker secret create {name} failed"))
+}
+
+/// What the Swarm delivery peer made, removed on drop.
+struct DeliveryRig {
+    service: String,
+    secrets: Vec<String>,
+    image: Option<String>,
+    out: tempfile::TempDir,
+}
+
+impl Drop for DeliveryRig {
+    fn drop(&mut self) {
+        let _ = docker(&["service", "rm", &self.service]);
+        // Task containers go away a moment after the service.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && docker(&["ps", "-aq", "--filter", &format!("label=com.docker.swarm.service.name={}", self.service)])
+                .is_ok_and(|s| !s.is_empty())
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for s in &self.secrets {
+            let _ = docker(&["secret", "rm", s]);
+        }
+        if let Some(img) = &self.image {
+            let _ = docker(&["image", "rm", img]);
+        }
+    }
+}
+
+/// Swarm's way to change a secret under a running service: a new secret, then
+/// `docker service update --secret-rm OLD --secret-add NEW` (a new task).
+/// Measures, `trials` times, from the start of that update until the new
+/// task's container has read the new value (it copies it to a bind-mounted
+/// directory as it starts). The workload exits promptly on SIGTERM, Swarm's
+/// best case. `rootfs` is a busybox root file system made into a local image.
+pub fn delivery(rootfs: &std::path::Path, trials: usize, start_first: bool) -> Result<Vec<Duration>, String> {
+    let _swarm = SwarmMode::enter().ok_or("no Docker Engine that can enter swarm mode")?;
+    let tag = std::process::id();
+    let image = format!("swarmd-bench-busybox:{tag}");
+    let import = format!("tar -C {} -c . | docker import - {image}", rootfs.display());
+    let ok = std::process::Command::new("sh").args(["-c", &import]).output().map_err(|e| e.to_string())?;
+    if !ok.status.success() {
+        return Err(format!("docker import: {}", String::from_utf8_lossy(&ok.stderr)));
+    }
+    let mut rig = DeliveryRig {
+        service: format!("swarmd-bench-delivery-{tag}"),
+        secrets: Vec::new(),
+        image: Some(image.clone()),
+        out: tempfile::tempdir().map_err(|e| e.to_string())?,
+    };
+    let first = format!("swarmd-bench-{tag}-0");
+    docker_secret(&first, "v0")?;
+    rig.secrets.push(first.clone());
+    let order = if start_first { "start-first" } else { "stop-first" };
+    let mount = format!("type=bind,src={},dst=/out", rig.out.path().display());
+    docker(&[
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        &rig.service,
+        "--update-order",
+        order,
+        "--secret",
+        &format!("source={first},target=db_pass"),
+        "--mount",
+        &mount,
+        &image,
+        "sh",
+        "-c",
+        "cat /run/secrets/db_pass > /out/$(hostname); trap 'exit 0' TERM; while true; do sleep 1 & wait $!; done",
+    ])?;
+    let seen = |value: &str| {
+        std::fs::read_dir(rig.out.path())
+            .map(|d| d.flatten().any(|f| std::fs::read(f.path()).is_ok_and(|c| c.trim_ascii_end() == value.as_bytes())))
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen("v0") {
+        if Instant::now() > deadline {
+            return Err("the Swarm service's first task never started".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut lat = Vec::with_capacity(trials);
+    for i in 1..=trials {
+        let (old, new, value) =
+            (rig.secrets.last().cloned().expect("a secret"), format!("swarmd-bench-{tag}-{i}"), format!("v{i}"));
+        docker_secret(&new, &value)?;
+        rig.secrets.push(new.clone());
+        let t = Instant::now();
+        docker(&[
+            "service",
+            "update",
+            "--detach",
+            "--no-resolve-image",
+            "--secret-rm",
+            &old,
+            "--secret-add",
+            &format!("source={new},target=db_pass"),
+            &rig.service,
+        ])?;
+        while !seen(&value) {
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!("update {i} never reached a task"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lat.push(t.elapsed());
+        // Let the update finish (the old task stopping) before the next one.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while docker(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+            &rig.service,
+        ])
+        .is_ok_and(|s| s == "updating")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    lat.sort();
+    Ok(lat)
 }

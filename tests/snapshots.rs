@@ -35,37 +35,51 @@ async fn a_late_manager_catches_up_through_a_snapshot() {
     let _turn = HEAVY.lock().await;
     swarmd_certs::install_crypto_provider();
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &[]);
+    // A snapshot every 1,000 entries (the default is 10,000; concurrent writes
+    // share entries, so entries are what counts here, not writes).
+    let m1 = env.start_manager("m1", &["--snapshot-interval", "1000"]);
     let me = m1.node_id();
     let channel = connect(&Host::Unix(m1.socket())).await.unwrap();
 
-    // 20,500 committed entries from 64 concurrent clients.
-    const WRITES: usize = 20_500;
+    // 64 concurrent clients write until the log holds more than 2,050 entries.
+    const ENTRIES: u64 = 2_050;
     const CLIENTS: usize = 64;
     let started = std::time::Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
         let mut client = ControlClient::new(channel.clone());
-        let me = me.clone();
+        let (me, stop) = (me.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            for i in (c..WRITES).step_by(CLIENTS) {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let req = UpdateNodeRequest {
                     id_or_prefix: me.clone(),
                     labels_add: [(format!("c{c}"), i.to_string())].into(),
                     ..Default::default()
                 };
                 client.update_node(req).await.unwrap();
+                i += 1;
             }
+            i
         }));
     }
+    let m1_ref = &m1;
+    tokio::task::block_in_place(|| {
+        wait_for("the log to pass 2,050 entries", DEADLINE, || {
+            (info(m1_ref)?["last_log_index"].as_u64()? > ENTRIES).then_some(())
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut writes = 0;
     for t in tasks {
-        t.await.unwrap();
+        writes += t.await.unwrap();
     }
-    eprintln!("{WRITES} writes from {CLIENTS} clients in {:?}", started.elapsed());
-    // Snapshots come every 10,000 entries: one at or past 10,000 means the log
-    // behind it is gone, so the joiner can only catch up through a snapshot.
-    let i1 = wait_snapshot_covering(&m1, 10_000);
-    assert!(i1["last_log_index"].as_u64().unwrap() > 20_000);
+    eprintln!("{writes} writes from {CLIENTS} clients in {:?}", started.elapsed());
+    // One snapshot at or past 1,000 means the log behind it is gone, so the
+    // joiner can only catch up through a snapshot.
+    let i1 = wait_snapshot_covering(&m1, 1_000);
+    assert!(i1["last_log_index"].as_u64().unwrap() > ENTRIES);
 
     let m2 = env.join_manager("m2", &m1.token("manager"), &m1);
     let target = info(&m1).unwrap();

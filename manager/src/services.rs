@@ -389,13 +389,13 @@ impl StateView {
 }
 
 /// Writes a task and its node index entry.
-pub(crate) fn put_task(batch: &mut sled::Batch, t: &TaskRecord) {
+pub(crate) fn put_task(batch: &mut crate::state::WriteBatch, t: &TaskRecord) {
     batch.insert(task_key(&t.id), encode(t));
     batch.insert(node_task_key(&t.node, &t.id), Vec::<u8>::new());
 }
 
 /// Deletes a task and its node index entry.
-pub(crate) fn delete_task(batch: &mut sled::Batch, t: &TaskRecord) {
+pub(crate) fn delete_task(batch: &mut crate::state::WriteBatch, t: &TaskRecord) {
     batch.remove(task_key(&t.id));
     batch.remove(node_task_key(&t.node, &t.id));
 }
@@ -427,8 +427,8 @@ pub fn tasks_by_service(tasks: Vec<TaskRecord>) -> BTreeMap<ServiceId, Vec<TaskR
 }
 
 /// The service and task commands of [`crate::state::plan`].
-pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
-    let mut batch = sled::Batch::default();
+pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<crate::state::WriteBatch, String>, StateError> {
+    let mut batch = crate::state::WriteBatch::default();
     match cmd {
         Command::CreateService(rec) => {
             if let Err(why) = check_service_name(&rec.name).and_then(|_| check_spec(&rec.spec)) {

@@ -1,51 +1,59 @@
-//! The raft log on sled: entries keyed by big-endian index in the `log` tree;
-//! vote, committed and purged markers in `raft_meta`.
+//! The raft log: entries in the log's own segment files (see `wal`); vote,
+//! committed and purged markers in sled's `raft_meta` tree.
 //!
-//! Group commit: `append` writes the entries to sled's memory and returns at
-//! once; a flusher thread fsyncs and only then tells openraft the entries are
-//! durable. The leader therefore sends entries to its followers while its own
-//! fsync runs, and every append that arrives during one fsync shares the next.
+//! Group commit: `append` writes the entries and returns at once; a flusher
+//! thread `fdatasync`s the log file and only then tells openraft the entries
+//! are durable. The leader therefore sends entries to its followers while its
+//! own sync runs, and every append that arrives during one sync shares the next.
+//!
+//! The state machine, in sled, is not synced per entry: after a crash it may be
+//! behind the log, and openraft applies the difference again from the log. The
+//! log is never purged past what sled holds durably (`purge` flushes sled first).
 
 // openraft's storage traits fix `StorageError` (224 bytes) as their error type.
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageError, StorageIOError, Vote};
+use openraft::{Entry, LogId, OptionalSend, StorageError, StorageIOError, Vote};
 use serde::{de::DeserializeOwned, Serialize};
 
+use super::wal::Wal;
 use super::TypeConfig;
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
-/// The sled-backed raft log. Cloning shares the same trees and flusher.
+/// The raft log. Cloning shares the same files, trees and flusher.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
-    log: sled::Tree,
     meta: sled::Tree,
+    wal: Arc<Mutex<Wal>>,
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
-/// Fsyncs `db` for every batch of waiting appends, then acknowledges them in
+/// Syncs the log for every batch of waiting appends, then acknowledges them in
 /// order. Ends when the last [`LogStore`] clone is dropped.
-fn run_flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn run_flusher(wal: Arc<Mutex<Wal>>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
-        let res = db.flush().map(|_| ());
+        let file = wal.lock().expect("raft log lock").sync_handle();
+        let res = file.map_or(Ok(()), |f| f.sync_data());
         for cb in waiting {
-            cb.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+            cb.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::new(e.kind(), e.to_string())));
         }
     }
 }
 
-fn idx(i: u64) -> [u8; 8] {
-    i.to_be_bytes()
+fn log_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write_logs(&e).into()
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error> {
@@ -57,14 +65,27 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl LogStore {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens the log in `dir/wal` and its markers in `db`.
+    pub(super) fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
+        let meta = db.open_tree("raft_meta")?;
+        let mut wal = Wal::open(&dir.join("wal")).map_err(sled::Error::Io)?;
+        // A crash between recording a purge and deleting its files leaves them.
+        if let Some(v) = meta.get(PURGED)? {
+            let purged: LogId<u64> = decode(&v).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
+            wal.purge(purged.index).map_err(sled::Error::Io)?;
+        }
+        let wal = Arc::new(Mutex::new(wal));
         let (flusher, rx) = std::sync::mpsc::channel();
-        let flush_db = db.clone();
+        let flush_wal = wal.clone();
         std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || run_flusher(flush_db, rx))
+            .spawn(move || run_flusher(flush_wal, rx))
             .map_err(sled::Error::Io)?;
-        Ok(Self { db: db.clone(), log: db.open_tree("log")?, meta: db.open_tree("raft_meta")?, flusher })
+        Ok(Self { db: db.clone(), meta, wal, flusher })
+    }
+
+    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        self.wal.lock().expect("raft log lock")
     }
 
     fn meta_get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<u64>> {
@@ -92,7 +113,11 @@ impl LogStore {
             log_id: LogId::new(openraft::CommittedLeaderId::new(term, me), index),
             payload: openraft::EntryPayload::Membership(membership),
         };
-        self.log.insert(idx(index), encode(&entry)).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        {
+            let mut wal = self.wal();
+            wal.append([entry]).map_err(log_err)?;
+            wal.sync_handle().map_or(Ok(()), |f| f.sync_data()).map_err(log_err)?;
+        }
         self.save_vote(&Vote::new(term, me)).await?;
         Ok(term)
     }
@@ -102,26 +127,13 @@ impl LogStore {
     }
 }
 
-fn to_bounds<RB: RangeBounds<u64>>(r: &RB) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
-    let map = |b: Bound<&u64>| match b {
-        Bound::Included(i) => Bound::Included(idx(*i)),
-        Bound::Excluded(i) => Bound::Excluded(idx(*i)),
-        Bound::Unbounded => Bound::Unbounded,
-    };
-    (map(r.start_bound()), map(r.end_bound()))
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
-        let mut out = Vec::new();
-        for kv in self.log.range(to_bounds(&range)) {
-            let (_, v) = kv.map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
-            out.push(decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?);
-        }
-        Ok(out)
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.wal().read(bounds).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))
     }
 }
 
@@ -130,13 +142,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
         let purged: Option<LogId<u64>> = self.meta_get(PURGED)?;
-        let last = match self.log.last().map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))? {
-            Some((_, v)) => {
-                let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageError::from(StorageIOError::read_logs(&e)))?;
-                Some(*e.get_log_id())
-            }
-            None => purged,
-        };
+        let last = self.wal().last().or(purged);
         Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }
 
@@ -169,11 +175,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        for e in entries {
-            batch.insert(&idx(e.get_log_id().index), encode(&e));
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
+        self.wal().append(entries).map_err(log_err)?;
         // Acknowledged only once durable, by the flusher (group commit).
         if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
             callback.log_io_completed(Err(std::io::Error::other("the raft log flusher has stopped")));
@@ -182,23 +184,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(idx(log_id.index)..) {
-            let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-        self.flush().await.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))
+        self.wal().truncate(log_id.index).map_err(log_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        // The state machine up to the purged entries must be on disk before they
+        // go: one flush makes it and the purge marker durable together.
         self.meta.insert(PURGED, encode(&log_id)).map_err(|e| StorageError::from(StorageIOError::write(&e)))?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=idx(log_id.index)) {
-            let (k, _) = kv.map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-            batch.remove(k);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageError::from(StorageIOError::write_logs(&e)))?;
-        Ok(())
+        self.flush().await.map_err(log_err)?;
+        self.wal().purge(log_id.index).map_err(log_err)
     }
 }

@@ -1,17 +1,20 @@
 //! Raft: openraft 0.9 with its v2 storage traits implemented over sled.
 //!
-//! One sled database under `raft/` holds the log (`log` tree), raft's vote and
-//! commit markers (`raft_meta`) and the state machine (`sm`); the last snapshot
-//! is the file `raft/snapshot.bin`. Durability: an append or a vote is acknowledged to openraft only
-//! after `sled::Db::flush_async` returns, i.e. after the data is fsynced; since
-//! the state machine lives in the same database, that flush also persists every
-//! apply that happened before it. Concurrent proposals that openraft batches into
-//! one append share one flush.
+//! Under `raft/`: the log in its own segment files (`raft/wal/`); one sled
+//! database with raft's vote and commit markers (`raft_meta`) and the state
+//! machine (`sm`); the last snapshot in the file `raft/snapshot.bin`.
+//! Durability: an append is acknowledged to openraft only after its log file
+//! is `fdatasync`ed, and a vote only after sled is flushed. Appends waiting
+//! during one sync share the next (group commit), and concurrent proposals
+//! share raft entries (see `Store`). The state machine is flushed by sled in
+//! the background and before the log is purged; after a crash openraft
+//! applies again whatever it lost, from the log.
 
 pub mod leader_watch;
 mod log_store;
 mod network;
 mod state_machine;
+mod wal;
 
 use std::io::Cursor;
 use std::path::Path;
@@ -141,7 +144,7 @@ pub struct Storage {
 pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
     let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
     let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
-    let log = LogStore::open(&db).map_err(storage_err)?;
+    let log = LogStore::open(&db, dir).map_err(storage_err)?;
     let sm = StateMachine::open(&db, dir).map_err(storage_err)?;
     Ok(Storage { db, log, sm })
 }

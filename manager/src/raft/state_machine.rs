@@ -16,11 +16,9 @@ use openraft::{
 use tokio::sync::{watch, Mutex};
 
 use super::TypeConfig;
-use crate::state::{encode, plan, Command, CommandResult, StateView};
+use crate::state::{encode, plan, Command, CommandResult, StateView, WriteBatch};
 
 const LAST_APPLIED: &[u8] = b"meta/last_applied";
-/// While a batch entry is being applied: `(log index, commands applied)`.
-const BATCH_PROGRESS: &[u8] = b"meta/batch_progress";
 const MEMBERSHIP: &[u8] = b"meta/membership";
 const META_PREFIX: &[u8] = b"meta/";
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -76,41 +74,20 @@ impl StateMachine {
     }
 }
 
-impl StateMachine {
-    /// Applies a batch entry's commands in order, each in its own sled batch so
-    /// that the next one is planned against it. Each sled batch also records how
-    /// many commands of the entry are applied: after a crash in the middle, the
-    /// entry is applied again from where it stopped, not from its start. The
-    /// last one moves `last_applied` and clears that mark.
-    fn apply_batch_entry(
-        &self,
-        view: &StateView,
-        log_id: LogId<u64>,
-        cmds: &[Command],
-    ) -> Result<CommandResult, StorageError<u64>> {
-        let done = match self.sm.get(BATCH_PROGRESS).map_err(io_read)? {
-            Some(v) => match bincode::deserialize::<(u64, usize)>(&v).map_err(io_read)? {
-                (index, n) if index == log_id.index => n,
-                _ => 0,
-            },
-            None => 0,
-        };
-        let mut results = vec![CommandResult::Ok; done.min(cmds.len())];
-        for (i, cmd) in cmds.iter().enumerate().skip(done) {
-            let (mut batch, result) = match plan(view, cmd).map_err(io_read)? {
-                Ok(batch) => (batch, CommandResult::Ok),
-                Err(why) => (sled::Batch::default(), CommandResult::Rejected(why)),
-            };
-            batch.insert(BATCH_PROGRESS, encode(&(log_id.index, i + 1)));
-            self.sm.apply_batch(batch).map_err(io_write)?;
-            results.push(result);
+/// Plans `cmd` against `view` and adds its writes to `pending` (nothing if it
+/// is refused); its result.
+fn plan_one(
+    view: &StateView,
+    pending: &std::sync::Mutex<WriteBatch>,
+    cmd: &Command,
+) -> Result<CommandResult, StorageError<u64>> {
+    Ok(match plan(view, cmd).map_err(io_read)? {
+        Ok(batch) => {
+            pending.lock().expect("pending writes lock").extend(batch);
+            CommandResult::Ok
         }
-        let mut end = sled::Batch::default();
-        end.remove(BATCH_PROGRESS);
-        end.insert(LAST_APPLIED, encode(&Some(log_id)));
-        self.sm.apply_batch(end).map_err(io_write)?;
-        Ok(CommandResult::Batch(results))
-    }
+        Err(why) => CommandResult::Rejected(why),
+    })
 }
 
 /// raft's bookkeeping in `sm`: the last applied log ID and the last membership.
@@ -254,34 +231,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: openraft::OptionalSend,
     {
         let _g = self.lock.lock().await;
-        let view = self.view();
+        // Every entry of this call is planned against the writes of the ones
+        // before it, and all of them go to sled in one atomic batch: sled writes
+        // its buffers out on every batch, which made one batch per command the
+        // largest cost of a busy manager.
+        let pending = Arc::new(std::sync::Mutex::new(WriteBatch::default()));
+        let view = self.view().with_pending(pending.clone());
         let mut out = Vec::new();
-        let mut last = 0;
+        let mut last = None;
         for entry in entries {
             let log_id = entry.log_id;
-            last = log_id.index;
-            if let EntryPayload::Normal(Command::Batch(cmds)) = &entry.payload {
-                out.push(self.apply_batch_entry(&view, log_id, cmds)?);
-                continue;
-            }
-            let (mut batch, result) = match &entry.payload {
-                EntryPayload::Blank => (sled::Batch::default(), CommandResult::Ok),
-                EntryPayload::Normal(cmd) => match plan(&view, cmd).map_err(io_read)? {
-                    Ok(batch) => (batch, CommandResult::Ok),
-                    Err(why) => (sled::Batch::default(), CommandResult::Rejected(why)),
-                },
+            last = Some(log_id);
+            let result = match &entry.payload {
+                EntryPayload::Blank => CommandResult::Ok,
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    CommandResult::Batch(cmds.iter().map(|c| plan_one(&view, &pending, c)).collect::<Result<_, _>>()?)
+                }
+                EntryPayload::Normal(cmd) => plan_one(&view, &pending, cmd)?,
                 EntryPayload::Membership(m) => {
-                    let mut b = sled::Batch::default();
+                    let mut b = WriteBatch::default();
                     b.insert(MEMBERSHIP, encode(&Membership::new(Some(log_id), m.clone())));
-                    (b, CommandResult::Ok)
+                    pending.lock().expect("pending writes lock").extend(b);
+                    CommandResult::Ok
                 }
             };
-            batch.insert(LAST_APPLIED, encode(&Some(log_id)));
-            self.sm.apply_batch(batch).map_err(io_write)?;
             out.push(result);
         }
-        if last > 0 {
-            self.applied.send_replace(last);
+        if let Some(last) = last {
+            let mut batch = std::mem::take(&mut *pending.lock().expect("pending writes lock"));
+            let mut meta = WriteBatch::default();
+            meta.insert(LAST_APPLIED, encode(&Some(last)));
+            batch.extend(meta);
+            self.sm.apply_batch(batch.into_sled()).map_err(io_write)?;
+            self.applied.send_replace(last.index);
         }
         Ok(out)
     }

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use swarmd_certs::{ClusterId, NodeId, Role, SecretId, ServiceId, TaskId};
@@ -311,7 +312,7 @@ pub struct ManagerEntry {
 }
 
 /// Writes a node record and keeps the manager index in step with it.
-fn put_node(batch: &mut sled::Batch, rec: &NodeRecord) {
+fn put_node(batch: &mut WriteBatch, rec: &NodeRecord) {
     batch.insert(node_key(&rec.id), encode(rec));
     if rec.role == Role::Manager {
         let e = ManagerEntry { id: rec.id.clone(), raft_id: rec.raft_id, addr: rec.addr.clone(), status: rec.status };
@@ -346,10 +347,48 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("bincode serialization of in-memory state cannot fail")
 }
 
-/// Read access to the state, as of the last applied entry.
+/// Writes to the state planned by one command: key → new value, or `None`
+/// for a removal. Same interface as `sled::Batch`, but readable, so that the
+/// commands applied together can see each other's writes (see [`StateView`]).
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch(BTreeMap<sled::IVec, Option<sled::IVec>>);
+
+impl WriteBatch {
+    /// Sets `key` to `value`.
+    pub fn insert<K: Into<sled::IVec>, V: Into<sled::IVec>>(&mut self, key: K, value: V) {
+        self.0.insert(key.into(), Some(value.into()));
+    }
+
+    /// Removes `key`.
+    pub fn remove<K: Into<sled::IVec>>(&mut self, key: K) {
+        self.0.insert(key.into(), None);
+    }
+
+    /// Adds `later`'s writes, which win over this batch's.
+    pub fn extend(&mut self, later: WriteBatch) {
+        self.0.extend(later.0);
+    }
+
+    /// The same writes as one sled batch.
+    pub fn into_sled(self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in self.0 {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        b
+    }
+}
+
+/// Read access to the state, as of the last applied entry; or, while the
+/// state machine applies several commands at once, as of the last one planned
+/// (the writes planned so far lie over the tree).
 #[derive(Clone)]
 pub struct StateView {
     tree: sled::Tree,
+    pending: Option<Arc<Mutex<WriteBatch>>>,
 }
 
 /// A stored record could not be read.
@@ -365,11 +404,47 @@ pub enum StateError {
 
 impl StateView {
     pub(crate) fn new(tree: sled::Tree) -> Self {
-        Self { tree }
+        Self { tree, pending: None }
+    }
+
+    /// This view with `pending` writes over it.
+    pub(crate) fn with_pending(&self, pending: Arc<Mutex<WriteBatch>>) -> Self {
+        Self { tree: self.tree.clone(), pending: Some(pending) }
+    }
+
+    fn raw(&self, key: &[u8]) -> Result<Option<sled::IVec>, StateError> {
+        if let Some(p) = &self.pending {
+            if let Some(v) = p.lock().expect("pending writes lock").0.get(key) {
+                return Ok(v.clone());
+            }
+        }
+        Ok(self.tree.get(key)?)
+    }
+
+    /// Every key and value below `prefix`, in key order, pending writes included.
+    fn prefix(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StateError> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.insert(k, v);
+        }
+        if let Some(p) = &self.pending {
+            let p = p.lock().expect("pending writes lock");
+            for (k, v) in p.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                match v {
+                    Some(v) => out.insert(k.clone(), v.clone()),
+                    None => out.remove(k),
+                };
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     pub(crate) fn get<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
-        match self.tree.get(key)? {
+        match self.raw(key)? {
             None => Ok(None),
             Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| StateError::Corrupt {
                 key: String::from_utf8_lossy(key).into_owned(),
@@ -380,7 +455,7 @@ impl StateView {
 
     /// The encoded cluster record (to notice changes cheaply).
     pub fn cluster_raw(&self) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self.tree.get(CLUSTER_KEY)?.map(|v| v.to_vec()))
+        Ok(self.raw(CLUSTER_KEY)?.map(|v| v.to_vec()))
     }
 
     /// The cluster record, once the cluster is initialised.
@@ -396,8 +471,7 @@ impl StateView {
     /// Node IDs whose certificates are refused (removed nodes).
     pub fn denied(&self) -> Result<std::collections::HashSet<NodeId>, StateError> {
         let mut out = std::collections::HashSet::new();
-        for kv in self.tree.scan_prefix(DENY_PREFIX) {
-            let (k, _) = kv?;
+        for (k, _) in self.prefix(DENY_PREFIX.as_bytes())? {
             let id = String::from_utf8_lossy(&k[DENY_PREFIX.len()..]).into_owned();
             if let Ok(id) = id.parse() {
                 out.insert(id);
@@ -460,8 +534,7 @@ impl StateView {
     /// The keys below `prefix`, without it.
     pub(crate) fn scan_key_suffixes(&self, prefix: &str) -> Result<Vec<String>, StateError> {
         let mut out = Vec::new();
-        for k in self.tree.scan_prefix(prefix).keys() {
-            let k = k?;
+        for (k, _) in self.prefix(prefix.as_bytes())? {
             out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
         }
         Ok(out)
@@ -469,8 +542,7 @@ impl StateView {
 
     pub(crate) fn scan<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>, StateError> {
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, v) = kv?;
+        for (k, v) in self.prefix(prefix.as_bytes())? {
             out.push(bincode::deserialize(&v).map_err(|e| StateError::Corrupt {
                 key: String::from_utf8_lossy(&k).into_owned(),
                 reason: e.to_string(),
@@ -486,8 +558,8 @@ impl StateView {
 }
 
 /// Validates `cmd` against `view` and returns the writes it makes, or why it is refused.
-pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
-    let mut batch = sled::Batch::default();
+pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, String>, StateError> {
+    let mut batch = WriteBatch::default();
     match cmd {
         Command::InitCluster { cluster, manager } => {
             if view.cluster()?.is_some() {

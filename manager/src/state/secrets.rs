@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use swarmd_certs::SecretId;
 
-use super::{check_label, encode, secret_data_key, secret_key, secret_name_key, Command, StateError, StateView};
+use super::{
+    check_label, encode, secret_data_key, secret_key, secret_name_key, Command, StateError, StateView, WriteBatch,
+};
 
 /// A secret's metadata; its values are stored apart, sealed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,8 +86,8 @@ pub fn check_secret_size(len: usize) -> Result<(), String> {
 }
 
 /// The secret commands of [`super::plan`].
-pub(super) fn plan(view: &StateView, cmd: &Command) -> Result<Result<sled::Batch, String>, StateError> {
-    let mut batch = sled::Batch::default();
+pub(super) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, String>, StateError> {
+    let mut batch = WriteBatch::default();
     match cmd {
         Command::CreateSecret { id, name, labels, created_at, data } => {
             let Some(cluster) = view.cluster()? else {

@@ -39,7 +39,7 @@ fn node(role: Role) -> NodeRecord {
 
 fn apply(view: &StateView, cmd: &Command) -> Result<(), String> {
     let b = plan(view, cmd).unwrap()?;
-    view.tree.apply_batch(b).unwrap();
+    view.tree.apply_batch(b.into_sled()).unwrap();
     Ok(())
 }
 

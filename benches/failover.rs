@@ -1,28 +1,29 @@
-//! Benchmark: a 3-manager cluster on 127.0.0.1 (real processes, real TLS,
-//! durable raft). Measures sequential write latency and leader failover
-//! (kill -9 → first successful write), prints a table and one JSON line.
+//! Benchmark `failover`: a 3-manager cluster on 127.0.0.1 (real processes,
+//! real TLS, durable raft). Measures sequential write latency, then leader
+//! failover: kill -9 the leader → first successful write through another
+//! manager, each attempt with a 0.1 s client timeout. The peer in the same run
+//! is etcd (3 members, default timings) under the same measurement.
 //!
-//! Run: `cargo bench --bench managers` (env: WRITES=500, TRIALS=10, and
-//! MANAGER_ARGS, e.g. "--election-timeout 500ms", passed to every manager).
+//! Run: `cargo bench --bench failover` (env: WRITES=500, TRIALS=20, PEERS=0 to
+//! skip etcd, and MANAGER_ARGS, e.g. "--election-timeout 500ms", passed to
+//! every manager).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod etcd_peer;
+mod stats;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use stats::*;
 use swarmd::secretctl::{connect, Host};
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::UpdateNodeRequest;
 use tonic::transport::Channel;
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
+/// Each write attempt after the kill gives up after this long, as etcd's client does in the peer run.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(100);
 
 async fn write(ch: &Channel, node: &str, k: &str, v: usize) -> Result<(), tonic::Status> {
     let req = UpdateNodeRequest {
@@ -36,11 +37,9 @@ async fn write(ch: &Channel, node: &str, k: &str, v: usize) -> Result<(), tonic:
 #[tokio::main]
 async fn main() {
     swarmd_certs::install_crypto_provider();
-    // Under `cargo test` (no --bench flag) a short smoke run keeps it working.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let writes: usize =
-        std::env::var("WRITES").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke { 20 } else { 500 });
-    let trials: usize = std::env::var("TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(if smoke { 2 } else { 10 });
+    let smoke = smoke();
+    let writes = env_or("WRITES", if smoke { 20 } else { 500 });
+    let trials = env_or("TRIALS", if smoke { 2 } else { 20 });
     let extra = std::env::var("MANAGER_ARGS").unwrap_or_default();
     let extra: Vec<&str> = extra.split_whitespace().collect();
     let mut env = Env::new();
@@ -86,12 +85,11 @@ async fn main() {
         let mut k = 0usize;
         loop {
             let ch = &survivors[k % survivors.len()];
-            let attempt = tokio::time::timeout(Duration::from_millis(500), write(ch, &target, "fo", trial));
+            let attempt = tokio::time::timeout(CLIENT_TIMEOUT, write(ch, &target, "fo", trial));
             if matches!(attempt.await, Ok(Ok(()))) {
                 break;
             }
             k += 1;
-            tokio::time::sleep(Duration::from_millis(10)).await;
             assert!(killed.elapsed() < Duration::from_secs(30), "no write within 30 s of the kill");
         }
         fo.push(killed.elapsed());
@@ -103,6 +101,27 @@ async fn main() {
         });
     }
     fo.sort();
+    drop(env);
+
+    // The peer: etcd, same trials, same client timeout.
+    let mut etcd_fo = Vec::new();
+    if peers_on() {
+        match etcd_peer::Etcd::start().await {
+            None => eprintln!("etcd peer skipped: no etcd (Debian's etcd-server) or it did not start"),
+            Some(mut e) => {
+                for _ in 0..trials {
+                    match e.failover(CLIENT_TIMEOUT).await {
+                        Ok(d) => etcd_fo.push(d),
+                        Err(why) => {
+                            eprintln!("etcd failover trial failed: {why}");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        etcd_fo.sort();
+    }
 
     println!("scenario                         n      p50 ms    p99 ms    max ms");
     println!(
@@ -119,8 +138,27 @@ async fn main() {
         ms(pct(&fo, 0.99)),
         ms(*fo.last().unwrap())
     );
+    let etcd = if etcd_fo.is_empty() {
+        println!("peer: etcd not measured in this run");
+        "null".to_owned()
+    } else {
+        println!(
+            "peer: etcd (3 members) kill -9 → put {:>4}  {:>9.1} {:>9.1} {:>9.1}   swarmd/etcd p50 {:.2}",
+            etcd_fo.len(),
+            ms(pct(&etcd_fo, 0.5)),
+            ms(pct(&etcd_fo, 0.99)),
+            ms(*etcd_fo.last().unwrap()),
+            ms(pct(&fo, 0.5)) / ms(pct(&etcd_fo, 0.5))
+        );
+        format!(
+            "{{\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"trials\":{}}}",
+            ms(pct(&etcd_fo, 0.5)),
+            ms(pct(&etcd_fo, 0.99)),
+            etcd_fo.len()
+        )
+    };
     println!(
-        "{{\"bench\":\"managers\",\"manager_args\":{:?},\"write_p50_ms\":{:.3},\"write_p99_ms\":{:.3},\"failover_p50_ms\":{:.1},\"failover_p99_ms\":{:.1},\"writes\":{},\"trials\":{}}}",
+        "{{\"bench\":\"failover\",\"manager_args\":{:?},\"client_timeout_ms\":100,\"write_p50_ms\":{:.3},\"write_p99_ms\":{:.3},\"failover_p50_ms\":{:.1},\"failover_p99_ms\":{:.1},\"writes\":{},\"trials\":{},\"peer_etcd\":{etcd}}}",
         extra.join(" "),
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),

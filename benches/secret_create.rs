@@ -1,15 +1,16 @@
-//! Benchmark: `secretctl create` through the control API of a 3-manager
+//! Benchmark `secret-create`: `secretctl create` through the control API of a 3-manager
 //! cluster on 127.0.0.1 (real processes, real TLS between managers, durable
 //! raft: a create is acknowledged once a majority has it on disk). Measures
 //! sequential create latency and throughput at 1, 16 and 64 concurrent
 //! clients; prints a table and one JSON line.
 //!
-//! Run: `cargo bench --bench secrets` (env: CREATES=500 sequential creates,
+//! Run: `cargo bench --bench secret_create` (env: CREATES=500 sequential creates,
 //! SECONDS_PER_LEVEL=5, VALUE_BYTES=64).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod etcd_peer;
+mod stats;
 mod swarm_peer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use stats::*;
 use swarmd::secretctl::{connect, Host};
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::CreateSecretRequest;
@@ -24,18 +26,6 @@ use tonic::transport::Channel;
 
 /// A peer's sequential latencies and its throughput per client count.
 type PeerResult = (Vec<Duration>, Vec<(usize, f64)>);
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 async fn create(ch: &Channel, name: String, bytes: usize) -> Result<(), tonic::Status> {
     let req = CreateSecretRequest { name, data: vec![b'x'; bytes], labels: Default::default() };
@@ -45,8 +35,7 @@ async fn create(ch: &Channel, name: String, bytes: usize) -> Result<(), tonic::S
 #[tokio::main]
 async fn main() {
     swarmd_certs::install_crypto_provider();
-    // Under `cargo test` (no --bench flag) a short smoke run keeps it working.
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let smoke = smoke();
     let creates = env_or("CREATES", if smoke { 20 } else { 500 });
     let seconds = env_or("SECONDS_PER_LEVEL", if smoke { 1 } else { 5 }) as u64;
     let bytes = env_or("VALUE_BYTES", 64);
@@ -97,7 +86,7 @@ async fn main() {
     }
 
     // The peers, in the same run (not in the smoke run under `cargo test`).
-    let peers_on = !smoke && std::env::var("PEERS").map_or(true, |v| v != "0");
+    let peers_on = peers_on();
     let mut swarm: Option<PeerResult> = None;
     let mut etcd: Option<PeerResult> = None;
     if peers_on {
