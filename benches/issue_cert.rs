@@ -7,7 +7,7 @@
 //! process: verify the CSR and sign the certificate (`RootCa::sign_node`),
 //! on one core and on every core.
 //!
-//! Run: `cargo bench --bench issue_cert` (env: SECONDS=5, CLIENTS=64).
+//! Run: `cargo bench --bench issue_cert` (env: SECONDS=10, CLIENTS=64).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -81,17 +81,12 @@ fn crypto_limit(threads: usize, seconds: u64, csrs: &Arc<Vec<String>>) -> f64 {
 async fn main() {
     swarmd_certs::install_crypto_provider();
     let smoke = smoke();
-    let seconds = env_or("SECONDS", if smoke { 1 } else { 5 }) as u64;
+    let seconds = env_or("SECONDS", if smoke { 1 } else { 10 }) as u64;
     let clients = env_or("CLIENTS", if smoke { 4 } else { 64 });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &[]);
-    let token = m1.token("manager");
-    let m2 = env.join_manager("m2", &token, &m1);
-    let m3 = env.join_manager("m3", &token, &m1);
-    let managers = [m1, m2, m3];
-    let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+    let (managers, leader) = env.three_managers(&[]);
     let addr = managers[leader].addr.clone();
     let worker_token = managers[leader].token("worker");
 

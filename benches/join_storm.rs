@@ -24,12 +24,7 @@ async fn main() {
     swarmd_certs::install_crypto_provider();
     let n = env_or("NODES", if smoke() { 20 } else { 1000 });
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &[]);
-    let token = m1.token("manager");
-    let m2 = env.join_manager("m2", &token, &m1);
-    let m3 = env.join_manager("m3", &token, &m1);
-    let managers = [m1, m2, m3];
-    let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+    let (managers, leader) = env.three_managers(&[]);
     let addr = managers[leader].addr.clone();
     let worker_token = managers[leader].token("worker");
     let ctl = connect(&Host::Unix(managers[leader].socket())).await.unwrap();

@@ -40,12 +40,7 @@ async fn main() {
     let seconds = env_or("SECONDS_PER_LEVEL", if smoke { 1 } else { 5 }) as u64;
     let bytes = env_or("VALUE_BYTES", 64);
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &[]);
-    let token = m1.token("manager");
-    let m2 = env.join_manager("m2", &token, &m1);
-    let m3 = env.join_manager("m3", &token, &m1);
-    let managers = [m1, m2, m3];
-    let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+    let (managers, leader) = env.three_managers(&[]);
     let sock = managers[leader].socket();
 
     let ch = connect(&Host::Unix(sock.clone())).await.unwrap();

@@ -28,12 +28,7 @@ async fn main() {
     let n = env_or("NODES", if smoke { 20 } else { 10_000 });
     let window = Duration::from_secs(env_or("WINDOW", if smoke { 2 } else { 30 }) as u64);
     let mut env = Env::new();
-    let m1 = env.start_manager("m1", &[]);
-    let token = m1.token("manager");
-    let m2 = env.join_manager("m2", &token, &m1);
-    let m3 = env.join_manager("m3", &token, &m1);
-    let managers = [m1, m2, m3];
-    let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+    let (managers, leader) = env.three_managers(&[]);
     let pid = env.procs[managers[leader].proc_idx].pid();
     let addr = managers[leader].addr.clone();
     let worker_token = managers[leader].token("worker");

@@ -233,6 +233,18 @@ impl Env {
         m
     }
 
+    /// Three managers: `m1` initialises the cluster (with `extra`), `m2` and `m3`
+    /// join through it (with `extra`); returns them and the index of the leader.
+    pub fn three_managers(&mut self, extra: &[&str]) -> ([Manager; 3], usize) {
+        let m1 = self.start_manager("m1", extra);
+        let token = m1.token("manager");
+        let m2 = self.join_manager_with("m2", &token, &m1, extra);
+        let m3 = self.join_manager_with("m3", &token, &m1, extra);
+        let managers = [m1, m2, m3];
+        let leader = wait_for("a leader", DEADLINE, || managers.iter().position(|m| m.is_leader()));
+        (managers, leader)
+    }
+
     /// Restarts a node with `swarmd run`.
     pub fn run_node(&mut self, name: &str, data: &Path) -> usize {
         self.spawn(name, &["run", "--data-dir", data.to_str().unwrap()])
