@@ -4,7 +4,9 @@
 //!
 //! The harness puts the engine in swarm mode only if it is not already, and
 //! then leaves swarm mode again (`docker swarm leave --force`) at the end,
-//! removing the `docker_gwbridge` network swarm mode made.
+//! removing the `docker_gwbridge` network swarm mode made. Where no Docker
+//! Engine runs, it installs Debian's `docker.io` (as root, if missing), starts
+//! `dockerd` for the measurement and stops it afterwards.
 
 #![allow(dead_code)]
 
@@ -52,11 +54,71 @@ impl Client {
     }
 }
 
+/// A Docker Engine for the duration of the measurement: the running one, or a
+/// `dockerd` started here (and stopped on drop).
+pub struct Engine {
+    started: Option<std::process::Child>,
+}
+
+fn engine_answers() -> bool {
+    std::process::Command::new("docker").args(["info"]).output().is_ok_and(|o| o.status.success())
+}
+
+impl Engine {
+    /// The running engine, or one started from Debian's `docker.io`; `None` (said why) if neither.
+    pub fn ensure() -> Option<Self> {
+        if engine_answers() {
+            return Some(Self { started: None });
+        }
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            eprintln!("no Docker Engine runs here, and starting one needs root");
+            return None;
+        }
+        if std::process::Command::new("dockerd").arg("--version").output().is_err() {
+            eprintln!("installing docker.io from Debian's packages for the Swarm peer");
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "docker.io"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+        let log = std::env::temp_dir().join(format!("swarmd-bench-dockerd-{}.log", std::process::id()));
+        let child = std::process::Command::new("dockerd")
+            .stdout(std::fs::File::create(&log).ok()?)
+            .stderr(std::fs::File::create(&log).ok()?)
+            .spawn()
+            .map_err(|e| eprintln!("cannot start dockerd: {e}"))
+            .ok()?;
+        let engine = Self { started: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !engine_answers() {
+            if Instant::now() > deadline {
+                eprintln!("dockerd did not answer within 60 s (its log: {})", log.display());
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(engine)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.started {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Swarm mode for the duration of the measurement.
 pub struct SwarmMode {
     joined_by_us: bool,
     /// Swarm mode creates the `docker_gwbridge` network and leaving keeps it.
     gwbridge_by_us: bool,
+    // Dropped after the fields above: leave swarm mode, then stop an engine started here.
+    _engine: Engine,
 }
 
 fn gwbridge_exists() -> bool {
@@ -70,6 +132,7 @@ fn gwbridge_exists() -> bool {
 impl SwarmMode {
     /// Enters swarm mode unless the engine is in it already; `None` if there is no engine.
     pub fn enter() -> Option<Self> {
+        let engine = Engine::ensure()?;
         let state = std::process::Command::new("docker")
             .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])
             .output()
@@ -77,7 +140,7 @@ impl SwarmMode {
             .filter(|o| o.status.success())?;
         let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
         if state == "active" {
-            return Some(Self { joined_by_us: false, gwbridge_by_us: false });
+            return Some(Self { joined_by_us: false, gwbridge_by_us: false, _engine: engine });
         }
         let gwbridge_by_us = !gwbridge_exists();
         let ok = std::process::Command::new("docker")
@@ -85,7 +148,7 @@ impl SwarmMode {
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
-        ok.then_some(Self { joined_by_us: true, gwbridge_by_us })
+        ok.then_some(Self { joined_by_us: true, gwbridge_by_us, _engine: engine })
     }
 }
 
