@@ -25,7 +25,7 @@ use crate::state::{Command, CommandResult, StateError, StateView};
 /// How long a write may take before it is reported as not committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Raft proposals in flight at once; further commands wait and go together.
-const PROPOSALS_IN_FLIGHT: usize = 4;
+const PROPOSALS_IN_FLIGHT: usize = 2;
 /// At most this many commands share one raft entry...
 const BATCH_COMMANDS: usize = 512;
 /// ...and, after the first, at most this many encoded bytes.
