@@ -100,6 +100,9 @@ fn no_secret_value_key_or_token_touches_disk_in_plaintext() {
     needles.push(("data key".into(), dek.expose().to_vec()));
     needles.push(("data key hex".into(), hex::encode(dek.expose()).into_bytes()));
     assert!(m.data.join("raft/snapshot.bin").exists(), "no snapshot was written to grep");
+    let log_segments =
+        files_below(&m.data.join("raft/wal")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "log"));
+    assert!(log_segments.count() > 0, "no raft log segment to grep");
     let scanned = files_below(env.dir.path()).len();
     assert!(scanned > 10, "scanned only {scanned} files");
     for (what, needle) in &needles {

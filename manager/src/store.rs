@@ -257,21 +257,26 @@ impl Store {
     /// Commits `cmd` through the local raft node, which must be the leader;
     /// returns the log index it was committed at.
     pub async fn propose_local(&self, cmd: Command) -> Result<u64, StoreError> {
-        let m = self.raft.metrics().borrow().clone();
-        let voters = m.membership_config.membership().voter_ids().count();
-        match m.current_leader {
+        // Read what is needed under the borrow: cloning the metrics (membership
+        // maps included) on every write was measurable.
+        let (id, leader, voters, quorum_ack) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.id, m.current_leader, m.membership_config.membership().voter_ids().count(), m.millis_since_quorum_ack)
+        };
+        match leader {
             None => {
                 return Err(StoreError::NoQuorum(format!(
                     "no raft leader among the {voters} managers reachable from here"
                 )))
             }
-            Some(l) if l != m.id => return Err(StoreError::NoQuorum(format!("{NOT_LEADER} {l}"))),
+            Some(l) if l != id => return Err(StoreError::NoQuorum(format!("{NOT_LEADER} {l}"))),
             Some(_) => {}
         }
-        if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
+        if voters > 1 && quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
             return Err(StoreError::NoQuorum(format!(
                 "this leader has not reached a majority of the {voters} managers for {} ms",
-                m.millis_since_quorum_ack.unwrap_or(0)
+                quorum_ack.unwrap_or(0)
             )));
         }
         let (reply, outcome) = oneshot::channel();

@@ -95,7 +95,9 @@ impl Wal {
                         let log_id = entry.log_id;
                         // A rewrite after a truncation may leave older segments
                         // holding entries a later segment replaced: the later wins.
-                        wal.entries.split_off(&log_id.index);
+                        if wal.entries.last_key_value().is_some_and(|(last, _)| *last >= log_id.index) {
+                            wal.entries.split_off(&log_id.index);
+                        }
                         wal.entries.insert(log_id.index, Loc { log_id, segment: *first, offset: at, len });
                         at += HEADER + len as u64;
                     }

@@ -423,22 +423,23 @@ impl StateView {
 
     /// Every key and value below `prefix`, in key order, pending writes included.
     fn prefix(&self, prefix: &[u8]) -> Result<Vec<(sled::IVec, sled::IVec)>, StateError> {
+        let Some(p) = &self.pending else {
+            return Ok(self.tree.scan_prefix(prefix).collect::<Result<_, _>>()?);
+        };
         let mut out = BTreeMap::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv?;
             out.insert(k, v);
         }
-        if let Some(p) = &self.pending {
-            let p = p.lock().expect("pending writes lock");
-            for (k, v) in p.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
-                if !k.starts_with(prefix) {
-                    break;
-                }
-                match v {
-                    Some(v) => out.insert(k.clone(), v.clone()),
-                    None => out.remove(k),
-                };
+        let p = p.lock().expect("pending writes lock");
+        for (k, v) in p.0.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
+                break;
             }
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
         }
         Ok(out.into_iter().collect())
     }
