@@ -61,9 +61,11 @@ impl Session {
     }
 }
 
-/// Opens `node`'s session on `ch` and keeps it: reads the session stream and
-/// heartbeats at the period the manager asks for, until the stream ends.
-/// Returns once the session is open (its first message arrived).
+/// Opens `node`'s session on `ch` and keeps it: reads the session stream,
+/// acknowledges its assignments as a worker does (the first complete set at
+/// once: the manager counts the node ready only then) and heartbeats at the
+/// period the manager asks for, until the stream ends. Returns once the
+/// session is open (its first message arrived).
 pub async fn open_session(ch: Channel, hostname: String) -> Session {
     let mut client = DispatcherClient::new(ch);
     let mut stream = client.session(SessionRequest { hostname }).await.expect("open a session").into_inner();
@@ -72,16 +74,24 @@ pub async fn open_session(ch: Channel, hostname: String) -> Session {
     let period = Duration::from_millis(first.heartbeat_period_ms.max(100));
     Session(tokio::spawn(async move {
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let (mut received, mut acked) = (0u64, 0u64);
         loop {
+            let ack_now = received > acked && acked == 0;
             tokio::select! {
                 m = stream.message() => match m {
-                    Ok(Some(_)) => {}
+                    Ok(Some(m)) => {
+                        if m.assignments.as_ref().is_some_and(|a| !a.more) {
+                            received = m.seq;
+                        }
+                    }
                     _ => return,
                 },
-                _ = beat.tick() => {
-                    if client.heartbeat(HeartbeatRequest { session_id: session_id.clone() }).await.is_err() {
+                _ = async { if !ack_now { beat.tick().await; } } => {
+                    let req = HeartbeatRequest { session_id: session_id.clone(), assignments_seq: received };
+                    if client.heartbeat(req).await.is_err() {
                         return;
                     }
+                    acked = received;
                 }
             }
         }

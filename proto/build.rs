@@ -7,7 +7,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(&files, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("swarmd_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     // etcd_kv.proto is a client of a peer's API (benchmarks); no server is generated for it.
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    // Secret values as `Bytes`, so that the manager can hand prost a buffer
+    // that wipes itself when dropped (see swarmd-manager's assignments).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".swarmd.dispatcher.SecretValue.data")
+        .compile_fds(fds)?;
     Ok(())
 }

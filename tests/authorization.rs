@@ -78,7 +78,11 @@ async fn rpcs_are_authorized_by_certificate_role() {
         Code::Unauthenticated
     );
     assert_eq!(
-        code(DispatcherClient::new(anon.clone()).heartbeat(HeartbeatRequest { session_id: "x".into() }).await),
+        code(
+            DispatcherClient::new(anon.clone())
+                .heartbeat(HeartbeatRequest { session_id: "x".into(), assignments_seq: 0 })
+                .await
+        ),
         Code::Unauthenticated
     );
     assert_eq!(
@@ -112,7 +116,11 @@ async fn rpcs_are_authorized_by_certificate_role() {
     }
     // Allowed to heartbeat (its own, unknown session → NOT_FOUND, not denied).
     assert_eq!(
-        code(DispatcherClient::new(wch.clone()).heartbeat(HeartbeatRequest { session_id: "nope".into() }).await),
+        code(
+            DispatcherClient::new(wch.clone())
+                .heartbeat(HeartbeatRequest { session_id: "nope".into(), assignments_seq: 0 })
+                .await
+        ),
         Code::NotFound
     );
 

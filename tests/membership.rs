@@ -127,7 +127,9 @@ async fn a_removed_worker_is_refused_at_the_handshake() {
         Err(_) => false,
         Ok(ch) => {
             let mut c = swarmd_proto::dispatcher::dispatcher_client::DispatcherClient::new(ch);
-            c.heartbeat(swarmd_proto::dispatcher::HeartbeatRequest { session_id: "x".into() }).await.is_ok()
+            c.heartbeat(swarmd_proto::dispatcher::HeartbeatRequest { session_id: "x".into(), assignments_seq: 0 })
+                .await
+                .is_ok()
         }
     };
     assert!(!outcome, "a removed node's certificate was accepted");

@@ -23,6 +23,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -66,42 +67,124 @@ pub struct PeerIdentity {
     pub cluster_id: ClusterId,
     /// The certificate's serial, hex.
     pub serial: String,
+    /// The certificate's NotAfter, unix seconds: no RPC is served after it.
+    pub not_after: i64,
 }
 
 impl PeerIdentity {
     /// The identity in a verified peer certificate chain (leaf first).
     pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
         let info = CertInfo::from_der(chain.first()?).ok()?;
-        Some(Self { node_id: info.node_id, role: info.role, cluster_id: info.cluster_id, serial: info.serial })
+        Some(Self {
+            node_id: info.node_id,
+            role: info.role,
+            cluster_id: info.cluster_id,
+            serial: info.serial,
+            not_after: info.not_after,
+        })
     }
 }
 
-/// Node IDs whose certificates are refused at the handshake (removed nodes).
+/// What the replicated deny-list refuses: every certificate of a removed node,
+/// and single certificates by serial (a demoted manager's manager
+/// certificates, revoked admin certificates).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Denied {
+    /// Removed nodes: all their certificates.
+    pub nodes: HashSet<NodeId>,
+    /// Revoked certificates, by serial (lowercase hex).
+    pub serials: HashSet<String>,
+}
+
+/// Why a certificate is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The node was removed from the cluster.
+    NodeRemoved,
+    /// This certificate was revoked (the node itself may still be a member).
+    CertificateRevoked,
+}
+
+/// The deny-list every acceptor and RPC of a manager checks.
 ///
 /// Shared by every acceptor of a manager and replaced whenever the replicated
 /// deny-list changes.
 #[derive(Clone, Default)]
-pub struct DenyList(Arc<RwLock<HashSet<NodeId>>>);
+pub struct DenyList(Arc<RwLock<Denied>>);
 
 impl DenyList {
-    /// Whether `id` is denied.
+    /// Whether the certificate `serial` of node `id` is refused, and why.
+    pub fn check(&self, id: &NodeId, serial: &str) -> Option<DenyReason> {
+        let d = self.0.read().expect("deny-list lock");
+        if d.nodes.contains(id) {
+            Some(DenyReason::NodeRemoved)
+        } else if d.serials.contains(serial) {
+            Some(DenyReason::CertificateRevoked)
+        } else {
+            None
+        }
+    }
+    /// Whether every certificate of node `id` is refused (it was removed).
     pub fn contains(&self, id: &NodeId) -> bool {
-        self.0.read().expect("deny-list lock").contains(id)
+        self.0.read().expect("deny-list lock").nodes.contains(id)
     }
-    /// Replaces the whole list.
-    pub fn replace(&self, ids: HashSet<NodeId>) {
-        *self.0.write().expect("deny-list lock") = ids;
+    /// Replaces the whole list; returns whether it changed.
+    pub fn replace(&self, denied: Denied) -> bool {
+        let mut d = self.0.write().expect("deny-list lock");
+        if *d == denied {
+            return false;
+        }
+        *d = denied;
+        true
     }
-    /// Adds one ID.
-    pub fn insert(&self, id: NodeId) {
-        self.0.write().expect("deny-list lock").insert(id);
+    /// Adds the given entries to the list.
+    pub fn extend(&self, more: Denied) {
+        let mut d = self.0.write().expect("deny-list lock");
+        d.nodes.extend(more.nodes);
+        d.serials.extend(more.serials);
     }
 }
 
 impl fmt::Debug for DenyList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.0.read().expect("deny-list lock").iter()).finish()
+        let d = self.0.read().expect("deny-list lock");
+        f.debug_struct("DenyList").field("nodes", &d.nodes).field("serials", &d.serials.len()).finish()
     }
+}
+
+/// The node IDs of the cluster's current managers, as a node last heard them
+/// from its session. A node refuses a server certificate whose node ID is not
+/// among them (a demoted manager keeps a valid manager certificate for a while).
+/// Empty means "not known yet": any manager certificate of the cluster passes.
+#[derive(Clone, Debug, Default)]
+pub struct ManagerSet(Arc<RwLock<HashSet<NodeId>>>);
+
+impl ManagerSet {
+    /// Whether `id` may serve as a manager.
+    pub fn allows(&self, id: &NodeId) -> bool {
+        let s = self.0.read().expect("manager set lock");
+        s.is_empty() || s.contains(id)
+    }
+    /// Replaces the set (ignored when `ids` is empty).
+    pub fn replace(&self, ids: HashSet<NodeId>) {
+        if !ids.is_empty() {
+            *self.0.write().expect("manager set lock") = ids;
+        }
+    }
+    /// The IDs held.
+    pub fn get(&self) -> HashSet<NodeId> {
+        self.0.read().expect("manager set lock").clone()
+    }
+}
+
+/// Checks a node makes on the manager certificates it is served, beyond the
+/// chain and the `swarm-manager` name.
+#[derive(Clone, Debug, Default)]
+pub struct ServerChecks {
+    /// Refuse servers on this deny-list (managers dialing managers).
+    pub deny: Option<DenyList>,
+    /// Refuse servers that are not current managers (workers).
+    pub managers: Option<ManagerSet>,
 }
 
 /// Client-certificate verifier: chain to the root (webpki), then cluster, role
@@ -136,7 +219,7 @@ impl ClientCertVerifier for NodeClientVerifier {
         if info.cluster_id != self.cluster_id {
             return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
-        if self.deny.contains(&info.node_id) {
+        if self.deny.check(&info.node_id, &info.serial).is_some() {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())
@@ -179,15 +262,81 @@ pub fn server_config(identity: &NodeIdentity, deny: DenyList) -> Result<ServerCo
     Ok(cfg)
 }
 
-/// A node's mTLS client configuration for dialing managers.
+/// A node's mTLS client configuration for dialing managers (chain and name
+/// checks only).
 pub fn client_config(identity: &NodeIdentity) -> Result<ClientConfig, CertError> {
+    client_config_checked(identity, &ServerChecks::default())
+}
+
+/// A node's mTLS client configuration that also applies `checks` to every
+/// manager certificate it is served.
+pub fn client_config_checked(identity: &NodeIdentity, checks: &ServerChecks) -> Result<ClientConfig, CertError> {
     let (chain, key) = chain_and_key(identity)?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(identity.roots()?), provider())
+        .build()
+        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+    let verifier = ManagerServerVerifier { inner, checks: checks.clone() };
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
-        .with_root_certificates(identity.roots()?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(chain, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+/// webpki's server verification (chain, validity, the `swarm-manager` name),
+/// then the role, the deny-list and the current managers.
+#[derive(Debug)]
+struct ManagerServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    checks: ServerChecks,
+}
+
+impl ServerCertVerifier for ManagerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let refused = |e| Err(rustls::Error::InvalidCertificate(e));
+        let Ok(info) = CertInfo::from_der(end_entity) else {
+            return refused(CertificateError::ApplicationVerificationFailure);
+        };
+        if info.role != Role::Manager {
+            return refused(CertificateError::ApplicationVerificationFailure);
+        }
+        if self.checks.deny.as_ref().is_some_and(|d| d.check(&info.node_id, &info.serial).is_some()) {
+            return refused(CertificateError::Revoked);
+        }
+        if self.checks.managers.as_ref().is_some_and(|m| !m.allows(&info.node_id)) {
+            return refused(CertificateError::ApplicationVerificationFailure);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A client configuration without a client certificate that still verifies the
@@ -219,24 +368,29 @@ fn chain_and_key(identity: &NodeIdentity) -> Result<(Vec<CertificateDer<'static>
 pub struct TlsCredentials {
     identity: watch::Sender<Arc<NodeIdentity>>,
     client: watch::Sender<Arc<ClientConfig>>,
+    checks: ServerChecks,
     server: Option<(watch::Sender<Arc<ServerConfig>>, DenyList)>,
 }
 
 impl TlsCredentials {
-    /// Credentials for a worker (client side only).
-    pub fn client_only(identity: NodeIdentity) -> Result<Self, CertError> {
-        let client = client_config(&identity)?;
+    /// Credentials for a worker (client side only) that refuses servers
+    /// `checks` refuses.
+    pub fn client_only(identity: NodeIdentity, checks: ServerChecks) -> Result<Self, CertError> {
+        let client = client_config_checked(&identity, &checks)?;
         Ok(Self {
             identity: watch::Sender::new(Arc::new(identity)),
             client: watch::Sender::new(Arc::new(client)),
+            checks,
             server: None,
         })
     }
 
-    /// Credentials for a manager (client and server side).
+    /// Credentials for a manager (client and server side); both sides refuse
+    /// certificates on `deny`.
     pub fn with_server(identity: NodeIdentity, deny: DenyList) -> Result<Self, CertError> {
         let server = server_config(&identity, deny.clone())?;
-        let mut me = Self::client_only(identity)?;
+        let checks = ServerChecks { deny: Some(deny.clone()), managers: None };
+        let mut me = Self::client_only(identity, checks)?;
         me.server = Some((watch::Sender::new(Arc::new(server)), deny));
         Ok(me)
     }
@@ -248,7 +402,7 @@ impl TlsCredentials {
         if identity.info.node_id != current.info.node_id || identity.info.cluster_id != current.info.cluster_id {
             return Err(CertError::NoIdentity { reason: "renewed certificate names another node or cluster".into() });
         }
-        let client = client_config(&identity)?;
+        let client = client_config_checked(&identity, &self.checks)?;
         let server = match &self.server {
             Some((_, deny)) => Some(server_config(&identity, deny.clone())?),
             None => None,

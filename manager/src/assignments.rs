@@ -3,7 +3,14 @@
 //! every applied change and sent as a difference from what the session already
 //! carried; the first message is complete. Secret values are opened here, on
 //! the manager holding the session, only to be sent down that node's mTLS
-//! stream.
+//! stream, in buffers that are wiped when prost is done with them (the copies
+//! tonic, h2 and rustls make while encoding and encrypting are not ours to
+//! wipe).
+//!
+//! A set of assignments larger than [`CHUNK_BYTES`] goes as several messages,
+//! each flagged `more` but the last; the node applies them together once the
+//! last arrives, and acknowledges the `seq` of that last message in its
+//! heartbeats (see [`crate::dispatcher`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -107,14 +114,67 @@ fn open_secret(view: &StateView, secrets: &SecretsCache, key: &SecretKeyPair) ->
     }
 }
 
-/// Streams `node`'s assignments down `tx` until the session ends.
+/// Most bytes of assignments one session message carries (a node accepts
+/// messages of 16 MiB; one secret is under 500 KiB).
+pub(crate) const CHUNK_BYTES: usize = 2 << 20;
+
+/// A secret value that is zeroed when the last `Bytes` pointing at it is dropped.
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Splits `a` into messages of at most about [`CHUNK_BYTES`] each (one item
+/// larger than that goes alone), every one but the last flagged `more`.
+pub(crate) fn chunk(a: Assignments) -> Vec<Assignments> {
+    use prost::Message;
+    let full = a.full;
+    let mut out = vec![Assignments { full, ..Default::default() }];
+    let mut size = 0usize;
+    let mut room = |out: &mut Vec<Assignments>, len: usize| {
+        if size > 0 && size + len > CHUNK_BYTES {
+            out.push(Assignments { full, ..Default::default() });
+            size = 0;
+        }
+        size += len + 8;
+    };
+    for s in a.secrets {
+        room(&mut out, s.encoded_len());
+        out.last_mut().expect("a chunk").secrets.push(s);
+    }
+    for k in a.removed_secrets {
+        room(&mut out, k.encoded_len());
+        out.last_mut().expect("a chunk").removed_secrets.push(k);
+    }
+    for t in a.tasks {
+        room(&mut out, t.encoded_len());
+        out.last_mut().expect("a chunk").tasks.push(t);
+    }
+    for id in a.removed_tasks {
+        room(&mut out, id.len());
+        out.last_mut().expect("a chunk").removed_tasks.push(id);
+    }
+    let n = out.len();
+    for (i, c) in out.iter_mut().enumerate() {
+        c.more = i + 1 < n;
+    }
+    out
+}
+
+/// Streams `node`'s assignments down `tx` until the session ends, recording
+/// in `progress` what was sent.
 pub(crate) async fn stream(
     store: Store,
     secrets: SecretsCache,
     node: NodeId,
     tx: mpsc::Sender<Result<SessionMessage, Status>>,
+    progress: Arc<Mutex<crate::dispatcher::Progress>>,
 ) {
     let mut applied = store.applied_watch();
+    let mut seq = 0u64;
     let mut sent = Set { tasks: BTreeMap::new(), secrets: BTreeSet::new() };
     let mut full = true;
     loop {
@@ -142,7 +202,8 @@ pub(crate) async fn stream(
                 continue;
             }
             if let Some(data) = open_secret(&view, &secrets, key) {
-                msg.secrets.push(SecretValue { id: key.0.clone(), version: key.1, data: data.to_vec() });
+                let data = bytes::Bytes::from_owner(Wiped(data));
+                msg.secrets.push(SecretValue { id: key.0.clone(), version: key.1, data });
                 delivered.insert(key.clone());
             }
         }
@@ -163,10 +224,14 @@ pub(crate) async fn stream(
             for s in &msg.secrets {
                 tracing::info!(node.id = %node, secret.id = %s.id, version = s.version, "secret delivered to node");
             }
-            let out = SessionMessage { assignments: Some(msg), ..Default::default() };
-            if tx.send(Ok(out)).await.is_err() {
-                return;
+            for part in chunk(msg) {
+                seq += 1;
+                let out = SessionMessage { assignments: Some(part), seq, ..Default::default() };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
             }
+            progress.lock().expect("progress lock").sent(seq);
             sent = Set { tasks: now.tasks, secrets: delivered };
             full = false;
         }
@@ -178,29 +243,41 @@ pub(crate) async fn stream(
 }
 
 /// Tasks' output, in memory on the manager holding each node's session:
-/// the last [`LINES`] lines per task. Never written to disk (it may echo secrets).
+/// the last [`LINES`] lines and at most [`BYTES`] per task. Never written to
+/// disk (it may echo secrets).
 #[derive(Clone, Default)]
-pub struct TaskLogs(Arc<Mutex<HashMap<TaskId, VecDeque<String>>>>);
+pub struct TaskLogs(Arc<Mutex<HashMap<TaskId, TaskOutput>>>);
+
+/// One task's lines, and their bytes.
+type TaskOutput = (VecDeque<String>, usize);
 
 /// Lines kept per task.
 pub const LINES: usize = 1000;
+/// Bytes kept per task.
+pub const BYTES: usize = 1 << 20;
 
 impl TaskLogs {
-    /// Appends lines of `task`.
+    /// Appends lines of `task` (each cut to 4 KiB), dropping its oldest ones
+    /// beyond [`LINES`] or [`BYTES`].
     pub fn push(&self, task: TaskId, lines: Vec<String>) {
         let mut m = self.0.lock().expect("logs lock");
-        let q = m.entry(task).or_default();
+        let (q, bytes) = m.entry(task).or_default();
         for l in lines {
-            if q.len() == LINES {
-                q.pop_front();
+            let l = crate::limits::truncate(&l, crate::limits::MAX_LOG_LINE);
+            *bytes += l.len();
+            q.push_back(l);
+            while q.len() > LINES || *bytes > BYTES {
+                match q.pop_front() {
+                    Some(old) => *bytes -= old.len(),
+                    None => break,
+                }
             }
-            q.push_back(l.chars().take(4096).collect());
         }
     }
 
     /// The lines of `task`.
     pub fn get(&self, task: &TaskId) -> Vec<String> {
-        self.0.lock().expect("logs lock").get(task).map(|q| q.iter().cloned().collect()).unwrap_or_default()
+        self.0.lock().expect("logs lock").get(task).map(|(q, _)| q.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// Whether no output is held.

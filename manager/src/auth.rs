@@ -1,31 +1,30 @@
-//! Who is calling, and may they.
+//! Who is calling, and may they (invariants 3 and 10).
 //!
-//! Every accepted connection is wrapped in a [`Conn`] that carries a
-//! [`ConnInfo`]: `Local` for the unix control socket (file permissions already
-//! decided), `Anonymous` for a TLS client without a certificate, or `Node` with
-//! the identity read from its verified certificate. tonic puts it into each
+//! Every accepted connection carries a [`ConnInfo`] (see [`crate::conn`]):
+//! `Local` for the unix control socket (file permissions already decided),
+//! `Anonymous` for a TLS client without a certificate, or `Node` with the
+//! identity read from its verified certificate. tonic puts it into each
 //! request's extensions, and every RPC handler asks the [`Authorizer`] before
-//! doing anything. The role always comes from the certificate, never from a
-//! request field. Only `GetRootCa` and `IssueNodeCertificate` skip the check.
+//! doing anything. Only `GetRootCa` and `IssueNodeCertificate` skip the check.
+//!
+//! A certificate is necessary, never sufficient: each RPC checks again that
+//! it has not expired (connections outlive handshakes), that the deny-list
+//! does not refuse it, and — for the powers of a manager — that the store
+//! lists the caller as a manager *now* and raft counts it as a member. A
+//! demoted manager's certificate is refused at once, whatever its OU says.
 
-use std::io;
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use rustls::ServerConfig;
-use swarmd_certs::tls::{DenyList, PeerIdentity};
-use swarmd_certs::{ClusterId, Role};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use swarmd_certs::tls::{DenyList, DenyReason, PeerIdentity};
+use swarmd_certs::{ClusterId, NodeId, Role};
+use swarmd_proto::NODE_REMOVED_METADATA;
 use tonic::{Request, Status};
+
+use crate::ca_service::now_unix;
+use crate::raft::Raft;
+use crate::state::{NodeRecord, StateView};
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]
@@ -47,134 +46,41 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
 }
 
-/// An accepted connection and what we know about its peer.
-pub struct Conn<S> {
-    io: S,
-    info: ConnInfo,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
-impl<S> Connected for Conn<S> {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts TCP connections and completes TLS handshakes (each in its own task,
-/// so a slow client cannot stall others), with the newest configuration
-/// published on `tls`. Handshake failures — including certificates refused by
-/// the verifier — are logged and dropped.
-pub fn tls_incoming(
-    listener: TcpListener,
-    tls: watch::Receiver<Arc<ServerConfig>>,
-) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
-    let (tx, rx) = mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.borrow().clone());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let caller = match stream.get_ref().1.peer_certificates() {
-                            Some(chain) => match PeerIdentity::from_chain(chain) {
-                                Some(id) => Caller::Node(id),
-                                None => return,
-                            },
-                            None => Caller::Anonymous,
-                        };
-                        let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote) } };
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// Accepts connections on the local control socket.
-pub fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<Conn<UnixStream>>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            match accepted {
-                Ok((s, _)) => {
-                    let conn = Conn { io: s, info: ConnInfo { caller: Caller::Local, remote: None } };
-                    if tx.send(Ok(conn)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
+/// The status a removed node gets: PERMISSION_DENIED with the
+/// [`NODE_REMOVED_METADATA`] key, the typed signal a worker acts on.
+pub fn removed_status(node: &NodeId) -> Status {
+    let mut s = Status::permission_denied(format!("node {node} was removed from the cluster"));
+    s.metadata_mut().insert(NODE_REMOVED_METADATA, node.as_str().parse().expect("node IDs are ASCII"));
+    s
 }
 
 /// Decides per RPC whether the caller may proceed.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Authorizer {
     cluster_id: ClusterId,
     deny: DenyList,
+    view: StateView,
+    raft: Raft,
+    /// Managers a joining manager trusts before its own store has caught up
+    /// (from the manager that handed it the data key).
+    bootstrap: Arc<RwLock<HashSet<NodeId>>>,
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorizer").field("cluster_id", &self.cluster_id).finish()
+    }
 }
 
 impl Authorizer {
-    /// Checks callers against this cluster and deny-list.
-    pub fn new(cluster_id: ClusterId, deny: DenyList) -> Self {
-        Self { cluster_id, deny }
+    /// Checks callers against this cluster, deny-list, replicated state and raft membership.
+    pub fn new(cluster_id: ClusterId, deny: DenyList, view: StateView, raft: Raft) -> Self {
+        Self { cluster_id, deny, view, raft, bootstrap: Arc::default() }
+    }
+
+    /// Until this manager's store holds the cluster: the managers to accept.
+    pub fn set_bootstrap_managers(&self, ids: HashSet<NodeId>) {
+        *self.bootstrap.write().expect("bootstrap lock") = ids;
     }
 
     /// The connection information of a request.
@@ -182,11 +88,10 @@ impl Authorizer {
         req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo { caller: Caller::Anonymous, remote: None })
     }
 
-    /// Requires a node certificate with one of `roles`; returns its identity.
-    ///
-    /// UNAUTHENTICATED without a certificate, PERMISSION_DENIED for another role,
-    /// another cluster, a removed node or the local socket.
-    pub fn require<T>(&self, req: &Request<T>, roles: &[Role]) -> Result<PeerIdentity, Status> {
+    /// A node certificate of this cluster, unexpired and not refused by the
+    /// deny-list: UNAUTHENTICATED without one or once it expired,
+    /// PERMISSION_DENIED otherwise (with [`NODE_REMOVED_METADATA`] for a removed node).
+    pub fn node<T>(&self, req: &Request<T>) -> Result<PeerIdentity, Status> {
         match Self::info(req).caller {
             Caller::Anonymous => Err(Status::unauthenticated("this RPC requires a node certificate (mutual TLS)")),
             Caller::Local => Err(Status::permission_denied("this RPC is for cluster nodes, not the control socket")),
@@ -194,29 +99,99 @@ impl Authorizer {
                 if id.cluster_id != self.cluster_id {
                     return Err(Status::permission_denied("certificate belongs to another cluster"));
                 }
-                if self.deny.contains(&id.node_id) {
-                    return Err(Status::permission_denied(format!("node {} was removed from the cluster", id.node_id)));
+                if now_unix() >= id.not_after {
+                    return Err(Status::unauthenticated(format!(
+                        "the certificate of {} expired; renew it or get a new one",
+                        id.node_id
+                    )));
                 }
-                if !roles.contains(&id.role) {
-                    return Err(Status::permission_denied(format!("a {} certificate cannot call this RPC", id.role)));
+                match self.deny.check(&id.node_id, &id.serial) {
+                    Some(DenyReason::NodeRemoved) => Err(removed_status(&id.node_id)),
+                    Some(DenyReason::CertificateRevoked) => {
+                        Err(Status::permission_denied(format!("certificate {} was revoked", id.serial)))
+                    }
+                    None => Ok(id),
                 }
-                Ok(id)
             }
         }
     }
 
-    /// Requires an administrator: the local control socket, an admin
-    /// certificate, or a manager certificate (managers forward to each other).
+    /// Requires a node certificate with one of `roles`; returns its identity.
+    pub fn require<T>(&self, req: &Request<T>, roles: &[Role]) -> Result<PeerIdentity, Status> {
+        let id = self.node(req)?;
+        if !roles.contains(&id.role) {
+            return Err(Status::permission_denied(format!("a {} certificate cannot call this RPC", id.role)));
+        }
+        Ok(id)
+    }
+
+    /// Whether this manager's store holds the cluster yet (a joining manager's
+    /// does not until raft has brought it up to date).
+    fn store_ready(&self) -> bool {
+        matches!(self.view.cluster(), Ok(Some(_)))
+    }
+
+    /// A manager certificate of a node the store lists as a manager now (or,
+    /// while this manager's store is still empty, one of the bootstrap managers).
+    /// Returns its record, `None` during bootstrap.
+    pub fn require_manager<T>(&self, req: &Request<T>) -> Result<(PeerIdentity, Option<NodeRecord>), Status> {
+        let id = self.require(req, &[Role::Manager])?;
+        if !self.store_ready() {
+            if self.bootstrap.read().expect("bootstrap lock").contains(&id.node_id) {
+                return Ok((id, None));
+            }
+            return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+        }
+        match self.view.node(&id.node_id) {
+            Ok(Some(rec)) if rec.role == Role::Manager => Ok((id, Some(rec))),
+            Ok(Some(_)) => Err(Status::permission_denied(format!("node {} is no longer a manager", id.node_id))),
+            Ok(None) => Err(Status::permission_denied(format!("node {} is not a member of the cluster", id.node_id))),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
+    /// A current manager that raft counts as a member (voter or learner).
+    /// Returns its raft ID (`None` during bootstrap, see [`Self::require_manager`]).
+    pub fn require_raft_member<T>(&self, req: &Request<T>) -> Result<(PeerIdentity, Option<u64>), Status> {
+        let (id, rec) = self.require_manager(req)?;
+        let Some(rec) = rec else { return Ok((id, None)) };
+        let member = rec.raft_id.filter(|r| {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let members = m.membership_config.membership();
+            members.voter_ids().any(|v| v == *r) || members.learner_ids().any(|l| l == *r)
+        });
+        match member {
+            Some(r) => Ok((id, Some(r))),
+            None => Err(Status::permission_denied(format!("node {} is not a raft member", id.node_id))),
+        }
+    }
+
+    /// Requires an administrator: the local control socket, a recorded and
+    /// unrevoked admin certificate, or a current manager that is a raft member
+    /// (managers forward to each other).
     pub fn require_admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let refuse = |s: Status| Status::new(s.code(), format!("control API: {}", s.message()));
         match Self::info(req).caller {
             Caller::Local => Ok(()),
             Caller::Anonymous => Err(Status::unauthenticated(
                 "the control API requires the local socket or an administrator certificate",
             )),
-            Caller::Node(_) => self
-                .require(req, &[Role::Manager, Role::Admin])
-                .map(|_| ())
-                .map_err(|s| Status::permission_denied(format!("control API: {}", s.message()))),
+            Caller::Node(ref peer) if peer.role == Role::Admin => {
+                let id = self.node(req).map_err(refuse)?;
+                match self.view.admin_cert(&id.serial) {
+                    Ok(Some(rec)) if rec.revoked_at.is_none() && rec.id == id.node_id => Ok(()),
+                    Ok(Some(rec)) if rec.revoked_at.is_some() => {
+                        Err(Status::permission_denied(format!("control API: certificate {} was revoked", id.serial)))
+                    }
+                    Ok(_) => Err(Status::permission_denied(format!(
+                        "control API: admin certificate {} is not known to this cluster",
+                        id.serial
+                    ))),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                }
+            }
+            Caller::Node(_) => self.require_raft_member(req).map(|_| ()).map_err(refuse),
         }
     }
 }

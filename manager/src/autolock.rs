@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::auth::unix_incoming;
 use crate::cluster::SecretsCache;
 use crate::config::ManagerConfig;
+use crate::conn::unix_incoming;
 use crate::error::ManagerError;
 use crate::keys::{purpose, KeyDir, Sealed, SymmetricKey, UnlockKey};
 

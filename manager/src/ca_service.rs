@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
+use crate::limits::{NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
@@ -29,13 +30,26 @@ pub struct CaService {
     store: Store,
     secrets: SecretsCache,
     auth: Authorizer,
+    limits: NodeLimits,
     advertise: String,
 }
 
 impl CaService {
-    /// The service, ready to mount.
-    pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, advertise: String) -> CaServer<Self> {
-        CaServer::new(Self { store, secrets, auth, advertise })
+    /// The service, ready to mount; renewals spend the caller's `limits`.
+    pub fn new(
+        store: Store,
+        secrets: SecretsCache,
+        auth: Authorizer,
+        limits: NodeLimits,
+        advertise: String,
+    ) -> CaServer<Self> {
+        CaServer::new(Self { store, secrets, auth, limits, advertise })
+            .max_decoding_message_size(crate::limits::MAX_NODE_REQUEST)
+    }
+
+    fn manager_ids(&self) -> Vec<String> {
+        let managers = self.store.view().managers().unwrap_or_default();
+        managers.into_iter().filter(|m| m.raft_id.is_some()).map(|m| m.id.to_string()).collect()
     }
 
     fn managers(&self) -> Vec<String> {
@@ -114,17 +128,21 @@ impl ca_server::Ca for CaService {
             certificate_pem: issued.pem,
             ca_bundle_pem: secrets.ca.bundle_pem().to_owned(),
             managers: self.managers(),
+            manager_ids: self.manager_ids(),
         }))
     }
 
-    /// Worker or manager certificate. NOT_FOUND if the node no longer exists;
-    /// INVALID_ARGUMENT for a bad CSR; UNAVAILABLE without a raft leader.
+    /// Worker or manager certificate, for the node's current role.
+    /// UNAVAILABLE if this manager does not know the node yet, or without a
+    /// raft leader; INVALID_ARGUMENT for a bad CSR; RESOURCE_EXHAUSTED past the
+    /// node's renewal budget.
     #[tracing::instrument(skip_all)]
     async fn renew_node_certificate(
         &self,
         req: Request<RenewNodeCertificateRequest>,
     ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
         let peer = self.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        self.limits.spend(&peer.node_id, Spend::Renewals, 1.0)?;
         let record = self.store.member(&peer.node_id)?;
         let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
         self.store
@@ -132,6 +150,8 @@ impl ca_server::Ca for CaService {
                 node: peer.node_id.clone(),
                 serial: issued.serial.clone(),
                 not_after: issued.not_after,
+                role: record.role,
+                at: now_unix(),
             })
             .await?;
         tracing::info!(node.id = %peer.node_id, serial = %issued.serial, "certificate renewed");

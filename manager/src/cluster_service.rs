@@ -1,10 +1,16 @@
 //! The `Cluster` gRPC service: what managers ask of each other besides raft.
+//!
+//! Every RPC here wants a manager certificate of a node the store lists as a
+//! manager now; `JoinRaft` on another's behalf and `Propose` also want a raft
+//! member. A forwarded write is re-authorized by the leader: only the commands
+//! a manager proposes for a client or a node it serves are accepted (see
+//! [`check_forwarded`]), never raft's or the leader's own.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use openraft::{BasicNode, ChangeMembers};
-use swarmd_certs::Role;
+use swarmd_certs::{NodeId, Role};
 use swarmd_proto::cluster::cluster_client::ClusterClient;
 use swarmd_proto::cluster::cluster_server::{self, ClusterServer};
 use swarmd_proto::cluster::{
@@ -44,31 +50,82 @@ fn manager_record(store: &Store, id: &swarmd_certs::NodeId) -> Result<crate::sta
     Ok(rec)
 }
 
+/// Whether `cmd`, forwarded by manager `from`, is one a follower proposes on
+/// behalf of a client or of a node whose session or request it serves.
+pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String> {
+    match cmd {
+        // Control API writes (secretctl through a follower).
+        Command::CreateSecret { .. }
+        | Command::AddSecretVersion { .. }
+        | Command::RemoveSecret { .. }
+        | Command::CreateService(_)
+        | Command::UpdateService { .. }
+        | Command::RemoveService { .. }
+        | Command::UpdateNode { .. }
+        | Command::SetRole { role: Role::Manager, .. }
+        | Command::RemoveNodes { .. }
+        | Command::RotateJoinToken { .. }
+        | Command::SetAutolock { .. }
+        | Command::RecordAdminCert(_)
+        | Command::RevokeAdminCert { .. } => Ok(()),
+        // Joins, renewals and task reports of the nodes a follower serves.
+        Command::AddNode(_) | Command::RecordCert { .. } | Command::TaskStatus { .. } => Ok(()),
+        // Liveness: a manager reports only what its own sessions saw.
+        Command::SetStatus(changes) => match changes.iter().find(|c| c.reporter != *from) {
+            None => Ok(()),
+            Some(c) => Err(format!("manager {from} cannot report liveness as {}", c.reporter)),
+        },
+        Command::InitCluster { .. }
+        | Command::SetRaftMember { .. }
+        | Command::SetRole { .. }
+        | Command::AddDataKey { .. }
+        | Command::Reseal { .. }
+        | Command::RetireDataKeys { .. }
+        | Command::Schedule { .. }
+        | Command::Batch(_) => Err("this command is the leader's own and cannot be forwarded".into()),
+    }
+}
+
 #[tonic::async_trait]
 impl cluster_server::Cluster for ClusterService {
     /// Manager certificate of a node the store lists as a manager. UNAVAILABLE
     /// while this manager has not caught up.
     #[tracing::instrument(skip_all)]
     async fn get_data_key(&self, req: Request<GetDataKeyRequest>) -> Result<Response<GetDataKeyResponse>, Status> {
-        let peer = self.auth.require(&req, &[Role::Manager])?;
-        manager_record(&self.store, &peer.node_id)?;
+        let (peer, rec) = self.auth.require_manager(&req)?;
+        if rec.is_none() {
+            return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+        }
         self.secrets.get()?;
+        let view = self.store.view();
+        let internal = |e: crate::state::StateError| Status::internal(e.to_string());
+        let denied = view.denied().map_err(internal)?;
+        let managers = view.managers().map_err(internal)?;
         tracing::info!(node.id = %peer.node_id, "data key handed to a manager");
-        Ok(Response::new(GetDataKeyResponse { key: self.secrets.keyring().encode().to_vec() }))
+        Ok(Response::new(GetDataKeyResponse {
+            key: self.secrets.keyring().encode().to_vec(),
+            manager_ids: managers.into_iter().filter(|m| m.raft_id.is_some()).map(|m| m.id.to_string()).collect(),
+            denied_nodes: denied.nodes.into_iter().map(|n| n.to_string()).collect(),
+            denied_serials: denied.serials.into_iter().collect(),
+        }))
     }
 
     /// Manager certificate. Forwarded to the leader; the leader adds the caller
     /// as a learner, waits until it has caught up, then makes it a voter.
     #[tracing::instrument(skip_all, fields(raft_id = req.get_ref().raft_id))]
     async fn join_raft(&self, req: Request<JoinRaftRequest>) -> Result<Response<JoinRaftResponse>, Status> {
-        let peer = self.auth.require(&req, &[Role::Manager])?;
-        let JoinRaftRequest { raft_id, addr, node_id } = req.into_inner();
-        // Managers are trusted to act for a joiner they forward; anyone else is the joiner.
-        let joiner = if node_id.is_empty() {
-            peer.node_id.clone()
+        // A raft member may act for a joiner it forwards; anyone else is the joiner.
+        let joiner = if req.get_ref().node_id.is_empty() {
+            let (peer, rec) = self.auth.require_manager(&req)?;
+            if rec.is_none() {
+                return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+            }
+            peer.node_id
         } else {
-            node_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?
+            self.auth.require_raft_member(&req)?;
+            req.get_ref().node_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?
         };
+        let JoinRaftRequest { raft_id, addr, .. } = req.into_inner();
         if raft_id == 0 || addr.is_empty() {
             return Err(Status::invalid_argument("raft_id and addr are required"));
         }
@@ -97,12 +154,15 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(JoinRaftResponse {}))
     }
 
-    /// Manager certificate. FAILED_PRECONDITION if the state machine refuses the
-    /// command; UNAVAILABLE if this manager is not (or no longer) the leader.
+    /// A current manager that is a raft member. PERMISSION_DENIED for a command
+    /// that cannot be forwarded (see [`check_forwarded`]); FAILED_PRECONDITION if
+    /// the state machine refuses the command; UNAVAILABLE if this manager is not
+    /// (or no longer) the leader.
     async fn propose(&self, req: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
-        self.auth.require(&req, &[Role::Manager])?;
+        let (peer, _) = self.auth.require_raft_member(&req)?;
         let cmd: Command = bincode::deserialize(&req.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        check_forwarded(&cmd, &peer.node_id).map_err(Status::permission_denied)?;
         let (result, log_index) = match self.store.propose_local(cmd).await {
             Ok(index) => (CommandResult::Ok, index),
             Err(StoreError::Rejected(why)) => (CommandResult::Rejected(why), 0),

@@ -1,8 +1,9 @@
 //! The `Control` gRPC service behind secretctl.
 //!
 //! Served twice: on the unix control socket (callers are `Local`) and on the
-//! mTLS port, where only manager certificates are admitted. Worker certificates
-//! and anonymous clients are refused on every RPC.
+//! mTLS port, where recorded, unrevoked admin certificates and the certificates
+//! of current managers that are raft members are admitted. Worker certificates,
+//! demoted managers and anonymous clients are refused on every RPC.
 
 use swarmd_certs::{JoinToken, NodeId, Role};
 use swarmd_proto::control::control_server::{self, ControlServer};
@@ -16,19 +17,22 @@ use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
 use crate::keys::{purpose, UnlockKey};
-use crate::state::{check_label, Availability, Command, NodeRecord, NodeStatus};
+use crate::state::{check_label, AdminCertRecord, Availability, Command, NodeRecord, NodeStatus};
 use crate::store::Peers;
 use crate::store::Store;
 use openraft::ChangeMembers;
 use std::collections::BTreeSet;
 use swarmd_proto::control::control_client::ControlClient;
 use swarmd_proto::control::{
+    AdminCertificate, ListAdminCertificatesRequest, ListAdminCertificatesResponse, RemoveNodeRequest,
+    RemoveNodeResponse, RevokeAdminCertificateRequest,
+};
+use swarmd_proto::control::{
     CreateSecretRequest, GetSecretRequest, GetUnlockKeyRequest, GetUnlockKeyResponse, IssueAdminCertificateRequest,
     IssueAdminCertificateResponse, ListSecretsRequest, ListSecretsResponse, RemoveSecretResponse, RotateDataKeyRequest,
     RotateDataKeyResponse, Secret, UpdateClusterRequest, UpdateClusterResponse, UpdateSecretRequest,
     VerifySecretsRequest, VerifySecretsResponse,
 };
-use swarmd_proto::control::{RemoveNodeRequest, RemoveNodeResponse};
 
 use crate::secret_store;
 use crate::service_api;
@@ -37,7 +41,7 @@ use swarmd_proto::control::{
     Service, ServiceLogsRequest, ServiceLogsResponse, ServiceTasksResponse, UpdateServiceRequest,
 };
 
-/// Longest life of an admin certificate (revocation is by expiry).
+/// Longest life of an admin certificate.
 const MAX_ADMIN_CERT: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
 
 /// The control API.
@@ -132,6 +136,17 @@ impl ControlService {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+fn admin_cert_to_wire(c: AdminCertRecord) -> AdminCertificate {
+    AdminCertificate {
+        serial: c.serial,
+        id: c.id.to_string(),
+        issued_at: c.issued_at,
+        not_after: c.not_after,
+        revoked: c.revoked_at.is_some(),
+        revoked_at: c.revoked_at.unwrap_or(0),
+    }
 }
 
 #[tonic::async_trait]
@@ -269,13 +284,65 @@ impl control_server::Control for ControlService {
         let issued =
             s.ca.sign_node(&r.csr_pem, &id, Role::Admin, validity)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(admin.id = %id, not_after = issued.not_after, "admin certificate issued");
+        // Recorded before it is handed out: an admin certificate the store does
+        // not know is refused, and a recorded one can be revoked.
+        let record = AdminCertRecord {
+            serial: issued.serial.clone(),
+            id: id.clone(),
+            issued_at: crate::ca_service::now_unix(),
+            not_after: issued.not_after,
+            revoked_at: None,
+        };
+        self.store.propose(Command::RecordAdminCert(record)).await?;
+        tracing::info!(admin.id = %id, serial = %issued.serial, not_after = issued.not_after, "admin certificate issued");
         Ok(Response::new(IssueAdminCertificateResponse {
             certificate_pem: issued.pem,
             ca_pem: s.ca.bundle_pem().to_owned(),
             id: id.to_string(),
             not_after: issued.not_after,
         }))
+    }
+
+    /// Administrator only. Expired certificates are left out.
+    async fn list_admin_certificates(
+        &self,
+        req: Request<ListAdminCertificatesRequest>,
+    ) -> Result<Response<ListAdminCertificatesResponse>, Status> {
+        self.auth.require_admin(&req)?;
+        let now = crate::ca_service::now_unix();
+        let mut certificates: Vec<_> = self
+            .store
+            .view()
+            .admin_certs()
+            .map_err(internal)?
+            .into_iter()
+            .filter(|c| c.not_after > now)
+            .map(admin_cert_to_wire)
+            .collect();
+        certificates.sort_by_key(|c| c.issued_at);
+        Ok(Response::new(ListAdminCertificatesResponse { certificates }))
+    }
+
+    /// Administrator only. INVALID_ARGUMENT for a malformed serial,
+    /// FAILED_PRECONDITION for an unknown one. Every manager refuses the
+    /// certificate once it applies the revocation, and closes its connections.
+    async fn revoke_admin_certificate(
+        &self,
+        req: Request<RevokeAdminCertificateRequest>,
+    ) -> Result<Response<AdminCertificate>, Status> {
+        self.auth.require_admin(&req)?;
+        let serial = req.get_ref().serial.trim().to_ascii_lowercase();
+        crate::state::check_serial(&serial).map_err(Status::invalid_argument)?;
+        let at = crate::ca_service::now_unix();
+        self.store.propose(Command::RevokeAdminCert { serial: serial.clone(), at }).await?;
+        tracing::warn!(serial = %serial, "admin certificate revoked");
+        let rec = self
+            .store
+            .view()
+            .admin_cert(&serial)
+            .map_err(internal)?
+            .ok_or_else(|| Status::internal("the revoked certificate's record is gone"))?;
+        Ok(Response::new(admin_cert_to_wire(rec)))
     }
 
     /// Administrator only.
@@ -491,7 +558,8 @@ impl control_server::Control for ControlService {
                 n.id
             )));
         }
-        self.store.propose(Command::RemoveNodes { nodes: vec![n.id.clone()], deny_until: n.cert_not_after }).await?;
+        let deny_until = crate::membership::deny_until(&n, &self.secrets)?;
+        self.store.propose(Command::RemoveNodes { nodes: vec![n.id.clone()], deny_until }).await?;
         tracing::info!(node.id = %n.id, "node removed");
         Ok(Response::new(RemoveNodeResponse { id: n.id.to_string() }))
     }

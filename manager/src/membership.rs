@@ -16,7 +16,7 @@ use crate::config::{ManagerConfig, CONFIG_FILE};
 use crate::node::io_err;
 use crate::raft;
 use crate::state::{Command, NodeRecord, StateView};
-use crate::store::{Peers, Store};
+use crate::store::Store;
 use crate::{Manager, ManagerError};
 
 impl Manager {
@@ -94,20 +94,39 @@ impl Demotion {
     }
 }
 
-/// Stops the manager once it has been demoted and the leader no longer counts
-/// it as a voter, with a worker identity prepared while it still has the CA.
+/// Whether the leader can finish removing raft member `me` without it: `me`
+/// is no voter of the effective membership, or that membership is the joint
+/// one that drops it and `me` has seen it committed (a joint configuration
+/// needs a majority of the old voters too, which may include `me`).
+fn released_by_raft(m: &openraft::RaftMetrics<u64, openraft::BasicNode>, me: u64) -> bool {
+    let stored = &m.membership_config;
+    let membership = stored.membership();
+    if !membership.voter_ids().any(|v| v == me) {
+        return true;
+    }
+    let joint = membership.get_joint_config();
+    let committed = match (stored.log_id(), m.last_applied) {
+        (Some(at), Some(applied)) => applied.index >= at.index,
+        _ => false,
+    };
+    joint.len() == 2 && !joint[1].contains(&me) && committed
+}
+
+/// Stops the manager once it has been demoted and raft no longer needs it,
+/// with a worker identity prepared while it still has the CA.
+///
+/// The demotion refused this manager's manager certificates cluster-wide at
+/// once, so it cannot ask anyone: it watches its own raft state, which the
+/// leader keeps replicating to it until the membership change is through.
 pub(crate) async fn watch_demotion(
     store: Store,
     secrets: SecretsCache,
-    peers: Peers,
     cfg: ManagerConfig,
     mut applied: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
     out: Arc<std::sync::Mutex<Option<Demotion>>>,
 ) {
-    use swarmd_proto::control::control_client::ControlClient;
     let me = cfg.node_id.clone();
-    let my_raft_id = format!("{:016x}", cfg.raft_id);
     loop {
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
@@ -115,15 +134,8 @@ pub(crate) async fn watch_demotion(
             _ = stop.cancelled() => return,
         }
         let demoted = matches!(store.view().node(&me), Ok(Some(n)) if n.role == Role::Worker);
-        if !demoted {
+        if !demoted || !released_by_raft(&store.raft().metrics().borrow(), cfg.raft_id) {
             continue;
-        }
-        // Still needed for the membership change until the leader has dropped us.
-        let Some(leader) = store.leader_addr() else { continue };
-        let info = ControlClient::new(peers.channel(&leader)).info(swarmd_proto::control::InfoRequest {}).await;
-        match info {
-            Ok(i) if !i.get_ref().voters.contains(&my_raft_id) && i.get_ref().leader_raft_id != my_raft_id => {}
-            _ => continue,
         }
         match prepare_demotion(&store, &secrets, &cfg) {
             Ok(d) => {
@@ -159,21 +171,41 @@ fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) 
         remotes,
         listen_addr: Some(cfg.listen_addr.clone()),
         runtime: None,
+        managers: store
+            .view()
+            .managers()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|m| m.raft_id.is_some() && m.id != cfg.node_id)
+            .map(|m| m.id)
+            .collect(),
     };
     Ok(Demotion { identity, worker })
 }
 
-/// Keeps the TLS deny-list equal to the replicated one.
+/// Keeps the TLS deny-list equal to the replicated one (once this manager's
+/// store holds the cluster: a joining manager keeps the list it was handed
+/// until then), and closes the connections it starts to refuse.
 pub(crate) async fn follow_deny_list(
     view: StateView,
     deny: DenyList,
+    conns: crate::conn::ConnRegistry,
     mut applied: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
     loop {
-        match view.denied() {
-            Ok(set) => deny.replace(set),
-            Err(e) => tracing::error!(error = %e, "cannot read the deny-list"),
+        if matches!(view.cluster(), Ok(Some(_))) {
+            match view.denied() {
+                Ok(set) => {
+                    if deny.replace(set) {
+                        let closed = conns.close_denied(&deny);
+                        if closed > 0 {
+                            tracing::warn!(closed, "closed the connections of removed nodes and revoked certificates");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the deny-list"),
+            }
         }
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
@@ -182,8 +214,22 @@ pub(crate) async fn follow_deny_list(
     }
 }
 
+/// Until when a removed node's ID must be refused: past every certificate it
+/// may hold — the last one recorded, and any signed without a record (a demoted
+/// manager signs its own worker certificate), which lives at most the cluster's
+/// certificate lifetime from now.
+pub(crate) fn deny_until(node: &NodeRecord, secrets: &SecretsCache) -> Result<i64, tonic::Status> {
+    let validity = secrets.get()?.validity.duration().as_secs() as i64;
+    Ok(node.cert_not_after.max(crate::ca_service::now_unix() + validity + 60))
+}
+
 /// After a forced new cluster: removes every other manager once this one leads.
-pub(crate) async fn forget_other_managers(store: Store, me: NodeId, shutdown: CancellationToken) {
+pub(crate) async fn forget_other_managers(
+    store: Store,
+    secrets: SecretsCache,
+    me: NodeId,
+    shutdown: CancellationToken,
+) {
     loop {
         let others: Vec<NodeRecord> = store
             .view()
@@ -195,7 +241,11 @@ pub(crate) async fn forget_other_managers(store: Store, me: NodeId, shutdown: Ca
         if others.is_empty() {
             return;
         }
-        let deny_until = others.iter().map(|n| n.cert_not_after).max().unwrap_or(0);
+        let Ok(deny_until) = others.iter().map(|n| deny_until(n, &secrets)).try_fold(0, |a, d| d.map(|d| a.max(d)))
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
         let ids = others.iter().map(|n| n.id.clone()).collect();
         match store.propose(Command::RemoveNodes { nodes: ids, deny_until }).await {
             Ok(()) => {

@@ -14,12 +14,13 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::auth::{tls_incoming, unix_incoming, Authorizer};
+use crate::auth::Authorizer;
 use crate::autolock::NodeKeyWrap;
 use crate::ca_service::{now_unix, CaService};
 use crate::cluster::SecretsCache;
 use crate::cluster_service::ClusterService;
 use crate::config::{default_advertise, InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
+use crate::conn::{tls_incoming, unix_incoming, ConnLimits, ConnRegistry};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
 use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey, UnlockKey};
@@ -56,6 +57,9 @@ pub struct Manager {
     applied: tokio::sync::watch::Receiver<u64>,
     /// Set by `recover --force-new-cluster`: once leader, remove the other managers.
     pub(crate) forget_other_managers: bool,
+    /// A joining manager's trust until its store catches up: the managers, from
+    /// the manager that handed it the data key.
+    bootstrap_managers: std::collections::HashSet<NodeId>,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
@@ -235,6 +239,7 @@ impl Manager {
             listener,
             applied,
             forget_other_managers: false,
+            bootstrap_managers: Default::default(),
         })
     }
 
@@ -270,7 +275,10 @@ impl Manager {
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
         let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone(), self.keydir.clone());
-        let auth = Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone());
+        let auth =
+            Authorizer::new(self.cfg.cluster_id.clone(), self.deny.clone(), self.view.clone(), self.raft.clone());
+        auth.set_bootstrap_managers(self.bootstrap_managers.clone());
+        let conns = ConnRegistry::default();
         let advertise = self.cfg.advertise_addr.clone();
         let me = self.cfg.node_id.clone();
         let tasks = shutdown.child_token();
@@ -296,27 +304,34 @@ impl Manager {
             self.applied.clone(),
             tasks.clone(),
         ));
-        tokio::spawn(follow_deny_list(self.view.clone(), self.deny.clone(), self.applied.clone(), tasks.clone()));
+        tokio::spawn(follow_deny_list(
+            self.view.clone(),
+            self.deny.clone(),
+            conns.clone(),
+            self.applied.clone(),
+            tasks.clone(),
+        ));
         tokio::spawn(raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()));
         if self.forget_other_managers {
-            tokio::spawn(forget_other_managers(store.clone(), me.clone(), tasks.clone()));
+            tokio::spawn(forget_other_managers(store.clone(), secrets.clone(), me.clone(), tasks.clone()));
         }
         tokio::spawn(watch_demotion(
             store.clone(),
             secrets.clone(),
-            peers.clone(),
             self.cfg.clone(),
             self.applied.clone(),
             shutdown.clone(),
             demotion.clone(),
         ));
         tokio::spawn(crate::scheduler::run(store.clone(), self.applied.clone(), tasks.clone()));
-        let (dispatcher, writer) = Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), me.clone());
+        let limits = crate::limits::NodeLimits::from_env();
+        let (dispatcher, writer) =
+            Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), limits.clone(), me.clone());
         tokio::spawn(writer.run(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
         tokio::spawn(dispatcher.clone().run_manager_updates(self.applied.clone(), tasks.clone()));
         tokio::spawn(dispatcher.clone().run_manager_probe(peers.clone(), tasks.clone()));
-        dispatcher.report(me.clone(), NodeStatus::Ready, Some(advertise.clone()), Some(hostname()));
+        dispatcher.report(me.clone(), NodeStatus::Ready, Some(advertise.clone()));
         let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: me.clone() };
         let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer)
             .with_key_wrap(self.wrap.clone());
@@ -333,7 +348,7 @@ impl Manager {
         let tcp = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), advertise))
+            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), limits, advertise))
             .add_service(dispatcher.service())
             .add_service(ControlService::new(
                 store.clone(),
@@ -344,7 +359,10 @@ impl Manager {
             ))
             .add_service(RaftService::new(self.raft.clone(), auth.clone()))
             .add_service(ClusterService::new(store.clone(), secrets.clone(), auth.clone(), peers.clone()))
-            .serve_with_incoming_shutdown(tls_incoming(self.listener, server_tls), shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                tls_incoming(self.listener, server_tls, ConnLimits::default(), conns),
+                shutdown.clone().cancelled_owned(),
+            );
         let local = Server::builder()
             .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth, peers))
             .add_service(crate::autolock::not_locked_service())
@@ -415,15 +433,19 @@ impl Manager {
             .await
             .map_err(|e| ManagerError::Join(format!("cannot reach {}: {e}", issued.addr)))?;
         let mut cluster = ClusterClient::new(chan);
-        let key = cluster
+        let handed = cluster
             .get_data_key(GetDataKeyRequest {})
             .await
             .map_err(|s| {
                 ManagerError::Join(format!("the manager at {} refused the data key: {}", issued.addr, s.message()))
             })?
-            .into_inner()
-            .key;
-        let key = zeroize::Zeroizing::new(key);
+            .into_inner();
+        let key = zeroize::Zeroizing::new(handed.key);
+        let bootstrap_managers = handed.manager_ids.iter().filter_map(|m| m.parse().ok()).collect();
+        let denied = swarmd_certs::tls::Denied {
+            nodes: handed.denied_nodes.iter().filter_map(|n| n.parse().ok()).collect(),
+            serials: handed.denied_serials.into_iter().collect(),
+        };
         let keyring = Keyring::decode(&key).ok_or_else(|| ManagerError::Join("malformed data keys".into()))?;
         drop(key);
         KeyDir::new(data_dir).create(&keyring)?;
@@ -440,8 +462,10 @@ impl Manager {
             control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
             raft: opts.raft.clone(),
         };
-        let manager =
+        let mut manager =
             Self::start(cfg.clone(), data_dir, issued.identity, (keydir, wrap, None), listener, &opts.raft).await?;
+        manager.bootstrap_managers = bootstrap_managers;
+        manager.deny.extend(denied);
         let run = tokio::spawn(manager.run(shutdown.clone()));
         let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
         req.set_timeout(Duration::from_secs(150));
@@ -490,7 +514,7 @@ impl Manager {
             raft: RaftSettings::default(),
         };
         let listener = bind(&opts.listen_addr).await?;
-        let issued = swarmd_worker::Issued { identity, addr, managers: wcfg.remotes };
+        let issued = swarmd_worker::Issued { identity, addr, managers: wcfg.remotes, manager_ids: wcfg.managers };
         let result = Self::join_in(&opts, listener, issued, shutdown).await;
         if result.is_err() && !data_dir.join(CONFIG_FILE).exists() {
             for d in ["keys", "raft"] {
@@ -526,6 +550,8 @@ impl CertIssuer for LocalIssuer {
                 node: self.node.clone(),
                 serial: issued.serial,
                 not_after: issued.not_after,
+                role: Role::Manager,
+                at: now_unix(),
             })
             .await
             .map_err(|e| e.to_string())?;

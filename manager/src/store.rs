@@ -209,13 +209,25 @@ impl Store {
         &self.view
     }
 
-    /// The record of `node`, a current member of the cluster: NOT_FOUND once it
-    /// was removed (or before it joined), INTERNAL if the store fails.
+    /// The record of `node`, a member of the cluster. A node this manager
+    /// does not know gets UNAVAILABLE (retry: a follower may not have applied
+    /// its join yet) or, on the leader, which has every committed write,
+    /// NOT_FOUND. Neither says the node was removed: removal is the deny-list's
+    /// to say (see [`crate::auth::removed_status`]). INTERNAL if the store fails.
     pub fn member(&self, node: &swarmd_certs::NodeId) -> Result<crate::state::NodeRecord, Status> {
-        self.view
-            .node(node)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::not_found(format!("node {node} is not part of the cluster")))
+        if let Some(rec) = self.view.node(node).map_err(|e| Status::internal(e.to_string()))? {
+            return Ok(rec);
+        }
+        let leads = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(m.id)
+        };
+        Err(if leads {
+            Status::not_found(format!("node {node} is not known to the cluster"))
+        } else {
+            Status::unavailable(format!("node {node} is not known to this manager yet; retry"))
+        })
     }
 
     /// The raft handle.

@@ -96,7 +96,13 @@ async fn snapshots_compact_the_log_and_state_survives_restart() {
         for i in 0..600u32 {
             let w = &workers[(i as usize) % workers.len()];
             store
-                .propose(Command::RecordCert { node: w.clone(), serial: format!("{i:x}"), not_after: i as i64 })
+                .propose(Command::RecordCert {
+                    node: w.clone(),
+                    serial: format!("{i:x}"),
+                    not_after: i as i64,
+                    role: Role::Worker,
+                    at: 0,
+                })
                 .await
                 .unwrap();
         }

@@ -5,6 +5,15 @@
 
 #![allow(clippy::all, missing_docs)]
 
+/// gRPC metadata key a manager sets on a PERMISSION_DENIED answer when the
+/// calling node was removed from the cluster. With the TLS alert
+/// `certificate_revoked` at the handshake, it is the only signal a node takes
+/// as its removal; a manager that merely does not know the node yet never sets it.
+pub const NODE_REMOVED_METADATA: &str = "swarmd-node-removed";
+
+/// The encoded file-descriptor set of every service here (to enumerate RPCs).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/swarmd_descriptor.bin"));
+
 /// The certificate authority: root CA download, join, renewal.
 pub mod ca {
     tonic::include_proto!("swarmd.ca");

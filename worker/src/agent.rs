@@ -158,7 +158,7 @@ impl Agent {
 
     fn apply(&mut self, a: Assignments) {
         for s in a.secrets {
-            self.secrets.insert((s.id, s.version), Zeroizing::new(s.data));
+            self.secrets.insert((s.id, s.version), Zeroizing::new(s.data.to_vec()));
         }
         let listed: HashSet<String> = a.tasks.iter().map(|t| t.id.clone()).collect();
         let mut stop: Vec<String> = a.removed_tasks.clone();

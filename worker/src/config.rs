@@ -25,6 +25,11 @@ pub struct WorkerConfig {
     /// The OCI runtime binary: `runc` (default) or `crun`.
     #[serde(default)]
     pub runtime: Option<String>,
+    /// Node IDs of the current managers, updated from sessions: the only
+    /// manager certificates this node accepts from a server (empty: any of the
+    /// cluster's, until the first session says).
+    #[serde(default)]
+    pub managers: Vec<NodeId>,
 }
 
 impl WorkerConfig {

@@ -106,8 +106,10 @@ pub struct Issued {
     pub identity: NodeIdentity,
     /// The manager that issued it.
     pub addr: String,
-    /// The managers it reported.
+    /// The managers it reported: addresses.
     pub managers: Vec<String>,
+    /// The managers it reported: node IDs.
+    pub manager_ids: Vec<swarmd_certs::NodeId>,
 }
 
 /// Steps 1 and 2 of a join, shared by workers and managers: pins the CA with the
@@ -144,6 +146,7 @@ async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) 
         .map_err(|s| refused_or_unreachable(addr, s))?
         .into_inner()
         .ca_bundle_pem;
+    // (The bootstrap connection is closed here: `boot` was moved and dropped.)
     if !token.pins(&bundle) {
         return Err(JoinError::DigestMismatch { addr: addr.to_owned() });
     }
@@ -174,12 +177,13 @@ async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) 
             identity.info.role
         )));
     }
-    Ok(Issued { identity, addr: addr.to_owned(), managers: resp.managers })
+    let manager_ids = resp.manager_ids.iter().filter_map(|m| m.parse().ok()).collect();
+    Ok(Issued { identity, addr: addr.to_owned(), managers: resp.managers, manager_ids })
 }
 
 /// Step 3: certs first, config last; on failure, removes what it wrote.
 fn persist(opts: &JoinOptions, issued: Issued) -> Result<(WorkerConfig, NodeIdentity), JoinError> {
-    let Issued { identity, managers, .. } = issued;
+    let Issued { identity, managers, manager_ids, .. } = issued;
     let cluster_id = identity.info.cluster_id.clone();
     let mut remotes = opts.remotes.clone();
     for m in managers {
@@ -193,6 +197,7 @@ fn persist(opts: &JoinOptions, issued: Issued) -> Result<(WorkerConfig, NodeIden
         remotes,
         listen_addr: opts.listen_addr.clone(),
         runtime: opts.runtime.clone(),
+        managers: manager_ids,
     };
     let certs = NodeIdentity::dir(&opts.data_dir);
     let persisted = std::fs::create_dir_all(&opts.data_dir)

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use swarmd_certs::dial::{lazy_channel, Remotes};
 use swarmd_certs::renew::{CertIssuer, Renewer};
-use swarmd_certs::tls::TlsCredentials;
+use swarmd_certs::tls::{ManagerSet, ServerChecks, TlsCredentials};
 use swarmd_certs::NodeIdentity;
 use swarmd_proto::ca::ca_client::CaClient;
 use swarmd_proto::ca::RenewNodeCertificateRequest;
@@ -51,13 +51,25 @@ pub struct Worker {
     data_dir: PathBuf,
     cfg: WorkerConfig,
     creds: Arc<TlsCredentials>,
+    /// The managers this worker accepts as servers, kept current by its sessions.
+    managers: ManagerSet,
+}
+
+/// A worker's TLS credentials: its identity, accepting as servers only the
+/// managers its config lists (once it lists any).
+fn credentials(cfg: &WorkerConfig, identity: NodeIdentity) -> Result<(Arc<TlsCredentials>, ManagerSet), WorkerError> {
+    let managers = ManagerSet::default();
+    managers.replace(cfg.managers.iter().cloned().collect());
+    let checks = ServerChecks { deny: None, managers: Some(managers.clone()) };
+    Ok((Arc::new(TlsCredentials::client_only(identity, checks)?), managers))
 }
 
 impl Worker {
     /// Joins a cluster and stores the new identity in `opts.data_dir`.
     pub async fn join(opts: JoinOptions) -> Result<Self, WorkerError> {
         let (cfg, identity) = join::join(&opts).await?;
-        Ok(Self { data_dir: opts.data_dir, cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
+        let (creds, managers) = credentials(&cfg, identity)?;
+        Ok(Self { data_dir: opts.data_dir, cfg, creds, managers })
     }
 
     /// Opens the worker stored in `data_dir`.
@@ -72,7 +84,8 @@ impl Worker {
                 cfg.node_id
             )));
         }
-        Ok(Self { data_dir: data_dir.to_owned(), cfg, creds: Arc::new(TlsCredentials::client_only(identity)?) })
+        let (creds, managers) = credentials(&cfg, identity)?;
+        Ok(Self { data_dir: data_dir.to_owned(), cfg, creds, managers })
     }
 
     /// This worker's node ID.
@@ -109,8 +122,14 @@ impl Worker {
                 );
             }
         });
-        let session =
-            session::SessionLoop::new(channel, remotes, self.data_dir.clone(), self.cfg.clone(), session_tx, assign_tx);
+        let session = session::SessionLoop::new(
+            channel,
+            (remotes, self.managers.clone()),
+            self.data_dir.clone(),
+            self.cfg.clone(),
+            session_tx,
+            assign_tx,
+        );
         let end = session.run(shutdown).await;
         // Stops every task, unmounts and wipes their secret filesystems and
         // drops every secret from memory.

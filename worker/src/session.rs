@@ -1,12 +1,21 @@
 //! The worker's session with a manager: open it, heartbeat, reopen on failure.
+//!
+//! A node concludes that it was removed from the cluster only from an
+//! authoritative, typed signal ([`removal_signal`]): its certificate refused
+//! at the TLS handshake as revoked (the deny-list, which only removal puts a
+//! worker on), or a PERMISSION_DENIED carrying
+//! [`swarmd_proto::NODE_REMOVED_METADATA`]. Anything else — a manager that does
+//! not know the node yet, an unreachable one — is retried with backoff.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use swarmd_certs::dial::Remotes;
 use swarmd_certs::renew::Backoff;
+use swarmd_certs::tls::ManagerSet;
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
-use swarmd_proto::dispatcher::{HeartbeatRequest, SessionRequest};
+use swarmd_proto::dispatcher::{Assignments, HeartbeatRequest, SessionMessage, SessionRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -23,49 +32,95 @@ pub(crate) enum SessionEnd {
     Removed,
 }
 
-const REMOVED: &str = "removed from the cluster";
+/// Largest session message accepted (a manager sends at most about 2 MiB of
+/// assignments per message, and one item is far smaller than this).
+const MAX_MESSAGE: usize = 16 << 20;
 
-/// Whether a manager's answer says this node was removed: its certificate is
-/// refused as revoked at the handshake, or the store no longer knows it.
-fn was_removed(s: &tonic::Status) -> bool {
-    if (s.code() == tonic::Code::NotFound && s.message().contains("is not part of the cluster"))
-        || (s.code() == tonic::Code::PermissionDenied && s.message().contains("was removed from the cluster"))
-    {
+/// Whether `s` says, authoritatively, that this node was removed: the
+/// manager's typed removal status, or the TLS alert `certificate_revoked`
+/// found (by type, not by text) in the error's sources.
+pub fn removal_signal(s: &tonic::Status) -> bool {
+    if s.code() == tonic::Code::PermissionDenied && s.metadata().get(swarmd_proto::NODE_REMOVED_METADATA).is_some() {
         return true;
     }
-    let mut chain = format!("{} {:?}", s.message(), s);
-    let mut src = std::error::Error::source(s);
+    let revoked =
+        |e: &rustls::Error| matches!(e, rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked));
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = src {
-        chain.push_str(&format!(" {e} {e:?}"));
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            if revoked(r) {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(revoked) {
+                return true;
+            }
+        }
         src = e.source();
     }
-    chain.contains("CertificateRevoked")
+    false
+}
+
+/// Why one session ended.
+enum Ended {
+    Promoted,
+    Stopped,
+    Removed(String),
+    Lost(String),
+}
+
+/// Chunks of one set of assignments, merged until the last one arrives.
+#[derive(Default)]
+struct Pending(Option<Assignments>);
+
+impl Pending {
+    /// Adds a chunk; returns the whole set once `chunk` is its last.
+    fn add(&mut self, chunk: Assignments) -> Option<Assignments> {
+        let more = chunk.more;
+        let merged = match self.0.take() {
+            None => chunk,
+            Some(mut m) => {
+                m.full |= chunk.full;
+                m.tasks.extend(chunk.tasks);
+                m.removed_tasks.extend(chunk.removed_tasks);
+                m.secrets.extend(chunk.secrets);
+                m.removed_secrets.extend(chunk.removed_secrets);
+                m
+            }
+        };
+        if more {
+            self.0 = Some(merged);
+            None
+        } else {
+            Some(Assignments { more: false, ..merged })
+        }
+    }
 }
 
 /// Keeps one session open for as long as the worker runs.
 pub(crate) struct SessionLoop {
     channel: Channel,
     remotes: Remotes,
+    managers: ManagerSet,
     data_dir: PathBuf,
     cfg: WorkerConfig,
-    hostname: String,
     /// The current session ID ("" without one), for task reports.
     session: tokio::sync::watch::Sender<String>,
     /// Assignments, to the task agent.
-    assignments: tokio::sync::mpsc::UnboundedSender<swarmd_proto::dispatcher::Assignments>,
+    assignments: tokio::sync::mpsc::UnboundedSender<Assignments>,
 }
 
 impl SessionLoop {
     pub(crate) fn new(
         channel: Channel,
-        remotes: Remotes,
+        (remotes, managers): (Remotes, ManagerSet),
         data_dir: PathBuf,
         cfg: WorkerConfig,
         session: tokio::sync::watch::Sender<String>,
-        assignments: tokio::sync::mpsc::UnboundedSender<swarmd_proto::dispatcher::Assignments>,
+        assignments: tokio::sync::mpsc::UnboundedSender<Assignments>,
     ) -> Self {
-        let hostname = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
-        Self { channel, remotes, data_dir, cfg, hostname, session, assignments }
+        Self { channel, remotes, managers, data_dir, cfg, session, assignments }
     }
 
     /// Runs until `shutdown` is cancelled, the node is promoted, or it learns
@@ -75,16 +130,16 @@ impl SessionLoop {
         let mut backoff = Backoff::new(first, Duration::from_secs(5));
         loop {
             let opened = std::time::Instant::now();
-            let result = self.one(&shutdown).await;
+            let ended = self.one(&shutdown).await;
             self.session.send_replace(String::new());
-            match result {
-                Ok(true) => return SessionEnd::Promoted,
-                Ok(false) => return SessionEnd::Stopped,
-                Err(e) if e.starts_with(REMOVED) => {
+            match ended {
+                Ended::Promoted => return SessionEnd::Promoted,
+                Ended::Stopped => return SessionEnd::Stopped,
+                Ended::Removed(e) => {
                     tracing::error!(error = %e, "this node was removed from the cluster");
                     return SessionEnd::Removed;
                 }
-                Err(e) => {
+                Ended::Lost(e) => {
                     if opened.elapsed() > Duration::from_secs(30) {
                         backoff.reset(first);
                     }
@@ -99,66 +154,138 @@ impl SessionLoop {
         }
     }
 
-    async fn one(&mut self, shutdown: &CancellationToken) -> Result<bool, String> {
-        let fmt = |s: tonic::Status| {
+    async fn one(&mut self, shutdown: &CancellationToken) -> Ended {
+        let fail = |s: tonic::Status| {
             let text = format!("{}: {}", s.code(), s.message());
-            if was_removed(&s) {
-                format!("{REMOVED}: {text}")
+            if removal_signal(&s) {
+                Ended::Removed(text)
             } else {
-                text
+                Ended::Lost(text)
             }
         };
-        let mut client = DispatcherClient::new(self.channel.clone());
-        let mut stream =
-            client.session(SessionRequest { hostname: self.hostname.clone() }).await.map_err(fmt)?.into_inner();
-        let first = stream.message().await.map_err(fmt)?.ok_or("manager closed the session at once")?;
-        let session_id = first.session_id;
+        let mut client = DispatcherClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+        // The hostname field is left empty: managers ignore what a node says
+        // about itself after its join.
+        let mut stream = match client.session(SessionRequest::default()).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return fail(s),
+        };
+        let first = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ended::Lost("manager closed the session at once".into()),
+            Err(s) => return fail(s),
+        };
+        let session_id = first.session_id.clone();
         let mut period = Duration::from_millis(first.heartbeat_period_ms.max(100));
         tracing::info!(session.id = %session_id, heartbeat_ms = period.as_millis() as u64, "session established");
-        self.learn_managers(first.managers);
+        self.learn_managers(&first);
         self.session.send_replace(session_id.clone());
+        let mut pending = Pending::default();
+        // The `seq` of the last whole set of assignments received, and whether
+        // the manager has been told about it yet.
+        let (mut received, mut acked) = (0u64, 0u64);
         loop {
-            // Beat a little early so one slow beat does not cost a period.
-            let wait = period.mul_f64(0.75 + 0.2 * rand::random::<f64>());
+            // Beat a little early so one slow beat does not cost a period; the
+            // first complete assignments are acknowledged at once.
+            let wait = if received > acked && acked == 0 {
+                Duration::ZERO
+            } else {
+                period.mul_f64(0.75 + 0.2 * rand::random::<f64>())
+            };
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(m)) => {
-                        self.learn_managers(m.managers);
+                        self.learn_managers(&m);
                         if let Some(a) = m.assignments {
-                            let _ = self.assignments.send(a);
+                            if let Some(whole) = pending.add(a) {
+                                let _ = self.assignments.send(whole);
+                                received = m.seq;
+                            }
                         }
                     }
-                    Ok(None) => return Err("manager closed the session".into()),
-                    Err(s) => return Err(fmt(s)),
+                    Ok(None) => return Ended::Lost("manager closed the session".into()),
+                    Err(s) => return fail(s),
                 },
                 _ = tokio::time::sleep(wait) => {
-                    let r = client.heartbeat(HeartbeatRequest { session_id: session_id.clone() }).await.map_err(fmt)?;
-                    let r = r.into_inner();
+                    let beat = HeartbeatRequest { session_id: session_id.clone(), assignments_seq: received };
+                    let r = match client.heartbeat(beat).await {
+                        Ok(r) => r.into_inner(),
+                        Err(s) => return fail(s),
+                    };
+                    acked = received;
                     period = Duration::from_millis(r.period_ms.max(100));
                     if r.role == "manager" {
                         tracing::warn!("this node was promoted to manager");
-                        return Ok(true);
+                        return Ended::Promoted;
                     }
                 }
-                _ = shutdown.cancelled() => return Ok(false),
+                _ = shutdown.cancelled() => return Ended::Stopped,
             }
         }
     }
 
-    fn learn_managers(&mut self, managers: Vec<String>) {
-        let mut all = self.remotes.get();
-        let before = all.len();
-        for m in managers {
-            if !m.is_empty() && !all.contains(&m) {
-                all.push(m);
-            }
+    /// Follows the manager list a session carries: these addresses are the
+    /// ones to dial, and these node IDs the only manager certificates to accept.
+    fn learn_managers(&mut self, m: &SessionMessage) {
+        let ids: HashSet<swarmd_certs::NodeId> = m.manager_ids.iter().filter_map(|i| i.parse().ok()).collect();
+        let addrs: Vec<String> = m.managers.iter().filter(|a| !a.is_empty()).cloned().collect();
+        let mut changed = false;
+        if !ids.is_empty() && ids != self.managers.get() {
+            self.managers.replace(ids.clone());
+            let mut sorted: Vec<_> = ids.into_iter().collect();
+            sorted.sort();
+            self.cfg.managers = sorted;
+            changed = true;
         }
-        if all.len() != before {
-            self.remotes.set(all.clone());
-            self.cfg.remotes = all;
+        if !addrs.is_empty() && addrs != self.remotes.get() {
+            self.remotes.set(addrs.clone());
+            self.cfg.remotes = addrs;
+            changed = true;
+        }
+        if changed {
             if let Err(e) = self.cfg.save(&self.data_dir) {
-                tracing::warn!(error = %e, "could not save manager addresses");
+                tracing::warn!(error = %e, "could not save the managers' addresses");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarmd_proto::dispatcher::{SecretValue, Task};
+
+    #[test]
+    fn only_typed_signals_mean_removal() {
+        // What a lagging manager answered before: a message, no typed signal.
+        let lagging = tonic::Status::not_found("node abc is not part of the cluster");
+        assert!(!removal_signal(&lagging));
+        let worded = tonic::Status::permission_denied("node abc was removed from the cluster");
+        assert!(!removal_signal(&worded), "a text alone is not a signal");
+        let mut typed = tonic::Status::permission_denied("anything");
+        typed.metadata_mut().insert(swarmd_proto::NODE_REMOVED_METADATA, "abc".parse().unwrap());
+        assert!(removal_signal(&typed));
+        let io = std::io::Error::other(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked));
+        assert!(removal_signal(&tonic::Status::from_error(Box::new(io))));
+        let expired = std::io::Error::other(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired));
+        assert!(!removal_signal(&tonic::Status::from_error(Box::new(expired))));
+    }
+
+    #[test]
+    fn chunks_are_applied_together_once_the_last_arrives() {
+        let mut p = Pending::default();
+        let secret = |id: &str| SecretValue { id: id.into(), version: 1, data: bytes::Bytes::from_static(b"x") };
+        let a = Assignments { full: true, more: true, secrets: vec![secret("a")], ..Default::default() };
+        assert!(p.add(a).is_none());
+        let b = Assignments { full: true, more: true, secrets: vec![secret("b")], ..Default::default() };
+        assert!(p.add(b).is_none());
+        let task = Task { id: "t".into(), ..Default::default() };
+        let c = Assignments { full: true, more: false, tasks: vec![task], ..Default::default() };
+        let whole = p.add(c).unwrap();
+        assert!(whole.full && !whole.more);
+        assert_eq!(whole.secrets.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(whole.tasks.len(), 1);
+        let single = Assignments { removed_tasks: vec!["t".into()], ..Default::default() };
+        assert_eq!(p.add(single).unwrap().removed_tasks, ["t"]);
     }
 }

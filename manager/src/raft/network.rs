@@ -15,7 +15,6 @@ use openraft::BasicNode;
 use rustls::ClientConfig;
 use serde::{de::DeserializeOwned, Serialize};
 use swarmd_certs::dial::{lazy_channel, Remotes};
-use swarmd_certs::Role;
 use swarmd_proto::raft::raft_client::RaftClient;
 use swarmd_proto::raft::raft_server;
 use swarmd_proto::raft::RaftPayload;
@@ -169,26 +168,43 @@ fn bad_payload(e: bincode::Error) -> Status {
     Status::invalid_argument(format!("malformed raft message: {e}"))
 }
 
+/// A manager speaks in raft as the raft ID the store records for it, never as
+/// another's (`None`: a joining manager's store does not know it yet).
+fn same_sender(caller: Option<u64>, claimed: Option<u64>) -> Result<(), Status> {
+    match caller {
+        Some(id) if claimed != Some(id) => Err(Status::permission_denied(format!(
+            "raft message claims to come from {:016x} but the caller is {id:016x}",
+            claimed.unwrap_or(0)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
-    /// PERMISSION_DENIED/UNAUTHENTICATED for non-managers; INVALID_ARGUMENT for undecodable payloads.
+    /// A current manager that is a raft member, speaking as its own raft ID:
+    /// PERMISSION_DENIED/UNAUTHENTICATED otherwise; INVALID_ARGUMENT for
+    /// undecodable payloads.
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.auth.require(&req, &[Role::Manager])?;
+        let caller = self.auth.require_raft_member(&req)?.1;
         let rpc: AppendEntriesRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
+        same_sender(caller, rpc.vote.leader_id.voted_for())?;
         Ok(Response::new(enc(&self.raft.append_entries(rpc).await)))
     }
 
     /// As `append_entries`.
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.auth.require(&req, &[Role::Manager])?;
+        let caller = self.auth.require_raft_member(&req)?.1;
         let rpc: VoteRequest<u64> = dec(req.get_ref()).map_err(bad_payload)?;
+        same_sender(caller, rpc.vote.leader_id.voted_for())?;
         Ok(Response::new(enc(&self.raft.vote(rpc).await)))
     }
 
     /// As `append_entries`; one chunk of a snapshot per call.
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.auth.require(&req, &[Role::Manager])?;
+        let caller = self.auth.require_raft_member(&req)?.1;
         let rpc: InstallSnapshotRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
+        same_sender(caller, rpc.vote.leader_id.voted_for())?;
         Ok(Response::new(enc(&self.raft.install_snapshot(rpc).await)))
     }
 }

@@ -12,6 +12,7 @@
 //! | `node/<id>`     | [`NodeRecord`]  |
 //! | `mgr/<id>`      | [`ManagerEntry`]: an index of the managers, kept with their node records |
 //! | `deny/<id>`     | refused until (unix seconds) |
+//! | `cert/…`, `admincert/…`, `denyserial/…` | certificates, see [`certs`] |
 //! | `secret/<id>`   | [`SecretRecord`]: metadata only |
 //! | `secretname/<name>` | the secret's ID: names are unique |
 //! | `secretdata/<id>/<version>` | the value, [`Sealed`] under a data key |
@@ -28,7 +29,9 @@ use swarmd_certs::{ClusterId, NodeId, Role, SecretId, ServiceId, TaskId};
 
 use crate::keys::Sealed;
 
+mod certs;
 mod secrets;
+pub use certs::*;
 pub use secrets::*;
 
 /// Cluster-wide settings and secrets (sealed under the data key).
@@ -166,10 +169,9 @@ pub struct StatusChange {
     pub node: NodeId,
     /// Its new status.
     pub status: NodeStatus,
-    /// Its new address, if it changed.
+    /// Its new address, if it changed (the address its session comes from,
+    /// as the manager sees it — never what the node says about itself).
     pub addr: Option<String>,
-    /// Its hostname, if reported.
-    pub hostname: Option<String>,
     /// The manager reporting the change.
     pub reporter: NodeId,
 }
@@ -181,8 +183,8 @@ pub enum Command {
     InitCluster { cluster: Box<ClusterRecord>, manager: NodeRecord },
     /// Adds a node that has just been issued its first certificate.
     AddNode(NodeRecord),
-    /// Records a renewed certificate.
-    RecordCert { node: NodeId, serial: String, not_after: i64 },
+    /// Records a renewed certificate, issued at `at` for `role`.
+    RecordCert { node: NodeId, serial: String, not_after: i64, role: Role, at: i64 },
     /// Liveness transitions, batched.
     SetStatus(Vec<StatusChange>),
     /// Replaces a join token.
@@ -193,6 +195,7 @@ pub enum Command {
     /// seconds, the expiry of their last certificate).
     RemoveNodes { nodes: Vec<NodeId>, deny_until: i64 },
     /// Changes a node's role (promotion or demotion); a worker has no raft ID.
+    /// A demotion refuses every manager certificate the node holds, at once.
     SetRole { node: NodeId, role: Role },
     /// Operator changes to a node.
     UpdateNode {
@@ -229,6 +232,10 @@ pub enum Command {
     Schedule { create: Vec<crate::services::TaskRecord>, stop: Vec<TaskId>, delete: Vec<TaskId> },
     /// Task states reported by the node running them.
     TaskStatus { node: NodeId, updates: Vec<crate::services::TaskUpdate>, at: i64 },
+    /// Records an admin certificate as it is issued.
+    RecordAdminCert(AdminCertRecord),
+    /// Revokes an admin certificate: its serial is refused cluster-wide.
+    RevokeAdminCert { serial: String, at: i64 },
     /// Commands proposed concurrently, applied in order as one entry (group
     /// commit); each has its own result. Never nested.
     Batch(Vec<Command>),
@@ -336,7 +343,7 @@ fn secret_data_key(id: &SecretId, version: u32) -> Vec<u8> {
     format!("{SECRET_DATA_PREFIX}{id}/{version:010}").into_bytes()
 }
 
-const DENY_PREFIX: &str = "deny/";
+pub(crate) const DENY_PREFIX: &str = "deny/";
 
 /// The key of a deny-list entry.
 pub(crate) fn deny_key(id: &NodeId) -> Vec<u8> {
@@ -469,18 +476,6 @@ impl StateView {
         self.get(&node_key(id))
     }
 
-    /// Node IDs whose certificates are refused (removed nodes).
-    pub fn denied(&self) -> Result<std::collections::HashSet<NodeId>, StateError> {
-        let mut out = std::collections::HashSet::new();
-        for (k, _) in self.prefix(DENY_PREFIX.as_bytes())? {
-            let id = String::from_utf8_lossy(&k[DENY_PREFIX.len()..]).into_owned();
-            if let Ok(id) = id.parse() {
-                out.insert(id);
-            }
-        }
-        Ok(out)
-    }
-
     /// SHA-256 over every replicated record (not raft's own bookkeeping), in key
     /// order: equal on managers that applied the same entries.
     pub fn digest(&self) -> Result<String, StateError> {
@@ -568,6 +563,8 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
             }
             batch.insert(CLUSTER_KEY, encode(cluster.as_ref()));
             put_node(&mut batch, manager);
+            let cert = (manager.cert_serial.as_str(), manager.role, manager.cert_not_after);
+            record_cert(view, &mut batch, &manager.id, manager.role, cert, manager.created_at)?;
         }
         Command::AddNode(node) => {
             if view.cluster()?.is_none() {
@@ -577,14 +574,17 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
                 return Ok(Err(format!("node {} already exists", node.id)));
             }
             put_node(&mut batch, node);
+            let cert = (node.cert_serial.as_str(), node.role, node.cert_not_after);
+            record_cert(view, &mut batch, &node.id, node.role, cert, node.created_at)?;
         }
-        Command::RecordCert { node, serial, not_after } => {
+        Command::RecordCert { node, serial, not_after, role, at } => {
             let Some(mut rec) = view.node(node)? else {
                 return Ok(Err(format!("node {node} does not exist")));
             };
             rec.cert_serial = serial.clone();
-            rec.cert_not_after = *not_after;
+            rec.cert_not_after = rec.cert_not_after.max(*not_after);
             put_node(&mut batch, &rec);
+            record_cert(view, &mut batch, node, rec.role, (serial, *role, *not_after), *at)?;
         }
         Command::SetStatus(changes) => {
             for c in changes {
@@ -601,9 +601,6 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
                     rec.status = c.status;
                     if let Some(a) = &c.addr {
                         rec.addr = a.clone();
-                    }
-                    if let Some(h) = &c.hostname {
-                        rec.hostname = h.clone();
                     }
                     put_node(&mut batch, &rec);
                 }
@@ -731,15 +728,20 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
                 batch.remove(node_key(node));
                 batch.remove(manager_key(node));
                 batch.insert(deny_key(node), encode(deny_until));
+                forget_node_certs(view, &mut batch, node)?;
             }
         }
         Command::SetRole { node, role } => {
             let Some(mut rec) = view.node(node)? else {
                 return Ok(Err(format!("node {node} does not exist")));
             };
+            if *role == Role::Admin {
+                return Ok(Err("admin is not a node role".into()));
+            }
             rec.role = *role;
             if *role == Role::Worker {
                 rec.raft_id = None;
+                deny_manager_certs(view, &mut batch, node)?;
             }
             put_node(&mut batch, &rec);
         }
@@ -779,6 +781,16 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
                 return Ok(Err("a node may carry at most 256 labels".into()));
             }
             put_node(&mut batch, &rec);
+        }
+        Command::RecordAdminCert(rec) => {
+            if let Err(why) = record_admin_cert(view, &mut batch, rec)? {
+                return Ok(Err(why));
+            }
+        }
+        Command::RevokeAdminCert { serial, at } => {
+            if let Err(why) = revoke_admin_cert(view, &mut batch, serial, *at)? {
+                return Ok(Err(why));
+            }
         }
         c @ (Command::CreateSecret { .. } | Command::AddSecretVersion { .. } | Command::RemoveSecret { .. }) => {
             return secrets::plan(view, c)

@@ -62,7 +62,6 @@ fn commands_apply_and_refuse_without_changing_anything() {
             node: w.id.clone(),
             status: NodeStatus::Ready,
             addr: Some("10.0.0.1:5".into()),
-            hostname: None,
             reporter: NodeId::random(),
         }]),
     )
@@ -70,9 +69,17 @@ fn commands_apply_and_refuse_without_changing_anything() {
     let got = view.node(&w.id).unwrap().unwrap();
     assert_eq!(got.status, NodeStatus::Ready);
     assert_eq!(got.addr, "10.0.0.1:5");
-    apply(&view, &Command::RecordCert { node: w.id.clone(), serial: "ff".into(), not_after: 9 }).unwrap();
+    let renewal = |node: &NodeId, serial: &str| Command::RecordCert {
+        node: node.clone(),
+        serial: serial.into(),
+        not_after: 9,
+        role: Role::Worker,
+        at: 1,
+    };
+    apply(&view, &renewal(&w.id, "ff")).unwrap();
     assert_eq!(view.node(&w.id).unwrap().unwrap().cert_serial, "ff");
-    assert!(apply(&view, &Command::RecordCert { node: NodeId::random(), serial: "1".into(), not_after: 1 }).is_err());
+    assert!(apply(&view, &renewal(&NodeId::random(), "1")).is_err());
+    assert!(view.node_certs(&w.id).unwrap().is_empty(), "a worker's renewals grow no state");
 }
 
 #[test]
@@ -157,4 +164,70 @@ fn secrets_reseal_only_what_they_read_and_old_keys_retire_only_when_unused() {
     apply(&view, &Command::Reseal { cluster, secrets: vec![] }).unwrap();
     apply(&view, &Command::RetireDataKeys { below: 2 }).unwrap();
     assert_eq!(view.cluster().unwrap().unwrap().retired_below, 2);
+}
+
+#[test]
+fn demotion_refuses_every_manager_certificate_and_removal_every_certificate() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let view = StateView::new(db.open_tree("sm").unwrap());
+    let first = node(Role::Manager);
+    apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: first }).unwrap();
+    let mut m = node(Role::Manager);
+    m.cert_serial = "a1".into();
+    m.cert_not_after = 100;
+    apply(&view, &Command::AddNode(m.clone())).unwrap();
+    let renewal = |serial: &str, not_after, role, at| Command::RecordCert {
+        node: m.id.clone(),
+        serial: serial.into(),
+        not_after,
+        role,
+        at,
+    };
+    apply(&view, &renewal("a2", 200, Role::Manager, 50)).unwrap();
+    apply(&view, &renewal("a3", 300, Role::Manager, 150)).unwrap();
+    let held: Vec<String> = view.node_certs(&m.id).unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(held, ["a2", "a3"], "certificates expired before the renewal are forgotten");
+    assert!(view.denied().unwrap().serials.is_empty());
+
+    apply(&view, &Command::SetRole { node: m.id.clone(), role: Role::Worker }).unwrap();
+    let denied = view.denied().unwrap();
+    assert_eq!(denied.serials, ["a2".to_string(), "a3".to_string()].into_iter().collect());
+    assert!(denied.nodes.is_empty(), "a demoted node is still a member");
+    // A manager certificate that raced the demotion is refused from the start.
+    apply(&view, &renewal("a4", 400, Role::Manager, 160)).unwrap();
+    assert!(view.denied().unwrap().serials.contains("a4"));
+    // Its worker certificate is not.
+    apply(&view, &renewal("b1", 400, Role::Worker, 160)).unwrap();
+    assert!(!view.denied().unwrap().serials.contains("b1"));
+
+    apply(&view, &Command::RemoveNodes { nodes: vec![m.id.clone()], deny_until: 500 }).unwrap();
+    assert!(view.denied().unwrap().nodes.contains(&m.id));
+    assert!(view.node_certs(&m.id).unwrap().is_empty());
+}
+
+#[test]
+fn admin_certificates_are_recorded_revoked_and_pruned() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let view = StateView::new(db.open_tree("sm").unwrap());
+    apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: node(Role::Manager) }).unwrap();
+    let rec = |serial: &str, issued_at, not_after| AdminCertRecord {
+        serial: serial.into(),
+        id: NodeId::random(),
+        issued_at,
+        not_after,
+        revoked_at: None,
+    };
+    apply(&view, &Command::RecordAdminCert(rec("0a", 10, 100))).unwrap();
+    assert!(apply(&view, &Command::RecordAdminCert(rec("0a", 11, 100))).is_err(), "a serial is recorded once");
+    assert!(apply(&view, &Command::RecordAdminCert(rec("NOT-HEX", 11, 100))).is_err());
+    let err = apply(&view, &Command::RevokeAdminCert { serial: "0b".into(), at: 20 }).unwrap_err();
+    assert!(err.contains("no admin certificate"), "{err}");
+    apply(&view, &Command::RevokeAdminCert { serial: "0a".into(), at: 20 }).unwrap();
+    assert_eq!(view.admin_cert("0a").unwrap().unwrap().revoked_at, Some(20));
+    assert!(view.denied().unwrap().serials.contains("0a"));
+    // Issuing after it expired forgets it and its denial.
+    apply(&view, &Command::RecordAdminCert(rec("0c", 200, 300))).unwrap();
+    assert!(view.admin_cert("0a").unwrap().is_none());
+    assert!(!view.denied().unwrap().serials.contains("0a"));
+    assert_eq!(view.admin_certs().unwrap().len(), 1);
 }

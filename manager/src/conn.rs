@@ -1,0 +1,454 @@
+//! Accepting connections: TLS handshakes, what a connection may cost, and
+//! when it is closed.
+//!
+//! Every accepted connection is wrapped in a [`Conn`] that carries a
+//! [`ConnInfo`] (who is calling, see [`crate::auth`]) and enforces, below
+//! HTTP/2:
+//!
+//! * a **handshake timeout** and an **HTTP/2 preface timeout**: a client that
+//!   does not finish TLS, or then sends nothing, is dropped;
+//! * an **idle timeout** (nothing read at all; live peers answer the HTTP/2
+//!   pings the server sends every 10 s) and a **lifetime for anonymous
+//!   connections** (they serve the join RPCs only, which take milliseconds);
+//! * **certificate expiry**: a connection is closed when its peer's certificate
+//!   expires, and when the deny-list starts to refuse it (removal, demotion,
+//!   revocation) — see [`ConnRegistry::close_denied`];
+//! * **caps**: a global cap on connections, a cap per source address on
+//!   connections not (yet) authenticated by a certificate, and a cap per node
+//!   identity. Past a cap a new connection is closed at once; established ones
+//!   are never disturbed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::ServerConfig;
+use swarmd_certs::tls::{DenyList, PeerIdentity};
+use swarmd_certs::NodeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+
+use crate::auth::{Caller, ConnInfo};
+
+/// What a connection may cost, and how long it may stay quiet.
+///
+/// # Defaults
+/// At most [`ConnLimits::global_from_rlimit`] connections in all, 4,096 from one
+/// source address that are not authenticated by a certificate (joins in
+/// progress), 64 per node identity; a TLS handshake must finish within 10 s and
+/// the first HTTP/2 bytes follow within 10 s; a connection that reads nothing
+/// for 120 s is closed; an anonymous connection lives at most 60 s.
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    /// Connections open at once, all kinds.
+    pub global: usize,
+    /// Connections from one address without a client certificate (including
+    /// those still in their handshake).
+    pub per_ip_unauthenticated: usize,
+    /// Connections of one node (or admin) certificate's identity.
+    pub per_identity: usize,
+    /// Time allowed for the TLS handshake.
+    pub handshake: Duration,
+    /// Time allowed between the handshake and the first bytes (the HTTP/2 preface).
+    pub preface: Duration,
+    /// A connection that reads nothing for this long is closed.
+    pub idle: Duration,
+    /// Longest life of a connection without a client certificate.
+    pub anonymous_lifetime: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            global: Self::global_from_rlimit(),
+            per_ip_unauthenticated: 4096,
+            per_identity: 64,
+            handshake: Duration::from_secs(10),
+            preface: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+            anonymous_lifetime: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ConnLimits {
+    /// The open-files limit (raised to its hard maximum first), less 512
+    /// descriptors kept for the stores and peers, at most 65,536.
+    pub fn global_from_rlimit() -> usize {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => hard,
+                Err(_) => soft,
+            },
+            Ok((soft, _)) => soft,
+            Err(_) => 1024,
+        };
+        (soft.saturating_sub(512) as usize).clamp(64, 65_536)
+    }
+}
+
+/// Counts per key, with guards that give their unit back on drop.
+#[derive(Clone)]
+struct Counter<K: std::hash::Hash + Eq + Clone>(Arc<Mutex<HashMap<K, usize>>>);
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Counter<K> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+struct CountGuard<K: std::hash::Hash + Eq + Clone> {
+    counter: Counter<K>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Counter<K> {
+    /// One more for `key`, unless it already has `cap`.
+    fn try_take(&self, key: K, cap: usize) -> Option<CountGuard<K>> {
+        let mut m = self.0.lock().expect("connection counter lock");
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(CountGuard { counter: self.clone(), key })
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
+    fn drop(&mut self) {
+        let mut m = self.counter.0.lock().expect("connection counter lock");
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The live connections that carry a certificate, so that they can be closed
+/// when the deny-list starts to refuse them.
+#[derive(Clone, Default)]
+pub struct ConnRegistry {
+    conns: Arc<Mutex<HashMap<u64, (PeerIdentity, CancellationToken)>>>,
+    next: Arc<AtomicU64>,
+}
+
+struct Registered {
+    registry: ConnRegistry,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.conns.lock().expect("connection registry lock").remove(&self.id);
+    }
+}
+
+impl ConnRegistry {
+    fn register(&self, peer: PeerIdentity) -> (Registered, CancellationToken) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.conns.lock().expect("connection registry lock").insert(id, (peer, token.clone()));
+        (Registered { registry: self.clone(), id }, token)
+    }
+
+    /// Closes every connection whose certificate `deny` refuses; returns how many.
+    pub fn close_denied(&self, deny: &DenyList) -> usize {
+        let conns = self.conns.lock().expect("connection registry lock");
+        let mut closed = 0;
+        for (peer, token) in conns.values() {
+            if deny.check(&peer.node_id, &peer.serial).is_some() && !token.is_cancelled() {
+                token.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// How many connections with a certificate are open.
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("connection registry lock").len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a connection holds for its life: its share of the caps, its entry in
+/// the registry, and the timers that end it.
+#[derive(Default)]
+struct Watch {
+    _global: Option<OwnedSemaphorePermit>,
+    _ip: Option<CountGuard<IpAddr>>,
+    _identity: Option<CountGuard<NodeId>>,
+    _registered: Option<Registered>,
+    /// Cancelled when the deny-list refuses the peer.
+    closed: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Fires at the peer certificate's NotAfter, or at the end of an
+    /// anonymous connection's lifetime.
+    end: Option<Pin<Box<Sleep>>>,
+    /// Fires when nothing has been read for the current limit.
+    idle: Option<(Pin<Box<Sleep>>, Duration)>,
+    last_read: Option<Instant>,
+    idle_limit: Duration,
+}
+
+/// An accepted connection and what we know about its peer.
+pub struct Conn<S> {
+    io: S,
+    info: ConnInfo,
+    watch: Watch,
+}
+
+fn aborted(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, why)
+}
+
+impl<S> Conn<S> {
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        let w = &mut self.watch;
+        if let Some(c) = w.closed.as_mut() {
+            if c.as_mut().poll(cx).is_ready() {
+                return Err(aborted("the peer's certificate is refused by the deny-list"));
+            }
+        }
+        if let Some(e) = w.end.as_mut() {
+            if e.as_mut().poll(cx).is_ready() {
+                return Err(aborted("the peer's certificate expired, or the connection reached its lifetime"));
+            }
+        }
+        if let Some((sleep, _)) = w.idle.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                // Reads since the timer was set push the deadline out; only a
+                // real silence ends the connection.
+                match w.last_read {
+                    Some(at) if at.elapsed() < w.idle_limit => {
+                        sleep.as_mut().reset((at + w.idle_limit).into());
+                        let _ = sleep.as_mut().poll(cx);
+                    }
+                    _ => return Err(aborted("the peer sent nothing for too long")),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before && self.watch.idle.is_some() {
+            let w = &mut self.watch;
+            if w.last_read.is_none() {
+                // The preface arrived: from now on the idle limit applies.
+                if let Some((_, limit)) = &w.idle {
+                    w.idle_limit = *limit;
+                }
+            }
+            w.last_read = Some(Instant::now());
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.watch.closed.as_mut().is_some_and(|c| c.as_mut().poll(cx).is_ready()) {
+            return Poll::Ready(Err(aborted("the peer's certificate is refused by the deny-list")));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<S> Connected for Conn<S> {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+/// Logs refused connections at most once a second (a flood must not fill the logs).
+#[derive(Default)]
+struct RefusalLog {
+    last: Mutex<Option<Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RefusalLog {
+    fn refused(&self, remote: SocketAddr, why: &str) {
+        let mut last = self.last.lock().expect("refusal log lock");
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        let more = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(%remote, refused_since_last_report = more, "connection refused: {why}");
+    }
+}
+
+/// Unix seconds → the `Instant` at which that time is reached.
+fn instant_at_unix(secs: i64) -> Instant {
+    let now = crate::ca_service::now_unix();
+    Instant::now() + Duration::from_secs(secs.saturating_sub(now).max(0) as u64)
+}
+
+/// Accepts TCP connections and completes TLS handshakes (each in its own task,
+/// so a slow client cannot stall others), with the newest configuration
+/// published on `tls`, within `limits`. Handshake failures — including
+/// certificates refused by the verifier — are logged and dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<ServerConfig>>,
+    limits: ConnLimits,
+    registry: ConnRegistry,
+) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
+    let (tx, rx) = mpsc::channel(128);
+    let global = Arc::new(Semaphore::new(limits.global));
+    let per_ip: Counter<IpAddr> = Counter::default();
+    let per_identity: Counter<NodeId> = Counter::default();
+    let log = Arc::new(RefusalLog::default());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = global.clone().try_acquire_owned() else {
+                log.refused(remote, "the manager's connection limit is reached");
+                continue;
+            };
+            let Some(ip_guard) = per_ip.try_take(remote.ip(), limits.per_ip_unauthenticated) else {
+                log.refused(remote, "too many unauthenticated connections from this address");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(tls.borrow().clone());
+            let (tx, limits, per_identity, registry, log) =
+                (tx.clone(), limits.clone(), per_identity.clone(), registry.clone(), log.clone());
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "TLS handshake refused"),
+                    Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+                };
+                let mut watch = Watch { _global: Some(permit), ..Default::default() };
+                let caller = match stream.get_ref().1.peer_certificates() {
+                    Some(chain) => {
+                        let Some(id) = PeerIdentity::from_chain(chain) else { return };
+                        let Some(g) = per_identity.try_take(id.node_id.clone(), limits.per_identity) else {
+                            return log.refused(remote, "too many connections with this certificate's identity");
+                        };
+                        watch._identity = Some(g);
+                        drop(ip_guard);
+                        let (registered, token) = registry.register(id.clone());
+                        watch._registered = Some(registered);
+                        watch.closed = Some(Box::pin(token.cancelled_owned()));
+                        watch.end = Some(Box::pin(tokio::time::sleep_until(instant_at_unix(id.not_after).into())));
+                        Caller::Node(id)
+                    }
+                    None => {
+                        watch._ip = Some(ip_guard);
+                        watch.end = Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)));
+                        Caller::Anonymous
+                    }
+                };
+                watch.idle = Some((Box::pin(tokio::time::sleep(limits.preface)), limits.idle));
+                watch.idle_limit = limits.preface;
+                let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote) }, watch };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Accepts connections on the local control socket (file permissions decide
+/// who may connect; no caps or timers apply).
+pub fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<Conn<UnixStream>>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            match accepted {
+                Ok((s, _)) => {
+                    let info = ConnInfo { caller: Caller::Local, remote: None };
+                    let conn = Conn { io: s, info, watch: Watch::default() };
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_cap_per_key_and_give_back_on_drop() {
+        let c: Counter<u8> = Counter::default();
+        let a = c.try_take(1, 2).unwrap();
+        let _b = c.try_take(1, 2).unwrap();
+        assert!(c.try_take(1, 2).is_none(), "a third connection past a cap of 2");
+        assert!(c.try_take(2, 2).is_some(), "another key has its own cap");
+        drop(a);
+        assert!(c.try_take(1, 2).is_some(), "a closed connection gives its place back");
+    }
+}

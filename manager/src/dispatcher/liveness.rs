@@ -1,0 +1,270 @@
+//! The dispatcher's loops: the liveness checker, the leader's probe of the
+//! other managers, the manager list pushed down every session, and the writer
+//! that batches liveness transitions into raft.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use swarmd_certs::NodeId;
+use swarmd_proto::dispatcher::SessionMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Dispatcher, GRACE_MULTIPLIER};
+use crate::state::{Command, NodeStatus, StatusChange};
+use crate::store::Store;
+
+impl Dispatcher {
+    /// On the leader: probes every other manager once a second. A manager that
+    /// has not answered for three heartbeat periods is marked down, and so is
+    /// every node whose session it held (unless the node has meanwhile opened a
+    /// session elsewhere). A manager that answers again is marked ready.
+    pub async fn run_manager_probe(self, peers: crate::store::Peers, shutdown: CancellationToken) {
+        use swarmd_proto::ca::ca_client::CaClient;
+        use swarmd_proto::ca::GetRootCaRequest;
+        let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
+        // Managers found down whose nodes were swept during this leadership.
+        let mut swept: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let m = self.0.store.raft().metrics().borrow().clone();
+            if m.current_leader != Some(m.id) {
+                last_ok.clear();
+                swept.clear();
+                continue;
+            }
+            let managers: Vec<_> = self
+                .0
+                .store
+                .view()
+                .managers()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| n.raft_id.is_some() && n.id != self.0.me)
+                .collect();
+            let probes = managers.iter().map(|mgr| {
+                let mut c = CaClient::new(peers.channel(&mgr.addr));
+                async move {
+                    let ok = tokio::time::timeout(Duration::from_secs(1), c.get_root_ca(GetRootCaRequest {})).await;
+                    (mgr, matches!(ok, Ok(Ok(_))))
+                }
+            });
+            let now = Instant::now();
+            for (mgr, ok) in futures::future::join_all(probes).await {
+                let seen = last_ok.entry(mgr.id.clone()).or_insert(now);
+                if ok {
+                    *seen = now;
+                    swept.remove(&mgr.id);
+                    if mgr.status != NodeStatus::Ready {
+                        self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Ready);
+                    }
+                } else if now.duration_since(*seen) > self.grace() {
+                    if mgr.status != NodeStatus::Down {
+                        tracing::warn!(node.id = %mgr.id, "manager unreachable: down");
+                        self.report_as(mgr.id.clone(), mgr.id.clone(), NodeStatus::Down);
+                    }
+                    // Its sessions are gone: mark their nodes down, once per
+                    // leadership (a scan of every node record).
+                    if swept.insert(mgr.id.clone()) {
+                        let nodes = self.0.store.view().nodes().unwrap_or_default();
+                        for n in nodes.iter().filter(|n| {
+                            n.status == NodeStatus::Ready
+                                && n.session_manager.as_ref() == Some(&mgr.id)
+                                && n.id != mgr.id
+                        }) {
+                            self.report_as(mgr.id.clone(), n.id.clone(), NodeStatus::Down);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pushes the manager list to every session whenever it changes, until cancelled.
+    pub async fn run_manager_updates(
+        self,
+        mut applied: tokio::sync::watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let mut last = self.managers();
+        let mut denied = swarmd_certs::tls::Denied::default();
+        loop {
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            // Coalesce: a burst of writes costs one pass, not one per entry (the
+            // manager list is a scan of every node record).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            applied.borrow_and_update();
+            // A removed node's session ends now (its certificate is refused from
+            // here on by the deny-list, which is small).
+            let now_denied = self.0.store.view().denied().unwrap_or_default();
+            if now_denied != denied {
+                let mut sessions = self.0.sessions.lock().expect("sessions lock");
+                sessions.retain(|id, _| !now_denied.nodes.contains(id));
+                denied = now_denied;
+            }
+            // Output of tasks that no longer exist is forgotten.
+            if !self.0.logs.is_empty() {
+                if let Ok(tasks) = self.0.store.view().tasks() {
+                    self.0.logs.retain(&tasks.into_iter().map(|t| t.id).collect());
+                }
+            }
+            let now = self.managers();
+            if now == last {
+                continue;
+            }
+            last = now.clone();
+            let senders: Vec<_> = {
+                let s = self.0.sessions.lock().expect("sessions lock");
+                s.values().map(|s| (s.id.clone(), s._tx.clone())).collect()
+            };
+            let ids = self.manager_ids();
+            for (id, tx) in senders {
+                let msg = SessionMessage {
+                    session_id: id,
+                    managers: now.clone(),
+                    manager_ids: ids.clone(),
+                    ..Default::default()
+                };
+                let _ = tx.try_send(Ok(msg));
+            }
+        }
+    }
+
+    /// Marks nodes whose sessions missed three heartbeat periods as down, until cancelled.
+    pub async fn run_checker(self, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(Duration::from_millis(50));
+        let mut last_prune = Instant::now();
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let grace = self.grace();
+            let mut down = Vec::new();
+            {
+                let mut sessions = self.0.sessions.lock().expect("sessions lock");
+                sessions.retain(|id, s| {
+                    let beating = now.duration_since(s.last_beat) <= grace;
+                    // A node that does not acknowledge what it is sent is not
+                    // making progress, however well it heartbeats.
+                    let stuck = s
+                        .progress
+                        .lock()
+                        .expect("progress lock")
+                        .unacked_since
+                        .is_some_and(|t| now.duration_since(t) > grace);
+                    if beating && stuck {
+                        tracing::warn!(node.id = %id, "node does not acknowledge its assignments: session cut");
+                    }
+                    if !beating || stuck {
+                        down.push(id.clone());
+                    }
+                    beating && !stuck
+                });
+            }
+            {
+                let mut expected = self.0.expected.lock().expect("expected lock");
+                expected.retain(|id, since| {
+                    let waiting = now.duration_since(*since) <= grace;
+                    if !waiting {
+                        down.push(id.clone());
+                    }
+                    waiting
+                });
+            }
+            for node in down {
+                tracing::warn!(node.id = %node, "node missed {GRACE_MULTIPLIER} heartbeat periods: down");
+                self.report(node, NodeStatus::Down, None);
+            }
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                self.0.limits.prune(Duration::from_secs(600));
+                last_prune = now;
+            }
+        }
+    }
+}
+
+/// Writes liveness transitions through raft in batches: whatever arrives within
+/// 20 ms of the first change rides the same proposal.
+pub struct StatusWriter {
+    store: Store,
+    rx: mpsc::UnboundedReceiver<StatusChange>,
+}
+
+impl StatusWriter {
+    pub(super) fn new(store: Store, rx: mpsc::UnboundedReceiver<StatusChange>) -> Self {
+        Self { store, rx }
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut pending: HashMap<NodeId, StatusChange> = HashMap::new();
+        loop {
+            if pending.is_empty() {
+                tokio::select! {
+                    c = self.rx.recv() => match c { Some(c) => { pending.insert(c.node.clone(), c); } None => return },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            let window = tokio::time::sleep(Duration::from_millis(20));
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    c = self.rx.recv() => match c { Some(c) => { merge(&mut pending, c); } None => break },
+                    _ = &mut window => break,
+                }
+            }
+            let changes: Vec<StatusChange> = pending
+                .values()
+                .filter(|c| match self.store.view().node(&c.node) {
+                    Ok(Some(n)) => {
+                        n.status != c.status
+                            || c.addr.is_some()
+                            || (c.status == NodeStatus::Ready && n.session_manager.as_ref() != Some(&c.reporter))
+                    }
+                    _ => false,
+                })
+                .cloned()
+                .collect();
+            if changes.is_empty() {
+                pending.clear();
+                continue;
+            }
+            match self.store.propose(Command::SetStatus(changes)).await {
+                Ok(()) => pending.clear(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record node status; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn merge(pending: &mut HashMap<NodeId, StatusChange>, c: StatusChange) {
+    match pending.get_mut(&c.node) {
+        Some(p) => {
+            p.status = c.status;
+            if c.addr.is_some() {
+                p.addr = c.addr;
+            }
+        }
+        None => {
+            pending.insert(c.node.clone(), c);
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! What one node may cost the managers (invariant 12): per-node token buckets
+//! for the RPCs a worker certificate can call, and the caps on what one
+//! request may carry.
+//!
+//! A worker is a potential attacker. Each of its RPCs either costs nothing
+//! durable (heartbeats, in memory) or is bounded here: task reports and
+//! renewals become raft entries on every manager's disk, task output lives in
+//! the memory of the manager holding the session. Past its budget a node gets
+//! RESOURCE_EXHAUSTED with a retry hint, and nothing is written.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use swarmd_certs::NodeId;
+use tonic::Status;
+
+/// Task status updates one request may carry.
+pub const MAX_UPDATES_PER_REQUEST: usize = 64;
+/// Bytes of a task status message kept (longer ones are cut).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+/// Output lines one `PushLogs` request may carry.
+pub const MAX_LOG_LINES_PER_REQUEST: usize = 1000;
+/// Bytes of one output line kept (longer ones are cut).
+pub const MAX_LOG_LINE: usize = 4096;
+/// Largest request a node may send the dispatcher or the CA.
+pub const MAX_NODE_REQUEST: usize = 1 << 20;
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The refill rate and size of one kind of bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_sec: f64,
+    /// Most tokens held.
+    pub burst: f64,
+}
+
+impl Bucket {
+    fn full(rate: Rate, now: Instant) -> Self {
+        Self { tokens: rate.burst, at: now }
+    }
+
+    /// Takes `cost` tokens if there are that many; otherwise how long until there are.
+    pub fn take(&mut self, rate: Rate, cost: f64, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate.per_sec).min(rate.burst);
+        self.at = now;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            Ok(())
+        } else {
+            let missing = cost.min(rate.burst) - self.tokens;
+            Err(Duration::from_secs_f64((missing / rate.per_sec).max(0.001)))
+        }
+    }
+}
+
+/// The budgets of one node.
+#[derive(Clone, Copy, Debug)]
+struct NodeBudget {
+    status_updates: Bucket,
+    log_bytes: Bucket,
+    renewals: Bucket,
+    sessions: Bucket,
+    heartbeats: Bucket,
+    seen: Instant,
+}
+
+/// Which budget an RPC spends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spend {
+    /// Task status updates (raft entries): 20 a second, bursts of 200.
+    StatusUpdates,
+    /// Task output bytes (manager memory): 1 MiB a second, bursts of 8 MiB.
+    LogBytes,
+    /// Certificate renewals (a signature and a raft entry each): one per 5 s, bursts of 5.
+    Renewals,
+    /// Session opens: one a second, bursts of 10.
+    Sessions,
+    /// Heartbeats: 20 a second, bursts of 100.
+    Heartbeats,
+}
+
+impl Spend {
+    fn rate(self) -> Rate {
+        match self {
+            Spend::StatusUpdates => Rate { per_sec: 20.0, burst: 200.0 },
+            Spend::LogBytes => Rate { per_sec: 1048576.0, burst: 8.0 * 1048576.0 },
+            Spend::Renewals => Rate { per_sec: 0.2, burst: 5.0 },
+            Spend::Sessions => Rate { per_sec: 1.0, burst: 10.0 },
+            Spend::Heartbeats => Rate { per_sec: 20.0, burst: 100.0 },
+        }
+    }
+    fn what(self) -> &'static str {
+        match self {
+            Spend::StatusUpdates => "task status updates",
+            Spend::LogBytes => "task output",
+            Spend::Renewals => "certificate renewals",
+            Spend::Sessions => "session opens",
+            Spend::Heartbeats => "heartbeats",
+        }
+    }
+}
+
+/// Per-node budgets, shared by the dispatcher and the CA service.
+#[derive(Clone)]
+pub struct NodeLimits {
+    budgets: Arc<Mutex<HashMap<NodeId, NodeBudget>>>,
+    enabled: bool,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        Self { budgets: Arc::default(), enabled: true }
+    }
+}
+
+impl NodeLimits {
+    /// The budgets, unless `SWARMD_NODE_RATE_LIMITS=off` (for benchmarks that
+    /// drive one simulated node far beyond what a real one does; logged loudly).
+    pub fn from_env() -> Self {
+        let off = std::env::var("SWARMD_NODE_RATE_LIMITS").is_ok_and(|v| v == "off");
+        if off {
+            tracing::warn!("SWARMD_NODE_RATE_LIMITS=off: nodes' RPCs are not rate-limited (benchmarks only)");
+        }
+        Self { budgets: Arc::default(), enabled: !off }
+    }
+
+    /// Spends `cost` of `node`'s `what` budget, or RESOURCE_EXHAUSTED saying
+    /// when to retry (also in the `retry-after-ms` metadata).
+    pub fn spend(&self, node: &NodeId, what: Spend, cost: f64) -> Result<(), Status> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut m = self.budgets.lock().expect("node limits lock");
+        let b = m.entry(node.clone()).or_insert_with(|| NodeBudget {
+            status_updates: Bucket::full(Spend::StatusUpdates.rate(), now),
+            log_bytes: Bucket::full(Spend::LogBytes.rate(), now),
+            renewals: Bucket::full(Spend::Renewals.rate(), now),
+            sessions: Bucket::full(Spend::Sessions.rate(), now),
+            heartbeats: Bucket::full(Spend::Heartbeats.rate(), now),
+            seen: now,
+        });
+        b.seen = now;
+        let bucket = match what {
+            Spend::StatusUpdates => &mut b.status_updates,
+            Spend::LogBytes => &mut b.log_bytes,
+            Spend::Renewals => &mut b.renewals,
+            Spend::Sessions => &mut b.sessions,
+            Spend::Heartbeats => &mut b.heartbeats,
+        };
+        bucket.take(what.rate(), cost, now).map_err(|wait| {
+            let mut s = Status::resource_exhausted(format!(
+                "node {node} is over its budget of {}: retry in {} ms",
+                what.what(),
+                wait.as_millis()
+            ));
+            if let Ok(v) = wait.as_millis().to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+            s
+        })
+    }
+
+    /// Forgets nodes not heard from for `idle` (their buckets would be full again).
+    pub fn prune(&self, idle: Duration) {
+        let now = Instant::now();
+        self.budgets.lock().expect("node limits lock").retain(|_, b| now.duration_since(b.seen) < idle);
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let rate = Rate { per_sec: 2.0, burst: 3.0 };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(rate, t0);
+        for _ in 0..3 {
+            b.take(rate, 1.0, t0).unwrap();
+        }
+        let wait = b.take(rate, 1.0, t0).unwrap_err();
+        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        b.take(rate, 1.0, t0 + Duration::from_millis(500)).unwrap();
+        // Refill never exceeds the burst.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            b.take(rate, 1.0, later).unwrap();
+        }
+        assert!(b.take(rate, 1.0, later).is_err());
+    }
+
+    #[test]
+    fn node_budgets_are_per_node_and_say_when_to_retry() {
+        let l = NodeLimits::default();
+        let (a, b) = (NodeId::random(), NodeId::random());
+        for _ in 0..5 {
+            l.spend(&a, Spend::Renewals, 1.0).unwrap();
+        }
+        let s = l.spend(&a, Spend::Renewals, 1.0).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(s.metadata().get("retry-after-ms").is_some());
+        l.spend(&b, Spend::Renewals, 1.0).unwrap();
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
