@@ -385,12 +385,13 @@ impl TlsCredentials {
         })
     }
 
-    /// Credentials for a manager (client and server side); both sides refuse
-    /// certificates on `deny`.
+    /// Credentials for a manager (client and server side); its server refuses
+    /// client certificates on `deny`. (Its client side does not apply `deny`:
+    /// the leader keeps replicating to a demoted manager, whose manager
+    /// certificates the demotion denies, until raft has let it go.)
     pub fn with_server(identity: NodeIdentity, deny: DenyList) -> Result<Self, CertError> {
         let server = server_config(&identity, deny.clone())?;
-        let checks = ServerChecks { deny: Some(deny.clone()), managers: None };
-        let mut me = Self::client_only(identity, checks)?;
+        let mut me = Self::client_only(identity, ServerChecks::default())?;
         me.server = Some((watch::Sender::new(Arc::new(server)), deny));
         Ok(me)
     }

@@ -527,12 +527,15 @@ impl control_server::Control for ControlService {
                     remaining.len()
                 )));
             }
-            // Record the role first, while the manager still receives the log: it
-            // watches for it, and leaves once the leader no longer counts it.
+            // Record the role first, while the manager still receives the log:
+            // this refuses its manager certificates at once, and it watches for
+            // it. It stays a learner until it has seen that it is no voter any
+            // more (then it leaves), and is removed from raft after that.
             self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Worker }).await?;
-            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([rid])), false)
-                .await
-                .map_err(|e| Status::unavailable(format!("membership change failed: {e}")))?;
+            let failed = |e| Status::unavailable(format!("membership change failed: {e}"));
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([rid])), true).await.map_err(failed)?;
+            crate::membership::wait_replicated(raft, rid, std::time::Duration::from_secs(10)).await;
+            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([rid])), false).await.map_err(failed)?;
         } else {
             self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Worker }).await?;
         }

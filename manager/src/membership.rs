@@ -112,6 +112,28 @@ fn released_by_raft(m: &openraft::RaftMetrics<u64, openraft::BasicNode>, me: u64
     joint.len() == 2 && !joint[1].contains(&me) && committed
 }
 
+/// On the leader: waits (at most `timeout`) until raft member `target` has
+/// the current membership configuration in its log.
+pub(crate) async fn wait_replicated(raft: &crate::raft::Raft, target: u64, timeout: Duration) {
+    let reached = raft
+        .wait(Some(timeout))
+        .metrics(
+            |m| {
+                let at = m.membership_config.log_id().map(|l| l.index);
+                let matched = m.replication.as_ref().and_then(|r| r.get(&target).cloned().flatten()).map(|l| l.index);
+                matches!((at, matched), (Some(at), Some(matched)) if matched >= at)
+            },
+            "the demoted manager to see its demotion",
+        )
+        .await;
+    if reached.is_err() {
+        tracing::warn!(
+            raft_id = target,
+            "the demoted manager did not confirm its demotion in time; removing it anyway"
+        );
+    }
+}
+
 /// Stops the manager once it has been demoted and raft no longer needs it,
 /// with a worker identity prepared while it still has the CA.
 ///

@@ -72,7 +72,7 @@ enum Command {
     /// Services: containers on the workers that get secrets on a tmpfs.
     #[command(subcommand)]
     Service(service::ServiceCmd),
-    /// Issue an operator's client certificate for --host tcp:// (control socket only).
+    /// Operators' client certificates for --host tcp://: issue (control socket only), ls, revoke.
     AdminCert(admin_cert::AdminCertArgs),
     /// Show (or rotate) the unlock key of an autolocked cluster.
     UnlockKey(autolock::UnlockKeyArgs),
@@ -101,7 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(c) => secret::keys(channel, c, cli.format).await,
         Command::Service(c) => service::run(channel, c, cli.format).await,
         Command::UnlockKey(a) => autolock::unlock_key(channel, a).await,
-        Command::AdminCert(a) => admin_cert::run(channel, a).await,
+        Command::AdminCert(a) => admin_cert::run(channel, a, cli.format).await,
         Command::Cluster(c) => autolock::cluster(channel, c).await,
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod grpc;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,12 +20,22 @@ use serde_json::Value;
 /// Generous deadline for things that take well under a second normally.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn swarmd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_swarmd")
+/// The `swarmd` binary under test: this build's, or the one in
+/// `$SWARMD_TEST_BIN_DIR` (to show that a test fails against an older build).
+pub fn swarmd_bin() -> String {
+    bin_under_test("swarmd", env!("CARGO_BIN_EXE_swarmd"))
 }
 
-pub fn secretctl_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_secretctl")
+/// The `secretctl` binary under test (see [`swarmd_bin`]).
+pub fn secretctl_bin() -> String {
+    bin_under_test("secretctl", env!("CARGO_BIN_EXE_secretctl"))
+}
+
+fn bin_under_test(name: &str, built: &str) -> String {
+    match std::env::var("SWARMD_TEST_BIN_DIR") {
+        Ok(dir) if !dir.is_empty() => format!("{dir}/{name}"),
+        _ => built.to_owned(),
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).

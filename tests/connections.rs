@@ -1,0 +1,96 @@
+//! Invariant 12, connections: what a client that opens connections and sends
+//! nothing can hold. Anonymous TLS clients that never send the HTTP/2 preface
+//! are closed after the preface timeout; past the per-address cap new
+//! connections are closed at once; the established session of a real worker
+//! is not disturbed, and new connections are accepted again afterwards.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use swarmd_certs::dial;
+use swarmd_certs::tls::{anonymous_client_config, client_config};
+use swarmd_certs::NodeIdentity;
+use swarmd_proto::control::control_client::ControlClient;
+use swarmd_proto::control::ListNodesRequest;
+use tokio::io::AsyncReadExt;
+
+/// Whether the server closed `s` within `within` (EOF or an error on read).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // (TLS 1.3 session tickets and the like.)
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// The node's last heartbeat as `node ls` shows it (RFC 3339, to the second).
+fn last_heartbeat(m: &Manager, id: &str) -> String {
+    m.node(id).and_then(|n| n["session"]["last_heartbeat"].as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_12_idle_and_excess_connections_are_closed_without_disturbing_sessions() {
+    swarmd_certs::install_crypto_provider();
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let mut env = Env::new();
+    let m = env.start_manager("m", &["--heartbeat", "1s"]);
+    let w = env.join_worker("w", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let wid = w.node_id();
+    let ca = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
+    let anon = Arc::new(anonymous_client_config(&ca).unwrap());
+
+    // 300 clients that finish the TLS handshake and then send nothing.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(dial::tls_connect(&m.addr, anon.clone()).await.expect("a TLS handshake"));
+    }
+    let checks = idle.iter_mut().map(|s| closed_within(s, Duration::from_secs(60)));
+    let closed = futures::future::join_all(checks).await;
+    let open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(open, 0, "{open} of 300 silent TLS clients were kept open past the preface timeout");
+    drop(idle);
+
+    // Past the cap of unauthenticated connections from one address (4,096),
+    // new ones are closed at once.
+    let beat0 = last_heartbeat(&m, &wid);
+    let mut flood = Vec::new();
+    for _ in 0..4300 {
+        match tokio::net::TcpStream::connect(&m.addr).await {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    let checks = flood.iter_mut().map(|s| closed_within(s, Duration::from_secs(3)));
+    let refused = futures::future::join_all(checks).await.into_iter().filter(|c| *c).count();
+    assert!(refused >= 100, "only {refused} of {} connections past the cap were refused", flood.len());
+    assert!(refused < flood.len(), "every connection was refused: the cap is not per address");
+
+    // The worker's session went on throughout.
+    assert!(!beat0.is_empty(), "the worker has no session");
+    wait_for("the worker to keep heartbeating", DEADLINE, || (last_heartbeat(&m, &wid) != beat0).then_some(()));
+    assert_eq!(m.node(&wid).unwrap()["status"], "ready");
+    drop(flood);
+
+    // And once the flood is gone, new authenticated connections are accepted.
+    let mid = NodeIdentity::load(&m.data.join("certs")).unwrap();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(ch) = dial::connect(&m.addr, Arc::new(client_config(&mid).unwrap())).await {
+            if ControlClient::new(ch).list_nodes(ListNodesRequest {}).await.is_ok() {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no new connection was accepted after the flood");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
