@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 type PeerResult = (Vec<Duration>, Vec<(usize, f64)>);
 
 async fn create(ch: &Channel, name: String, bytes: usize) -> Result<(), tonic::Status> {
-    let req = CreateSecretRequest { name, data: vec![b'x'; bytes], labels: Default::default() };
+    let req = CreateSecretRequest { name, data: vec![b'x'; bytes].into(), labels: Default::default() };
     ControlClient::new(ch.clone()).create_secret(req).await.map(|_| ())
 }
 

@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".swarmd.dispatcher.SecretValue.data")
+        .bytes(".swarmd.control.CreateSecretRequest.data")
+        .bytes(".swarmd.control.UpdateSecretRequest.data")
         .compile_fds(fds)?;
     Ok(())
 }

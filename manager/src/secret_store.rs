@@ -97,8 +97,12 @@ pub(crate) fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> 
 }
 
 /// Takes the value out of a request into memory that is wiped on drop.
-fn take_value(data: &mut Vec<u8>) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new(std::mem::take(data))
+/// The value of a request, in memory that is wiped on drop. (The decoding
+/// buffer it is copied from belongs to tonic and is freed without wiping.)
+fn take_value(data: &mut bytes::Bytes) -> Zeroizing<Vec<u8>> {
+    let value = Zeroizing::new(data.to_vec());
+    *data = bytes::Bytes::new();
+    value
 }
 
 /// Seals under the active data key; right after a rotation this manager may

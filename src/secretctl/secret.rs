@@ -60,19 +60,40 @@ pub(super) enum KeysCmd {
 
 /// Reads a secret value from `file` (`-` or none: standard input) into memory
 /// that is wiped on drop.
+///
+/// The buffer is allocated once at its largest (one byte over the limit, so
+/// that the manager can refuse an oversized value): growing it would leave
+/// copies of the value behind in freed memory.
 fn read_value(file: Option<&str>) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let mut buf = Zeroizing::new(Vec::new());
+    const LIMIT: usize = 500 * 1024;
+    let mut buf = Zeroizing::new(Vec::with_capacity(LIMIT + 1));
     match file {
         None | Some("-") => {
-            std::io::stdin().read_to_end(&mut buf).context("reading the secret value from standard input")?;
+            std::io::stdin()
+                .take(LIMIT as u64 + 1)
+                .read_to_end(&mut buf)
+                .context("reading the secret value from standard input")?;
         }
         Some(path) => {
             std::fs::File::open(path)
-                .and_then(|mut f| f.read_to_end(&mut buf))
+                .and_then(|f| f.take(LIMIT as u64 + 1).read_to_end(&mut buf))
                 .with_context(|| format!("reading the secret value from {path}"))?;
         }
     }
     Ok(buf)
+}
+
+/// A value handed to prost: wiped when the request is dropped after encoding.
+struct Wiped(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn wire(value: Zeroizing<Vec<u8>>) -> bytes::Bytes {
+    bytes::Bytes::from_owner(Wiped(value))
 }
 
 /// A secret as secretctl prints it.
@@ -117,17 +138,16 @@ impl From<Secret> for SecretView {
 }
 
 pub(super) async fn create(channel: Channel, a: CreateArgs) -> anyhow::Result<()> {
-    let mut value = read_value(a.file.as_deref())?;
-    let req =
-        CreateSecretRequest { name: a.name, data: std::mem::take(&mut *value), labels: a.labels.into_iter().collect() };
+    let value = read_value(a.file.as_deref())?;
+    let req = CreateSecretRequest { name: a.name, data: wire(value), labels: a.labels.into_iter().collect() };
     let s = super::client::control(channel).create_secret(req).await.map_err(explain)?.into_inner();
     println!("{}", s.id);
     Ok(())
 }
 
 pub(super) async fn update(channel: Channel, a: UpdateArgs) -> anyhow::Result<()> {
-    let mut value = read_value(a.file.as_deref())?;
-    let req = UpdateSecretRequest { name_or_id: a.name, data: std::mem::take(&mut *value) };
+    let value = read_value(a.file.as_deref())?;
+    let req = UpdateSecretRequest { name_or_id: a.name, data: wire(value) };
     let s = super::client::control(channel).update_secret(req).await.map_err(explain)?.into_inner();
     println!("{} version {}", s.id, s.versions.last().map_or(0, |v| v.version));
     Ok(())
