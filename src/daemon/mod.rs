@@ -199,6 +199,34 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
+/// Makes a data dir about to receive a new node private: created with mode
+/// 0700 if missing, narrowed to 0700 if it exists and is empty (a non-empty
+/// directory is not ours to change: the node's own files and directories in it
+/// are private anyway). Returns whether it was created here.
+fn new_node_dir(dir: &Path) -> anyhow::Result<bool> {
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).ok();
+    match empty {
+        None => {
+            swarmd_certs::create_private_dir(dir)?;
+            Ok(true)
+        }
+        Some(true) => {
+            swarmd_certs::create_private_dir(dir)?;
+            Ok(false)
+        }
+        Some(false) => Ok(false),
+    }
+}
+
+/// After a failed init or join: removes the data dir if this command created it
+/// and nothing is left in it.
+fn forget_new_node_dir<T>(dir: &Path, created: bool, r: anyhow::Result<T>) -> anyhow::Result<T> {
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    r
+}
+
 /// Runs `swarmd` with parsed arguments.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -212,7 +240,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
             opts.autolock = a.autolock;
-            let manager = Manager::init(opts).await?;
+            let created = new_node_dir(&data_dir)?;
+            let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
             if let Some(key) = manager.unlock_key() {
@@ -232,8 +261,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 raft: a.raft.settings()?,
             };
             let data_dir = opts.data_dir.clone();
+            let created = new_node_dir(&data_dir)?;
             let shutdown = shutdown_on_signal();
-            after_manager(&data_dir, Manager::join(opts, shutdown.clone()).await?, shutdown).await?;
+            let outcome = forget_new_node_dir(
+                &data_dir,
+                created,
+                Manager::join(opts, shutdown.clone()).await.map_err(Into::into),
+            )?;
+            after_manager(&data_dir, outcome, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Recover(a)) => {
             debug_assert!(a.force_new_cluster);
@@ -252,7 +287,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_addr: a.listen_addr,
                 runtime: Some(a.runtime),
             };
-            let worker = Worker::join(opts).await?;
+            let created = new_node_dir(&data_dir)?;
+            let worker = forget_new_node_dir(&data_dir, created, Worker::join(opts).await.map_err(Into::into))?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
             let shutdown = shutdown_on_signal();
             after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
@@ -326,6 +362,11 @@ async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: Cancell
 }
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
+    let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
+    if is_node {
+        // State an older version left readable by others is narrowed first.
+        swarmd_certs::restrict_tree(data_dir).context("cannot make the data dir private")?;
+    }
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
         let m = Manager::open(data_dir).await.context("cannot start the manager")?;
         let shutdown = shutdown_on_signal();

@@ -15,7 +15,7 @@ use super::output::timestamp;
 /// `admin-cert --out DIR [--expiry DUR]`
 #[derive(Args, Debug)]
 pub(super) struct AdminCertArgs {
-    /// Directory for admin.crt, admin.key (0600) and ca.crt (created 0700).
+    /// Directory for admin.crt, admin.key and ca.crt (all 0600; the directory is made 0700).
     #[arg(long)]
     out: PathBuf,
     /// Lifetime, e.g. 12h or 7d [default: the cluster's node certificate lifetime; at most 30d].
@@ -27,14 +27,11 @@ pub(super) async fn run(channel: Channel, a: AdminCertArgs) -> anyhow::Result<()
     let (key, csr) = swarmd_certs::generate_key_and_csr()?;
     let req = IssueAdminCertificateRequest { csr_pem: csr, validity_secs: a.expiry.map_or(0, |d| d.as_secs()) };
     let r = super::client::control(channel).issue_admin_certificate(req).await.map_err(explain)?.into_inner();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&a.out, std::fs::Permissions::from_mode(0o700))?;
-    }
-    swarmd_certs::write_atomic(&a.out.join("admin.key"), key.as_bytes(), 0o600)?;
-    swarmd_certs::write_atomic(&a.out.join("admin.crt"), r.certificate_pem.as_bytes(), 0o644)?;
-    swarmd_certs::write_atomic(&a.out.join("ca.crt"), r.ca_pem.as_bytes(), 0o644)?;
+    swarmd_certs::create_private_dir(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    // Every file 0600; an older admin key here is overwritten in place.
+    swarmd_certs::replace_secret_file(&a.out.join("admin.key"), key.as_bytes(), 0o600)?;
+    swarmd_certs::write_atomic(&a.out.join("admin.crt"), r.certificate_pem.as_bytes(), 0o600)?;
+    swarmd_certs::write_atomic(&a.out.join("ca.crt"), r.ca_pem.as_bytes(), 0o600)?;
     let d = a.out.display();
     println!("Admin certificate {} written to {d} (valid until {}).", r.id, timestamp(r.not_after));
     println!("Use it from any host that reaches a manager:");
