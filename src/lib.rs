@@ -29,6 +29,20 @@ pub fn harden_process() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the command line; on a usage error, prints clap's message with
+/// anything that looks like a token or key masked, and gives the exit code.
+pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    T::try_parse().map_err(|e| {
+        let text = daemon::redact(&e.render().to_string());
+        if e.use_stderr() {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
+        }
+        std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+    })
+}
+
 /// Sets up logging to stderr; `RUST_LOG` overrides `default`. openraft's own
 /// chatter is kept at `warn` unless `RUST_LOG` asks for it.
 pub fn init_logging(default: &str) {

@@ -1,6 +1,6 @@
-//! Invariant 11 against other local users: nodes and secretctl cannot dump
-//! core, and their /proc files are root's (no other process of their user can
-//! read their environment or memory).
+//! Invariant 11 against other local users: no join token in any process's
+//! command line or environment, token files that others can read refused,
+//! and nodes that cannot dump core (nor be read through /proc by their user).
 
 mod common;
 
@@ -10,6 +10,135 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
+
+/// The secret part of a token: the hex after the last '-'.
+fn secret_part(token: &str) -> &str {
+    let s = token.rsplit('-').next().unwrap();
+    assert!(s.len() >= 32, "not a token");
+    s
+}
+
+/// Every process on the machine whose cmdline or environ holds `needle`,
+/// as "PID (what) cmdline" with the needle masked.
+fn processes_holding(needle: &str) -> Vec<String> {
+    let mut hits = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        for what in ["cmdline", "environ"] {
+            // Processes come and go: unreadable means gone.
+            let Ok(bytes) = fs::read(e.path().join(what)) else { continue };
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ").replace(needle, "<SECRET>");
+                hits.push(format!("{pid} ({what}): {cmd}"));
+            }
+        }
+    }
+    hits
+}
+
+/// How a join command gets its token.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Argument,
+    Environment,
+    File,
+    Stdin,
+}
+
+const SOURCES: [Source; 4] = [Source::Argument, Source::Environment, Source::File, Source::Stdin];
+
+/// Starts `swarmd <role> join` in `<name>/` with the token from `how`.
+fn join(env: &mut Env, role: &str, name: &str, token: &str, how: Source, remote: &str, extra: &[&str]) -> usize {
+    let data = env.path(name);
+    let token_file = env.path(&format!("{name}.token"));
+    let mut args: Vec<String> = vec![role.into(), "join".into()];
+    let (mut envs, mut stdin) = (Vec::new(), None);
+    match how {
+        Source::Argument => args.push(token.into()),
+        Source::Environment => envs.push(("SWARMD_JOIN_TOKEN", token)),
+        Source::File => {
+            fs::write(&token_file, format!("{token}\n")).unwrap();
+            fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
+            args.extend(["--token-file".into(), token_file.display().to_string()]);
+        }
+        Source::Stdin => stdin = Some(format!("{token}\n").into_bytes()),
+    }
+    args.extend(["--remote".into(), remote.into(), "--data-dir".into(), data.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.spawn_with(name, &args, &envs, stdin.as_deref())
+}
+
+#[test]
+fn invariant_11_no_join_token_in_any_process_cmdline_or_environ() {
+    let mut env = Env::new();
+    let m1 = env.start_manager("m1", &[]);
+    let (wtoken, mtoken) = (m1.token("worker"), m1.token("manager"));
+    let secrets = [secret_part(&wtoken).to_owned(), secret_part(&mtoken).to_owned()];
+
+    for (i, how) in SOURCES.iter().enumerate() {
+        join(&mut env, "worker", &format!("w{i}"), &wtoken, *how, &m1.addr, &[]);
+    }
+    m1.wait_ready(1 + SOURCES.len());
+    for (i, how) in SOURCES.iter().enumerate() {
+        let name = format!("m{}", i + 2);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let idx = join(&mut env, "manager", &name, &mtoken, *how, &m1.addr, &["--listen-addr", &listen]);
+        let data = env.path(&name);
+        wait_for(&format!("{name} ({how:?}) to join raft"), DEADLINE, || {
+            if let Ok(Some(st)) = env.procs[idx].child.try_wait() {
+                panic!("{name} ({how:?}) exited: {st}\n{}", env.procs[idx].log_text());
+            }
+            data.join("manager.json").exists().then_some(())
+        });
+    }
+    m1.wait_ready(1 + 2 * SOURCES.len());
+
+    // Every node is up, each through its own source: nothing on the machine
+    // shows either token's secret in a command line or an environment.
+    for (secret, what) in secrets.iter().zip(["worker token", "manager token"]) {
+        let hits = processes_holding(secret);
+        assert!(hits.is_empty(), "the {what}'s secret is readable in /proc:\n{}", hits.join("\n"));
+    }
+    // And no log printed it.
+    for p in &env.procs {
+        for secret in &secrets {
+            assert!(!p.log_text().contains(secret.as_str()), "{} printed a token's secret", p.name);
+        }
+    }
+}
+
+#[test]
+fn invariant_11_a_token_file_others_can_read_is_refused() {
+    let mut env = Env::new();
+    let m1 = env.start_manager("m1", &[]);
+    for role in ["worker", "manager"] {
+        let token = m1.token(role);
+        let file = env.path(&format!("{role}.token"));
+        fs::write(&file, format!("{token}\n")).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let data = env.path(&format!("{role}-node"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![role, "join", "--token-file", file.to_str().unwrap(), "--remote", &m1.addr];
+        args.extend(["--data-dir", data.to_str().unwrap()]);
+        if role == "manager" {
+            args.extend(["--listen-addr", &listen]);
+        }
+        let o = env.swarmd(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{role} join accepted a 0644 token file: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr, got: {stderr}");
+        for needle in ["mode 0644", "chmod 600", file.to_str().unwrap()] {
+            assert!(lines[0].contains(needle), "{needle:?} missing from: {}", lines[0]);
+        }
+        assert!(!stderr.contains(secret_part(&token)), "the refusal printed the token");
+        assert!(!data.exists(), "{role} join wrote {} although it refused the token file", data.display());
+    }
+    assert_eq!(m1.nodes().len(), 1, "a node joined with a refused token file");
+}
 
 /// Whether this test can switch users (root). Skipped loudly otherwise,
 /// mandatory under SWARMD_REQUIRE_ROOT=1.
@@ -92,9 +221,15 @@ fn invariant_11_nodes_and_secretctl_dump_no_core_and_hide_their_proc_files() {
     wait_hardened("manager", env.procs[0].pid());
 
     let token = String::from_utf8(ctl(&["join-token", "worker", "-q"]).stdout).unwrap().trim().to_owned();
-    let w_args = ["worker", "join", &token, "--remote", &addr, "--data-dir", w_data.to_str().unwrap()];
+    let w_args = ["worker", "join", "--remote", &addr, "--data-dir", w_data.to_str().unwrap()];
     let envs = [("SWARMD_RUN_DIR", run.to_str().unwrap())];
-    let worker = as_nobody(swarmd_bin(), &w_args, &envs, &env.path("w1.log")).stdin(Stdio::null()).spawn().unwrap();
+    let mut worker =
+        as_nobody(swarmd_bin(), &w_args, &envs, &env.path("w1.log")).stdin(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = worker.stdin.take().unwrap();
+        stdin.write_all(format!("{token}\n").as_bytes()).unwrap();
+    }
     env.procs.push(Proc { name: "w1 (uid 65534)".into(), child: worker, log: env.path("w1.log") });
     wait_for("the worker to join", DEADLINE, || w_data.join("worker.json").exists().then_some(()));
     wait_hardened("worker", env.procs[1].pid());

@@ -2,16 +2,21 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     // Before anything else, and while this process has one thread: private
-    // file modes and no core dumps.
+    // file modes, no core dumps, and no join token in argv or environ.
     if let Err(e) = swarmd::harden_process() {
         eprintln!("swarmd: error: {e:#}");
         return ExitCode::FAILURE;
     }
-    let cli = swarmd::daemon::Cli::parse();
+    let cli: swarmd::daemon::Cli = match swarmd::parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = swarmd::daemon::reexec_without_token(&cli) {
+        eprintln!("swarmd: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     swarmd::init_logging("info");
     swarmd_certs::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {

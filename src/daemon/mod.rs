@@ -1,5 +1,7 @@
 //! `swarmd`: create, join and run nodes.
 
+mod token;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,6 +11,8 @@ use swarmd_certs::CertValidity;
 use swarmd_manager::{InitOptions, Manager, RunOutcome};
 use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
 use tokio_util::sync::CancellationToken;
+
+pub use token::{redact, TokenArgs, TOKEN_ENV};
 
 /// swarmd: a Swarm-style cluster security plane.
 #[derive(Parser, Debug)]
@@ -61,8 +65,9 @@ struct RecoverArgs {
 
 #[derive(Args, Debug)]
 struct ManagerJoinArgs {
-    /// The manager join token (SWDTKN-1-…), from `secretctl join-token manager`.
-    token: String,
+    /// The manager join token, from `secretctl join-token manager -q`.
+    #[command(flatten)]
+    token: TokenArgs,
     /// Existing manager address(es), HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     remote: Vec<String>,
@@ -149,8 +154,9 @@ impl RaftArgs {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    /// The join token (SWDTKN-1-…), from `secretctl join-token worker`.
-    token: String,
+    /// The join token, from `secretctl join-token worker -q`.
+    #[command(flatten)]
+    token: TokenArgs,
     /// Manager address(es), HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     remote: Vec<String>,
@@ -197,6 +203,24 @@ fn shutdown_on_signal() -> CancellationToken {
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+impl Cli {
+    /// The join token arguments, for the join commands.
+    fn token_args(&self) -> Option<&TokenArgs> {
+        match &self.command {
+            Command::Manager(ManagerCmd::Join(a)) => Some(&a.token),
+            Command::Worker(WorkerCmd::Join(a)) => Some(&a.token),
+            _ => None,
+        }
+    }
+}
+
+/// If a join token is on this process's command line or `SWARMD_JOIN_TOKEN`
+/// is in its environment, re-executes swarmd without them (the token goes
+/// through an inherited pipe); otherwise returns. Call it first in `main`.
+pub fn reexec_without_token(cli: &Cli) -> anyhow::Result<()> {
+    token::reexec_without_token(cli.token_args())
 }
 
 /// Makes a data dir about to receive a new node private: created with mode
@@ -251,8 +275,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Join(a)) => {
+            let token = a.token.read()?;
             let opts = swarmd_manager::JoinOptions {
-                token: a.token,
+                token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
                 listen_addr: a.addrs.listen_addr,
@@ -260,6 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 control_socket: a.addrs.control_socket,
                 raft: a.raft.settings()?,
             };
+            drop(token);
             let data_dir = opts.data_dir.clone();
             let created = new_node_dir(&data_dir)?;
             let shutdown = shutdown_on_signal();
@@ -279,14 +305,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(WorkerCmd::Join(a)) => {
             let data_dir = a.dir.data_dir.clone();
+            let token = a.token.read()?;
             let opts = JoinOptions {
-                token: a.token,
+                token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
                 hostname: hostname(),
                 listen_addr: a.listen_addr,
                 runtime: Some(a.runtime),
             };
+            drop(token);
             let created = new_node_dir(&data_dir)?;
             let worker = forget_new_node_dir(&data_dir, created, Worker::join(opts).await.map_err(Into::into))?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
