@@ -47,6 +47,16 @@ ready5() { [[ $(ctl manager1 node ls | grep -c ' ready ') == 5 ]]; }
 wait_for 90 "five ready nodes" ready5
 ctl manager1 node ls
 
+step "no process in any container carries a join token in its command line or environment"
+for c in manager1 manager2 manager3 worker1 worker2; do
+  # What anyone in the container can read (a node's environ is root's and needs
+  # CAP_SYS_PTRACE, which Docker does not grant: unreadable is fine).
+  procs=$(dc exec -T -u 0 "$c" sh -c 'cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null' | tr '\0' '\n' || true)
+  [[ $procs == *SWDTKN-* ]] && fail "a process in $c carries a join token"
+  [[ -n $procs ]] || fail "could not read the processes of $c"
+done
+echo "no join token in any container's /proc/*/cmdline or environ"
+
 step "create a secret and a one-replica service that uses it"
 printf 'v1-compose-secret' | ctl manager1 create db_pass - >/dev/null
 ctl manager1 service create web --image /opt/images/busybox --secret db_pass -- sh -c \

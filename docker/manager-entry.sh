@@ -13,6 +13,8 @@ if [ "${SWARMD_INIT:-}" = 1 ]; then
   swarmd manager init --data-dir "$data" --listen-addr 0.0.0.0:4242 --advertise-addr "$self" --heartbeat 1s &
   pid=$!
   export SWARMD_HOST=unix://$data/control.sock
+  # Token files are 0600 (swarmd refuses a --token-file others can read).
+  umask 077
   until secretctl join-token worker -q >/bootstrap/worker.token.tmp 2>/dev/null; do sleep 0.3; done
   secretctl join-token manager -q >/bootstrap/manager.token.tmp
   mv /bootstrap/worker.token.tmp /bootstrap/worker.token
@@ -21,5 +23,6 @@ if [ "${SWARMD_INIT:-}" = 1 ]; then
   exit $?
 fi
 while [ ! -s /bootstrap/manager.token ]; do sleep 0.5; done
-exec swarmd manager join "$(cat /bootstrap/manager.token)" --remote "$SWARMD_MANAGERS" --data-dir "$data" \
+# The token comes from the file, never the command line (/proc/PID/cmdline is world-readable).
+exec swarmd manager join --token-file /bootstrap/manager.token --remote "$SWARMD_MANAGERS" --data-dir "$data" \
   --listen-addr 0.0.0.0:4242 --advertise-addr "$self"

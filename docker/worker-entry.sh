@@ -29,4 +29,5 @@ if [ -f "$data/worker.json" ]; then
   exec swarmd run --data-dir "$data"
 fi
 while [ ! -s /bootstrap/worker.token ]; do sleep 0.5; done
-exec swarmd worker join "$(cat /bootstrap/worker.token)" --remote "$SWARMD_MANAGERS" --data-dir "$data"
+# The token comes from the file, never the command line (/proc/PID/cmdline is world-readable).
+exec swarmd worker join --token-file /bootstrap/worker.token --remote "$SWARMD_MANAGERS" --data-dir "$data"

@@ -7,6 +7,42 @@
 pub mod daemon;
 pub mod secretctl;
 
+use anyhow::Context;
+
+/// What every swarmd binary does first, before it reads anything or starts
+/// a thread (invariant 11):
+///
+/// * umask 0077: whatever this process or a library it uses creates (sled's
+///   files, runc's state) is private to its owner. Node code also sets modes
+///   explicitly; the umask is the net below it.
+/// * `PR_SET_DUMPABLE` 0: no core dump, and no other process of the same user
+///   may ptrace it or read its `/proc/PID/environ`, `mem` or `fd/` (the kernel
+///   gives those files to root). `execve` resets this, so each binary sets it.
+/// * `RLIMIT_CORE` 0, soft and hard: no core file even if something makes the
+///   process dumpable again; inherited by the processes it starts.
+pub fn harden_process() -> anyhow::Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    use nix::sys::stat::{umask, Mode};
+    umask(Mode::from_bits_truncate(0o077));
+    nix::sys::prctl::set_dumpable(false).context("cannot make this process non-dumpable (prctl PR_SET_DUMPABLE)")?;
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).context("cannot turn core dumps off (setrlimit RLIMIT_CORE)")?;
+    Ok(())
+}
+
+/// Parses the command line; on a usage error, prints clap's message with
+/// anything that looks like a token or key masked, and gives the exit code.
+pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    T::try_parse().map_err(|e| {
+        let text = daemon::redact(&e.render().to_string());
+        if e.use_stderr() {
+            eprint!("{text}");
+        } else {
+            print!("{text}");
+        }
+        std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+    })
+}
+
 /// Sets up logging to stderr; `RUST_LOG` overrides `default`. openraft's own
 /// chatter is kept at `warn` unless `RUST_LOG` asks for it.
 pub fn init_logging(default: &str) {

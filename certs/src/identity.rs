@@ -1,8 +1,11 @@
 //! A node's own key and certificate, and what a certificate says about its holder.
 //!
 //! On disk a node keeps `certs/ca.crt`, `certs/node.crt` and `certs/node.key`
-//! (mode 0600). Writes go to a temporary file that is synced and renamed, so a
-//! crash leaves either the old or the new file, never half of one.
+//! (all mode 0600, in a 0700 directory). Writes go to a temporary file that is
+//! synced and renamed, so a crash leaves either the old or the new file, never
+//! half of one. A replaced or deleted key file is first overwritten with zeros
+//! in place ([`replace_secret_file`], [`erase_file`]): a rename alone leaves the
+//! old key in the blocks of an unlinked inode.
 
 use std::fmt;
 use std::fs;
@@ -132,13 +135,122 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
-    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        // Whatever reached the temporary file must not stay behind (it may be a key).
+        let _ = erase_file(&tmp);
+        return Err(io_err(&tmp)(e));
+    }
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CertError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Opens an existing regular file for overwriting, without following a
+/// symlink or blocking on a FIFO; `None` if there is nothing to overwrite.
+fn open_for_overwrite(path: &Path) -> std::io::Result<Option<fs::File>> {
+    match fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) if f.metadata()?.is_file() => Ok(Some(f)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // A symlink (ELOOP) is replaced or removed, never written through.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Overwrites the whole content of `f` with zeros, in place, and syncs it.
+fn zero_fill(f: &fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
+    let zeros = [0u8; 8192];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()
+}
+
+/// Replaces `path` with `data` like [`write_atomic`] (crash-safe: the old or the
+/// new content, never a mix), then overwrites the old file's content with zeros
+/// through a descriptor kept on its inode, and syncs it. For key files: a
+/// rename alone would leave the old key in the blocks of the unlinked inode.
+/// (On copy-on-write filesystems and flash translation layers the old blocks
+/// may survive anyway; full-disk encryption covers those.)
+pub fn replace_secret_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
+    let old = open_for_overwrite(path).map_err(io_err(path))?;
+    write_atomic(path, data, mode)?;
+    if let Some(f) = old {
+        zero_fill(&f).map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// Deletes `path` after overwriting its content with zeros in place (synced),
+/// then syncs its directory. Nothing to do if it does not exist.
+pub fn erase_file(path: &Path) -> Result<(), CertError> {
+    if let Some(f) = open_for_overwrite(path).map_err(io_err(path))? {
+        zero_fill(&f).map_err(io_err(path))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Creates `dir` (and any missing parent) with mode 0700, and makes `dir`
+/// itself 0700 if it existed with a wider mode. Node state and run dirs are
+/// private to the node (invariant 11): the process umask is not relied on.
+pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}
+
+/// Takes group and other permissions away from every directory and file
+/// below `dir` (and `dir` itself), without following symlinks: directories
+/// become 0700, files lose every group and other bit. For state written by
+/// an older version or by a library that does not set modes (sled).
+pub fn restrict_tree(dir: &Path) -> Result<(), CertError> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let meta = fs::symlink_metadata(&d).map_err(io_err(&d))?;
+        if !meta.is_dir() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o7777 != 0o700 {
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(io_err(&d))?;
+        }
+        for e in fs::read_dir(&d).map_err(io_err(&d))? {
+            let e = e.map_err(io_err(&d))?;
+            let p = e.path();
+            let ft = e.file_type().map_err(io_err(&p))?;
+            if ft.is_dir() {
+                stack.push(p);
+            } else if !ft.is_symlink() {
+                let mode = e.metadata().map_err(io_err(&p))?.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    match fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o700)) {
+                        // Gone in between (a temporary file, a socket being replaced).
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        r => r.map_err(io_err(&p))?,
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -182,22 +294,24 @@ impl NodeIdentity {
         Self::new(ca, cert, key)
     }
 
-    /// Writes the three files into `dir` (created 0700 if missing); the key with mode 0600.
+    /// Writes the three files into `dir` (made 0700), each with mode 0600.
     /// The key is written before the certificate.
     pub fn save(&self, dir: &Path) -> Result<(), CertError> {
         self.save_with(dir, None)
     }
 
     /// As [`NodeIdentity::save`], with the key sealed by `wrap` if it seals.
+    ///
+    /// Every file is 0600 (certificates too: the simplest rule), and the key
+    /// it replaces is overwritten with zeros ([`replace_secret_file`]).
     pub fn save_with(&self, dir: &Path, wrap: Option<&dyn KeyWrap>) -> Result<(), CertError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-        write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), 0o644)?;
+        create_private_dir(dir)?;
+        write_atomic(&dir.join("ca.crt"), self.ca_pem.as_bytes(), 0o600)?;
         match wrap.and_then(|w| w.seal(&self.key_pem)) {
-            Some(sealed) => write_atomic(&dir.join("node.key"), sealed.as_bytes(), 0o600)?,
-            None => write_atomic(&dir.join("node.key"), self.key_pem.as_bytes(), 0o600)?,
+            Some(sealed) => replace_secret_file(&dir.join("node.key"), sealed.as_bytes(), 0o600)?,
+            None => replace_secret_file(&dir.join("node.key"), self.key_pem.as_bytes(), 0o600)?,
         }
-        write_atomic(&dir.join("node.crt"), self.cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&dir.join("node.crt"), self.cert_pem.as_bytes(), 0o600)?;
         Ok(())
     }
 
@@ -252,6 +366,88 @@ mod tests {
         assert_eq!(mode, 0o600);
         let back = NodeIdentity::load(&certs).unwrap();
         assert_eq!(back.info, id.info);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Reads the whole content of the inode behind `f`, from offset 0.
+    fn read_inode(f: &fs::File) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn invariant_11_identity_files_are_private_and_a_replaced_key_is_zeroed() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let node = NodeId::random();
+        let issue = || {
+            let (key, csr) = generate_key_and_csr().unwrap();
+            let issued = ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).unwrap();
+            NodeIdentity::new(ca.bundle_pem().into(), issued.pem, key).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let certs = NodeIdentity::dir(dir.path());
+        let first = issue();
+        first.save(&certs).unwrap();
+        assert_eq!(mode(&certs), 0o700);
+        for f in ["ca.crt", "node.crt", "node.key"] {
+            assert_eq!(mode(&certs.join(f)), 0o600, "{f}");
+        }
+        // A descriptor on the old key's inode, as an attacker with the raw disk would see its blocks.
+        let old = fs::File::open(certs.join("node.key")).unwrap();
+        assert_eq!(read_inode(&old), first.key_pem.as_bytes());
+        let second = issue();
+        second.save(&certs).unwrap();
+        let left = read_inode(&old);
+        assert_eq!(left.len(), first.key_pem.len());
+        assert!(left.iter().all(|b| *b == 0), "the replaced key's inode still holds data");
+        assert_eq!(NodeIdentity::load(&certs).unwrap().info.serial, second.info.serial);
+        assert!(fs::read_dir(&certs).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+    }
+
+    #[test]
+    fn invariant_11_erased_files_are_zeroed_before_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kek");
+        fs::write(&p, [7u8; 32]).unwrap();
+        let fd = fs::File::open(&p).unwrap();
+        erase_file(&p).unwrap();
+        assert!(!p.exists());
+        assert_eq!(read_inode(&fd), vec![0u8; 32]);
+        erase_file(&p).unwrap(); // nothing there: fine
+                                 // A symlink is removed, never written through.
+        let target = dir.path().join("target");
+        fs::write(&target, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        erase_file(&p).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"keep me");
+        replace_secret_file(&p, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert_eq!(mode(&p), 0o600);
+    }
+
+    #[test]
+    fn restrict_tree_takes_group_and_other_bits_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("raft/wal");
+        fs::create_dir_all(&sub).unwrap();
+        fs::set_permissions(dir.path().join("raft"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(sub.join("1.log"), b"x").unwrap();
+        fs::set_permissions(sub.join("1.log"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(dir.path().join("ro"), b"x").unwrap();
+        fs::set_permissions(dir.path().join("ro"), fs::Permissions::from_mode(0o444)).unwrap();
+        restrict_tree(dir.path()).unwrap();
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&dir.path().join("raft")), 0o700);
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&sub.join("1.log")), 0o600);
+        assert_eq!(mode(&dir.path().join("ro")), 0o400);
+        create_private_dir(&dir.path().join("a/b")).unwrap();
+        assert_eq!((mode(&dir.path().join("a")), mode(&dir.path().join("a/b"))), (0o700, 0o700));
     }
 
     #[test]

@@ -21,7 +21,8 @@ mod token;
 pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
 pub use error::CertError;
 pub use identity::{
-    generate_key_and_csr, is_sealed_key, write_atomic, CertInfo, KeyWrap, NodeIdentity, NodeKey, SEALED_KEY_LABEL,
+    create_private_dir, erase_file, generate_key_and_csr, is_sealed_key, replace_secret_file, restrict_tree,
+    write_atomic, CertInfo, KeyWrap, NodeIdentity, NodeKey, SEALED_KEY_LABEL,
 };
 pub use ids::{ClusterId, IdError, NodeId, Role, SecretId, ServiceId, TaskId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};

@@ -1,8 +1,10 @@
 //! Envelope encryption: the node-local key-encryption key (KEK) and the
 //! cluster data key (DEK).
 //!
-//! * `keys/kek` — 32 random bytes, mode 0600, never leaves this node. (With
-//!   autolock it will be derived from the unlock key instead of stored.)
+//! * `keys/kek` — 32 random bytes, mode 0600, never leaves this node. With
+//!   autolock it is replaced by `keys/kek.locked` (sealed under the unlock key).
+//!   A key file that is replaced or deleted is overwritten with zeros in place
+//!   first, so its old blocks do not keep the key.
 //! * `keys/dek` — the cluster's data keys (a [`Keyring`]: every data key still in
 //!   use, by ID) sealed under the KEK.
 //!
@@ -14,7 +16,6 @@
 
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -326,31 +327,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
     move |source| KeyError::Io { path: path.to_owned(), source }
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+fn from_cert_err(path: &Path, e: swarmd_certs::CertError) -> KeyError {
+    match e {
+        swarmd_certs::CertError::Io { path, source } => KeyError::Io { path, source },
+        other => KeyError::Io { path: path.to_owned(), source: std::io::Error::other(other.to_string()) },
     }
-    Ok(())
 }
 
+/// Writes a key file (0600) atomically; the file it replaces is overwritten
+/// with zeros in place first (see [`swarmd_certs::replace_secret_file`]).
+fn write_private(path: &Path, data: &[u8]) -> Result<(), KeyError> {
+    swarmd_certs::replace_secret_file(path, data, 0o600).map_err(|e| from_cert_err(path, e))
+}
+
+/// Deletes a key file after overwriting it with zeros in place.
 fn remove_synced(path: &Path) -> Result<(), KeyError> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(KeyError::Io { path: path.to_owned(), source: e }),
-    }
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    }
-    Ok(())
+    swarmd_certs::erase_file(path).map_err(|e| from_cert_err(path, e))
 }
 
 impl KeyDir {
@@ -382,18 +374,33 @@ impl KeyDir {
         Ok(KeyDir { dir: self.dir.clone(), kek: Some(self.kek()?) })
     }
 
-    /// Seals the KEK under `key` on disk and deletes the plain copy.
+    /// Seals the KEK under `key` on disk and deletes the plain copy, after
+    /// overwriting it with zeros in place (its inode, not a new file renamed
+    /// over it) and syncing that.
     pub fn lock(&self, key: &UnlockKey) -> Result<(), KeyError> {
         let kek = self.kek()?;
         let sealed = key.0.seal(purpose::LOCKED_KEK, kek.0.as_ref());
         write_private(&self.dir.join("kek.locked"), &bincode::serialize(&sealed).expect("serialize sealed key"))?;
-        // Overwrite the plain copy before unlinking it (best effort: the
-        // filesystem decides whether the same blocks are rewritten).
-        let plain = self.dir.join("kek");
-        if plain.exists() {
-            write_private(&plain, &[0u8; 32])?;
+        remove_synced(&self.dir.join("kek"))
+    }
+
+    /// Deletes the whole `keys/` directory (a demoted manager), every file in
+    /// it overwritten with zeros in place first.
+    pub fn erase(&self) -> Result<(), KeyError> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(KeyError::Io { path: self.dir.clone(), source: e }),
+        };
+        for e in entries {
+            let p = e.map_err(io_err(&self.dir))?.path();
+            if fs::symlink_metadata(&p).map_err(io_err(&p))?.is_dir() {
+                fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            } else {
+                remove_synced(&p)?;
+            }
         }
-        remove_synced(&plain)
+        fs::remove_dir(&self.dir).map_err(io_err(&self.dir))
     }
 
     /// Writes the KEK in the clear again (autolock turned off) and deletes the sealed copy.
@@ -416,8 +423,7 @@ impl KeyDir {
                 source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "keys exist already"),
             });
         }
-        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.dir))?;
+        swarmd_certs::create_private_dir(&self.dir).map_err(|e| from_cert_err(&self.dir, e))?;
         let kek = SymmetricKey::generate();
         write_private(&self.dir.join("kek"), kek.0.as_ref())?;
         self.write_keyring(&kek, keyring)
@@ -458,6 +464,36 @@ impl KeyDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn read_inode(f: &fs::File) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn invariant_11_lock_and_erase_overwrite_the_old_key_inodes() {
+        let d = tempfile::tempdir().unwrap();
+        let kd = KeyDir::new(d.path());
+        kd.create(&Keyring::single(1, SymmetricKey::generate())).unwrap();
+        let kek = fs::File::open(d.path().join("keys/kek")).unwrap();
+        let plain = read_inode(&kek);
+        assert_eq!(plain.len(), 32);
+        assert!(plain.iter().any(|b| *b != 0));
+        kd.loaded().unwrap().lock(&UnlockKey::generate()).unwrap();
+        assert!(!d.path().join("keys/kek").exists());
+        assert_eq!(read_inode(&kek), vec![0u8; 32], "the plain KEK's blocks were not overwritten");
+
+        let dek = fs::File::open(d.path().join("keys/dek")).unwrap();
+        let locked = fs::File::open(d.path().join("keys/kek.locked")).unwrap();
+        let (dek_len, locked_len) = (read_inode(&dek).len(), read_inode(&locked).len());
+        kd.erase().unwrap();
+        assert!(!d.path().join("keys").exists());
+        assert_eq!(read_inode(&dek), vec![0u8; dek_len]);
+        assert_eq!(read_inode(&locked), vec![0u8; locked_len]);
+    }
 
     #[test]
     fn seal_open_round_trip_binds_purpose() {

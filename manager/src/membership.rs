@@ -82,13 +82,21 @@ impl std::fmt::Debug for Demotion {
 impl Demotion {
     /// Rewrites `data_dir` as a worker's: certificate and `worker.json` first,
     /// then the manager's config, keys and raft store are deleted.
+    ///
+    /// The manager's node key (replaced by the worker's) and every file of
+    /// `keys/` (KEK, sealed data keys) are overwritten with zeros in place
+    /// before they are unlinked, so the disk keeps no key a manager held.
+    /// `raft/` holds only what the data keys seal (and public records), and
+    /// may be large: it is deleted, not overwritten.
     pub fn apply(&self, data_dir: &Path) -> Result<(), ManagerError> {
         self.identity.save(&NodeIdentity::dir(data_dir))?;
         self.worker.save(data_dir).map_err(|e| ManagerError::Invalid(e.to_string()))?;
         std::fs::remove_file(data_dir.join(CONFIG_FILE)).map_err(io_err(&data_dir.join(CONFIG_FILE)))?;
-        for d in ["keys", "raft"] {
-            let p = data_dir.join(d);
-            std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+        crate::keys::KeyDir::new(data_dir).erase()?;
+        let raft = data_dir.join("raft");
+        match std::fs::remove_dir_all(&raft) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&raft)(e)),
+            _ => {}
         }
         Ok(())
     }

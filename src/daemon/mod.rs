@@ -1,5 +1,7 @@
 //! `swarmd`: create, join and run nodes.
 
+mod token;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,6 +11,8 @@ use swarmd_certs::CertValidity;
 use swarmd_manager::{InitOptions, Manager, RunOutcome};
 use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
 use tokio_util::sync::CancellationToken;
+
+pub use token::{redact, TokenArgs, TOKEN_ENV};
 
 /// swarmd: a Swarm-style cluster security plane.
 #[derive(Parser, Debug)]
@@ -61,8 +65,9 @@ struct RecoverArgs {
 
 #[derive(Args, Debug)]
 struct ManagerJoinArgs {
-    /// The manager join token (SWDTKN-1-…), from `secretctl join-token manager`.
-    token: String,
+    /// The manager join token, from `secretctl join-token manager -q`.
+    #[command(flatten)]
+    token: TokenArgs,
     /// Existing manager address(es), HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     remote: Vec<String>,
@@ -149,8 +154,9 @@ impl RaftArgs {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    /// The join token (SWDTKN-1-…), from `secretctl join-token worker`.
-    token: String,
+    /// The join token, from `secretctl join-token worker -q`.
+    #[command(flatten)]
+    token: TokenArgs,
     /// Manager address(es), HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     remote: Vec<String>,
@@ -199,6 +205,52 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
+impl Cli {
+    /// The join token arguments, for the join commands.
+    fn token_args(&self) -> Option<&TokenArgs> {
+        match &self.command {
+            Command::Manager(ManagerCmd::Join(a)) => Some(&a.token),
+            Command::Worker(WorkerCmd::Join(a)) => Some(&a.token),
+            _ => None,
+        }
+    }
+}
+
+/// If a join token is on this process's command line or `SWARMD_JOIN_TOKEN`
+/// is in its environment, re-executes swarmd without them (the token goes
+/// through an inherited pipe); otherwise returns. Call it first in `main`.
+pub fn reexec_without_token(cli: &Cli) -> anyhow::Result<()> {
+    token::reexec_without_token(cli.token_args())
+}
+
+/// Makes a data dir about to receive a new node private: created with mode
+/// 0700 if missing, narrowed to 0700 if it exists and is empty (a non-empty
+/// directory is not ours to change: the node's own files and directories in it
+/// are private anyway). Returns whether it was created here.
+fn new_node_dir(dir: &Path) -> anyhow::Result<bool> {
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).ok();
+    match empty {
+        None => {
+            swarmd_certs::create_private_dir(dir)?;
+            Ok(true)
+        }
+        Some(true) => {
+            swarmd_certs::create_private_dir(dir)?;
+            Ok(false)
+        }
+        Some(false) => Ok(false),
+    }
+}
+
+/// After a failed init or join: removes the data dir if this command created it
+/// and nothing is left in it.
+fn forget_new_node_dir<T>(dir: &Path, created: bool, r: anyhow::Result<T>) -> anyhow::Result<T> {
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    r
+}
+
 /// Runs `swarmd` with parsed arguments.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -212,7 +264,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
             opts.autolock = a.autolock;
-            let manager = Manager::init(opts).await?;
+            let created = new_node_dir(&data_dir)?;
+            let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
             if let Some(key) = manager.unlock_key() {
@@ -222,8 +275,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Join(a)) => {
+            let token = a.token.read()?;
             let opts = swarmd_manager::JoinOptions {
-                token: a.token,
+                token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
                 listen_addr: a.addrs.listen_addr,
@@ -231,9 +285,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 control_socket: a.addrs.control_socket,
                 raft: a.raft.settings()?,
             };
+            drop(token);
             let data_dir = opts.data_dir.clone();
+            let created = new_node_dir(&data_dir)?;
             let shutdown = shutdown_on_signal();
-            after_manager(&data_dir, Manager::join(opts, shutdown.clone()).await?, shutdown).await?;
+            let outcome = forget_new_node_dir(
+                &data_dir,
+                created,
+                Manager::join(opts, shutdown.clone()).await.map_err(Into::into),
+            )?;
+            after_manager(&data_dir, outcome, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Recover(a)) => {
             debug_assert!(a.force_new_cluster);
@@ -244,15 +305,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(WorkerCmd::Join(a)) => {
             let data_dir = a.dir.data_dir.clone();
+            let token = a.token.read()?;
             let opts = JoinOptions {
-                token: a.token,
+                token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
                 hostname: hostname(),
                 listen_addr: a.listen_addr,
                 runtime: Some(a.runtime),
             };
-            let worker = Worker::join(opts).await?;
+            drop(token);
+            let created = new_node_dir(&data_dir)?;
+            let worker = forget_new_node_dir(&data_dir, created, Worker::join(opts).await.map_err(Into::into))?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
             let shutdown = shutdown_on_signal();
             after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
@@ -326,6 +390,11 @@ async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: Cancell
 }
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
+    let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
+    if is_node {
+        // State an older version left readable by others is narrowed first.
+        swarmd_certs::restrict_tree(data_dir).context("cannot make the data dir private")?;
+    }
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
         let m = Manager::open(data_dir).await.context("cannot start the manager")?;
         let shutdown = shutdown_on_signal();

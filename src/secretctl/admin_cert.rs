@@ -46,7 +46,7 @@ enum AdminCertCmd {
 /// Issuing: `--out DIR [--expiry DUR]`.
 #[derive(Args, Debug)]
 struct IssueArgs {
-    /// Directory for admin.crt, admin.key (0600) and ca.crt (created 0700).
+    /// Directory for admin.crt, admin.key and ca.crt (all 0600; the directory is made 0700).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Lifetime, e.g. 12h or 7d [default: the cluster's node certificate lifetime; at most 30d].
@@ -122,14 +122,11 @@ async fn issue(channel: Channel, out: PathBuf, expiry: Option<std::time::Duratio
     let (key, csr) = swarmd_certs::generate_key_and_csr()?;
     let req = IssueAdminCertificateRequest { csr_pem: csr, validity_secs: expiry.map_or(0, |d| d.as_secs()) };
     let r = super::client::control(channel).issue_admin_certificate(req).await.map_err(explain)?.into_inner();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700))?;
-    }
-    swarmd_certs::write_atomic(&out.join("admin.key"), key.as_bytes(), 0o600)?;
-    swarmd_certs::write_atomic(&out.join("admin.crt"), r.certificate_pem.as_bytes(), 0o644)?;
-    swarmd_certs::write_atomic(&out.join("ca.crt"), r.ca_pem.as_bytes(), 0o644)?;
+    swarmd_certs::create_private_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    // Every file 0600; an older admin key here is overwritten in place.
+    swarmd_certs::replace_secret_file(&out.join("admin.key"), key.as_bytes(), 0o600)?;
+    swarmd_certs::write_atomic(&out.join("admin.crt"), r.certificate_pem.as_bytes(), 0o600)?;
+    swarmd_certs::write_atomic(&out.join("ca.crt"), r.ca_pem.as_bytes(), 0o600)?;
     let d = out.display();
     let serial = swarmd_certs::CertInfo::parse(&r.certificate_pem).map(|i| i.serial).unwrap_or_default();
     println!("Admin certificate {} (serial {serial}) written to {d} (valid until {}).", r.id, timestamp(r.not_after));

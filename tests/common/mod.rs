@@ -181,17 +181,28 @@ impl Env {
 
     /// Starts `swarmd ARGS` with output in `<name>.log`; returns its index.
     pub fn spawn(&mut self, name: &str, args: &[&str]) -> usize {
+        self.spawn_with(name, args, &[], None)
+    }
+
+    /// As [`Env::spawn`], with extra environment variables and, if given,
+    /// `stdin` written to its standard input (then closed).
+    pub fn spawn_with(&mut self, name: &str, args: &[&str], envs: &[(&str, &str)], stdin: Option<&[u8]>) -> usize {
+        use std::io::Write;
         self.counter += 1;
         let log = self.path(&format!("{name}.{}.log", self.counter));
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new(swarmd_bin())
+        let mut child = Command::new(swarmd_bin())
             .args(args)
             .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
+            .envs(envs.iter().copied())
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            let _ = pipe.write_all(input);
+        }
         self.procs.push(Proc { name: name.to_owned(), child, log });
         self.procs.len() - 1
     }
@@ -216,6 +227,7 @@ impl Env {
     }
 
     /// Joins a manager in `<name>/` through `remote` and waits until it is a raft member.
+    /// The token goes on its standard input: never in a command line (invariant 11).
     pub fn join_manager(&mut self, name: &str, token: &str, remote: &Manager) -> Manager {
         self.join_manager_with(name, token, remote, &[])
     }
@@ -227,7 +239,6 @@ impl Env {
         let mut args = vec![
             "manager",
             "join",
-            token,
             "--remote",
             &remote.addr,
             "--data-dir",
@@ -236,7 +247,7 @@ impl Env {
             &addr,
         ];
         args.extend_from_slice(extra);
-        let idx = self.spawn(name, &args);
+        let idx = self.spawn_with(name, &args, &[], Some(format!("{token}\n").as_bytes()));
         let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
         wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));
         wait_for(&format!("{name} to serve"), DEADLINE, || {
@@ -262,11 +273,11 @@ impl Env {
         self.spawn(name, &["run", "--data-dir", data.to_str().unwrap()])
     }
 
-    /// Starts `swarmd worker join` in `<name>/`.
+    /// Starts `swarmd worker join` in `<name>/`, the token on its standard input.
     pub fn join_worker(&mut self, name: &str, token: &str, remote: &str) -> Worker {
         let data = self.path(name);
-        let idx =
-            self.spawn(name, &["worker", "join", token, "--remote", remote, "--data-dir", data.to_str().unwrap()]);
+        let args = ["worker", "join", "--remote", remote, "--data-dir", data.to_str().unwrap()];
+        let idx = self.spawn_with(name, &args, &[], Some(format!("{token}\n").as_bytes()));
         Worker { name: name.to_owned(), data, proc_idx: idx }
     }
 

@@ -106,6 +106,9 @@ impl Worker {
         let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
         let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
         let run_dir = run_dir(&self.cfg.node_id);
+        if let Err(e) = create_run_dir(&run_dir) {
+            tracing::warn!(error = %e, "cannot create this worker's private run dir; tasks will fail");
+        }
         let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
         let agent = agent::Agent::new(channel.clone(), session_rx, &runtime, run_dir.clone(), tasks.clone());
         let (state_tx, mut state_rx) = tokio::sync::watch::channel(agent::AgentState::default());
@@ -114,7 +117,7 @@ impl Worker {
         let writer = tokio::spawn(async move {
             while state_rx.changed().await.is_ok() {
                 let s = state_rx.borrow_and_update().clone();
-                let _ = std::fs::create_dir_all(&run_dir);
+                let _ = create_run_dir(&run_dir);
                 let _ = swarmd_certs::write_atomic(
                     &run_dir.join("state.json"),
                     serde_json::to_string(&s).unwrap_or_default().as_bytes(),
@@ -151,6 +154,26 @@ impl Worker {
 /// `$SWARMD_RUN_DIR/<node ID>` (default `/run/swarmd`).
 pub fn run_dir(node: &swarmd_certs::NodeId) -> PathBuf {
     PathBuf::from(std::env::var("SWARMD_RUN_DIR").unwrap_or_else(|_| "/run/swarmd".into())).join(node.as_str())
+}
+
+/// Creates `dir` (a worker's run dir) with mode 0700, and its parent too when
+/// it is the default `/run/swarmd` (made 0700 even if it existed: it is ours).
+/// A parent named by `SWARMD_RUN_DIR` is created 0700 if missing but otherwise
+/// left as it is: it may be a directory the operator shares.
+fn create_run_dir(dir: &Path) -> Result<(), swarmd_certs::CertError> {
+    if let Some(parent) = dir.parent() {
+        if std::env::var_os("SWARMD_RUN_DIR").is_none() {
+            swarmd_certs::create_private_dir(parent)?;
+        } else if !parent.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| swarmd_certs::CertError::Io { path: parent.to_owned(), source })?;
+        }
+    }
+    swarmd_certs::create_private_dir(dir)
 }
 
 /// How a worker's run ended.

@@ -141,9 +141,16 @@ pub struct Storage {
 }
 
 /// Opens (or creates) the sled database in `dir`.
+///
+/// `dir` and everything in it are private to this node (0700 directories,
+/// 0600 files): sled creates its files under the process umask (0077 in the
+/// swarmd binaries), and what an older version left wider is narrowed here.
 pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
     let storage_err = |source| RaftStartError::Storage { path: dir.display().to_string(), source };
+    let private = |e: swarmd_certs::CertError| storage_err(sled::Error::Io(std::io::Error::other(e.to_string())));
+    swarmd_certs::create_private_dir(dir).map_err(private)?;
     let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open().map_err(storage_err)?;
+    swarmd_certs::restrict_tree(dir).map_err(private)?;
     let log = LogStore::open(&db, dir).map_err(storage_err)?;
     let sm = StateMachine::open(&db, dir).map_err(storage_err)?;
     Ok(Storage { db, log, sm })

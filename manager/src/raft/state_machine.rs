@@ -110,9 +110,11 @@ fn write_snapshot_file(
     data: &[u8],
 ) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let meta = encode(meta);
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(&(meta.len() as u64).to_be_bytes())?;
     f.write_all(&meta)?;
     f.write_all(data)?;

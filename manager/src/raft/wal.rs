@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -57,6 +57,9 @@ fn corrupt(path: &Path, offset: u64, why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("raft log {} at byte {offset}: {why}", path.display()))
 }
 
+/// Mode of every segment file.
+const SEGMENT_MODE: u32 = 0o600;
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -72,7 +75,8 @@ impl Wal {
     }
 
     fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        // Private to the node: the directory 0700, every segment 0600.
+        swarmd_certs::create_private_dir(dir).map_err(io::Error::other)?;
         let mut firsts: Vec<u64> = Vec::new();
         for e in fs::read_dir(dir)? {
             let name = e?.file_name();
@@ -87,6 +91,7 @@ impl Wal {
             let last_segment = k + 1 == firsts.len();
             let path = dir.join(segment_name(*first));
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            file.set_permissions(fs::Permissions::from_mode(SEGMENT_MODE))?;
             let bytes = fs::read(&path)?;
             let mut at = 0u64;
             while at < bytes.len() as u64 {
@@ -157,7 +162,9 @@ impl Wal {
             s.file.sync_data()?;
         }
         let path = self.dir.join(segment_name(index));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(SEGMENT_MODE).open(&path)?;
+        file.set_permissions(fs::Permissions::from_mode(SEGMENT_MODE))?;
         sync_dir(&self.dir)?;
         self.segments.insert(index, Segment { path, file: Arc::new(file), len: 0 });
         Ok(())
@@ -286,6 +293,26 @@ mod tests {
         let w = Wal::open_with(dir.path(), 100).unwrap();
         assert_eq!(indexes(&w).last(), Some(&36));
         assert_eq!(w.last().unwrap().index, 36);
+    }
+
+    #[test]
+    fn invariant_11_the_log_directory_and_segments_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal");
+        fs::create_dir(&wal).unwrap();
+        fs::set_permissions(&wal, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut w = Wal::open_with(&wal, 100).unwrap();
+        w.append((1..=20).map(entry)).unwrap();
+        drop(w);
+        // A segment left wider by an older version is narrowed on open.
+        let first = fs::read_dir(&wal).unwrap().next().unwrap().unwrap().path();
+        fs::set_permissions(&first, fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Wal::open_with(&wal, 100).unwrap());
+        assert_eq!(fs::metadata(&wal).unwrap().permissions().mode() & 0o7777, 0o700);
+        for e in fs::read_dir(&wal).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600, "{}", p.display());
+        }
     }
 
     #[test]
