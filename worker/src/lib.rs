@@ -10,6 +10,7 @@ pub mod agent;
 mod config;
 pub mod executor;
 mod join;
+pub mod seccomp;
 pub mod secret_mount;
 mod session;
 
