@@ -15,12 +15,16 @@ use std::time::Duration;
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
 use swarmd_proto::dispatcher::{Assignments, PushLogsRequest, Task, TaskStatus, UpdateTaskStatusRequest};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::executor::{ContainerSpec, ExecError, Runtime};
-use crate::secret_mount::{SecretFile, SecretMount};
+use crate::secret_mount::{MountError, SecretFile, SecretMount};
+
+/// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 type SecretKey = (String, u32);
 
@@ -42,6 +46,8 @@ pub(crate) struct Agent {
     run_dir: PathBuf,
     secrets: HashMap<SecretKey, Zeroizing<Vec<u8>>>,
     running: HashMap<String, Handle>,
+    /// Every task loop still running, stopping or not: waited for at shutdown.
+    loops: JoinSet<()>,
     /// Tasks this process has run to the end: never started again.
     finished: HashSet<String>,
     ended: (mpsc::UnboundedSender<String>, mpsc::UnboundedReceiver<String>),
@@ -73,28 +79,17 @@ impl Agent {
             run_dir,
             secrets: HashMap::new(),
             running: HashMap::new(),
+            loops: JoinSet::new(),
             finished: HashSet::new(),
             ended: mpsc::unbounded_channel(),
             shutdown,
         }
     }
 
-    /// Removes containers and secret mounts a previous run of this worker left.
+    /// Removes containers and secret mounts a previous run of this worker left
+    /// (its watchdog normally has already).
     pub(crate) async fn clean_up_leftovers(&self) {
-        let state = self.run_dir.join("runtime");
-        if state.exists() {
-            if let Ok(out) = self.runtime.command().args(["list", "-q"]).output().await {
-                for id in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
-                    let _ = self.runtime.command().args(["delete", "--force", id]).output().await;
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.run_dir.join("tasks")) {
-            for e in entries.flatten() {
-                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        crate::watchdog::clear_leftovers(&self.runtime, &self.run_dir).await;
     }
 
     /// What is held now.
@@ -120,6 +115,7 @@ impl Agent {
                     self.running.remove(&id);
                     self.finished.insert(id);
                 }
+                Some(_) = self.loops.join_next(), if !self.loops.is_empty() => {}
                 _ = self.shutdown.cancelled() => break,
             }
             state.send_replace(self.state());
@@ -128,18 +124,17 @@ impl Agent {
         state.send_replace(self.state());
     }
 
-    /// Stops every task and forgets every secret (shutdown, or removal from the cluster).
+    /// Stops every task and forgets every secret (shutdown, or removal from
+    /// the cluster): each task loop stops its container (SIGTERM, [`STOP_GRACE`],
+    /// SIGKILL), deletes it, wipes and unmounts its secrets, and is waited for.
     pub(crate) async fn stop_all(&mut self) {
         for (_, h) in self.running.drain() {
             let _ = h.ctl.send(Control::Stop);
         }
-        // Give the task loops time to stop their containers and unmount.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let tasks = self.run_dir.join("tasks");
-        while tokio::time::Instant::now() < deadline
-            && std::fs::read_dir(&tasks).map(|mut d| d.next().is_some()).unwrap_or(false)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Some(r) = self.loops.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a task loop failed");
+            }
         }
         self.secrets.clear();
     }
@@ -238,7 +233,7 @@ impl Agent {
             dir: self.run_dir.join("tasks").join(&t.id),
             ended: self.ended.0.clone(),
         };
-        tokio::spawn(run_task(ctx, t.clone(), files, ctl_rx));
+        self.loops.spawn(run_task(ctx, t.clone(), files, ctl_rx));
         self.running.insert(t.id.clone(), Handle { task: t, ctl });
     }
 }
@@ -281,7 +276,18 @@ async fn push_logs(ctx: &TaskCtx, task: &str, lines: Vec<String>) {
     }
     let sid = ctx.session.borrow().clone();
     let req = PushLogsRequest { session_id: sid, task_id: task.to_owned(), lines };
-    let _ = DispatcherClient::new(ctx.channel.clone()).push_logs(req).await;
+    // Output is best effort: a manager that does not answer must not hold up the task loop.
+    let mut client = DispatcherClient::new(ctx.channel.clone());
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.push_logs(req)).await;
+}
+
+/// Writes a new set of secret files into the task's tmpfs and removes the
+/// files no longer in it.
+fn update_secrets(mount: Option<&mut SecretMount>, files: &[SecretFile]) -> Result<(), MountError> {
+    let Some(m) = mount else { return Ok(()) };
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    m.write(files)?;
+    m.retain(&names)
 }
 
 async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
@@ -293,7 +299,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut mount = if spec.secrets.is_empty() {
         None
     } else {
-        match SecretMount::create(&ctx.dir, size).and_then(|m| m.write(&files).map(|_| m)) {
+        match SecretMount::create(&ctx.dir, size).and_then(|mut m| m.write(&files).map(|_| m)) {
             Ok(m) => Some(m),
             Err(e) => {
                 rep("failed", format!("secrets: {e}"));
@@ -331,7 +337,15 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     tracing::info!(task.id = %id, service = %t.service, "task running");
     let mut seen = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // A secret update that could not be written: retried with backoff until
+    // it is (or a newer one replaces it, or the task ends); meanwhile the
+    // task's message says so.
+    let mut pending: Option<Vec<SecretFile>> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    let mut backoff = swarmd_certs::renew::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut failing = false;
     let (state, message) = loop {
+        let retry = tokio::time::sleep_until(retry_at);
         tokio::select! {
             code = running.wait() => {
                 break match code {
@@ -345,23 +359,41 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 seen = total;
                 push_logs(&ctx, &id, lines).await;
             }
-            cmd = ctl.recv() => match cmd {
-                Some(Control::Secrets(files)) => {
-                    if let Some(m) = mount.as_ref() {
-                        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-                        match m.write(&files).and_then(|_| m.retain(&names)) {
-                            Ok(()) => tracing::info!(task.id = %id, "secrets updated in place"),
-                            Err(e) => tracing::error!(task.id = %id, error = %e, "cannot update secrets"),
+            _ = retry, if pending.is_some() => {
+                let files = pending.take().unwrap_or_default();
+                match update_secrets(mount.as_mut(), &files) {
+                    Ok(()) => {
+                        tracing::info!(task.id = %id, "secrets updated in place");
+                        if failing {
+                            rep("running", String::new());
+                            failing = false;
                         }
+                        backoff.reset(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot update secrets");
+                        rep("running", format!("secret update failed (the previous value is still in place; retrying): {e}"));
+                        failing = true;
+                        retry_at = tokio::time::Instant::now() + wait;
+                        pending = Some(files);
                     }
                 }
+            }
+            cmd = ctl.recv() => match cmd {
+                Some(Control::Secrets(files)) => {
+                    // The newest set replaces any that is waiting, and is tried now.
+                    pending = Some(files);
+                    retry_at = tokio::time::Instant::now();
+                }
                 Some(Control::Stop) | None => {
-                    let _ = running.stop(Duration::from_secs(5)).await;
+                    let _ = running.stop(STOP_GRACE).await;
                     break ("shutdown", "stopped".to_string());
                 }
             }
         }
     };
+    drop(pending);
     let (lines, _) = running.logs.since(seen);
     push_logs(&ctx, &id, lines).await;
     let _ = running.stop(Duration::from_millis(100)).await;
