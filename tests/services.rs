@@ -315,3 +315,61 @@ fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
         tasks(&m, "job").into_iter().find(|t| t["id"] == first["id"] && t["state"] == "shutdown")
     });
 }
+
+/// An update far larger than the value a task's tmpfs was first sized for
+/// (1 KiB, referenced under three targets → 3 × 400 KiB) reaches the running
+/// task in place: the tmpfs grows for it, no partial `.new` file is left, and
+/// the task's message stays clear.
+#[test]
+fn invariant_6_a_large_secret_update_reaches_the_running_task_in_place() {
+    if !can_run_containers("services::invariant_6_a_large_secret_update_reaches_the_running_task_in_place") {
+        return;
+    }
+    let Cluster { env: _env, image, m, a, b: _b } = cluster();
+    let a_id = a.node_id();
+    let small: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+    assert!(m.ctl_stdin(&["create", "cert"], &small).status.success());
+    let script = "last=; while true; do h=$(cat /run/secrets/one /run/secrets/two /run/secrets/three | sha256sum); \
+                  if [ \"$h\" != \"$last\" ]; then echo \"$h\"; last=$h; fi; sleep 0.2; done";
+    let constraint = format!("node.id=={a_id}");
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "tls",
+        "--image",
+        image.to_str().unwrap(),
+        "--secret",
+        "cert,target=one",
+        "--secret",
+        "cert,target=two",
+        "--secret",
+        "cert,target=three",
+        "--constraint",
+        &constraint,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let first = wait_for("the task to run on A", Duration::from_secs(60), || running_task(&m, "tls"));
+    let thrice = |v: &[u8]| format!("{}  -", sha256_hex(&[v, v, v].concat()));
+    wait_for("the workload to read the small value", Duration::from_secs(30), || {
+        logs(&m, "tls").contains(&thrice(&small)).then_some(())
+    });
+
+    let large: Vec<u8> = (0..400 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let o = m.ctl_stdin(&["update", "cert"], &large);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("the running task to see the 400 KiB value", Duration::from_secs(60), || {
+        logs(&m, "tls").contains(&thrice(&large)).then_some(())
+    });
+    let now = running_task(&m, "tls").expect("still running");
+    assert_eq!(now["id"], first["id"], "the task was restarted for an update");
+    assert_eq!(now["message"], "", "{now}");
+    let dir =
+        std::path::Path::new("/run/swarmd").join(&a_id).join("tasks").join(now["id"].as_str().unwrap()).join("secrets");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["one", "three", "two"], "partial files left in {}", dir.display());
+}
