@@ -156,7 +156,6 @@ fn invariant_4_a_killed_worker_takes_its_containers_and_secrets_with_it() {
     assert_eq!(containers(&node).len(), 1);
     assert_eq!(secret_mounts(&node).len(), 1);
     let watchdog = format!("watchdog --run-dir {}", run_dir(&node).display());
-    assert_eq!(processes_with(&watchdog).len(), 1, "no watchdog beside the worker");
 
     env.proc(w.proc_idx).kill9();
     wait_for("the container, its processes and its secret mount to go", Duration::from_secs(30), || {
