@@ -52,6 +52,7 @@ pub(crate) struct Agent {
     finished: HashSet<String>,
     ended: (mpsc::UnboundedSender<String>, mpsc::UnboundedReceiver<String>),
     shutdown: CancellationToken,
+    secrets_max: u64,
 }
 
 /// What the agent holds, for `swarmd worker status`-like inspection and tests.
@@ -83,6 +84,7 @@ impl Agent {
             finished: HashSet::new(),
             ended: mpsc::unbounded_channel(),
             shutdown,
+            secrets_max: secrets_max(),
         }
     }
 
@@ -231,6 +233,7 @@ impl Agent {
             session: self.session.clone(),
             runtime: self.runtime.clone(),
             dir: self.run_dir.join("tasks").join(&t.id),
+            secrets_max: self.secrets_max,
             ended: self.ended.0.clone(),
         };
         self.loops.spawn(run_task(ctx, t.clone(), files, ctl_rx));
@@ -267,7 +270,18 @@ struct TaskCtx {
     session: watch::Receiver<String>,
     runtime: Runtime,
     dir: PathBuf,
+    /// How far the task's secret tmpfs may grow.
+    secrets_max: u64,
     ended: mpsc::UnboundedSender<String>,
+}
+
+/// What a task's secret tmpfs may grow to: `SWARMD_TASK_SECRETS_MAX` (bytes),
+/// default [`crate::secret_mount::DEFAULT_MAX_SIZE`].
+fn secrets_max() -> u64 {
+    std::env::var("SWARMD_TASK_SECRETS_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(crate::secret_mount::DEFAULT_MAX_SIZE)
 }
 
 async fn push_logs(ctx: &TaskCtx, task: &str, lines: Vec<String>) {
@@ -299,7 +313,11 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut mount = if spec.secrets.is_empty() {
         None
     } else {
-        match SecretMount::create(&ctx.dir, size).and_then(|mut m| m.write(&files).map(|_| m)) {
+        let mount = SecretMount::create(&ctx.dir, size.min(ctx.secrets_max)).and_then(|mut m| {
+            m.set_max_size(ctx.secrets_max);
+            m.write(&files).map(|_| m)
+        });
+        match mount {
             Ok(m) => Some(m),
             Err(e) => {
                 rep("failed", format!("secrets: {e}"));
@@ -343,7 +361,8 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut pending: Option<Vec<SecretFile>> = None;
     let mut retry_at = tokio::time::Instant::now();
     let mut backoff = swarmd_certs::renew::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    let mut failing = false;
+    // The failure message last reported (each report is a raft write on the managers: only changes are sent).
+    let mut failing: Option<String> = None;
     let (state, message) = loop {
         let retry = tokio::time::sleep_until(retry_at);
         tokio::select! {
@@ -364,17 +383,19 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 match update_secrets(mount.as_mut(), &files) {
                     Ok(()) => {
                         tracing::info!(task.id = %id, "secrets updated in place");
-                        if failing {
+                        if failing.take().is_some() {
                             rep("running", String::new());
-                            failing = false;
                         }
                         backoff.reset(Duration::from_secs(1));
                     }
                     Err(e) => {
                         let wait = backoff.next_delay();
                         tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot update secrets");
-                        rep("running", format!("secret update failed (the previous value is still in place; retrying): {e}"));
-                        failing = true;
+                        let msg = format!("secret update failed (the previous value is still in place; retrying): {e}");
+                        if failing.as_deref() != Some(msg.as_str()) {
+                            rep("running", msg.clone());
+                            failing = Some(msg);
+                        }
                         retry_at = tokio::time::Instant::now() + wait;
                         pending = Some(files);
                     }
