@@ -59,10 +59,42 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// PIDs of the runtime processes (`runc|crun --root RUN/runtime …`) working on
+/// `run_dir`: after a worker's death its `run` processes are orphans that may
+/// still write into the runtime's state dir.
+fn runtime_processes(run_dir: &Path) -> Vec<i32> {
+    let root = run_dir.join("runtime");
+    let root = root.as_os_str().as_encoded_bytes();
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"--root" && w[1] == root)
+        })
+        .collect()
+}
+
 /// Kills and deletes every container of `runtime` and destroys every task
 /// secret tmpfs below `run_dir/tasks` (wiped, unmounted, removed).
 pub async fn clear_leftovers(runtime: &Runtime, run_dir: &Path) {
     runtime.remove_all().await;
+    // Then the runtime processes a dead worker left (never this process's own:
+    // a live worker has none when it calls this, before it starts tasks).
+    for _ in 0..50 {
+        let pids = runtime_processes(run_dir);
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if let Ok(entries) = std::fs::read_dir(run_dir.join("tasks")) {
         for e in entries.flatten() {
             let path = e.path();
@@ -178,7 +210,12 @@ pub async fn run(run_dir: &Path, runtime: &str) -> Result<(), WatchdogError> {
         if tasks_left {
             tracing::error!(run_dir = %run_dir.display(), "secret mounts could not all be removed");
         } else {
-            let _ = std::fs::remove_dir_all(run_dir);
+            for _ in 0..50 {
+                if std::fs::remove_dir_all(run_dir).is_ok() || !run_dir.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         tracing::info!(run_dir = %run_dir.display(), "watchdog: the worker is gone; its containers and mounts are removed");
     }
