@@ -24,6 +24,7 @@ const EXPECTED: &[&str] = &[
     "netlink_netfilter: errno=1",
     "netlink_netfilter_highbits: errno=1",
     "vsock: errno=1",
+    "ptrace: errno=1",
     "fork: ok",
     "thread: ok",
     "inet: ok",

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -64,6 +65,8 @@ int main(void) {
     try_socket("netlink_netfilter", AF_NETLINK, SOCK_RAW, 12);
     try_socket("netlink_netfilter_highbits", (1L << 32) | AF_NETLINK, SOCK_RAW, 12);
     try_socket("vsock", 40, SOCK_STREAM, 0);
+    r = ptrace(PTRACE_TRACEME, 0, NULL, NULL);
+    report("ptrace", r, errno);
     /* Controls: what ordinary programs need. */
     after_fork("fork", fork());
     pthread_t t;

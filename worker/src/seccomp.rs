@@ -14,7 +14,9 @@
 //! filtered), no `mount`, `unshare`, `setns`, `bpf`, module loading, keyrings…
 //!
 //! Then [`swarmd_amendments`] makes it stricter: no `io_uring_*` (as Moby did
-//! after the copied commit) and, beyond Docker, no netfilter netlink socket.
+//! after the copied commit) and, beyond Docker, no netfilter netlink socket and
+//! no `ptrace`/`process_vm_readv`/`process_vm_writev` (Docker allows them from
+//! kernel 4.8 on; swarmd always refused them).
 
 use oci_spec::runtime::{Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompOperator, LinuxSyscall};
 use serde::Deserialize;
@@ -273,13 +275,20 @@ fn socket_rules() -> Result<Vec<LinuxSyscall>, SeccompError> {
     Ok(rules)
 }
 
+/// Calls Docker allows that swarmd refuses all the same.
+const REFUSED: &[&str] = &["ptrace", "process_vm_readv", "process_vm_writev"];
+
 /// swarmd's amendments to Docker's profile (see `worker/seccomp/README.md`):
-/// `io_uring_*` removed; `socket` replaced by [`socket_rules`].
+/// `io_uring_*` and [`REFUSED`] removed; `socket` replaced by [`socket_rules`].
 pub fn swarmd_amendments(mut s: LinuxSeccomp) -> Result<LinuxSeccomp, SeccompError> {
     let mut syscalls = Vec::new();
     for mut call in s.syscalls().clone().unwrap_or_default() {
-        let names: Vec<String> =
-            call.names().iter().filter(|n| !n.starts_with("io_uring_") && *n != "socket").cloned().collect();
+        let names: Vec<String> = call
+            .names()
+            .iter()
+            .filter(|n| !n.starts_with("io_uring_") && *n != "socket" && !REFUSED.contains(&n.as_str()))
+            .cloned()
+            .collect();
         if names.is_empty() {
             continue;
         }
@@ -373,6 +382,9 @@ mod tests {
             "io_uring_enter",
             "io_uring_register",
             "sethostname",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
         ] {
             assert!(rules(&s, name).is_empty(), "{name} is allowed");
         }
@@ -385,9 +397,15 @@ mod tests {
 
     #[test]
     fn invariant_9_min_kernel_and_arch_specific_entries() {
-        // ptrace is allowed from 4.8 on (Docker: earlier kernels let ptrace bypass seccomp).
-        assert!(rules(&filter(&host("amd64", (4, 4))), "ptrace").is_empty());
-        assert!(allowed_unconditionally(&filter(&host("amd64", (6, 1))), "ptrace"));
+        // Docker allows ptrace from 4.8 on (earlier kernels let ptrace bypass
+        // seccomp); swarmd's amendments refuse it on every kernel.
+        let docker = |k| translate(DOCKER_DEFAULT_PROFILE, &host("amd64", k)).unwrap();
+        assert!(rules(&docker((4, 4)), "ptrace").is_empty());
+        assert!(allowed_unconditionally(&docker((4, 8)), "ptrace"));
+        assert!(allowed_unconditionally(&docker((6, 1)), "process_vm_readv"));
+        for name in REFUSED {
+            assert!(rules(&filter(&host("amd64", (6, 1))), name).is_empty(), "{name} is allowed");
+        }
         let amd64 = filter(&host("amd64", (6, 1)));
         let arm64 = filter(&host("arm64", (6, 1)));
         assert!(allowed_unconditionally(&amd64, "arch_prctl") && allowed_unconditionally(&amd64, "modify_ldt"));
