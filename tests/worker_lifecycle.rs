@@ -157,7 +157,8 @@ fn stopped_worker_leaves_nothing(runtime: &str, n: u32) {
 
 /// kill -9: the watchdog removes the container and its secret mount, with no
 /// restart of the worker; `service rm` and `rm` of the secret then leave
-/// nothing of either.
+/// nothing of either. (First the watchdog itself is killed: the worker starts
+/// another.)
 #[test]
 fn invariant_4_a_killed_worker_takes_its_containers_and_secrets_with_it() {
     let test = "worker_lifecycle::invariant_4_a_killed_worker_takes_its_containers_and_secrets_with_it";
@@ -199,6 +200,14 @@ fn killed_worker_leaves_nothing(runtime: &str, n: u32) {
     assert_eq!(containers(&node, runtime).len(), 1);
     assert_eq!(secret_mounts(&node).len(), 1);
     let watchdog = format!("watchdog --run-dir {}", run_dir(&node).display());
+    // A watchdog that dies while the worker runs is replaced.
+    let first = processes_with(&watchdog);
+    assert_eq!(first.len(), 1, "no watchdog beside the worker");
+    let _ = Command::new("kill").args(["-KILL", &first[0].to_string()]).status();
+    wait_for("a new watchdog", Duration::from_secs(30), || {
+        let now = processes_with(&watchdog);
+        (now.len() == 1 && now[0] != first[0]).then_some(())
+    });
 
     env.proc(w.proc_idx).kill9();
     wait_for("the container, its processes and its secret mount to go", Duration::from_secs(30), || {

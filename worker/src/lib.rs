@@ -92,6 +92,8 @@ impl Worker {
         let run_dir = run_dir(&self.cfg.node_id);
         let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
         let watchdog = watchdog::Watchdog::spawn(&run_dir, &runtime).await?;
+        let (watchdog_stop, stop_rx) = tokio::sync::oneshot::channel();
+        let watchdog = tokio::spawn(watchdog.supervise(run_dir.clone(), runtime.clone(), stop_rx));
         let remotes = Remotes::new(self.cfg.remotes.clone());
         let channel = lazy_channel(remotes.clone(), self.creds.client());
         let issuer = RpcIssuer { channel: channel.clone() };
@@ -128,7 +130,8 @@ impl Worker {
         let _ = writer.await;
         let _ = std::fs::remove_dir_all(crate::run_dir(&self.cfg.node_id));
         // Nothing left for the watchdog to do: it sees its pipe close and exits.
-        watchdog.finish().await;
+        let _ = watchdog_stop.send(());
+        let _ = watchdog.await;
         tracing::info!("worker stopped");
         Ok(match end {
             session::SessionEnd::Stopped => WorkerOutcome::Stopped,

@@ -156,6 +156,31 @@ impl Watchdog {
         }
     }
 
+    /// Keeps a watchdog running until `stop` fires, then [`Watchdog::finish`]es
+    /// it: one that dies while the worker runs (killed, OOM) is replaced at once.
+    pub async fn supervise(mut self, run_dir: PathBuf, runtime: String, mut stop: tokio::sync::oneshot::Receiver<()>) {
+        loop {
+            tokio::select! {
+                status = self.child.wait() => {
+                    tracing::error!(status = ?status, "the task watchdog exited; starting another");
+                    let mut wait = Duration::from_millis(100);
+                    self = loop {
+                        match Watchdog::spawn(&run_dir, &runtime).await {
+                            Ok(w) => break w,
+                            Err(e) => tracing::error!(error = %e, "cannot restart the task watchdog"),
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = &mut stop => return,
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    };
+                }
+                _ = &mut stop => return self.finish().await,
+            }
+        }
+    }
+
     /// Closes the pipe (the worker has cleaned up) and waits for the watchdog to exit.
     pub async fn finish(mut self) {
         drop(self.stdin.take());
