@@ -133,3 +133,34 @@ fn secrets_are_never_written_outside_a_tmpfs() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     assert!(require_tmpfs(dir.path()).is_err());
 }
+
+/// A write that cannot fit (the tmpfs may not grow enough) fails with the
+/// error, leaves no partial file and keeps the old value; allowed to grow, the
+/// same write succeeds beside the old file.
+#[test]
+fn invariant_6_a_secret_write_that_cannot_fit_fails_and_leaves_no_partial_file() {
+    if !can_run_containers("container::invariant_6_a_secret_write_that_cannot_fit_fails_and_leaves_no_partial_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("task");
+    let mut mount = SecretMount::create(&task, 64 << 10).unwrap();
+    mount.set_max_size(64 << 10);
+    mount.write(&[file("db_pass", b"old value", 0o444)]).unwrap();
+    let big = vec![0x5a_u8; 200 << 10];
+    let err = mount.write(&[file("db_pass", &big, 0o444)]).unwrap_err();
+    assert!(err.to_string().contains("bytes of tmpfs"), "{err}");
+    let names: Vec<String> =
+        std::fs::read_dir(mount.dir()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, ["db_pass"], "a partial file is left");
+    assert_eq!(std::fs::read(mount.dir().join("db_pass")).unwrap(), b"old value");
+    // Read-only again after the failure.
+    assert!(std::fs::write(mount.dir().join("x"), b"x").is_err());
+
+    mount.set_max_size(swarmd_worker::secret_mount::DEFAULT_MAX_SIZE);
+    mount.write(&[file("db_pass", &big, 0o444), file("other", &big, 0o400)]).unwrap();
+    assert_eq!(std::fs::read(mount.dir().join("db_pass")).unwrap(), big);
+    assert!(mount.size() > 400 << 10, "the tmpfs did not grow: {}", mount.size());
+    mount.destroy();
+    assert!(!task.exists());
+}

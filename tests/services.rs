@@ -315,3 +315,143 @@ fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
         tasks(&m, "job").into_iter().find(|t| t["id"] == first["id"] && t["state"] == "shutdown")
     });
 }
+
+/// An update far larger than the value a task's tmpfs was first sized for
+/// (1 KiB, referenced under three targets → 3 × 400 KiB) reaches the running
+/// task in place: the tmpfs grows for it, no partial `.new` file is left, and
+/// the task's message stays clear.
+#[test]
+fn invariant_6_a_large_secret_update_reaches_the_running_task_in_place() {
+    if !can_run_containers("services::invariant_6_a_large_secret_update_reaches_the_running_task_in_place") {
+        return;
+    }
+    let Cluster { env: _env, image, m, a, b: _b } = cluster();
+    let a_id = a.node_id();
+    let small: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+    assert!(m.ctl_stdin(&["create", "cert"], &small).status.success());
+    let script = "last=; while true; do h=$(cat /run/secrets/one /run/secrets/two /run/secrets/three | sha256sum); \
+                  if [ \"$h\" != \"$last\" ]; then echo \"$h\"; last=$h; fi; sleep 0.2; done";
+    let constraint = format!("node.id=={a_id}");
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "tls",
+        "--image",
+        image.to_str().unwrap(),
+        "--secret",
+        "cert,target=one",
+        "--secret",
+        "cert,target=two",
+        "--secret",
+        "cert,target=three",
+        "--constraint",
+        &constraint,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let first = wait_for("the task to run on A", Duration::from_secs(60), || running_task(&m, "tls"));
+    let thrice = |v: &[u8]| format!("{}  -", sha256_hex(&[v, v, v].concat()));
+    wait_for("the workload to read the small value", Duration::from_secs(30), || {
+        logs(&m, "tls").contains(&thrice(&small)).then_some(())
+    });
+
+    let large: Vec<u8> = (0..400 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let o = m.ctl_stdin(&["update", "cert"], &large);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("the running task to see the 400 KiB value", Duration::from_secs(60), || {
+        logs(&m, "tls").contains(&thrice(&large)).then_some(())
+    });
+    let now = running_task(&m, "tls").expect("still running");
+    assert_eq!(now["id"], first["id"], "the task was restarted for an update");
+    assert_eq!(now["message"], "", "{now}");
+    let dir =
+        std::path::Path::new("/run/swarmd").join(&a_id).join("tasks").join(now["id"].as_str().unwrap()).join("secrets");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["one", "three", "two"], "partial files left in {}", dir.display());
+}
+
+/// `swarmd worker join` with extra environment variables for the worker.
+fn join_worker_with_env(env: &mut Env, name: &str, token: &str, remote: &str, vars: &[(&str, &str)]) -> Worker {
+    let data = env.path(name);
+    let log = env.path(&format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(swarmd_bin())
+        .args(["worker", "join", token, "--remote", remote, "--data-dir", data.to_str().unwrap()])
+        .env("RUST_LOG", "info,openraft=warn")
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    env.procs.push(Proc { name: name.to_owned(), child, log });
+    Worker { name: name.to_owned(), data, proc_idx: env.procs.len() - 1 }
+}
+
+/// An update that cannot fit (the worker caps a task's secret tmpfs at
+/// 300,000 bytes here): the task keeps running with the old value, its
+/// message in `service ps` says why, nothing partial is left, and the worker
+/// retries; a later update that fits replaces it and clears the message.
+#[test]
+fn invariant_6_a_secret_update_that_cannot_fit_is_reported_and_retried() {
+    if !can_run_containers("services::invariant_6_a_secret_update_that_cannot_fit_is_reported_and_retried") {
+        return;
+    }
+    let mut env = Env::new();
+    let image = busybox_rootfs(&env.path("image"));
+    let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let token = m.token("worker");
+    let w = join_worker_with_env(&mut env, "wc", &token, &m.addr, &[("SWARMD_TASK_SECRETS_MAX", "300000")]);
+    m.wait_ready(2);
+    let node = w.node_id();
+    let v1 = vec![b'1'; 1024];
+    assert!(m.ctl_stdin(&["create", "key"], &v1).status.success());
+    let script = "last=; while true; do h=$(sha256sum /run/secrets/key); \
+                  if [ \"$h\" != \"$last\" ]; then echo \"$h\"; last=$h; fi; sleep 0.2; done";
+    m.ctl_ok(&[
+        "service",
+        "create",
+        "capped",
+        "--image",
+        image.to_str().unwrap(),
+        "--secret",
+        "key",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let first = wait_for("the task to run", Duration::from_secs(60), || running_task(&m, "capped"));
+    let seen = |v: &[u8]| format!("{}  /run/secrets/key", sha256_hex(v));
+    wait_for("the first value", Duration::from_secs(30), || logs(&m, "capped").contains(&seen(&v1)).then_some(()));
+
+    let v2 = vec![b'2'; 400 * 1024];
+    assert!(m.ctl_stdin(&["update", "key"], &v2).status.success());
+    let t = wait_for("the failure in the task's message", Duration::from_secs(30), || {
+        running_task(&m, "capped").filter(|t| t["message"].as_str().unwrap_or("").contains("secret update failed"))
+    });
+    assert_eq!(t["id"], first["id"]);
+    assert!(t["message"].as_str().unwrap().contains("bytes of tmpfs"), "{t}");
+    let dir =
+        std::path::Path::new("/run/swarmd").join(&node).join("tasks").join(t["id"].as_str().unwrap()).join("secrets");
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, ["key"], "partial files left in {}", dir.display());
+    assert!(!logs(&m, "capped").contains(&seen(&v2)));
+    let wlog = env.procs[w.proc_idx].log_text();
+    assert!(wlog.contains("retry_in"), "no retry logged:\n{wlog}");
+
+    let v3 = vec![b'3'; 2048];
+    assert!(m.ctl_stdin(&["update", "key"], &v3).status.success());
+    wait_for("the fitting value in the task", Duration::from_secs(30), || {
+        logs(&m, "capped").contains(&seen(&v3)).then_some(())
+    });
+    let t = wait_for("the message cleared", Duration::from_secs(30), || {
+        running_task(&m, "capped").filter(|t| t["message"] == "")
+    });
+    assert_eq!(t["id"], first["id"]);
+}

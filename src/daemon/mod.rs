@@ -86,6 +86,20 @@ enum WorkerCmd {
     /// What this worker holds now: its tasks and the IDs (never the values)
     /// of the secrets in its memory, as JSON.
     Status(DataDir),
+    /// Internal: started by a worker; once the worker is gone, removes what
+    /// its tasks left (containers, secret mounts). See swarmd_worker::watchdog.
+    #[command(hide = true)]
+    Watchdog(WatchdogArgs),
+}
+
+#[derive(Args, Debug)]
+struct WatchdogArgs {
+    /// The worker's run dir.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The worker's OCI runtime.
+    #[arg(long, default_value = "runc", value_parser = ["runc", "crun"])]
+    runtime: String,
 }
 
 #[derive(Args, Debug)]
@@ -328,6 +342,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&path).unwrap_or_else(|_| r#"{"tasks":[],"secrets":[]}"#.into());
             println!("{text}");
         }
+        Command::Worker(WorkerCmd::Watchdog(a)) => swarmd_worker::watchdog::run(&a.run_dir, &a.runtime).await?,
         Command::Unlock(a) => unlock(&a.dir.data_dir).await?,
     }
     Ok(())

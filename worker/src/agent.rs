@@ -15,12 +15,16 @@ use std::time::Duration;
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
 use swarmd_proto::dispatcher::{Assignments, PushLogsRequest, Task, TaskStatus, UpdateTaskStatusRequest};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::executor::{ContainerSpec, ExecError, Runtime};
-use crate::secret_mount::{SecretFile, SecretMount};
+use crate::secret_mount::{MountError, SecretFile, SecretMount};
+
+/// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 type SecretKey = (String, u32);
 
@@ -42,10 +46,13 @@ pub(crate) struct Agent {
     run_dir: PathBuf,
     secrets: HashMap<SecretKey, Zeroizing<Vec<u8>>>,
     running: HashMap<String, Handle>,
+    /// Every task loop still running, stopping or not: waited for at shutdown.
+    loops: JoinSet<()>,
     /// Tasks this process has run to the end: never started again.
     finished: HashSet<String>,
     ended: (mpsc::UnboundedSender<String>, mpsc::UnboundedReceiver<String>),
     shutdown: CancellationToken,
+    secrets_max: u64,
 }
 
 /// What the agent holds, for `swarmd worker status`-like inspection and tests.
@@ -73,28 +80,18 @@ impl Agent {
             run_dir,
             secrets: HashMap::new(),
             running: HashMap::new(),
+            loops: JoinSet::new(),
             finished: HashSet::new(),
             ended: mpsc::unbounded_channel(),
             shutdown,
+            secrets_max: secrets_max(),
         }
     }
 
-    /// Removes containers and secret mounts a previous run of this worker left.
+    /// Removes containers and secret mounts a previous run of this worker left
+    /// (its watchdog normally has already).
     pub(crate) async fn clean_up_leftovers(&self) {
-        let state = self.run_dir.join("runtime");
-        if state.exists() {
-            if let Ok(out) = self.runtime.command().args(["list", "-q"]).output().await {
-                for id in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
-                    let _ = self.runtime.command().args(["delete", "--force", id]).output().await;
-                }
-            }
-        }
-        if let Ok(entries) = std::fs::read_dir(self.run_dir.join("tasks")) {
-            for e in entries.flatten() {
-                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        crate::watchdog::clear_leftovers(&self.runtime, &self.run_dir).await;
     }
 
     /// What is held now.
@@ -120,6 +117,7 @@ impl Agent {
                     self.running.remove(&id);
                     self.finished.insert(id);
                 }
+                Some(_) = self.loops.join_next(), if !self.loops.is_empty() => {}
                 _ = self.shutdown.cancelled() => break,
             }
             state.send_replace(self.state());
@@ -128,18 +126,17 @@ impl Agent {
         state.send_replace(self.state());
     }
 
-    /// Stops every task and forgets every secret (shutdown, or removal from the cluster).
+    /// Stops every task and forgets every secret (shutdown, or removal from
+    /// the cluster): each task loop stops its container (SIGTERM, [`STOP_GRACE`],
+    /// SIGKILL), deletes it, wipes and unmounts its secrets, and is waited for.
     pub(crate) async fn stop_all(&mut self) {
         for (_, h) in self.running.drain() {
             let _ = h.ctl.send(Control::Stop);
         }
-        // Give the task loops time to stop their containers and unmount.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let tasks = self.run_dir.join("tasks");
-        while tokio::time::Instant::now() < deadline
-            && std::fs::read_dir(&tasks).map(|mut d| d.next().is_some()).unwrap_or(false)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Some(r) = self.loops.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a task loop failed");
+            }
         }
         self.secrets.clear();
     }
@@ -236,9 +233,10 @@ impl Agent {
             session: self.session.clone(),
             runtime: self.runtime.clone(),
             dir: self.run_dir.join("tasks").join(&t.id),
+            secrets_max: self.secrets_max,
             ended: self.ended.0.clone(),
         };
-        tokio::spawn(run_task(ctx, t.clone(), files, ctl_rx));
+        self.loops.spawn(run_task(ctx, t.clone(), files, ctl_rx));
         self.running.insert(t.id.clone(), Handle { task: t, ctl });
     }
 }
@@ -272,16 +270,61 @@ struct TaskCtx {
     session: watch::Receiver<String>,
     runtime: Runtime,
     dir: PathBuf,
+    /// How far the task's secret tmpfs may grow.
+    secrets_max: u64,
     ended: mpsc::UnboundedSender<String>,
 }
 
+/// What a task's secret tmpfs may grow to: `SWARMD_TASK_SECRETS_MAX` (bytes),
+/// default [`crate::secret_mount::DEFAULT_MAX_SIZE`].
+fn secrets_max() -> u64 {
+    std::env::var("SWARMD_TASK_SECRETS_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(crate::secret_mount::DEFAULT_MAX_SIZE)
+}
+
+/// Bytes of output one `PushLogs` request carries (managers take requests of
+/// at most 1 MiB from a node).
+const PUSH_BYTES: usize = 256 << 10;
+
 async fn push_logs(ctx: &TaskCtx, task: &str, lines: Vec<String>) {
-    if lines.is_empty() {
-        return;
-    }
     let sid = ctx.session.borrow().clone();
-    let req = PushLogsRequest { session_id: sid, task_id: task.to_owned(), lines };
-    let _ = DispatcherClient::new(ctx.channel.clone()).push_logs(req).await;
+    let mut client = DispatcherClient::new(ctx.channel.clone());
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    let mut lines = lines.into_iter().peekable();
+    while let Some(line) = lines.next() {
+        bytes += line.len() + 8;
+        batch.push(line);
+        if bytes >= PUSH_BYTES || batch.len() == 1000 || lines.peek().is_none() {
+            let req = PushLogsRequest {
+                session_id: sid.clone(),
+                task_id: task.to_owned(),
+                lines: std::mem::take(&mut batch),
+            };
+            bytes = 0;
+            // Output is best effort: a manager that does not answer, or refuses
+            // output past this node's budget, must not hold up the task loop.
+            match tokio::time::timeout(Duration::from_secs(5), client.push_logs(req)).await {
+                Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                    tracing::debug!(task.id = %task, "the manager refused output past this node's budget; dropped");
+                    return;
+                }
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Writes a new set of secret files into the task's tmpfs and removes the
+/// files no longer in it.
+fn update_secrets(mount: Option<&mut SecretMount>, files: &[SecretFile]) -> Result<(), MountError> {
+    let Some(m) = mount else { return Ok(()) };
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    m.write(files)?;
+    m.retain(&names)
 }
 
 async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
@@ -293,7 +336,11 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut mount = if spec.secrets.is_empty() {
         None
     } else {
-        match SecretMount::create(&ctx.dir, size).and_then(|m| m.write(&files).map(|_| m)) {
+        let mount = SecretMount::create(&ctx.dir, size.min(ctx.secrets_max)).and_then(|mut m| {
+            m.set_max_size(ctx.secrets_max);
+            m.write(&files).map(|_| m)
+        });
+        match mount {
             Ok(m) => Some(m),
             Err(e) => {
                 rep("failed", format!("secrets: {e}"));
@@ -331,7 +378,16 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     tracing::info!(task.id = %id, service = %t.service, "task running");
     let mut seen = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // A secret update that could not be written: retried with backoff until
+    // it is (or a newer one replaces it, or the task ends); meanwhile the
+    // task's message says so.
+    let mut pending: Option<Vec<SecretFile>> = None;
+    let mut retry_at = tokio::time::Instant::now();
+    let mut backoff = swarmd_certs::renew::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // The failure message last reported (each report is a raft write on the managers: only changes are sent).
+    let mut failing: Option<String> = None;
     let (state, message) = loop {
+        let retry = tokio::time::sleep_until(retry_at);
         tokio::select! {
             code = running.wait() => {
                 break match code {
@@ -345,23 +401,43 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 seen = total;
                 push_logs(&ctx, &id, lines).await;
             }
-            cmd = ctl.recv() => match cmd {
-                Some(Control::Secrets(files)) => {
-                    if let Some(m) = mount.as_ref() {
-                        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-                        match m.write(&files).and_then(|_| m.retain(&names)) {
-                            Ok(()) => tracing::info!(task.id = %id, "secrets updated in place"),
-                            Err(e) => tracing::error!(task.id = %id, error = %e, "cannot update secrets"),
+            _ = retry, if pending.is_some() => {
+                let files = pending.take().unwrap_or_default();
+                match update_secrets(mount.as_mut(), &files) {
+                    Ok(()) => {
+                        tracing::info!(task.id = %id, "secrets updated in place");
+                        if failing.take().is_some() {
+                            rep("running", String::new());
                         }
+                        backoff.reset(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot update secrets");
+                        let msg = format!("secret update failed (the previous value is still in place; retrying): {e}");
+                        if failing.as_deref() != Some(msg.as_str()) {
+                            rep("running", msg.clone());
+                            failing = Some(msg);
+                        }
+                        retry_at = tokio::time::Instant::now() + wait;
+                        pending = Some(files);
                     }
                 }
+            }
+            cmd = ctl.recv() => match cmd {
+                Some(Control::Secrets(files)) => {
+                    // The newest set replaces any that is waiting, and is tried now.
+                    pending = Some(files);
+                    retry_at = tokio::time::Instant::now();
+                }
                 Some(Control::Stop) | None => {
-                    let _ = running.stop(Duration::from_secs(5)).await;
+                    let _ = running.stop(STOP_GRACE).await;
                     break ("shutdown", "stopped".to_string());
                 }
             }
         }
     };
+    drop(pending);
     let (lines, _) = running.logs.since(seen);
     push_logs(&ctx, &id, lines).await;
     let _ = running.stop(Duration::from_millis(100)).await;

@@ -1,16 +1,17 @@
 //! Runs a task's container: an OCI bundle built with `oci-spec`, run by runc
 //! (or crun), least-privilege by default (invariant 9).
 //!
-//! Defaults: user 65534:65534 unless given; no capabilities in any set; a
-//! seccomp filter that refuses what Docker's default profile refuses (mounts,
-//! module loading, kexec, ptrace, keyrings, BPF, namespace games, clock and
-//! swap changes…); `no_new_privs`; a read-only root filesystem with a small
+//! Defaults: user 65534:65534 unless given; no capabilities in any set; the
+//! seccomp allowlist of Docker's default profile, made a little stricter
+//! ([`crate::seccomp`]); `no_new_privs`; a read-only root filesystem with a small
 //! writable tmpfs at `/tmp`; private pid, mount, ipc, uts and cgroup namespaces
 //! and a private network namespace unless `--network host`; memory and pids
 //! limits when asked. Privileged containers and added capabilities are refused.
 //!
 //! The container's stdout and stderr go into a bounded in-memory ring, never to
-//! disk: they may echo secrets.
+//! disk: they may echo secrets. They are read in chunks and cut into lines of
+//! at most [`MAX_LINE`] bytes, so an endless line costs no more memory than a
+//! short one.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -18,10 +19,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::{
-    Arch, LinuxCapabilities, LinuxMemoryBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxSeccomp,
-    LinuxSeccompAction, LinuxSeccompBuilder, LinuxSyscallBuilder, Mount, MountBuilder, Spec, UserBuilder,
+    LinuxCapabilities, LinuxMemoryBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxSeccomp, Mount, MountBuilder,
+    Spec, UserBuilder,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 
 /// Why a container could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -65,80 +66,8 @@ pub struct ContainerSpec {
     pub cap_add: Vec<String>,
 }
 
-/// The syscalls the default seccomp filter refuses with EPERM, as Docker's
-/// default profile does (it allows only a list that excludes these).
-const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "fsconfig",
-    "fsmount",
-    "fsopen",
-    "fspick",
-    "get_kernel_syms",
-    "get_mempolicy",
-    "init_module",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mbind",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "move_pages",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "perf_event_open",
-    "personality",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
-    "query_module",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "set_mempolicy",
-    "setns",
-    "settimeofday",
-    "stime",
-    "swapoff",
-    "swapon",
-    "syslog",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vm86",
-    "vm86old",
-];
-
 fn seccomp() -> Result<LinuxSeccomp, ExecError> {
-    let denied = LinuxSyscallBuilder::default()
-        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .action(LinuxSeccompAction::ScmpActErrno)
-        .errno_ret(nix::errno::Errno::EPERM as u32)
-        .build()
-        .map_err(|e| ExecError::Spec(e.to_string()))?;
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActAllow)
-        .architectures(vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32, Arch::ScmpArchAarch64])
-        .syscalls(vec![denied])
-        .build()
-        .map_err(|e| ExecError::Spec(e.to_string()))
+    crate::seccomp::default_filter().map_err(|e| ExecError::Spec(e.to_string()))
 }
 
 fn tmpfs(dest: &str, options: &[&str]) -> Result<Mount, ExecError> {
@@ -237,40 +166,129 @@ pub fn hybrid_cgroups() -> bool {
     v1_root && std::path::Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists()
 }
 
-/// A task's output, kept in memory only: the last `max_lines` lines.
+/// Longest output line kept: a longer run of bytes without a newline is cut
+/// into pieces of at most this size.
+pub const MAX_LINE: usize = 4096;
+
+/// Cuts a byte stream into lines of at most `max` bytes (without their `\n`).
+#[derive(Debug)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+    max: usize,
+}
+
+impl LineSplitter {
+    /// A splitter for lines of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self { partial: Vec::new(), max: max.max(1) }
+    }
+
+    /// Feeds `bytes`; `line` gets each complete (or cut) line. A full piece is
+    /// held until the next byte shows whether it ended at a newline.
+    pub fn feed(&mut self, mut bytes: &[u8], mut line: impl FnMut(String)) {
+        while !bytes.is_empty() {
+            if self.partial.len() == self.max {
+                if bytes[0] == b'\n' {
+                    bytes = &bytes[1..];
+                }
+                line(self.take());
+                continue;
+            }
+            let room = (self.max - self.partial.len()).min(bytes.len());
+            match bytes[..room].iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    self.partial.extend_from_slice(&bytes[..i]);
+                    bytes = &bytes[i + 1..];
+                    line(self.take());
+                }
+                None => {
+                    self.partial.extend_from_slice(&bytes[..room]);
+                    bytes = &bytes[room..];
+                }
+            }
+        }
+    }
+
+    /// The last, unterminated line, if any.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> String {
+        let l = String::from_utf8_lossy(&self.partial).into_owned();
+        self.partial.clear();
+        l
+    }
+}
+
+/// A task's output, kept in memory only: the last `max_lines` lines, and no
+/// more than [`LogRing::MAX_BYTES`] bytes of them.
 #[derive(Clone, Debug)]
 pub struct LogRing {
-    inner: Arc<Mutex<(VecDeque<String>, u64)>>,
+    inner: Arc<Mutex<Ring>>,
     max_lines: usize,
 }
 
+#[derive(Debug, Default)]
+struct Ring {
+    lines: VecDeque<String>,
+    bytes: usize,
+    total: u64,
+}
+
 impl LogRing {
+    /// Bytes held at most.
+    pub const MAX_BYTES: usize = 1 << 20;
+
     /// A ring of `max_lines` lines.
     pub fn new(max_lines: usize) -> Self {
-        Self { inner: Arc::default(), max_lines }
+        Self { inner: Arc::default(), max_lines: max_lines.max(1) }
     }
 
     fn push(&self, line: String) {
         let mut g = self.inner.lock().expect("log ring lock");
-        if g.0.len() == self.max_lines {
-            g.0.pop_front();
+        while !g.lines.is_empty() && (g.lines.len() >= self.max_lines || g.bytes + line.len() > Self::MAX_BYTES) {
+            if let Some(old) = g.lines.pop_front() {
+                g.bytes -= old.len();
+            }
         }
-        g.0.push_back(line);
-        g.1 += 1;
+        g.bytes += line.len();
+        g.lines.push_back(line);
+        g.total += 1;
     }
 
     /// The lines held, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.inner.lock().expect("log ring lock").0.iter().cloned().collect()
+        self.inner.lock().expect("log ring lock").lines.iter().cloned().collect()
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().expect("log ring lock").bytes
     }
 
     /// The lines pushed after the first `seen` ever pushed (those still held),
     /// and the new count to pass next time.
     pub fn since(&self, seen: u64) -> (Vec<String>, u64) {
         let g = self.inner.lock().expect("log ring lock");
-        let total = g.1;
-        let new = (total - seen.min(total)).min(g.0.len() as u64) as usize;
-        (g.0.iter().skip(g.0.len() - new).cloned().collect(), total)
+        let total = g.total;
+        let new = (total - seen.min(total)).min(g.lines.len() as u64) as usize;
+        (g.lines.iter().skip(g.lines.len() - new).cloned().collect(), total)
+    }
+
+    /// Reads `stream` to its end in bounded chunks, one line at a time into the ring.
+    async fn pump(self, mut stream: impl tokio::io::AsyncRead + Unpin) {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut split = LineSplitter::new(MAX_LINE);
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => split.feed(&buf[..n], |l| self.push(l)),
+            }
+        }
+        if let Some(l) = split.finish() {
+            self.push(l);
+        }
     }
 }
 
@@ -325,6 +343,30 @@ impl Runtime {
         c
     }
 
+    /// Kills and deletes every container under this runtime's state dir (what a
+    /// worker that died left behind).
+    pub async fn remove_all(&self) {
+        if !self.state_dir.exists() {
+            return;
+        }
+        let Ok(out) = self.command().args(["list", "-q"]).stderr(Stdio::null()).output().await else { return };
+        for id in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
+            let quiet = |c: &mut tokio::process::Command| {
+                c.stdout(Stdio::null()).stderr(Stdio::null());
+            };
+            let mut kill = self.command();
+            kill.args(["kill", "--all", id, "KILL"]);
+            quiet(&mut kill);
+            let _ = kill.status().await;
+            let mut delete = self.command();
+            delete.args(["delete", "--force", id]);
+            quiet(&mut delete);
+            let _ = delete.status().await;
+            let _ = std::fs::remove_dir_all(self.bundles.join(id));
+            tracing::info!(container = %id, "removed a container left behind");
+        }
+    }
+
     fn err(&self, why: impl std::fmt::Display) -> ExecError {
         ExecError::Runtime { runtime: self.binary.clone(), why: why.to_string() }
     }
@@ -368,13 +410,7 @@ impl Runtime {
         .into_iter()
         .flatten()
         {
-            let ring = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    ring.push(l);
-                }
-            });
+            tokio::spawn(logs.clone().pump(stream));
         }
         Ok(Running { id: id.to_owned(), logs, child, runtime: self.clone() })
     }
@@ -414,6 +450,47 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(chunks: &[&[u8]], max: usize) -> Vec<String> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |l| out.push(l));
+        }
+        out.extend(s.finish());
+        out
+    }
+
+    #[test]
+    fn output_lines_are_cut_at_the_maximum_length() {
+        assert_eq!(split(&[b"a\nbc\n", b"d", b"e\nf"], 8), ["a", "bc", "de", "f"]);
+        assert_eq!(split(&[b"abcdefghij\n"], 4), ["abcd", "efgh", "ij"]);
+        assert_eq!(split(&[b"abcd\nef"], 4), ["abcd", "ef"]);
+        assert_eq!(split(&[b"abcd", b"\nef"], 4), ["abcd", "ef"]);
+        assert_eq!(split(&[b"\n\n"], 4), ["", ""]);
+        // 1 MiB without a newline: pieces of 4 KiB.
+        let big = vec![b'x'; 1 << 20];
+        let lines = split(&[&big], MAX_LINE);
+        assert_eq!(lines.len(), 256);
+        assert!(lines.iter().all(|l| l.len() == MAX_LINE));
+    }
+
+    #[test]
+    fn the_log_ring_is_bounded_in_lines_and_bytes() {
+        let ring = LogRing::new(1000);
+        for _ in 0..10_000 {
+            ring.push("y".repeat(MAX_LINE));
+        }
+        assert!(ring.bytes() <= LogRing::MAX_BYTES, "{}", ring.bytes());
+        assert_eq!(ring.lines().len(), LogRing::MAX_BYTES / MAX_LINE);
+        let (recent, total) = ring.since(9_990);
+        assert_eq!((recent.len(), total), (10, 10_000));
+        let small = LogRing::new(3);
+        for i in 0..5 {
+            small.push(i.to_string());
+        }
+        assert_eq!(small.lines(), ["2", "3", "4"]);
+    }
 
     #[test]
     fn the_default_spec_is_least_privilege_and_privilege_is_refused() {

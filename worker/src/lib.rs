@@ -10,8 +10,10 @@ pub mod agent;
 mod config;
 pub mod executor;
 mod join;
+pub mod seccomp;
 pub mod secret_mount;
 mod session;
+pub mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +46,9 @@ pub enum WorkerError {
     /// Certificates.
     #[error(transparent)]
     Cert(#[from] swarmd_certs::CertError),
+    /// The task watchdog could not be started: without it, tasks could outlive the worker.
+    #[error(transparent)]
+    Watchdog(#[from] watchdog::WatchdogError),
 }
 
 /// A worker ready to run.
@@ -96,6 +101,15 @@ impl Worker {
     /// Holds a session and renews the certificate until `shutdown` is cancelled
     /// or the node is promoted to manager.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerOutcome, WorkerError> {
+        // First of all: whatever ends this process, its tasks end with it.
+        let run_dir = run_dir(&self.cfg.node_id);
+        if let Err(e) = create_run_dir(&run_dir) {
+            tracing::warn!(error = %e, "cannot create this worker's private run dir; tasks will fail");
+        }
+        let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
+        let watchdog = watchdog::Watchdog::spawn(&run_dir, &runtime).await?;
+        let (watchdog_stop, stop_rx) = tokio::sync::oneshot::channel();
+        let watchdog = tokio::spawn(watchdog.supervise(run_dir.clone(), runtime.clone(), stop_rx));
         let remotes = Remotes::new(self.cfg.remotes.clone());
         let channel = lazy_channel(remotes.clone(), self.creds.client());
         let issuer = RpcIssuer { channel: channel.clone() };
@@ -105,11 +119,6 @@ impl Worker {
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
         let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
         let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
-        let run_dir = run_dir(&self.cfg.node_id);
-        if let Err(e) = create_run_dir(&run_dir) {
-            tracing::warn!(error = %e, "cannot create this worker's private run dir; tasks will fail");
-        }
-        let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
         let agent = agent::Agent::new(channel.clone(), session_rx, &runtime, run_dir.clone(), tasks.clone());
         let (state_tx, mut state_rx) = tokio::sync::watch::channel(agent::AgentState::default());
         let agent_done = tokio::spawn(agent.run(assign_rx, state_tx));
@@ -134,13 +143,17 @@ impl Worker {
             assign_tx,
         );
         let end = session.run(shutdown).await;
-        // Stops every task, unmounts and wipes their secret filesystems and
-        // drops every secret from memory.
+        // Stops every task (SIGTERM, a grace period, SIGKILL) and waits for each,
+        // unmounts and wipes their secret filesystems and drops every secret
+        // from memory.
         tasks.cancel();
         let _ = agent_done.await;
         // Nothing is left running: the runtime state, bundles and status go too.
         let _ = writer.await;
         let _ = std::fs::remove_dir_all(crate::run_dir(&self.cfg.node_id));
+        // Nothing left for the watchdog to do: it sees its pipe close and exits.
+        let _ = watchdog_stop.send(());
+        let _ = watchdog.await;
         tracing::info!("worker stopped");
         Ok(match end {
             session::SessionEnd::Stopped => WorkerOutcome::Stopped,

@@ -7,9 +7,11 @@
 //! its uid, gid and mode; it is what gets bind-mounted read-only at
 //! `/run/secrets` in the container. Between writes the tmpfs is remounted
 //! read-only. A new version replaces a file atomically (write aside, rename),
-//! so a reader sees the old or the new content, never a mix. On task end the
-//! files are overwritten with zeros, the tmpfs is unmounted and its directory
-//! removed.
+//! so a reader sees the old or the new content, never a mix. Before a write the
+//! tmpfs grows (a remount with a larger `size=`, up to a maximum) to hold the
+//! old files and the new ones side by side; a write that fails anyway leaves no
+//! partial file behind and the old content in place. On task end the files are
+//! overwritten with zeros, the tmpfs is unmounted and its directory removed.
 
 use std::fs;
 use std::io::Write;
@@ -34,6 +36,9 @@ pub enum MountError {
     /// A target is not a plain file name below /run/secrets.
     #[error("invalid secret target {0:?}: use a file name, or /run/secrets/<file name>")]
     BadTarget(String),
+    /// The files would need a larger tmpfs than this task may have.
+    #[error("the secrets need {need} bytes of tmpfs, more than the {max} bytes a task may have")]
+    TooLarge { need: u64, max: u64 },
     /// File I/O inside the tmpfs.
     #[error("{path}: {source}")]
     Io {
@@ -103,6 +108,21 @@ pub struct SecretMount {
     root: PathBuf,
     dir: PathBuf,
     mounted: bool,
+    /// The tmpfs's current `size=` limit (it costs no memory until used).
+    size: u64,
+    /// How far it may grow.
+    max_size: u64,
+}
+
+/// What a task's secret tmpfs may grow to by default: room for many values of
+/// up to 500 KiB (the largest a secret can be), old and new side by side.
+pub const DEFAULT_MAX_SIZE: u64 = 64 << 20;
+
+/// Slack kept above the pages the files need.
+const MARGIN: u64 = 64 << 10;
+
+fn pages(len: u64) -> u64 {
+    len.div_ceil(4096) * 4096
 }
 
 const FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID).union(MsFlags::MS_NOEXEC);
@@ -116,7 +136,13 @@ impl SecretMount {
         let data = format!("size={size},mode=0700,nr_inodes=1024");
         mount(Some("swarmd-secrets"), root, Some("tmpfs"), FLAGS, Some(data.as_str()))
             .map_err(|errno| MountError::Mount { what: "mount a tmpfs at", path: root.into(), errno })?;
-        let mut me = Self { root: root.to_owned(), dir: root.join("secrets"), mounted: true };
+        let mut me = Self {
+            root: root.to_owned(),
+            dir: root.join("secrets"),
+            mounted: true,
+            size,
+            max_size: DEFAULT_MAX_SIZE.max(size),
+        };
         if let Err(e) = require_tmpfs(root) {
             me.destroy();
             return Err(e);
@@ -132,23 +158,72 @@ impl SecretMount {
         &self.dir
     }
 
+    /// A secret tmpfs left at `root` by an earlier process (a worker that
+    /// died), to be destroyed.
+    pub fn adopt(root: &Path) -> Self {
+        Self { root: root.to_owned(), dir: root.join("secrets"), mounted: true, size: 0, max_size: 0 }
+    }
+
+    /// The current size limit of the tmpfs.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Sets how far the tmpfs may grow (at least its current size).
+    pub fn set_max_size(&mut self, max: u64) {
+        self.max_size = max.max(self.size);
+    }
+
     fn remount(&self, read_only: bool) -> Result<(), MountError> {
+        self.remount_with(read_only, None)
+    }
+
+    fn remount_with(&self, read_only: bool, size: Option<u64>) -> Result<(), MountError> {
         let mut flags = FLAGS | MsFlags::MS_REMOUNT;
         if read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        mount(None::<&str>, &self.root, None::<&str>, flags, None::<&str>).map_err(|errno| MountError::Mount {
+        let data = size.map(|s| format!("size={s}"));
+        mount(None::<&str>, &self.root, None::<&str>, flags, data.as_deref()).map_err(|errno| MountError::Mount {
             what: "remount",
             path: self.root.clone(),
             errno,
         })
     }
 
-    /// Writes (or atomically replaces) `files`, then makes the tmpfs read-only again.
-    pub fn write(&self, files: &[SecretFile]) -> Result<(), MountError> {
+    /// The tmpfs size that holds what is there now plus `files` beside it.
+    fn needed_for(&self, files: &[SecretFile]) -> u64 {
+        let present: u64 = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| pages(m.len()))
+            .sum();
+        present + files.iter().map(|f| pages(f.data.len() as u64)).sum::<u64>() + MARGIN
+    }
+
+    /// Writes (or atomically replaces) `files`, then makes the tmpfs read-only
+    /// again. The tmpfs first grows to hold the old and the new files side by
+    /// side (up to its maximum size); a file that cannot be written is removed
+    /// again, the old version stays, and the error is returned.
+    pub fn write(&mut self, files: &[SecretFile]) -> Result<(), MountError> {
         require_tmpfs(&self.root)?;
-        self.remount(false)?;
+        let need = self.needed_for(files);
+        let grow = (need > self.size).then(|| need.min(self.max_size)).filter(|s| *s > self.size);
+        self.remount_with(false, grow)?;
+        if let Some(s) = grow {
+            self.size = s;
+        }
         let result = files.iter().try_for_each(|f| self.write_one(f));
+        let result = result.map_err(|e| match e {
+            MountError::Io { source, .. }
+                if source.raw_os_error() == Some(nix::libc::ENOSPC) && need > self.max_size =>
+            {
+                MountError::TooLarge { need, max: self.max_size }
+            }
+            e => e,
+        });
         let ro = self.remount(true);
         result.and(ro)
     }
@@ -157,13 +232,26 @@ impl SecretMount {
         let name = target_file_name(&f.name)?;
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!(".{name}.new"));
-        let mut file =
-            fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-        file.write_all(&f.data).map_err(io(&tmp))?;
-        drop(file);
-        std::os::unix::fs::chown(&tmp, Some(f.uid), Some(f.gid)).map_err(io(&tmp))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            file.write_all(&f.data).map_err(io(&tmp))?;
+            drop(file);
+            std::os::unix::fs::chown(&tmp, Some(f.uid), Some(f.gid)).map_err(io(&tmp))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io(&path))
+        })();
+        if result.is_err() && tmp.exists() {
+            // A partial value: overwrite what was written, then remove it.
+            wipe(&tmp);
+            let _ = fs::remove_file(&tmp);
+        }
+        result
     }
 
     /// Removes the files not in `keep` (file names).
