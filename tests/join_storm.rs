@@ -1,8 +1,9 @@
 //! Invariant 7, the other way round: only a removal removes. Real workers join
-//! three managers at once, through followers too, while two CPU burners slow
-//! the machine down, so that sessions land on managers that have not applied
-//! the join yet. Every joiner must end ready; none may conclude it was
-//! removed, wipe itself and exit.
+//! three managers at once while two CPU burners slow the machine down, and a
+//! follower is paused (SIGSTOP) while they join, then resumed as the first of
+//! them have joined elsewhere: their sessions, which dial that follower first,
+//! land on a manager that has not applied their joins yet. Every joiner must
+//! end ready; none may conclude it was removed, wipe itself and exit.
 
 mod common;
 
@@ -40,15 +41,19 @@ fn invariant_7_a_join_storm_leaves_every_worker_ready_and_none_thinks_it_was_rem
     let (managers, leader) = env.three_managers(&[]);
     let token = managers[leader].token("worker");
     let _burn = Burners::start(2);
-    let workers: Vec<Worker> = (0..joiners)
-        .map(|i| {
-            // Each joins through one manager and lists all three, its own first.
-            let first = &managers[i % 3];
-            let rest: Vec<&str> = managers.iter().filter(|m| m.name != first.name).map(|m| m.addr.as_str()).collect();
-            let remotes = format!("{},{}", first.addr, rest.join(","));
-            env.join_worker(&format!("w{i}"), &token, &remotes)
-        })
-        .collect();
+    let lagging = &managers[(leader + 1) % 3];
+    let lagging_pid = env.procs[lagging.proc_idx].pid().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &lagging_pid]).status().unwrap().success());
+    signal("-STOP");
+    // Every worker lists the paused follower first: its join times out there
+    // and goes to the next manager; its session then dials the follower again.
+    let others: Vec<&str> = managers.iter().filter(|m| m.name != lagging.name).map(|m| m.addr.as_str()).collect();
+    let remotes = format!("{},{}", lagging.addr, others.join(","));
+    let workers: Vec<Worker> = (0..joiners).map(|i| env.join_worker(&format!("w{i}"), &token, &remotes)).collect();
+    wait_for("a first worker to join elsewhere", Duration::from_secs(120), || {
+        workers.iter().any(|w| w.data.join("worker.json").exists()).then_some(())
+    });
+    signal("-CONT");
     let m = &managers[leader];
     wait_for(&format!("{joiners} ready workers"), Duration::from_secs(300), || {
         let ready = m.nodes().iter().filter(|n| n["role"] == "worker" && n["status"] == "ready").count();

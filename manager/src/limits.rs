@@ -78,7 +78,7 @@ struct NodeBudget {
 pub enum Spend {
     /// Task status updates (raft entries): 20 a second, bursts of 200.
     StatusUpdates,
-    /// Task output bytes (manager memory): 1 MiB a second, bursts of 8 MiB.
+    /// Task output bytes (manager memory and CPU): 4 MiB a second, bursts of 16 MiB.
     LogBytes,
     /// Certificate renewals (a signature and a raft entry each): one per 5 s, bursts of 5.
     Renewals,
@@ -92,7 +92,7 @@ impl Spend {
     fn rate(self) -> Rate {
         match self {
             Spend::StatusUpdates => Rate { per_sec: 20.0, burst: 200.0 },
-            Spend::LogBytes => Rate { per_sec: 1048576.0, burst: 8.0 * 1048576.0 },
+            Spend::LogBytes => Rate { per_sec: 4.0 * 1048576.0, burst: 16.0 * 1048576.0 },
             Spend::Renewals => Rate { per_sec: 0.2, burst: 5.0 },
             Spend::Sessions => Rate { per_sec: 1.0, burst: 10.0 },
             Spend::Heartbeats => Rate { per_sec: 20.0, burst: 100.0 },

@@ -98,6 +98,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub procs: Vec<Proc>,
     counter: usize,
+    /// Environment every process started here gets (see [`Env::set_env`]).
+    vars: Vec<(String, String)>,
 }
 
 impl Drop for Env {
@@ -172,7 +174,12 @@ impl Default for Env {
 
 impl Env {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0 }
+        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0, vars: Vec::new() }
+    }
+
+    /// Sets `key=value` in the environment of every process started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.vars.push((key.to_owned(), value.to_owned()));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -194,6 +201,7 @@ impl Env {
         let mut child = Command::new(swarmd_bin())
             .args(args)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(envs.iter().copied())
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(out.try_clone().unwrap())
@@ -247,7 +255,7 @@ impl Env {
             &addr,
         ];
         args.extend_from_slice(extra);
-        let idx = self.spawn_with(name, &args, &[], Some(format!("{token}\n").as_bytes()));
+        let idx = self.spawn_joining(name, args, token);
         let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
         wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));
         wait_for(&format!("{name} to serve"), DEADLINE, || {
@@ -276,9 +284,20 @@ impl Env {
     /// Starts `swarmd worker join` in `<name>/`, the token on its standard input.
     pub fn join_worker(&mut self, name: &str, token: &str, remote: &str) -> Worker {
         let data = self.path(name);
-        let args = ["worker", "join", "--remote", remote, "--data-dir", data.to_str().unwrap()];
-        let idx = self.spawn_with(name, &args, &[], Some(format!("{token}\n").as_bytes()));
+        let args = vec!["worker", "join", "--remote", remote, "--data-dir", data.to_str().unwrap()];
+        let idx = self.spawn_joining(name, args, token);
         Worker { name: name.to_owned(), data, proc_idx: idx }
+    }
+
+    /// Starts a join with the token on standard input — or, with
+    /// `SWARMD_TEST_TOKEN_IN_ARGV=1`, as its argument (for builds from before
+    /// tokens came on standard input, see [`swarmd_bin`]).
+    fn spawn_joining<'a>(&mut self, name: &str, mut args: Vec<&'a str>, token: &'a str) -> usize {
+        if std::env::var("SWARMD_TEST_TOKEN_IN_ARGV").is_ok_and(|v| v == "1") {
+            args.insert(2, token);
+            return self.spawn_with(name, &args, &[], None);
+        }
+        self.spawn_with(name, &args, &[], Some(format!("{token}\n").as_bytes()))
     }
 
     pub fn proc(&mut self, idx: usize) -> &mut Proc {

@@ -288,34 +288,55 @@ fn secrets_max() -> u64 {
 /// at most 1 MiB from a node).
 const PUSH_BYTES: usize = 256 << 10;
 
-async fn push_logs(ctx: &TaskCtx, task: &str, lines: Vec<String>) {
+/// Where a task's output stands on its way to the manager.
+#[derive(Default)]
+struct LogCursor {
+    /// Lines of the ring already handed over (see [`crate::executor::LogRing::since`]).
+    seen: u64,
+    /// The manager refused output past this node's budget: nothing is sent
+    /// before this instant, and what the ring holds meanwhile waits (its newest
+    /// lines survive; the oldest give way).
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// Hands the task's new output to the manager in requests of at most
+/// [`PUSH_BYTES`]; returns how many of `lines` it took.
+async fn push_logs(ctx: &TaskCtx, task: &str, lines: &[String], cursor: &mut LogCursor) -> usize {
+    if cursor.not_before.is_some_and(|t| tokio::time::Instant::now() < t) {
+        return 0;
+    }
+    cursor.not_before = None;
     let sid = ctx.session.borrow().clone();
     let mut client = DispatcherClient::new(ctx.channel.clone());
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    let mut lines = lines.into_iter().peekable();
-    while let Some(line) = lines.next() {
-        bytes += line.len() + 8;
-        batch.push(line);
-        if bytes >= PUSH_BYTES || batch.len() == 1000 || lines.peek().is_none() {
-            let req = PushLogsRequest {
-                session_id: sid.clone(),
-                task_id: task.to_owned(),
-                lines: std::mem::take(&mut batch),
-            };
-            bytes = 0;
-            // Output is best effort: a manager that does not answer, or refuses
-            // output past this node's budget, must not hold up the task loop.
-            match tokio::time::timeout(Duration::from_secs(5), client.push_logs(req)).await {
-                Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
-                    tracing::debug!(task.id = %task, "the manager refused output past this node's budget; dropped");
-                    return;
-                }
-                Ok(Ok(_)) => {}
-                _ => return,
+    let mut taken = 0;
+    while taken < lines.len() {
+        let mut end = taken;
+        let mut bytes = 0;
+        while end < lines.len() && end - taken < 1000 && (bytes < PUSH_BYTES || end == taken) {
+            bytes += lines[end].len() + 8;
+            end += 1;
+        }
+        let req =
+            PushLogsRequest { session_id: sid.clone(), task_id: task.to_owned(), lines: lines[taken..end].to_vec() };
+        // Output is best effort: a manager that does not answer must not hold
+        // up the task loop, and one that refuses output past this node's
+        // budget says when to come back.
+        match tokio::time::timeout(Duration::from_secs(5), client.push_logs(req)).await {
+            Ok(Ok(_)) => taken = end,
+            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                let wait = s
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .map_or(Duration::from_secs(1), Duration::from_millis);
+                cursor.not_before = Some(tokio::time::Instant::now() + wait);
+                break;
             }
+            // Gone (no session, another manager): these lines are dropped.
+            _ => return lines.len(),
         }
     }
+    taken
 }
 
 /// Writes a new set of secret files into the task's tmpfs and removes the
@@ -376,7 +397,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     };
     rep("running", String::new());
     tracing::info!(task.id = %id, service = %t.service, "task running");
-    let mut seen = 0;
+    let mut cursor = LogCursor::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // A secret update that could not be written: retried with backoff until
     // it is (or a newer one replaces it, or the task ends); meanwhile the
@@ -397,9 +418,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 };
             }
             _ = tick.tick() => {
-                let (lines, total) = running.logs.since(seen);
-                seen = total;
-                push_logs(&ctx, &id, lines).await;
+                let (lines, total) = running.logs.since(cursor.seen);
+                let taken = push_logs(&ctx, &id, &lines, &mut cursor).await;
+                cursor.seen = total - (lines.len() - taken) as u64;
             }
             _ = retry, if pending.is_some() => {
                 let files = pending.take().unwrap_or_default();
@@ -438,8 +459,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         }
     };
     drop(pending);
-    let (lines, _) = running.logs.since(seen);
-    push_logs(&ctx, &id, lines).await;
+    let (lines, _) = running.logs.since(cursor.seen);
+    cursor.not_before = None;
+    push_logs(&ctx, &id, &lines, &mut cursor).await;
     let _ = running.stop(Duration::from_millis(100)).await;
     if let Some(m) = mount.as_mut() {
         m.destroy();
