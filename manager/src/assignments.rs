@@ -290,3 +290,37 @@ impl TaskLogs {
         self.0.lock().expect("logs lock").retain(|t, _| keep.contains(t));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn large_assignments_are_cut_into_chunks_that_add_up_to_the_whole() {
+        let secret =
+            |i: u8| SecretValue { id: format!("s{i}"), version: 1, data: bytes::Bytes::from(vec![i; 500 * 1024 - 1]) };
+        let a = Assignments {
+            full: true,
+            secrets: (0..12).map(secret).collect(),
+            tasks: vec![Task { id: "t".into(), ..Default::default() }],
+            removed_tasks: vec!["old".into()],
+            ..Default::default()
+        };
+        let chunks = chunk(a.clone());
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            assert!(c.encoded_len() < 4 << 20, "chunk {i} of {} bytes", c.encoded_len());
+            assert!(c.full, "every chunk says whether the set is complete");
+            assert_eq!(c.more, i + 1 < chunks.len());
+        }
+        let ids: Vec<String> = chunks.iter().flat_map(|c| c.secrets.iter().map(|s| s.id.clone())).collect();
+        assert_eq!(ids, a.secrets.iter().map(|s| s.id.clone()).collect::<Vec<_>>());
+        assert_eq!(chunks.iter().map(|c| c.tasks.len()).sum::<usize>(), 1);
+        assert_eq!(chunks.last().unwrap().removed_tasks, ["old"]);
+        // A small set goes as one message.
+        let small = chunk(Assignments { tasks: a.tasks.clone(), ..Default::default() });
+        assert_eq!(small.len(), 1);
+        assert!(!small[0].more);
+    }
+}
