@@ -120,13 +120,40 @@ async fn invariant_10_a_demoted_managers_certificate_is_refused_by_every_manager
 
     // Workers drop the demoted manager from what they dial and trust.
     let m3_addr = m3.addr.clone();
-    wait_for("the worker to forget m3", DEADLINE, || {
+    let trusted: Vec<NodeId> = wait_for("the worker to forget m3", DEADLINE, || {
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(w.data.join("worker.json")).ok()?).ok()?;
         let remotes: Vec<&str> = cfg["remotes"].as_array()?.iter().filter_map(|v| v.as_str()).collect();
         let ids: Vec<&str> = cfg["managers"].as_array()?.iter().filter_map(|v| v.as_str()).collect();
-        (ids.len() == 2 && !ids.contains(&m3_id.as_str()) && !remotes.contains(&m3_addr.as_str())).then_some(())
+        (ids.len() == 2 && !ids.contains(&m3_id.as_str()) && !remotes.contains(&m3_addr.as_str()))
+            .then(|| ids.iter().map(|i| i.parse().unwrap()).collect())
     });
+    // And refuse it as a server: a listener presenting m3's old manager
+    // certificate, dialed with the worker's own identity and what it trusts.
+    let wid = NodeIdentity::load(&w.data.join("certs")).unwrap();
+    let impostor = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor_addr = impostor.local_addr().unwrap().to_string();
+    let server = Arc::new(swarmd_certs::tls::server_config(&old, Default::default()).unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = impostor.accept().await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(server.clone());
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    let checked = |ids: Vec<NodeId>| {
+        let managers = swarmd_certs::tls::ManagerSet::default();
+        managers.replace(ids.into_iter().collect());
+        let checks = swarmd_certs::tls::ServerChecks { deny: None, managers: Some(managers) };
+        Arc::new(swarmd_certs::tls::client_config_checked(&wid, &checks).unwrap())
+    };
+    assert!(
+        dial::tls_connect(&impostor_addr, checked(trusted)).await.is_err(),
+        "the worker trusted the demoted manager"
+    );
+    // (The control: before any session said who the managers are, it would.)
+    assert!(dial::tls_connect(&impostor_addr, checked(Vec::new())).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread")]
