@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::grpc;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,7 +62,7 @@ async fn invariant_12_idle_and_excess_connections_are_closed_without_disturbing_
     assert_eq!(open, 0, "{open} of 300 silent TLS clients were kept open past the preface timeout");
     drop(idle);
 
-    // Past the cap of unauthenticated connections from one address (4,096),
+    // Past the cap of unauthenticated connections from one source (2,048 here),
     // new ones are closed at once.
     let beat0 = last_heartbeat(&m, &wid);
     let mut flood = Vec::new();
@@ -93,4 +95,89 @@ async fn invariant_12_idle_and_excess_connections_are_closed_without_disturbing_
         assert!(std::time::Instant::now() < deadline, "no new connection was accepted after the flood");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_12_refused_callers_are_answered_before_their_request_body_is_read() {
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    let m = env.start_manager("m", &[]);
+    let w = env.join_worker("w", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let ca = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
+    let anon = Arc::new(anonymous_client_config(&ca).unwrap());
+    let worker = Arc::new(client_config(&NodeIdentity::load(&w.data.join("certs")).unwrap()).unwrap());
+    let managers = ["swarmd.control.Control", "swarmd.cluster.Cluster", "swarmd.raft.Raft"];
+    let mut calls = Vec::new();
+    for (who, cfg, services) in [
+        ("anonymous", anon, [&managers[..], &["swarmd.dispatcher.Dispatcher"]].concat()),
+        ("worker", worker, managers.to_vec()),
+    ] {
+        for service in services {
+            let conn = dial::connect(&m.addr, cfg.clone()).await.expect("a connection");
+            for path in grpc::methods(service) {
+                let ch = conn.clone();
+                calls.push(async move {
+                    // An empty message is a valid request of every type: a
+                    // server that decodes before it authorizes waits for the end.
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        grpc::call_with_endless_body(ch, &path, Vec::new()),
+                    )
+                    .await;
+                    match r {
+                        Err(_) => Some(format!("{who} {path}: no answer while the request body was still open")),
+                        Ok(Ok(_)) => Some(format!("{who} {path}: accepted")),
+                        Ok(Err(s))
+                            if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+                        {
+                            None
+                        }
+                        Ok(Err(s)) => Some(format!("{who} {path}: {:?} {}", s.code(), s.message())),
+                    }
+                });
+            }
+        }
+    }
+    let n = calls.len();
+    let failures: Vec<String> = futures::future::join_all(calls).await.into_iter().flatten().collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {n} refused calls were not refused before their body:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_12_a_flood_of_anonymous_connections_leaves_room_for_nodes() {
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    // 1,024 files: a global cap of 512 connections, at most 256 of them
+    // anonymous, 128 from one source.
+    env.limit_open_files(1024);
+    let m = env.start_manager("m", &[]);
+    let mid = Arc::new(client_config(&NodeIdentity::load(&m.data.join("certs")).unwrap()).unwrap());
+    // 600 TCP connections that start no handshake (each counts as anonymous
+    // until its handshake ends, for up to 10 s).
+    let mut flood = Vec::new();
+    for _ in 0..600 {
+        match tokio::net::TcpStream::connect(&m.addr).await {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(flood.len(), 600, "the flood could not open its connections");
+    // While they are held, a certificate holder still gets in.
+    let ch = tokio::time::timeout(Duration::from_secs(5), dial::connect(&m.addr, mid))
+        .await
+        .expect("no hang")
+        .expect("the manager accepted no connection from a certificate holder during an anonymous flood");
+    ControlClient::new(ch).list_nodes(ListNodesRequest {}).await.expect("node ls over the connection");
+    let refused = futures::future::join_all(flood.iter_mut().map(|s| closed_within(s, Duration::from_millis(500))))
+        .await
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    assert!(refused >= 400, "only {refused} of 600 anonymous connections were refused past the anonymous cap");
 }

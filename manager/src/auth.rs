@@ -195,3 +195,46 @@ impl Authorizer {
         }
     }
 }
+
+/// Which services' callers a [`Gate`] admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admits {
+    /// A current manager that raft counts as a member (`Raft.*`).
+    RaftMembers,
+    /// A current manager (`Cluster.*`; `Propose` and forwarded joins check
+    /// raft membership again in the handler).
+    Managers,
+    /// An administrator (`Control.*`).
+    Admins,
+    /// A node certificate, worker or manager (`Dispatcher.*`).
+    Nodes,
+}
+
+/// Authorization in front of a whole service, run on the request's headers
+/// before its body is read or decoded: a caller a service would refuse never
+/// gets a byte of its request buffered. (Each handler still checks what is
+/// specific to its RPC.)
+#[derive(Clone, Debug)]
+pub struct Gate {
+    auth: Authorizer,
+    admits: Admits,
+}
+
+impl Gate {
+    /// A gate admitting `admits` by `auth`'s rules.
+    pub fn new(auth: Authorizer, admits: Admits) -> Self {
+        Self { auth, admits }
+    }
+}
+
+impl tonic::service::Interceptor for Gate {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        match self.admits {
+            Admits::RaftMembers => self.auth.require_raft_member(&req).map(|_| ()),
+            Admits::Managers => self.auth.require_manager(&req).map(|_| ()),
+            Admits::Admins => self.auth.require_admin(&req),
+            Admits::Nodes => self.auth.require(&req, &[Role::Worker, Role::Manager]).map(|_| ()),
+        }?;
+        Ok(req)
+    }
+}

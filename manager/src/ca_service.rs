@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
-use crate::limits::{NodeLimits, Spend};
+use crate::limits::{JoinLimits, NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
@@ -31,6 +31,7 @@ pub struct CaService {
     secrets: SecretsCache,
     auth: Authorizer,
     limits: NodeLimits,
+    joins: JoinLimits,
     advertise: String,
 }
 
@@ -43,8 +44,8 @@ impl CaService {
         limits: NodeLimits,
         advertise: String,
     ) -> CaServer<Self> {
-        CaServer::new(Self { store, secrets, auth, limits, advertise })
-            .max_decoding_message_size(crate::limits::MAX_NODE_REQUEST)
+        CaServer::new(Self { store, secrets, auth, limits, joins: JoinLimits::from_env(), advertise })
+            .max_decoding_message_size(crate::limits::MAX_CA_REQUEST)
     }
 
     fn manager_ids(&self) -> Vec<String> {
@@ -76,7 +77,8 @@ impl ca_server::Ca for CaService {
     /// Unauthenticated. INVALID_ARGUMENT for a malformed token or CSR, or a
     /// token of the other role than the one asked for; PERMISSION_DENIED for a
     /// token of another CA, a wrong or rotated secret;
-    /// UNAVAILABLE when no raft leader can take the write.
+    /// UNAVAILABLE when no raft leader can take the write; RESOURCE_EXHAUSTED
+    /// (with `retry-after-ms`) past the join rate (see [`JoinLimits`]).
     #[tracing::instrument(skip_all, fields(remote))]
     async fn issue_node_certificate(
         &self,
@@ -84,6 +86,9 @@ impl ca_server::Ca for CaService {
     ) -> Result<Response<IssueNodeCertificateResponse>, Status> {
         let remote = Authorizer::info(&req).remote;
         tracing::Span::current().record("remote", tracing::field::debug(remote));
+        if let Some(r) = remote {
+            self.joins.spend(crate::conn::source_key(r.ip()))?;
+        }
         let req = req.into_inner();
         let token: JoinToken =
             req.token.parse().map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;

@@ -13,10 +13,17 @@
 //! * **certificate expiry**: a connection is closed when its peer's certificate
 //!   expires, and when the deny-list starts to refuse it (removal, demotion,
 //!   revocation) — see [`ConnRegistry::close_denied`];
-//! * **caps**: a global cap on connections, a cap per source address on
-//!   connections not (yet) authenticated by a certificate, and a cap per node
-//!   identity. Past a cap a new connection is closed at once; established ones
-//!   are never disturbed.
+//! * **caps**: a global cap on connections, of which at most a share may be
+//!   connections not (yet) authenticated by a certificate (so that nodes and
+//!   peers always find room), a cap per source address (IPv4 address, IPv6 /64,
+//!   all of loopback) on those, and a cap per node identity. Past the global or
+//!   an identity's cap a new connection is closed at once; past an anonymous
+//!   cap the oldest anonymous connection (of that source, or of all) is closed
+//!   to make room. Connections with a certificate are never disturbed.
+//!
+//! Connections with a certificate and anonymous ones come out as two streams:
+//! they are served by two HTTP/2 servers with different limits (anonymous
+//! clients get few streams and small windows: they may only join).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,16 +53,20 @@ use crate::auth::{Caller, ConnInfo};
 /// What a connection may cost, and how long it may stay quiet.
 ///
 /// # Defaults
-/// At most [`ConnLimits::global_from_rlimit`] connections in all, 4,096 from one
-/// source address that are not authenticated by a certificate (joins in
-/// progress), 64 per node identity; a TLS handshake must finish within 10 s and
-/// the first HTTP/2 bytes follow within 10 s; a connection that reads nothing
-/// for 120 s is closed; an anonymous connection lives at most 60 s.
+/// At most [`ConnLimits::global_from_rlimit`] connections in all; of those at
+/// most 4,096 (and at most half the global cap) not authenticated by a
+/// certificate (joins, handshakes in progress), half of those from one source;
+/// 16 per node identity; a TLS handshake must finish within 10 s and the first
+/// HTTP/2 bytes follow within 10 s; a connection that reads nothing for 120 s is
+/// closed; an anonymous connection lives at most 60 s.
 #[derive(Clone, Debug)]
 pub struct ConnLimits {
     /// Connections open at once, all kinds.
     pub global: usize,
-    /// Connections from one address without a client certificate (including
+    /// Connections without a client certificate (including those still in
+    /// their handshake), from all sources.
+    pub unauthenticated: usize,
+    /// Connections from one source without a client certificate (including
     /// those still in their handshake).
     pub per_ip_unauthenticated: usize,
     /// Connections of one node (or admin) certificate's identity.
@@ -72,10 +83,16 @@ pub struct ConnLimits {
 
 impl Default for ConnLimits {
     fn default() -> Self {
+        let global = Self::global_from_rlimit();
+        // No source may hold more than half the anonymous share: until a
+        // handshake ends every connection is anonymous, so one source that
+        // held it all would keep certificate holders out too.
+        let unauthenticated = (global / 2).min(4096);
         Self {
-            global: Self::global_from_rlimit(),
-            per_ip_unauthenticated: 4096,
-            per_identity: 64,
+            global,
+            unauthenticated,
+            per_ip_unauthenticated: unauthenticated / 2,
+            per_identity: 16,
             handshake: Duration::from_secs(10),
             preface: Duration::from_secs(10),
             idle: Duration::from_secs(120),
@@ -141,6 +158,81 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for CountGuard<K> {
     }
 }
 
+/// The connections not (yet) authenticated by a certificate, oldest first,
+/// within a cap in all and a cap per source. A new one past a cap closes the
+/// oldest of its source, or of all: until a handshake ends every connection is
+/// anonymous, and a handshake takes milliseconds, so a flood cannot keep a
+/// certificate holder out (refusing the newest would).
+#[derive(Clone)]
+struct AnonymousPool {
+    inner: Arc<Mutex<AnonymousInner>>,
+    cap: usize,
+    per_source: usize,
+}
+
+#[derive(Default)]
+struct AnonymousInner {
+    next: u64,
+    all: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
+    by_source: HashMap<IpAddr, std::collections::BTreeSet<u64>>,
+}
+
+impl AnonymousInner {
+    fn remove(&mut self, id: u64) -> Option<CancellationToken> {
+        let (source, token) = self.all.remove(&id)?;
+        if let Some(ids) = self.by_source.get_mut(&source) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+        Some(token)
+    }
+}
+
+/// A connection's place in an [`AnonymousPool`]; given back on drop.
+struct AnonymousGuard {
+    pool: AnonymousPool,
+    id: u64,
+}
+
+impl Drop for AnonymousGuard {
+    fn drop(&mut self) {
+        self.pool.inner.lock().expect("anonymous pool lock").remove(self.id);
+    }
+}
+
+impl AnonymousPool {
+    fn new(cap: usize, per_source: usize) -> Self {
+        Self { inner: Arc::default(), cap: cap.max(1), per_source: per_source.max(1) }
+    }
+
+    /// A place for a new connection from `source`, the token that closes it
+    /// when it is evicted, and how many older ones it evicted.
+    fn admit(&self, source: IpAddr) -> (AnonymousGuard, CancellationToken, usize) {
+        let mut g = self.inner.lock().expect("anonymous pool lock");
+        let mut evicted = 0;
+        let oldest_of_source =
+            g.by_source.get(&source).filter(|ids| ids.len() >= self.per_source).and_then(|ids| ids.first().copied());
+        if let Some(token) = oldest_of_source.and_then(|id| g.remove(id)) {
+            token.cancel();
+            evicted += 1;
+        }
+        if g.all.len() >= self.cap {
+            if let Some(token) = g.all.first_key_value().map(|(id, _)| *id).and_then(|id| g.remove(id)) {
+                token.cancel();
+                evicted += 1;
+            }
+        }
+        let id = g.next;
+        g.next += 1;
+        let token = CancellationToken::new();
+        g.all.insert(id, (source, token.clone()));
+        g.by_source.entry(source).or_default().insert(id);
+        (AnonymousGuard { pool: self.clone(), id }, token, evicted)
+    }
+}
+
 /// The live connections that carry a certificate, so that they can be closed
 /// when the deny-list starts to refuse them.
 #[derive(Clone, Default)]
@@ -192,15 +284,32 @@ impl ConnRegistry {
     }
 }
 
+/// The source a per-address cap counts: an IPv4 address, an IPv6 /64 (one
+/// host usually has the whole prefix), or loopback as a whole.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => source_key(IpAddr::V4(v4)),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// What a connection holds for its life: its share of the caps, its entry in
 /// the registry, and the timers that end it.
 #[derive(Default)]
 struct Watch {
     _global: Option<OwnedSemaphorePermit>,
-    _ip: Option<CountGuard<IpAddr>>,
+    _anonymous: Option<AnonymousGuard>,
     _identity: Option<CountGuard<NodeId>>,
     _registered: Option<Registered>,
-    /// Cancelled when the deny-list refuses the peer.
+    /// Cancelled when the deny-list refuses the peer, or when a newer
+    /// anonymous connection evicts this anonymous one.
     closed: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Fires at the peer certificate's NotAfter, or at the end of an
     /// anonymous connection's lifetime.
@@ -331,6 +440,15 @@ fn instant_at_unix(secs: i64) -> Instant {
     Instant::now() + Duration::from_secs(secs.saturating_sub(now).max(0) as u64)
 }
 
+/// The accepted TLS connections: those with a verified client certificate,
+/// and anonymous ones.
+pub struct Incoming {
+    /// Connections with a node or admin certificate.
+    pub authenticated: ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>>,
+    /// Connections without a client certificate (joiners).
+    pub anonymous: ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>>,
+}
+
 /// Accepts TCP connections and completes TLS handshakes (each in its own task,
 /// so a slow client cannot stall others), with the newest configuration
 /// published on `tls`, within `limits`. Handshake failures — including
@@ -340,10 +458,11 @@ pub fn tls_incoming(
     tls: watch::Receiver<Arc<ServerConfig>>,
     limits: ConnLimits,
     registry: ConnRegistry,
-) -> ReceiverStream<io::Result<Conn<TlsStream<TcpStream>>>> {
+) -> Incoming {
     let (tx, rx) = mpsc::channel(128);
+    let (anon_tx, anon_rx) = mpsc::channel(128);
     let global = Arc::new(Semaphore::new(limits.global));
-    let per_ip: Counter<IpAddr> = Counter::default();
+    let anonymous_pool = AnonymousPool::new(limits.unauthenticated, limits.per_ip_unauthenticated);
     let per_identity: Counter<NodeId> = Counter::default();
     let log = Arc::new(RefusalLog::default());
     tokio::spawn(async move {
@@ -364,16 +483,20 @@ pub fn tls_incoming(
                 log.refused(remote, "the manager's connection limit is reached");
                 continue;
             };
-            let Some(ip_guard) = per_ip.try_take(remote.ip(), limits.per_ip_unauthenticated) else {
-                log.refused(remote, "too many unauthenticated connections from this address");
-                continue;
-            };
+            let (anonymous_guard, evicted, n) = anonymous_pool.admit(source_key(remote.ip()));
+            if n > 0 {
+                log.refused(remote, "too many unauthenticated connections: the oldest closed");
+            }
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.borrow().clone());
-            let (tx, limits, per_identity, registry, log) =
-                (tx.clone(), limits.clone(), per_identity.clone(), registry.clone(), log.clone());
+            let (tx, anon_tx, limits, per_identity, registry, log) =
+                (tx.clone(), anon_tx.clone(), limits.clone(), per_identity.clone(), registry.clone(), log.clone());
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)) => r,
+                    _ = evicted.cancelled() => return tracing::debug!(%remote, "evicted during its TLS handshake"),
+                };
+                let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
@@ -386,7 +509,7 @@ pub fn tls_incoming(
                             return log.refused(remote, "too many connections with this certificate's identity");
                         };
                         watch._identity = Some(g);
-                        drop(ip_guard);
+                        drop(anonymous_guard);
                         let (registered, token) = registry.register(id.clone());
                         watch._registered = Some(registered);
                         watch.closed = Some(Box::pin(token.cancelled_owned()));
@@ -394,19 +517,21 @@ pub fn tls_incoming(
                         Caller::Node(id)
                     }
                     None => {
-                        watch._ip = Some(ip_guard);
+                        watch._anonymous = Some(anonymous_guard);
+                        watch.closed = Some(Box::pin(evicted.cancelled_owned()));
                         watch.end = Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)));
                         Caller::Anonymous
                     }
                 };
                 watch.idle = Some((Box::pin(tokio::time::sleep(limits.preface)), limits.idle));
                 watch.idle_limit = limits.preface;
+                let anonymous = matches!(caller, Caller::Anonymous);
                 let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote) }, watch };
-                let _ = tx.send(Ok(conn)).await;
+                let _ = if anonymous { anon_tx.send(Ok(conn)).await } else { tx.send(Ok(conn)).await };
             });
         }
     });
-    ReceiverStream::new(rx)
+    Incoming { authenticated: ReceiverStream::new(rx), anonymous: ReceiverStream::new(anon_rx) }
 }
 
 /// Accepts connections on the local control socket (file permissions decide
@@ -440,6 +565,37 @@ pub fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<Conn<U
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_anonymous_pool_closes_its_oldest_connection_to_make_room() {
+        let pool = AnonymousPool::new(3, 2);
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let (_g1, t1, _) = pool.admit(a);
+        let (_g2, t2, _) = pool.admit(a);
+        // A third from `a` closes `a`'s oldest.
+        let (_g3, t3, n) = pool.admit(a);
+        assert_eq!(n, 1);
+        assert!(t1.is_cancelled() && !t2.is_cancelled());
+        let (_g4, t4, _) = pool.admit(b);
+        // Full (3): the next from anyone closes the oldest of all.
+        let (g5, _t5, n) = pool.admit(b);
+        assert_eq!(n, 1);
+        assert!(t2.is_cancelled() && !t3.is_cancelled() && !t4.is_cancelled());
+        // A connection that leaves gives its place back.
+        drop(g5);
+        let (_g6, _, n) = pool.admit(b);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn sources_are_counted_by_address_prefix_and_loopback_as_one() {
+        let k = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(k("127.0.0.1"), k("127.0.0.6"));
+        assert_ne!(k("10.0.0.1"), k("10.0.0.2"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:10.0.0.1"), k("10.0.0.1"));
+    }
 
     #[test]
     fn counters_cap_per_key_and_give_back_on_drop() {

@@ -23,8 +23,12 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 pub const MAX_LOG_LINES_PER_REQUEST: usize = 1000;
 /// Bytes of one output line kept (longer ones are cut).
 pub const MAX_LOG_LINE: usize = 4096;
-/// Largest request a node may send the dispatcher or the CA.
-pub const MAX_NODE_REQUEST: usize = 1 << 20;
+/// Largest request a node may send the dispatcher (a worker pushes output in
+/// requests of at most 256 KiB).
+pub const MAX_NODE_REQUEST: usize = 512 << 10;
+/// Largest request to the CA, which anonymous joiners reach (a CSR is at most
+/// 16 KiB; a token and a hostname are short).
+pub const MAX_CA_REQUEST: usize = 32 << 10;
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Clone, Copy, Debug)]
@@ -174,6 +178,50 @@ impl NodeLimits {
     pub fn prune(&self, idle: Duration) {
         let now = Instant::now();
         self.budgets.lock().expect("node limits lock").retain(|_, b| now.duration_since(b.seen) < idle);
+    }
+}
+
+/// Joins one manager takes: per source (an IPv4 address, an IPv6 /64,
+/// loopback as a whole) 20 a second in bursts of 500, and 200 a second in
+/// bursts of 2,000 from all sources. A join token mints identities, each a
+/// node record and a set of budgets of its own: this bounds how fast.
+#[derive(Clone)]
+pub struct JoinLimits {
+    buckets: Arc<Mutex<(Bucket, HashMap<std::net::IpAddr, Bucket>)>>,
+    enabled: bool,
+}
+
+const JOINS_PER_SOURCE: Rate = Rate { per_sec: 20.0, burst: 500.0 };
+const JOINS: Rate = Rate { per_sec: 200.0, burst: 2000.0 };
+
+impl JoinLimits {
+    /// The limits (lifted, like the node budgets, by `SWARMD_NODE_RATE_LIMITS=off`).
+    pub fn from_env() -> Self {
+        let off = std::env::var("SWARMD_NODE_RATE_LIMITS").is_ok_and(|v| v == "off");
+        Self { buckets: Arc::new(Mutex::new((Bucket::full(JOINS, Instant::now()), HashMap::new()))), enabled: !off }
+    }
+
+    /// Spends one join from `source`, or RESOURCE_EXHAUSTED with `retry-after-ms`.
+    pub fn spend(&self, source: std::net::IpAddr) -> Result<(), Status> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut g = self.buckets.lock().expect("join limits lock");
+        let (global, per_source) = &mut *g;
+        if per_source.len() > 100_000 {
+            per_source.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(600));
+        }
+        let local = per_source.entry(source).or_insert_with(|| Bucket::full(JOINS_PER_SOURCE, now));
+        let refused = |wait: Duration| {
+            let mut s = Status::resource_exhausted(format!("too many joins: retry in {} ms", wait.as_millis()));
+            if let Ok(v) = wait.as_millis().to_string().parse() {
+                s.metadata_mut().insert("retry-after-ms", v);
+            }
+            s
+        };
+        local.take(JOINS_PER_SOURCE, 1.0, now).map_err(refused)?;
+        global.take(JOINS, 1.0, now).map_err(refused)
     }
 }
 

@@ -12,9 +12,10 @@ use swarmd_certs::tls::{DenyList, TlsCredentials};
 use swarmd_certs::{generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
-use crate::auth::Authorizer;
+use crate::auth::{Admits, Authorizer, Gate};
 use crate::autolock::NodeKeyWrap;
 use crate::ca_service::{now_unix, CaService};
 use crate::cluster::SecretsCache;
@@ -34,6 +35,16 @@ use swarmd_proto::cluster::{GetDataKeyRequest, JoinRaftRequest};
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(5);
+/// HTTP/2 streams open at once on one connection with a certificate...
+const NODE_STREAMS: u32 = 256;
+/// ...and requests handled at once on it (the rest wait, their bodies unread).
+const NODE_CONCURRENCY: usize = 64;
+/// The same for a connection without a certificate (a joiner makes two calls).
+const ANONYMOUS_STREAMS: u32 = 8;
+const ANONYMOUS_CONCURRENCY: usize = 2;
+/// Flow-control window of an anonymous connection's streams (the connection's
+/// is twice that): what it can make the manager hold unread.
+const ANONYMOUS_WINDOW: u32 = 32 << 10;
 /// The ID of a new cluster's data key (later keys count up from it).
 const FIRST_DATA_KEY: u32 = 1;
 
@@ -345,32 +356,48 @@ impl Manager {
         std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600)).map_err(io_err(sock))?;
 
         let server_tls = self.creds.server().expect("managers have server credentials");
-        let tcp = Server::builder()
+        let ca = CaService::new(store.clone(), secrets.clone(), auth.clone(), limits, advertise);
+        let control =
+            ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone(), peers.clone());
+        let raft_service = RaftService::new(self.raft.clone(), auth.clone());
+        let cluster = ClusterService::new(store.clone(), secrets, auth.clone(), peers);
+        // Every service but the CA's is gated before a request's body is read
+        // (see `auth::Gate`); anonymous clients meet the same gates, on a server
+        // of their own that allows them few streams and small windows.
+        let gated = |admits| Gate::new(auth.clone(), admits);
+        let incoming = tls_incoming(self.listener, server_tls, ConnLimits::default(), conns);
+        let nodes = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(CaService::new(store.clone(), secrets.clone(), auth.clone(), limits, advertise))
-            .add_service(dispatcher.service())
-            .add_service(ControlService::new(
-                store.clone(),
-                secrets.clone(),
-                dispatcher.clone(),
-                auth.clone(),
-                peers.clone(),
-            ))
-            .add_service(RaftService::new(self.raft.clone(), auth.clone()))
-            .add_service(ClusterService::new(store.clone(), secrets.clone(), auth.clone(), peers.clone()))
-            .serve_with_incoming_shutdown(
-                tls_incoming(self.listener, server_tls, ConnLimits::default(), conns),
-                shutdown.clone().cancelled_owned(),
-            );
+            .max_concurrent_streams(NODE_STREAMS)
+            .concurrency_limit_per_connection(NODE_CONCURRENCY)
+            .add_service(ca.clone())
+            .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
+            .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
+            .add_service(InterceptedService::new(raft_service.clone(), gated(Admits::RaftMembers)))
+            .add_service(InterceptedService::new(cluster.clone(), gated(Admits::Managers)))
+            .serve_with_incoming_shutdown(incoming.authenticated, shutdown.clone().cancelled_owned());
+        let anonymous = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(ANONYMOUS_STREAMS)
+            .concurrency_limit_per_connection(ANONYMOUS_CONCURRENCY)
+            .initial_stream_window_size(ANONYMOUS_WINDOW)
+            .initial_connection_window_size(ANONYMOUS_WINDOW * 2)
+            .add_service(ca)
+            .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
+            .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
+            .add_service(InterceptedService::new(raft_service, gated(Admits::RaftMembers)))
+            .add_service(InterceptedService::new(cluster, gated(Admits::Managers)))
+            .serve_with_incoming_shutdown(incoming.anonymous, shutdown.clone().cancelled_owned());
         let local = Server::builder()
-            .add_service(ControlService::new(store.clone(), secrets, dispatcher.clone(), auth, peers))
+            .add_service(control)
             .add_service(crate::autolock::not_locked_service())
             .serve_with_incoming_shutdown(unix_incoming(unix), shutdown.clone().cancelled_owned());
         tracing::info!(listen = %self.cfg.listen_addr, advertise = %self.cfg.advertise_addr,
             control = %sock.display(), node.id = %self.cfg.node_id, "manager serving");
 
-        let serving = async { tokio::try_join!(tcp, local) };
+        let serving = async { tokio::try_join!(nodes, anonymous, local) };
         tokio::pin!(serving);
         let result = tokio::select! {
             r = &mut serving => r.map(|_| ()),

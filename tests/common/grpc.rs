@@ -64,3 +64,15 @@ pub fn methods(service: &str) -> Vec<String> {
     assert!(!out.is_empty(), "no service {service} in the descriptor set");
     out
 }
+
+/// Calls RPC `path` with a request whose body starts with `first` (one gRPC
+/// message) and then never ends: only a server that answers before reading
+/// the whole body (an authorization gate on the headers) answers at all.
+pub async fn call_with_endless_body(ch: Channel, path: &str, first: Vec<u8>) -> Result<Vec<u8>, Status> {
+    use futures::StreamExt;
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::try_from(path.to_owned()).expect("RPC path");
+    let body = futures::stream::once(async move { first }).chain(futures::stream::pending());
+    g.client_streaming(tonic::Request::new(body), path, Raw).await.map(|r| r.into_inner())
+}

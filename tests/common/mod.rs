@@ -100,6 +100,8 @@ pub struct Env {
     counter: usize,
     /// Environment every process started here gets (see [`Env::set_env`]).
     vars: Vec<(String, String)>,
+    /// Open-file limit of every process started here (see [`Env::limit_open_files`]).
+    nofile: Option<u64>,
 }
 
 impl Drop for Env {
@@ -174,12 +176,19 @@ impl Default for Env {
 
 impl Env {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0, vars: Vec::new() }
+        Self { dir: tempfile::tempdir().unwrap(), procs: Vec::new(), counter: 0, vars: Vec::new(), nofile: None }
     }
 
     /// Sets `key=value` in the environment of every process started from now on.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.vars.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Starts every process from now on with `n` as its soft and hard limit of
+    /// open files (through util-linux's `prlimit`), so that a test can reach a
+    /// cap derived from it.
+    pub fn limit_open_files(&mut self, n: u64) {
+        self.nofile = Some(n);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -198,7 +207,15 @@ impl Env {
         self.counter += 1;
         let log = self.path(&format!("{name}.{}.log", self.counter));
         let out = fs::File::create(&log).unwrap();
-        let mut child = Command::new(swarmd_bin())
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(swarmd_bin());
+                c
+            }
+            None => Command::new(swarmd_bin()),
+        };
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info,openraft=warn")
             .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))

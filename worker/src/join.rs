@@ -56,6 +56,9 @@ pub enum JoinError {
     /// The CA served does not match the token.
     #[error("the manager at {addr} presented a root CA whose SHA-256 does not match the join token; refusing to trust it (token from another cluster, or someone in between)")]
     DigestMismatch { addr: String },
+    /// The manager is taking no more joins for a moment.
+    #[error("the manager at {addr} is busy with other joins: {reason}")]
+    Busy { addr: String, reason: String, retry_after: std::time::Duration },
     /// The manager refused.
     #[error("the manager at {addr} refused to join this node: {reason}")]
     Refused { addr: String, reason: String },
@@ -68,6 +71,14 @@ pub enum JoinError {
 }
 
 fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
+    if s.code() == Code::ResourceExhausted {
+        let ms = s.metadata().get("retry-after-ms").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1000);
+        return JoinError::Busy {
+            addr: addr.to_owned(),
+            reason: s.message().to_owned(),
+            retry_after: std::time::Duration::from_millis(ms),
+        };
+    }
     match s.code() {
         Code::InvalidArgument
         | Code::PermissionDenied
@@ -124,15 +135,30 @@ pub async fn request_certificate(
     if remotes.is_empty() {
         return Err(JoinError::NoRemote);
     }
-    let mut last_err = None;
-    for addr in remotes {
-        match request_via(addr, token, hostname, role).await {
-            Ok(r) => return Ok(r),
-            Err(e @ JoinError::Unreachable { .. }) => last_err = Some(e),
-            Err(e) => return Err(e),
+    // Managers that are busy with other joins say when to come back: wait
+    // that long (with jitter, so a storm of joiners spreads out), for a while.
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let mut last_err = None;
+        let mut wait: Option<std::time::Duration> = None;
+        for addr in remotes {
+            match request_via(addr, token, hostname, role).await {
+                Ok(r) => return Ok(r),
+                Err(e @ JoinError::Unreachable { .. }) => last_err = Some(e),
+                Err(JoinError::Busy { addr, reason, retry_after }) => {
+                    wait = Some(wait.map_or(retry_after, |w| w.min(retry_after)));
+                    last_err = Some(JoinError::Busy { addr, reason, retry_after });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match wait {
+            Some(w) if std::time::Instant::now() + w < give_up => {
+                tokio::time::sleep(w.mul_f64(1.0 + rand::random::<f64>())).await;
+            }
+            _ => return Err(last_err.unwrap_or(JoinError::NoRemote)),
         }
     }
-    Err(last_err.unwrap_or(JoinError::NoRemote))
 }
 
 async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) -> Result<Issued, JoinError> {
