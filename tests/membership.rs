@@ -138,6 +138,26 @@ async fn a_removed_worker_is_refused_at_the_handshake() {
     assert!(m1.node(&id).is_none());
 }
 
+/// A worker removed while it was down learns it when it comes back — from the
+/// manager's `certificate_revoked` alert, the only signal its reconnection can
+/// meet — stops and says so, instead of retrying forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_7_a_worker_removed_while_offline_learns_it_when_it_returns() {
+    let mut env = Env::new();
+    let m1 = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let w1 = env.join_worker("w1", &m1.token("worker"), &m1.addr);
+    m1.wait_ready(2);
+    let id = w1.node_id();
+    assert!(env.proc(w1.proc_idx).terminate().success());
+    m1.ctl_ok(&["node", "rm", "--force", &id]);
+    let again = env.spawn("w1-again", &["run", "--data-dir", w1.data.to_str().unwrap()]);
+    let status =
+        wait_for("the removed worker to stop by itself", DEADLINE, || env.proc(again).child.try_wait().unwrap());
+    let log = env.proc(again).log_text();
+    assert!(!status.success(), "the removed worker exited successfully:\n{log}");
+    assert!(log.contains("removed from the cluster"), "the removed worker did not say why it stopped:\n{log}");
+}
+
 #[test]
 fn bad_node_updates_are_refused_and_change_nothing() {
     let mut env = Env::new();

@@ -62,6 +62,58 @@ pub async fn tls_connect(addr: &str, cfg: Arc<ClientConfig>) -> io::Result<TlsSt
         .map_err(|e| io::Error::new(e.kind(), format!("{addr}: TLS: {e}")))
 }
 
+/// What a manager says of this node's certificate, asked on a fresh
+/// connection (see [`probe_standing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// The manager accepted the certificate and began HTTP/2.
+    Accepted,
+    /// The manager refused the certificate as revoked: it is on the cluster's
+    /// deny-list.
+    Revoked,
+    /// No answer either way (unreachable, another refusal, a timeout).
+    Unknown,
+}
+
+/// Whether `e` is the TLS alert `certificate_revoked` received from the peer,
+/// found by type.
+pub fn is_revoked_alert(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)))
+}
+
+/// Connects to `addr` with `cfg` and sends the HTTP/2 preface, to learn what
+/// the manager says of the certificate. In TLS 1.3 a client learns that its
+/// certificate was refused only after its own handshake ends, from an alert on
+/// the first read; HTTP/2 keeps only the text of such an error, so a node that
+/// must tell "removed" from "unreachable" asks here, where the alert keeps its
+/// type. The alert comes encrypted under keys of a handshake in which `cfg`
+/// verified the manager's certificate: it is that manager's word.
+pub async fn probe_standing(addr: &str, cfg: Arc<ClientConfig>) -> Standing {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The client connection preface and an empty SETTINGS frame.
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let mut s = match tls_connect(addr, cfg).await {
+        Ok(s) => s,
+        Err(e) if is_revoked_alert(&e) => return Standing::Revoked,
+        Err(_) => return Standing::Unknown,
+    };
+    let exchange = async {
+        s.write_all(PREFACE).await?;
+        s.flush().await?;
+        let mut buf = [0u8; 64];
+        s.read(&mut buf).await
+    };
+    let standing = match tokio::time::timeout(TLS_TIMEOUT, exchange).await {
+        Ok(Ok(n)) if n > 0 => Standing::Accepted,
+        Ok(Err(e)) if is_revoked_alert(&e) => Standing::Revoked,
+        _ => Standing::Unknown,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.shutdown()).await;
+    standing
+}
+
 async fn connect_any(remotes: &Remotes, cfg: Arc<ClientConfig>) -> io::Result<TlsStream<TcpStream>> {
     let addrs = remotes.get();
     if addrs.is_empty() {

@@ -135,7 +135,7 @@ impl Worker {
             }
         });
         let session = session::SessionLoop::new(
-            channel,
+            (channel, self.creds.client()),
             (remotes, self.managers.clone()),
             self.data_dir.clone(),
             self.cfg.clone(),

@@ -101,6 +101,8 @@ impl Pending {
 /// Keeps one session open for as long as the worker runs.
 pub(crate) struct SessionLoop {
     channel: Channel,
+    /// This node's newest client configuration, to ask managers directly.
+    tls: tokio::sync::watch::Receiver<std::sync::Arc<rustls::ClientConfig>>,
     remotes: Remotes,
     managers: ManagerSet,
     data_dir: PathBuf,
@@ -113,14 +115,33 @@ pub(crate) struct SessionLoop {
 
 impl SessionLoop {
     pub(crate) fn new(
-        channel: Channel,
+        (channel, tls): (Channel, tokio::sync::watch::Receiver<std::sync::Arc<rustls::ClientConfig>>),
         (remotes, managers): (Remotes, ManagerSet),
         data_dir: PathBuf,
         cfg: WorkerConfig,
         session: tokio::sync::watch::Sender<String>,
         assignments: tokio::sync::mpsc::UnboundedSender<Assignments>,
     ) -> Self {
-        Self { channel, remotes, managers, data_dir, cfg, session, assignments }
+        Self { channel, tls, remotes, managers, data_dir, cfg, session, assignments }
+    }
+
+    /// The manager, if any, that refuses this node's certificate as revoked
+    /// when asked directly (see [`swarmd_certs::dial::probe_standing`]). A lost
+    /// session's error cannot tell: HTTP/2 keeps only the text of the TLS alert
+    /// that a removed node's reconnection meets.
+    async fn revoked_by(&self) -> Option<String> {
+        let cfg = self.tls.borrow().clone();
+        let mut probes = tokio::task::JoinSet::new();
+        for addr in self.remotes.get() {
+            let cfg = cfg.clone();
+            probes.spawn(async move { (swarmd_certs::dial::probe_standing(&addr, cfg).await, addr) });
+        }
+        while let Some(done) = probes.join_next().await {
+            if let Ok((swarmd_certs::dial::Standing::Revoked, addr)) = done {
+                return Some(addr);
+            }
+        }
+        None
     }
 
     /// Runs until `shutdown` is cancelled, the node is promoted, or it learns
@@ -140,6 +161,11 @@ impl SessionLoop {
                     return SessionEnd::Removed;
                 }
                 Ended::Lost(e) => {
+                    if let Some(addr) = self.revoked_by().await {
+                        tracing::error!(error = %e, manager = %addr,
+                            "this node was removed from the cluster: the manager refuses its certificate as revoked");
+                        return SessionEnd::Removed;
+                    }
                     if opened.elapsed() > Duration::from_secs(30) {
                         backoff.reset(first);
                     }
