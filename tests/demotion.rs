@@ -189,3 +189,37 @@ async fn invariant_10_the_leader_reauthorizes_forwarded_writes() {
     }
     assert_eq!(info(l).unwrap()["state_digest"], before, "a refused forward changed the state");
 }
+
+/// A manager demoted while it was down never hears of it through raft (its
+/// peers refuse its certificate): when it comes back it asks them, learns it
+/// from their `certificate_revoked`, and becomes a worker of the cluster
+/// instead of a manager that retries elections forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_10_a_manager_demoted_while_down_becomes_a_worker_when_it_returns() {
+    let mut env = Env::new();
+    let ([m1, m2, m3], _) = env.three_managers(&[]);
+    let m3_id = m3.node_id();
+    assert!(env.proc(m3.proc_idx).terminate().success());
+    let live = wait_for("a leader among m1 and m2", DEADLINE, || [&m1, &m2].into_iter().find(|m| m.is_leader()));
+    // (A new leader counts a peer reachable once it has replicated to it.)
+    wait_for("m1 and m2 to demote m3", DEADLINE, || {
+        live.ctl(&["node", "demote", &m3_id]).status.success().then_some(())
+    });
+    wait_for("m3's demotion applied", DEADLINE, || (live.node(&m3_id)?["role"] == "worker").then_some(()));
+
+    let again = env.run_node("m3-again", &m3.data);
+    wait_for("m3 to turn itself into a worker", Duration::from_secs(90), || {
+        m3.data.join("worker.json").exists().then_some(())
+    });
+    wait_for("m3 to be a ready worker", DEADLINE, || {
+        let n = live.node(&m3_id)?;
+        (n["role"] == "worker" && n["status"] == "ready").then_some(())
+    });
+    assert!(
+        !m3.data.join("keys").exists() || std::fs::read_dir(m3.data.join("keys")).unwrap().next().is_none(),
+        "the demoted manager kept its keys"
+    );
+    assert!(!m3.data.join("raft").exists(), "the demoted manager kept its raft store");
+    assert!(env.proc(again).child.try_wait().unwrap().is_none(), "m3 exited instead of running as a worker");
+    assert!(env.proc(again).log_text().contains("demoted"));
+}

@@ -146,17 +146,22 @@ pub(crate) async fn wait_replicated(raft: &crate::raft::Raft, target: u64, timeo
 /// with a worker identity prepared while it still has the CA.
 ///
 /// The demotion refused this manager's manager certificates cluster-wide at
-/// once, so it cannot ask anyone: it watches its own raft state, which the
-/// leader keeps replicating to it until the membership change is through.
+/// once, so a live manager learns it from its own raft state, which the leader
+/// keeps replicating to it until the membership change is through. One that
+/// was down meanwhile is refused by every peer and never hears of it: after
+/// [`LEADERLESS_PROBE`] without a leader it asks its peers directly, and a
+/// `certificate_revoked` answer from one of them (which it has authenticated as
+/// a manager of its cluster) is its demotion.
 pub(crate) async fn watch_demotion(
     store: Store,
     secrets: SecretsCache,
     cfg: ManagerConfig,
-    mut applied: tokio::sync::watch::Receiver<u64>,
+    (mut applied, tls): (tokio::sync::watch::Receiver<u64>, tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>),
     stop: CancellationToken,
     out: Arc<std::sync::Mutex<Option<Demotion>>>,
 ) {
     let me = cfg.node_id.clone();
+    let mut leaderless = Leaderless::default();
     loop {
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
@@ -164,7 +169,13 @@ pub(crate) async fn watch_demotion(
             _ = stop.cancelled() => return,
         }
         let demoted = matches!(store.view().node(&me), Ok(Some(n)) if n.role == Role::Worker);
-        if !demoted || !released_by_raft(&store.raft().metrics().borrow(), cfg.raft_id) {
+        let released = demoted && released_by_raft(&store.raft().metrics().borrow(), cfg.raft_id);
+        // A manager demoted while it was down never learns it from raft: its
+        // peers refuse its certificate. Without a leader for a while, it asks
+        // them directly.
+        let has_leader = store.raft().metrics().borrow().current_leader.is_some();
+        let refused = leaderless.due(has_leader) && refused_by_a_peer(&store, &cfg, &tls).await;
+        if !released && !refused {
             continue;
         }
         match prepare_demotion(&store, &secrets, &cfg) {
@@ -177,6 +188,62 @@ pub(crate) async fn watch_demotion(
             Err(e) => tracing::error!(error = %e, "cannot prepare the demotion; retrying"),
         }
     }
+}
+
+/// Paces the asks of a manager without a leader: the first after
+/// [`LEADERLESS_PROBE`] without one, then one every [`LEADERLESS_PROBE`].
+#[derive(Default)]
+struct Leaderless {
+    since: Option<std::time::Instant>,
+    asked: Option<std::time::Instant>,
+}
+
+/// How long a manager goes without a leader before it asks its peers whether
+/// they refuse its certificate, and how often it asks again.
+const LEADERLESS_PROBE: Duration = Duration::from_secs(10);
+
+impl Leaderless {
+    fn due(&mut self, has_leader: bool) -> bool {
+        let now = std::time::Instant::now();
+        if has_leader {
+            *self = Self::default();
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        let last = self.asked.unwrap_or(since);
+        if now.duration_since(since) < LEADERLESS_PROBE
+            || (self.asked.is_some() && now.duration_since(last) < LEADERLESS_PROBE)
+        {
+            return false;
+        }
+        self.asked = Some(now);
+        true
+    }
+}
+
+/// Whether a peer manager refuses this manager's certificate as revoked (see
+/// [`swarmd_certs::dial::probe_standing`]): only a demotion (or the removal
+/// that follows one) deny-lists a manager's certificate.
+async fn refused_by_a_peer(
+    store: &Store,
+    cfg: &ManagerConfig,
+    tls: &tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
+) -> bool {
+    let own = store.view().node(&cfg.node_id).ok().flatten().map(|n| n.addr);
+    let Ok(addrs) = store.view().manager_addrs() else { return false };
+    let client = tls.borrow().clone();
+    let mut probes = tokio::task::JoinSet::new();
+    for addr in addrs.into_iter().filter(|a| Some(a) != own.as_ref() && *a != cfg.advertise_addr) {
+        let client = client.clone();
+        probes.spawn(async move { (swarmd_certs::dial::probe_standing(&addr, client).await, addr) });
+    }
+    while let Some(done) = probes.join_next().await {
+        if let Ok((swarmd_certs::dial::Standing::Revoked, addr)) = done {
+            tracing::warn!(manager = %addr, "a manager refuses this manager's certificate as revoked: it was demoted");
+            return true;
+        }
+    }
+    false
 }
 
 fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) -> Result<Demotion, String> {

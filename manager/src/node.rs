@@ -330,7 +330,7 @@ impl Manager {
             store.clone(),
             secrets.clone(),
             self.cfg.clone(),
-            self.applied.clone(),
+            (self.applied.clone(), self.creds.client()),
             shutdown.clone(),
             demotion.clone(),
         ));
