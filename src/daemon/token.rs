@@ -133,6 +133,13 @@ pub fn reexec_without_token(args: Option<&TokenArgs>) -> anyhow::Result<()> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     let arg0 = if argv.is_empty() { OsString::from("swarmd") } else { argv.remove(0) };
     if let Some(t) = argv_token {
+        // The exec below shortens the window; it cannot close it, nor reach
+        // the shell's history.
+        eprintln!(
+            "warning: a join token given as an argument was readable by every local user (/proc/PID/cmdline) \
+             until now, and may be in your shell's history; pass it on standard input, with --token-file, or \
+             in {TOKEN_ENV}"
+        );
         // Every copy goes, wherever it was.
         argv.retain(|a| a.as_encoded_bytes() != t.as_bytes());
     }
