@@ -156,7 +156,7 @@ pub(crate) async fn watch_demotion(
     store: Store,
     secrets: SecretsCache,
     cfg: ManagerConfig,
-    (mut applied, tls): (tokio::sync::watch::Receiver<u64>, tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>),
+    (mut applied, probe): (tokio::sync::watch::Receiver<u64>, Probe),
     stop: CancellationToken,
     out: Arc<std::sync::Mutex<Option<Demotion>>>,
 ) {
@@ -174,7 +174,7 @@ pub(crate) async fn watch_demotion(
         // peers refuse its certificate. Without a leader for a while, it asks
         // them directly.
         let has_leader = store.raft().metrics().borrow().current_leader.is_some();
-        let refused = leaderless.due(has_leader) && refused_by_a_peer(&store, &cfg, &tls).await;
+        let refused = leaderless.due(has_leader) && refused_by_a_peer(&store, &cfg, &probe).await;
         if !released && !refused {
             continue;
         }
@@ -221,17 +221,39 @@ impl Leaderless {
     }
 }
 
+/// What a manager asks its peers with: its identity and its deny-list.
+pub(crate) struct Probe {
+    pub(crate) identity: tokio::sync::watch::Receiver<Arc<swarmd_certs::NodeIdentity>>,
+    pub(crate) deny: swarmd_certs::tls::DenyList,
+}
+
 /// Whether a peer manager refuses this manager's certificate as revoked (see
 /// [`swarmd_certs::dial::probe_standing`]): only a demotion (or the removal
-/// that follows one) deny-lists a manager's certificate.
-async fn refused_by_a_peer(
-    store: &Store,
-    cfg: &ManagerConfig,
-    tls: &tokio::sync::watch::Receiver<Arc<rustls::ClientConfig>>,
-) -> bool {
-    let own = store.view().node(&cfg.node_id).ok().flatten().map(|n| n.addr);
-    let Ok(addrs) = store.view().manager_addrs() else { return false };
-    let client = tls.borrow().clone();
+/// that follows one) deny-lists a manager's certificate. The answer counts
+/// only from a server whose certificate is a current manager's by this
+/// manager's store and not on its deny-list: a stolen certificate of a
+/// manager demoted earlier, served from a peer's address, cannot talk a
+/// healthy manager out of its role.
+async fn refused_by_a_peer(store: &Store, cfg: &ManagerConfig, probe: &Probe) -> bool {
+    let view = store.view();
+    let own = view.node(&cfg.node_id).ok().flatten().map(|n| n.addr);
+    let (Ok(addrs), Ok(managers)) = (view.manager_addrs(), view.managers()) else { return false };
+    let peers: std::collections::HashSet<NodeId> =
+        managers.into_iter().filter(|m| m.raft_id.is_some() && m.id != cfg.node_id).map(|m| m.id).collect();
+    if peers.is_empty() {
+        return false;
+    }
+    let set = swarmd_certs::tls::ManagerSet::default();
+    set.replace(peers);
+    let checks = swarmd_certs::tls::ServerChecks { deny: Some(probe.deny.clone()), managers: Some(set) };
+    let identity = probe.identity.borrow().clone();
+    let client = match swarmd_certs::tls::client_config_checked(&identity, &checks) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the configuration to ask peers about this manager's standing");
+            return false;
+        }
+    };
     let mut probes = tokio::task::JoinSet::new();
     for addr in addrs.into_iter().filter(|a| Some(a) != own.as_ref() && *a != cfg.advertise_addr) {
         let client = client.clone();

@@ -330,7 +330,10 @@ impl Manager {
             store.clone(),
             secrets.clone(),
             self.cfg.clone(),
-            (self.applied.clone(), self.creds.client()),
+            (
+                self.applied.clone(),
+                crate::membership::Probe { identity: self.creds.identity_watch(), deny: self.deny.clone() },
+            ),
             shutdown.clone(),
             demotion.clone(),
         ));
