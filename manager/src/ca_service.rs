@@ -86,9 +86,6 @@ impl ca_server::Ca for CaService {
     ) -> Result<Response<IssueNodeCertificateResponse>, Status> {
         let remote = Authorizer::info(&req).remote;
         tracing::Span::current().record("remote", tracing::field::debug(remote));
-        if let Some(r) = remote {
-            self.joins.spend(crate::conn::source_key(r.ip()))?;
-        }
         let req = req.into_inner();
         let token: JoinToken =
             req.token.parse().map_err(|e: swarmd_certs::TokenError| Status::invalid_argument(e.to_string()))?;
@@ -109,6 +106,11 @@ impl ca_server::Ca for CaService {
                 "this is a {role} join token; join with `swarmd {role} join`, or use the {} token",
                 req.role
             )));
+        }
+        // Only a valid token spends the join budget: a stranger without one
+        // must not make real joiners wait.
+        if let Some(r) = remote {
+            self.joins.spend(crate::conn::source_key(r.ip()))?;
         }
         let node_id = NodeId::random();
         let issued = self.sign(&req.csr_pem, &node_id, role)?;

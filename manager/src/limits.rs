@@ -242,6 +242,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn invariant_12_joins_are_bounded_per_source_and_in_all() {
+        let joins = JoinLimits { enabled: true, ..JoinLimits::from_env() };
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..500 {
+            joins.spend(a).unwrap();
+        }
+        let refused = joins.spend(a).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let ms: u64 = refused.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+        assert!((1..=1000).contains(&ms), "retry after {ms} ms");
+        // Other sources still join, until the budget of all sources is spent.
+        for i in 0..1500 {
+            joins.spend(std::net::IpAddr::from([10, 1, (i / 200) as u8, (i % 200) as u8])).unwrap();
+        }
+        // (The budget refills at 200 a second while this runs: a few more pass.)
+        let refused = (0..50u8).find_map(|i| joins.spend(std::net::IpAddr::from([10, 2, 0, i])).err());
+        assert_eq!(refused.expect("joins past the budget of all sources").code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
     fn a_bucket_allows_its_burst_then_its_rate() {
         let rate = Rate { per_sec: 2.0, burst: 3.0 };
         let t0 = Instant::now();
