@@ -69,6 +69,21 @@ wait_for 30 "the workload's output" bash -c "docker-compose -p $P exec -T manage
 ctl manager1 service logs web
 node=$(ctl manager1 --format json service ps web | python3 -c 'import json,sys; print([t for t in json.load(sys.stdin) if t["state"]=="running"][0]["node"])')
 other=$([[ $node == worker1 ]] && echo worker2 || echo worker1)
+step "the task has a user namespace of its own: on $node, host uid 65534 cannot read its secret"
+dc exec -T -u 0 "$node" sh -c '
+  pat="last=; whil""e"  # (split, so that this shell does not match itself)
+  pid=
+  for p in /proc/[0-9]*; do
+    if tr "\0" " " <"$p/cmdline" 2>/dev/null | grep -q "$pat"; then pid=${p#/proc/}; break; fi
+  done
+  [ -n "$pid" ] || { echo "no task process"; exit 1; }
+  echo "task pid $pid: uid_map $(cat /proc/$pid/uid_map | tr -s " ")"
+  awk "NR==1 && \$1==0 && \$2>=2147483648 && \$3==65536 {ok=1} END {exit !ok}" /proc/$pid/uid_map || { echo "no user namespace"; exit 1; }
+  for f in /proc/$pid/root/run/secrets/db_pass /proc/$pid/environ; do
+    if setpriv --reuid 65534 --regid 65534 --clear-groups cat "$f" >/dev/null 2>&1; then echo "uid 65534 read $f"; exit 1; fi
+    echo "uid 65534: $f refused"
+  done' || fail "the task on $node has no user namespace of its own, or host uid 65534 read it"
+
 step "$node runs it; $other holds nothing"
 dc exec -T "$node" swarmd worker status --data-dir /var/lib/swarmd
 st=$(dc exec -T "$other" swarmd worker status --data-dir /var/lib/swarmd); echo "$other: $st"

@@ -8,10 +8,15 @@ set -eu
 if [ "${SWARMD_IN_CGROUPNS:-}" != 1 ]; then
   SWARMD_IN_CGROUPNS=1 exec /usr/bin/unshare --cgroup --mount --propagation private "$0" "$@"
 fi
-# Docker covers parts of /proc (kcore, keys, sysrq-trigger…); while they are
-# covered the kernel refuses the fresh /proc each task's pid namespace needs.
-# Uncover them in this worker's own mount namespace only.
-for m in $(awk '$5 ~ "^/proc/." {print $5}' /proc/self/mountinfo | sort -r); do umount "$m" 2>/dev/null || true; done
+# Docker covers parts of /proc (kcore, keys, sysrq-trigger…) and /sys
+# (firmware); while they are covered the kernel refuses the fresh /proc each
+# task's pid namespace needs, and the fresh sysfs of a task's network namespace
+# when the task has a user namespace of its own (a mount from a user namespace
+# must not reveal more than is already visible). Uncover them in this worker's
+# own mount namespace only (its cgroup hierarchies are mounted fresh below).
+for m in $(awk '$5 ~ "^/proc/." || ($5 ~ "^/sys/." && $5 !~ "^/sys/fs/cgroup") {print $5}' /proc/self/mountinfo | sort -r); do
+  umount "$m" 2>/dev/null || true
+done
 mount -t tmpfs -o mode=755,nosuid,nodev,noexec cgroup /sys/fs/cgroup
 if [ -f /proc/self/cgroup ] && grep -q '^0::' /proc/self/cgroup && ! grep -q ':cpu' /proc/self/cgroup; then
   mount -t cgroup2 cgroup2 /sys/fs/cgroup

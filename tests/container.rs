@@ -9,7 +9,14 @@ use std::time::Duration;
 use common::*;
 use swarmd_worker::executor::{ContainerSpec, ExecError, Runtime};
 use swarmd_worker::secret_mount::{require_tmpfs, SecretFile, SecretMount};
+use swarmd_worker::userns::{IdBlock, UserNamespace, MAX_BLOCKS};
 use zeroize::Zeroizing;
+
+/// A block of host IDs of the test's own (from the top: workers allocate from
+/// their own starting points).
+fn userns(k: u32) -> UserNamespace {
+    UserNamespace::Private(IdBlock::new(MAX_BLOCKS - 1 - k).unwrap())
+}
 
 fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
@@ -25,7 +32,7 @@ async fn a_hardened_container_reads_its_secret_from_a_read_only_tmpfs() {
     if !can_run_containers("container::a_hardened_container_reads_its_secret_from_a_read_only_tmpfs") {
         return;
     }
-    hardened_container_with("runc").await;
+    hardened_container_with("runc", userns(0)).await;
 }
 
 /// The same with crun, which needs the hybrid-cgroup workaround on hosts like
@@ -42,14 +49,15 @@ async fn crun_runs_the_same_hardened_container() {
         eprintln!("\n!!!!! SKIPPED container::crun_runs_the_same_hardened_container: needs crun\n");
         return;
     }
-    hardened_container_with("crun").await;
+    hardened_container_with("crun", userns(1)).await;
 }
 
-async fn hardened_container_with(runtime: &str) {
+async fn hardened_container_with(runtime: &str, ns: UserNamespace) {
+    let UserNamespace::Private(block) = ns else { unreachable!() };
     let dir = tempfile::tempdir().unwrap();
     let rootfs = busybox_rootfs(&dir.path().join("rootfs"));
     let task = dir.path().join("task1");
-    let mut mount = SecretMount::create(&task, 1 << 20).unwrap();
+    let mut mount = SecretMount::create(&task, 1 << 20, ns).unwrap();
     require_tmpfs(&task).unwrap();
     let value = format!("s3cret-{}", std::process::id());
     mount.write(&[file("db_pass", value.as_bytes(), 0o444)]).unwrap();
@@ -68,6 +76,9 @@ async fn hardened_container_with(runtime: &str) {
                   touch /run/secrets/probe 2>/dev/null && echo SECRETS-WRITABLE || echo secrets-ro; \
                   touch /tmp/probe && echo tmp-rw; \
                   mount -t tmpfs none /tmp 2>/dev/null && echo MOUNT-ALLOWED || echo mount-denied; \
+                  cat /proc/self/uid_map /proc/self/gid_map; \
+                  cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null \
+                    || cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max; \
                   ls /proc | grep -E '^[0-9]+$' | head -5";
     let spec = ContainerSpec {
         rootfs: rootfs.clone(),
@@ -75,6 +86,7 @@ async fn hardened_container_with(runtime: &str) {
         secrets_dir: Some(mount.dir().to_owned()),
         memory: Some(64 << 20),
         pids: Some(64),
+        userns: ns,
         ..Default::default()
     };
     let id = format!("swarmd-test-{runtime}");
@@ -101,6 +113,17 @@ async fn hardened_container_with(runtime: &str) {
         assert!(text.contains(w.as_str()), "missing {w:?} in:\n{text}");
     }
     assert_eq!(out.iter().filter(|l| *l == "65534").count(), 2, "uid and gid 65534:\n{text}");
+    // Its own user namespace: container IDs 0-65535 are the block's host IDs.
+    let map = format!("0 {} 65536", block.base());
+    let maps = out.iter().filter(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == map).count();
+    assert_eq!(maps, 2, "uid and gid maps {map:?}:\n{text}");
+    // The runtime still applies the limits from the host (cgroup v1 here, or v2).
+    for limit in ["64", &(64u64 << 20).to_string()] {
+        assert!(out.iter().any(|l| l == limit), "limit {limit} not applied:\n{text}");
+    }
+    // The secret file belongs to the task's root as the host sees it.
+    let meta = std::fs::metadata(mount.dir().join("db_pass")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), block.base());
     // A private pid namespace: the shell is PID 1 there and few processes are seen.
     assert!(out.iter().any(|l| l == "1"), "no PID 1 in the container's /proc:\n{text}");
 
@@ -144,7 +167,7 @@ fn invariant_6_a_secret_write_that_cannot_fit_fails_and_leaves_no_partial_file()
     }
     let dir = tempfile::tempdir().unwrap();
     let task = dir.path().join("task");
-    let mut mount = SecretMount::create(&task, 64 << 10).unwrap();
+    let mut mount = SecretMount::create(&task, 64 << 10, userns(2)).unwrap();
     mount.set_max_size(64 << 10);
     mount.write(&[file("db_pass", b"old value", 0o444)]).unwrap();
     let big = vec![0x5a_u8; 200 << 10];

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use swarmd_worker::executor::{ContainerSpec, Runtime};
+use swarmd_worker::userns::{IdBlock, UserNamespace, MAX_BLOCKS};
 
 /// What each probe must print with the filter in place.
 const EXPECTED: &[&str] = &[
@@ -75,7 +76,15 @@ async fn probe_with(test: &str, runtime: &str) {
     let rootfs = busybox_rootfs(&dir.path().join("rootfs"));
     std::fs::copy(&probe, rootfs.join("bin/probe")).unwrap();
     let rt = Runtime::new(runtime, &dir.path().join("state"), &dir.path().join("bundles"));
-    let spec = ContainerSpec { rootfs, args: vec!["/bin/probe".into()], ..Default::default() };
+    // Inside its own user namespace (where it is root of nothing it could use
+    // without capabilities), new namespaces must still be refused.
+    let block = IdBlock::new(MAX_BLOCKS - 10 - runtime.len() as u32).unwrap();
+    let spec = ContainerSpec {
+        rootfs,
+        args: vec!["sh".into(), "-c".into(), "cat /proc/self/uid_map; exec /bin/probe".into()],
+        userns: UserNamespace::Private(block),
+        ..Default::default()
+    };
     let id = format!("swarmd-seccomp-{runtime}-{}", std::process::id());
     let mut c = rt.start(&id, &spec).await.unwrap();
     let code = tokio::time::timeout(Duration::from_secs(60), c.wait()).await.expect("the probe hung").unwrap();
@@ -89,6 +98,12 @@ async fn probe_with(test: &str, runtime: &str) {
     let left = rt.command().args(["list", "-q"]).output().await.unwrap();
     assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "a container is left");
     assert_eq!(code, 0, "{out:#?}");
+    let map = format!("0 {} 65536", block.base());
+    assert!(
+        out.iter().any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == map),
+        "the probe did not run in its own user namespace ({map}):\n{}",
+        out.join("\n")
+    );
     let wrong: Vec<&&str> = EXPECTED.iter().filter(|want| !out.iter().any(|l| l == **want)).collect();
     assert!(wrong.is_empty(), "under {runtime}, expected {wrong:?}; the probe printed:\n{}", out.join("\n"));
 }

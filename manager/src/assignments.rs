@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use crate::cluster::SecretsCache;
 use crate::keys::purpose;
-use crate::services::{Network, TaskRecord};
+use crate::services::{Network, TaskRecord, Userns};
 use crate::state::{StateError, StateView};
 use crate::store::Store;
 
@@ -69,6 +69,7 @@ fn to_wire(t: &TaskRecord, service: &str, view: &StateView) -> Result<(Task, Vec
         memory: t.spec.memory.unwrap_or(0),
         pids: t.spec.pids.unwrap_or(0),
         host_network: t.spec.network == Network::Host,
+        host_userns: t.spec.userns == Userns::Host,
     };
     let task = Task {
         id: t.id.to_string(),

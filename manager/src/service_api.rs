@@ -7,7 +7,7 @@ use tonic::Status;
 
 use crate::ca_service::now_unix;
 use crate::services::{
-    check_service_name, check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState,
+    check_service_name, check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState, Userns,
 };
 use crate::state::{Command, StateView};
 use crate::store::Store;
@@ -114,6 +114,11 @@ fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, St
         "host" => Network::Host,
         n => return Err(Status::invalid_argument(format!("--network {n:?}: use none or host"))),
     };
+    let userns = match r.userns.as_str() {
+        "" | "private" => Userns::Private,
+        "host" => Userns::Host,
+        u => return Err(Status::invalid_argument(format!("--userns {u:?}: use host (or private, the default)"))),
+    };
     let secrets = r.secrets.iter().map(|s| parse_secret_ref(view, s)).collect::<Result<Vec<_>, _>>()?;
     let constraints = r
         .constraints
@@ -131,6 +136,7 @@ fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, St
         memory: (r.memory > 0).then_some(r.memory),
         pids: (r.pids > 0).then_some(r.pids),
         network,
+        userns,
     };
     check_spec(&spec).map_err(Status::invalid_argument)?;
     Ok(spec)
@@ -182,6 +188,10 @@ pub(crate) fn to_wire(s: ServiceRecord, running: u32) -> Service {
         network: match s.spec.network {
             Network::None => "none".into(),
             Network::Host => "host".into(),
+        },
+        userns: match s.spec.userns {
+            Userns::Private => "private".into(),
+            Userns::Host => "host".into(),
         },
         version: s.version,
         created_at: s.created_at,

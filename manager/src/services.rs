@@ -126,6 +126,17 @@ pub enum Network {
     Host,
 }
 
+/// Whose user IDs a service's tasks run with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Userns {
+    /// A user namespace per task, with a block of host IDs of its own (the default).
+    #[default]
+    Private,
+    /// The host's (`--userns host`): the task's uid N is host uid N, shared
+    /// with any host process of that uid.
+    Host,
+}
+
 /// What a service runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -149,6 +160,8 @@ pub struct ServiceSpec {
     pub pids: Option<i64>,
     /// Network.
     pub network: Network,
+    /// User namespace.
+    pub userns: Userns,
 }
 
 /// A service.

@@ -44,6 +44,11 @@ pub(super) enum ServiceCmd {
         /// none (a private network namespace) or host.
         #[arg(long, default_value = "none", value_parser = ["none", "host"])]
         network: String,
+        /// host: share the host's user namespace (task uid N is host uid N,
+        /// shared with every host process of that uid) instead of a user
+        /// namespace of the task's own [default: private].
+        #[arg(long, value_parser = ["private", "host"])]
+        userns: Option<String>,
         /// A privileged container (refused by this cluster's policy).
         #[arg(long)]
         privileged: bool,
@@ -101,6 +106,7 @@ struct ServiceView {
     memory: i64,
     pids: i64,
     network: String,
+    userns: String,
     version: u64,
     created_at: String,
     updated_at: String,
@@ -124,6 +130,7 @@ impl From<Service> for ServiceView {
             memory: s.memory,
             pids: s.pids,
             network: s.network,
+            userns: s.userns,
             version: s.version,
         }
     }
@@ -143,6 +150,7 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
             memory,
             pids,
             network,
+            userns,
             privileged,
             cap_add,
             command,
@@ -161,6 +169,7 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
                 network,
                 privileged,
                 cap_add,
+                userns: userns.unwrap_or_default(),
             };
             let s = client.create_service(req).await.map_err(explain)?.into_inner();
             println!("{}", s.id);
@@ -260,6 +269,7 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
                         vec!["Replicas".into(), format!("{} running of {}", s.running, s.replicas)],
                         vec!["Constraints".into(), s.constraints.join(" ")],
                         vec!["Network".into(), s.network.clone()],
+                        vec!["User namespace".into(), s.userns.clone()],
                         vec!["Version".into(), s.version.to_string()],
                         vec!["Updated".into(), s.updated_at.clone()],
                     ],

@@ -556,8 +556,23 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     for d in ["bin", "dev", "proc", "sys", "tmp", "run", "etc"] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
-    // runc gives a tmpfs mount the mode of the directory it covers.
     use std::os::unix::fs::PermissionsExt;
+    // In its user namespace a task's root is nobody to the host: it must be
+    // able to search every directory down to the image. Test temp dirs are
+    // 0700: those (only) are opened to search (not to listing) by others.
+    let temp = [std::env::temp_dir(), PathBuf::from(env!("CARGO_TARGET_TMPDIR"))];
+    for d in dir.ancestors() {
+        let mode = fs::metadata(d).unwrap().permissions().mode();
+        if mode & 0o001 == 0 {
+            assert!(
+                temp.iter().any(|t| d.starts_with(t) && d != t.as_path()),
+                "{} (mode {mode:o}) is not searchable by others: a task cannot reach an image below it",
+                d.display()
+            );
+            fs::set_permissions(d, fs::Permissions::from_mode((mode & 0o7777) | 0o001)).unwrap();
+        }
+    }
+    // runc gives a tmpfs mount the mode of the directory it covers.
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
     fs::copy(busybox().expect("busybox"), dir.join("bin/busybox")).unwrap();
     for tool in ["sh", "cat", "id", "grep", "touch", "echo", "sha256sum", "sleep", "head", "ls", "stat", "mount"] {

@@ -2,9 +2,12 @@
 //!
 //! Secrets arrive only with the tasks that reference them and live only in
 //! memory here (`Zeroizing`, wiped when removed), and in each task's own
-//! secret tmpfs. For each task it mounts that tmpfs, writes the task's files,
-//! starts the container, reports its states, streams its output to the
-//! manager, and at the end stops it, wipes and unmounts the tmpfs. A new
+//! secret tmpfs. For each task it takes a block of host IDs for the task's user
+//! namespace ([`crate::userns`]), mounts that tmpfs, writes the task's files
+//! (owned by the task's IDs as the host sees them), starts the container,
+//! reports its states, streams its output to the manager, and at the end stops
+//! it, wipes and unmounts the tmpfs, and gives the block back once the
+//! container is gone. A new
 //! version of a secret replaces the file in place in every running task that
 //! follows it.
 
@@ -22,6 +25,7 @@ use zeroize::Zeroizing;
 
 use crate::executor::{ContainerSpec, ExecError, Runtime};
 use crate::secret_mount::{MountError, SecretFile, SecretMount};
+use crate::userns::{IdAllocator, UserNamespace, ALLOCATION_FILE, MAX_BLOCKS};
 
 /// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -50,9 +54,18 @@ pub(crate) struct Agent {
     loops: JoinSet<()>,
     /// Tasks this process has run to the end: never started again.
     finished: HashSet<String>,
-    ended: (mpsc::UnboundedSender<String>, mpsc::UnboundedReceiver<String>),
+    ended: (mpsc::UnboundedSender<Ended>, mpsc::UnboundedReceiver<Ended>),
     shutdown: CancellationToken,
     secrets_max: u64,
+    /// The blocks of host IDs held by tasks' user namespaces.
+    ids: IdAllocator,
+}
+
+/// A task loop's last word: its task ID, and whether its container is gone
+/// (only then is its block of host IDs handed out again).
+struct Ended {
+    task: String,
+    container_gone: bool,
 }
 
 /// What the agent holds, for `swarmd worker status`-like inspection and tests.
@@ -73,6 +86,7 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Self {
         let runtime = Runtime::new(runtime_bin, &run_dir.join("runtime"), &run_dir.join("bundles"));
+        let ids = IdAllocator::load(&run_dir.join(ALLOCATION_FILE), MAX_BLOCKS, first_block(&run_dir));
         Self {
             channel,
             session,
@@ -85,6 +99,7 @@ impl Agent {
             ended: mpsc::unbounded_channel(),
             shutdown,
             secrets_max: secrets_max(),
+            ids,
         }
     }
 
@@ -107,15 +122,32 @@ impl Agent {
     /// `rx`; then stops every task.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Assignments>, state: watch::Sender<AgentState>) {
         self.clean_up_leftovers().await;
+        // A block stays held while a container of an earlier run is still
+        // there (one that could not be removed); the others are free again.
+        match self.runtime.list().await {
+            Ok(alive) => {
+                if let Err(e) = self.ids.retain(|t| alive.iter().any(|a| a == t)) {
+                    tracing::error!(error = %e, "cannot save the user namespace allocation");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list containers: every saved user namespace block stays held"),
+        }
         loop {
             tokio::select! {
                 a = rx.recv() => match a {
                     Some(a) => self.apply(a),
                     None => break,
                 },
-                Some(id) = self.ended.1.recv() => {
-                    self.running.remove(&id);
-                    self.finished.insert(id);
+                Some(end) = self.ended.1.recv() => {
+                    self.running.remove(&end.task);
+                    if end.container_gone {
+                        if let Err(e) = self.ids.release(&end.task) {
+                            tracing::error!(task.id = %end.task, error = %e, "cannot release a user namespace block");
+                        }
+                    } else {
+                        tracing::warn!(task.id = %end.task, "the container may still be there: its user namespace block stays held");
+                    }
+                    self.finished.insert(end.task);
                 }
                 Some(_) = self.loops.join_next(), if !self.loops.is_empty() => {}
                 _ = self.shutdown.cancelled() => break,
@@ -227,6 +259,19 @@ impl Agent {
                 return;
             }
         };
+        let userns = if t.spec.as_ref().is_some_and(|s| s.host_userns) {
+            UserNamespace::Host
+        } else {
+            match self.ids.allocate(&t.id) {
+                Ok(block) => UserNamespace::Private(block),
+                Err(e) => {
+                    tracing::error!(task.id = %t.id, error = %e, "no user namespace for the task");
+                    self.report(&t.id, "failed", &format!("user namespace: {e}"));
+                    self.finished.insert(t.id.clone());
+                    return;
+                }
+            }
+        };
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let ctx = TaskCtx {
             channel: self.channel.clone(),
@@ -235,6 +280,7 @@ impl Agent {
             dir: self.run_dir.join("tasks").join(&t.id),
             secrets_max: self.secrets_max,
             ended: self.ended.0.clone(),
+            userns,
         };
         self.loops.spawn(run_task(ctx, t.clone(), files, ctl_rx));
         self.running.insert(t.id.clone(), Handle { task: t, ctl });
@@ -272,7 +318,17 @@ struct TaskCtx {
     dir: PathBuf,
     /// How far the task's secret tmpfs may grow.
     secrets_max: u64,
-    ended: mpsc::UnboundedSender<String>,
+    ended: mpsc::UnboundedSender<Ended>,
+    /// The task's user namespace.
+    userns: UserNamespace,
+}
+
+/// Where this worker's search for a free block of host IDs starts: from its
+/// node ID (its run dir's name), so that workers on one kernel rarely meet.
+fn first_block(run_dir: &std::path::Path) -> u32 {
+    let name = run_dir.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+    // FNV-1a: stable across builds and versions, unlike std's hasher.
+    name.iter().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)) % MAX_BLOCKS
 }
 
 /// What a task's secret tmpfs may grow to: `SWARMD_TASK_SECRETS_MAX` (bytes),
@@ -357,7 +413,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut mount = if spec.secrets.is_empty() {
         None
     } else {
-        let mount = SecretMount::create(&ctx.dir, size.min(ctx.secrets_max)).and_then(|mut m| {
+        let mount = SecretMount::create(&ctx.dir, size.min(ctx.secrets_max), ctx.userns).and_then(|mut m| {
             m.set_max_size(ctx.secrets_max);
             m.write(&files).map(|_| m)
         });
@@ -365,7 +421,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
             Ok(m) => Some(m),
             Err(e) => {
                 rep("failed", format!("secrets: {e}"));
-                let _ = ctx.ended.send(id);
+                let _ = ctx.ended.send(Ended { task: id, container_gone: true });
                 return;
             }
         }
@@ -380,18 +436,22 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         pids: (spec.pids > 0).then_some(spec.pids),
         host_network: spec.host_network,
         secrets_dir: mount.as_ref().map(|m| m.dir().to_owned()),
+        userns: ctx.userns,
         ..Default::default()
     };
     let mut running = match ctx.runtime.start(&id, &c).await {
         Ok(r) => r,
         Err(e) => {
-            let state =
-                if matches!(e, ExecError::Refused(_) | ExecError::BadImage { .. }) { "rejected" } else { "failed" };
+            let state = if matches!(e, ExecError::Refused(_) | ExecError::BadImage { .. } | ExecError::Userns(_)) {
+                "rejected"
+            } else {
+                "failed"
+            };
             rep(state, e.to_string());
             if let Some(m) = mount.as_mut() {
                 m.destroy();
             }
-            let _ = ctx.ended.send(id);
+            let _ = ctx.ended.send(Ended { task: id, container_gone: true });
             return;
         }
     };
@@ -462,11 +522,14 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let (lines, _) = running.logs.since(cursor.seen);
     cursor.not_before = None;
     push_logs(&ctx, &id, &lines, &mut cursor).await;
-    let _ = running.stop(Duration::from_millis(100)).await;
+    let gone = running.stop(Duration::from_millis(100)).await;
+    if let Err(e) = &gone {
+        tracing::error!(task.id = %id, error = %e, "cannot remove the task's container");
+    }
     if let Some(m) = mount.as_mut() {
         m.destroy();
     }
     rep(state, message);
     tracing::info!(task.id = %id, %state, "task ended");
-    let _ = ctx.ended.send(id);
+    let _ = ctx.ended.send(Ended { task: id, container_gone: gone.is_ok() });
 }

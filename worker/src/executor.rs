@@ -4,9 +4,20 @@
 //! Defaults: user 65534:65534 unless given; no capabilities in any set; the
 //! seccomp allowlist of Docker's default profile, made a little stricter
 //! ([`crate::seccomp`]); `no_new_privs`; a read-only root filesystem with a small
-//! writable tmpfs at `/tmp`; private pid, mount, ipc, uts and cgroup namespaces
-//! and a private network namespace unless `--network host`; memory and pids
-//! limits when asked. Privileged containers and added capabilities are refused.
+//! writable tmpfs at `/tmp`; private pid, mount, ipc, uts and cgroup namespaces,
+//! a private network namespace unless `--network host`, and a private user
+//! namespace mapping container IDs 0–65535 to the task's own block of host IDs
+//! ([`crate::userns`]) unless `--userns host`; memory and pids limits when
+//! asked. Privileged containers and added capabilities are refused, and so is a
+//! container for which no user namespace was chosen.
+//!
+//! In a user namespace the task's root is not host root: every directory above
+//! the image must be searchable by others (runc mounts the root filesystem from
+//! inside the namespace), and the image's files are read through their "other"
+//! permission bits (host-owned files show as the overflow uid 65534). Bind
+//! mount sources such as the secrets directory are opened by runc outside it.
+//! On the host's network (no network namespace of its own) sysfs cannot be
+//! mounted from a user namespace: the host's `/sys` is bound read-only instead.
 //!
 //! The container's stdout and stderr go into a bounded in-memory ring, never to
 //! disk: they may echo secrets. They are read in chunks and cut into lines of
@@ -19,10 +30,13 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use oci_spec::runtime::{
-    LinuxCapabilities, LinuxMemoryBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxSeccomp, Mount, MountBuilder,
-    Spec, UserBuilder,
+    LinuxCapabilities, LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxSeccomp, Mount, MountBuilder, Spec, UserBuilder,
 };
 use tokio::io::AsyncReadExt;
+
+pub use crate::userns::UserNamespace;
+use crate::userns::{UsernsError, BLOCK_SIZE};
 
 /// Why a container could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +53,10 @@ pub enum ExecError {
     /// The runtime failed.
     #[error("{runtime}: {why}")]
     Runtime { runtime: String, why: String },
+    /// The task's user namespace does not fit the spec (IDs it does not map),
+    /// or none was chosen.
+    #[error("user namespace: {0}")]
+    Userns(#[from] UsernsError),
 }
 
 /// What to run, as a service spec describes it.
@@ -64,6 +82,12 @@ pub struct ContainerSpec {
     pub privileged: bool,
     /// Asked for added capabilities (refused).
     pub cap_add: Vec<String>,
+    /// The user namespace to run in; [`UserNamespace::Unset`] is refused.
+    pub userns: UserNamespace,
+}
+
+fn spec_err(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Spec(e.to_string())
 }
 
 fn seccomp() -> Result<LinuxSeccomp, ExecError> {
@@ -101,8 +125,10 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
     root.set_readonly(Some(true));
     spec.set_root(Some(root));
 
-    let mut process = spec.process().clone().unwrap_or_default();
     let (uid, gid) = c.user.unwrap_or((65534, 65534));
+    c.userns.host_id(uid, "uid")?;
+    c.userns.host_id(gid, "gid")?;
+    let mut process = spec.process().clone().unwrap_or_default();
     process.set_user(UserBuilder::default().uid(uid).gid(gid).build().map_err(|e| ExecError::Spec(e.to_string()))?);
     process.set_args(Some(c.args.clone()));
     let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()];
@@ -134,13 +160,38 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
                 .map_err(|e| ExecError::Spec(e.to_string()))?,
         );
     }
-    spec.set_mounts(Some(mounts));
-
     let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut ns = linux.namespaces().clone().unwrap_or_default();
     if c.host_network {
-        let ns = linux.namespaces().clone().unwrap_or_default();
-        linux.set_namespaces(Some(ns.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Network).collect()));
+        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
     }
+    if let UserNamespace::Private(block) = c.userns {
+        let user = LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(spec_err)?;
+        ns.push(user);
+        let map = LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(block.base())
+            .size(BLOCK_SIZE)
+            .build()
+            .map_err(spec_err)?;
+        linux.set_uid_mappings(Some(vec![map]));
+        linux.set_gid_mappings(Some(vec![map]));
+        if c.host_network {
+            // sysfs belongs to the network namespace: one owned by another
+            // user namespace refuses the mount. The host's, read-only, instead.
+            for m in mounts.iter_mut().filter(|m| m.typ().as_deref() == Some("sysfs")) {
+                *m = MountBuilder::default()
+                    .destination("/sys")
+                    .typ("bind")
+                    .source("/sys")
+                    .options(["rbind", "ro", "nosuid", "nodev", "noexec"].map(String::from).to_vec())
+                    .build()
+                    .map_err(spec_err)?;
+            }
+        }
+    }
+    linux.set_namespaces(Some(ns));
+    spec.set_mounts(Some(mounts));
     let mut resources = linux.resources().clone().unwrap_or_default();
     if let Some(m) = c.memory {
         resources.set_memory(Some(
@@ -155,6 +206,28 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
     linux.set_seccomp(Some(seccomp()?));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Checks that a task's root in its own user namespace (to the host: a uid of
+/// nobody's) can reach `rootfs`: every directory from `/` down to it must be
+/// searchable by others, since runc mounts the root filesystem from inside
+/// the namespace. Refused with what to change otherwise.
+fn reachable_from_a_user_namespace(rootfs: &Path) -> Result<(), ExecError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| ExecError::BadImage { path: rootfs.to_owned(), why };
+    let full = std::fs::canonicalize(rootfs).map_err(|e| bad(e.to_string()))?;
+    for dir in full.ancestors() {
+        let mode = std::fs::metadata(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?.permissions().mode();
+        if mode & 0o001 == 0 {
+            return Err(bad(format!(
+                "{} (mode {:04o}) is not searchable by others, so the task's root in its user namespace cannot \
+                 reach the image: make every directory down to the image o+x, or run the service with --userns host",
+                dir.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether this host mixes cgroup v1 controllers with a v2 hierarchy at
@@ -343,6 +416,19 @@ impl Runtime {
         c
     }
 
+    /// The IDs of the containers under this runtime's state dir, or why they
+    /// cannot be listed.
+    pub async fn list(&self) -> Result<Vec<String>, ExecError> {
+        if !self.state_dir.exists() {
+            return Ok(Vec::new());
+        }
+        let out = self.command().args(["list", "-q"]).stderr(Stdio::null()).output().await.map_err(|e| self.err(e))?;
+        if !out.status.success() {
+            return Err(self.err(format!("list: {}", out.status)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
+    }
+
     /// Kills and deletes every container under this runtime's state dir (what a
     /// worker that died left behind).
     pub async fn remove_all(&self) {
@@ -378,6 +464,9 @@ impl Runtime {
             .map_err(|e| ExecError::BadImage { path: c.rootfs.clone(), why: format!("no bin/ directory: {e}") })?;
         if !meta.is_dir() {
             return Err(ExecError::BadImage { path: c.rootfs.clone(), why: "bin is not a directory".into() });
+        }
+        if matches!(c.userns, UserNamespace::Private(_)) {
+            reachable_from_a_user_namespace(&c.rootfs)?;
         }
         if c.secrets_dir.is_some() && !c.rootfs.join("run").is_dir() {
             return Err(ExecError::BadImage {
@@ -424,7 +513,8 @@ impl Running {
     }
 
     /// Stops the container (SIGTERM, then SIGKILL after `grace`) and removes it
-    /// and its bundle.
+    /// and its bundle; an error if the runtime still knows the container after
+    /// that (its user namespace block must then stay held).
     pub async fn stop(&mut self, grace: std::time::Duration) -> Result<(), ExecError> {
         let rt = &self.runtime;
         let signal = |sig: &'static str| {
@@ -443,7 +533,12 @@ impl Running {
             .status()
             .await;
         let _ = std::fs::remove_dir_all(rt.bundles.join(&self.id));
-        Ok(())
+        let state = rt.command().args(["state", &self.id]).stdout(Stdio::null()).stderr(Stdio::null()).status().await;
+        match state {
+            Ok(s) if !s.success() => Ok(()),
+            Ok(_) => Err(rt.err(format!("container {} is still there after delete", self.id))),
+            Err(e) => Err(rt.err(format!("cannot ask about container {}: {e}", self.id))),
+        }
     }
 }
 
@@ -492,12 +587,22 @@ mod tests {
         assert_eq!(small.lines(), ["2", "3", "4"]);
     }
 
+    fn namespaces(spec: &Spec) -> Vec<LinuxNamespaceType> {
+        spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect()
+    }
+
+    fn mount<'a>(spec: &'a Spec, dest: &str) -> Option<&'a Mount> {
+        spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == Path::new(dest))
+    }
+
     #[test]
     fn the_default_spec_is_least_privilege_and_privilege_is_refused() {
+        let block = crate::userns::IdBlock::new(5).unwrap();
         let c = ContainerSpec {
             rootfs: "/r".into(),
             args: vec!["true".into()],
             secrets_dir: Some("/s".into()),
+            userns: UserNamespace::Private(block),
             ..Default::default()
         };
         let spec = build_spec(&c, "t").unwrap();
@@ -511,24 +616,75 @@ mod tests {
         assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
         let linux = spec.linux().as_ref().unwrap();
         assert!(linux.seccomp().is_some());
-        let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
-        for t in [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount, LinuxNamespaceType::Ipc, LinuxNamespaceType::Uts]
-        {
+        let ns = namespaces(&spec);
+        for t in [
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::Uts,
+            LinuxNamespaceType::Cgroup,
+            LinuxNamespaceType::Network,
+            LinuxNamespaceType::User,
+        ] {
             assert!(ns.contains(&t), "{t:?}");
         }
-        assert!(ns.contains(&LinuxNamespaceType::Network));
-        let secrets = spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == Path::new("/run/secrets"));
-        assert!(secrets.unwrap().options().as_ref().unwrap().contains(&"ro".to_string()));
+        let secrets = mount(&spec, "/run/secrets").unwrap();
+        // Inside a user namespace a read-only bind needs the locked flags repeated (runc#1229).
+        for o in ["ro", "nosuid", "nodev", "noexec"] {
+            assert!(secrets.options().as_ref().unwrap().iter().any(|x| x == o), "{o}");
+        }
 
         let host = build_spec(&ContainerSpec { host_network: true, ..c.clone() }, "t").unwrap();
-        let ns: Vec<_> =
-            host.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        let ns = namespaces(&host);
         assert!(!ns.contains(&LinuxNamespaceType::Network));
+        assert!(ns.contains(&LinuxNamespaceType::User));
+        // No network namespace of its own: no sysfs mount from the user
+        // namespace, the host's /sys read-only instead.
+        let sys = mount(&host, "/sys").unwrap();
+        assert_eq!(sys.typ().as_deref(), Some("bind"));
+        for o in ["rbind", "ro", "nosuid", "nodev", "noexec"] {
+            assert!(sys.options().as_ref().unwrap().iter().any(|x| x == o), "{o}");
+        }
+        assert_eq!(mount(&spec, "/sys").unwrap().typ().as_deref(), Some("sysfs"));
         assert!(matches!(
             build_spec(&ContainerSpec { privileged: true, ..c.clone() }, "t"),
             Err(ExecError::Refused(_))
         ));
-        let caps = ContainerSpec { cap_add: vec!["NET_ADMIN".into()], ..c };
+        let caps = ContainerSpec { cap_add: vec!["NET_ADMIN".into()], ..c.clone() };
         assert!(matches!(build_spec(&caps, "t"), Err(ExecError::Refused(_))));
+    }
+
+    #[test]
+    fn invariant_9_every_container_gets_a_user_namespace_of_its_own_unless_host_is_asked() {
+        let block = crate::userns::IdBlock::new(2).unwrap();
+        let c = ContainerSpec {
+            rootfs: "/r".into(),
+            args: vec!["true".into()],
+            userns: UserNamespace::Private(block),
+            ..Default::default()
+        };
+        let spec = build_spec(&c, "t").unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        for maps in [linux.uid_mappings(), linux.gid_mappings()] {
+            let maps = maps.as_ref().unwrap();
+            assert_eq!(maps.len(), 1);
+            let m = maps[0];
+            assert_eq!((m.container_id(), m.host_id(), m.size()), (0, (1 << 31) + 2 * 65536, 65536));
+        }
+        // The task's user stays 65534 inside; the host sees base + 65534.
+        let user = spec.process().as_ref().unwrap().user();
+        assert_eq!((user.uid(), user.gid()), (65534, 65534));
+
+        // A forgotten choice is refused, never the host's namespace.
+        let unset = ContainerSpec { userns: UserNamespace::Unset, ..c.clone() };
+        assert!(matches!(build_spec(&unset, "t"), Err(ExecError::Userns(UsernsError::Unset))));
+        // IDs the namespace does not map are refused with what to do.
+        let far = ContainerSpec { user: Some((70_000, 0)), ..c.clone() };
+        let e = build_spec(&far, "t").unwrap_err();
+        assert!(e.to_string().contains("--userns host"), "{e}");
+        // --userns host: no user namespace, no mappings, uid 70000 allowed.
+        let host = build_spec(&ContainerSpec { userns: UserNamespace::Host, ..far }, "t").unwrap();
+        assert!(!namespaces(&host).contains(&LinuxNamespaceType::User));
+        assert!(host.linux().as_ref().unwrap().uid_mappings().as_ref().is_none_or(|m| m.is_empty()));
     }
 }

@@ -13,6 +13,7 @@ mod join;
 pub mod seccomp;
 pub mod secret_mount;
 mod session;
+pub mod userns;
 pub mod watchdog;
 
 use std::path::{Path, PathBuf};

@@ -2,10 +2,13 @@
 //!
 //! Per task: a fresh tmpfs (`nodev,nosuid,noexec`, size-limited, root mode
 //! 0700) that `statfs` must report as tmpfs — otherwise the task fails, there is
-//! no fallback to disk. Inside it a `secrets/` directory (0755, so that a
-//! non-root container user can traverse it) holds one file per reference with
-//! its uid, gid and mode; it is what gets bind-mounted read-only at
-//! `/run/secrets` in the container. Between writes the tmpfs is remounted
+//! no fallback to disk. Inside it a `secrets/` directory (0755, owned by the
+//! task's root, so that a non-root container user can traverse it) holds one
+//! file per reference with its uid, gid and mode; it is what gets bind-mounted
+//! read-only at `/run/secrets` in the container. Owners are the task's IDs as
+//! the host sees them: in the task's user namespace container uid N is host
+//! uid BASE+N ([`crate::userns`]), so the task's user reads its files and a
+//! host user of the same number (uid 65534, say) does not. Between writes the tmpfs is remounted
 //! read-only. A new version replaces a file atomically (write aside, rename),
 //! so a reader sees the old or the new content, never a mix. Before a write the
 //! tmpfs grows (a remount with a larger `size=`, up to a maximum) to hold the
@@ -20,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use zeroize::Zeroizing;
+
+use crate::userns::{UserNamespace, UsernsError};
 
 /// The statfs magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -39,6 +44,9 @@ pub enum MountError {
     /// The files would need a larger tmpfs than this task may have.
     #[error("the secrets need {need} bytes of tmpfs, more than the {max} bytes a task may have")]
     TooLarge { need: u64, max: u64 },
+    /// A file owner the task's user namespace does not map.
+    #[error(transparent)]
+    Userns(#[from] UsernsError),
     /// File I/O inside the tmpfs.
     #[error("{path}: {source}")]
     Io {
@@ -56,9 +64,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MountError + '_ {
 pub struct SecretFile {
     /// File name below `/run/secrets`.
     pub name: String,
-    /// Owner.
+    /// Owner, a container uid (the host's is the task's user namespace's).
     pub uid: u32,
-    /// Group.
+    /// Group, a container gid.
     pub gid: u32,
     /// Permission bits.
     pub mode: u32,
@@ -112,6 +120,8 @@ pub struct SecretMount {
     size: u64,
     /// How far it may grow.
     max_size: u64,
+    /// Whose IDs the files' owners are.
+    userns: UserNamespace,
 }
 
 /// What a task's secret tmpfs may grow to by default: room for many values of
@@ -129,8 +139,10 @@ const FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID).union(MsFlags
 
 impl SecretMount {
     /// Mounts a tmpfs of at most `size` bytes at `root` (created 0700) and
-    /// prepares its `secrets/` directory; read-only once it returns.
-    pub fn create(root: &Path, size: u64) -> Result<Self, MountError> {
+    /// prepares its `secrets/` directory, owned by the root of `userns`;
+    /// read-only once it returns.
+    pub fn create(root: &Path, size: u64, userns: UserNamespace) -> Result<Self, MountError> {
+        let root_uid = userns.host_id(0, "uid")?;
         fs::create_dir_all(root).map_err(io(root))?;
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io(root))?;
         let data = format!("size={size},mode=0700,nr_inodes=1024");
@@ -142,12 +154,14 @@ impl SecretMount {
             mounted: true,
             size,
             max_size: DEFAULT_MAX_SIZE.max(size),
+            userns,
         };
         if let Err(e) = require_tmpfs(root) {
             me.destroy();
             return Err(e);
         }
         fs::create_dir(&me.dir).map_err(io(&me.dir))?;
+        std::os::unix::fs::chown(&me.dir, Some(root_uid), Some(root_uid)).map_err(io(&me.dir))?;
         fs::set_permissions(&me.dir, fs::Permissions::from_mode(0o755)).map_err(io(&me.dir))?;
         me.remount(true)?;
         Ok(me)
@@ -161,7 +175,14 @@ impl SecretMount {
     /// A secret tmpfs left at `root` by an earlier process (a worker that
     /// died), to be destroyed.
     pub fn adopt(root: &Path) -> Self {
-        Self { root: root.to_owned(), dir: root.join("secrets"), mounted: true, size: 0, max_size: 0 }
+        Self {
+            root: root.to_owned(),
+            dir: root.join("secrets"),
+            mounted: true,
+            size: 0,
+            max_size: 0,
+            userns: UserNamespace::Unset,
+        }
     }
 
     /// The current size limit of the tmpfs.
@@ -230,6 +251,7 @@ impl SecretMount {
 
     fn write_one(&self, f: &SecretFile) -> Result<(), MountError> {
         let name = target_file_name(&f.name)?;
+        let (uid, gid) = (self.userns.host_id(f.uid, "secret uid")?, self.userns.host_id(f.gid, "secret gid")?);
         let path = self.dir.join(&name);
         let tmp = self.dir.join(format!(".{name}.new"));
         let result = (|| {
@@ -242,7 +264,7 @@ impl SecretMount {
                 .map_err(io(&tmp))?;
             file.write_all(&f.data).map_err(io(&tmp))?;
             drop(file);
-            std::os::unix::fs::chown(&tmp, Some(f.uid), Some(f.gid)).map_err(io(&tmp))?;
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).map_err(io(&tmp))?;
             fs::set_permissions(&tmp, fs::Permissions::from_mode(f.mode & 0o7777)).map_err(io(&tmp))?;
             fs::rename(&tmp, &path).map_err(io(&path))
         })();
