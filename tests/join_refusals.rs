@@ -16,9 +16,21 @@ fn assert_refused(o: &Output, needle: &str) {
     assert!(lines[0].contains(needle), "expected {needle:?} in: {}", lines[0]);
 }
 
+/// `worker join` with the token on standard input, as README recommends.
 fn join(env: &Env, token: &str, remote: &str, dir: &str) -> Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
     let d = env.path(dir);
-    env.swarmd(&["worker", "join", token, "--remote", remote, "--data-dir", d.to_str().unwrap()])
+    let mut child = Command::new(swarmd_bin())
+        .args(["worker", "join", "--remote", remote, "--data-dir", d.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes());
+    child.wait_with_output().unwrap()
 }
 
 /// Replaces the character at `i` with another hex digit.
@@ -41,6 +53,17 @@ fn bad_tokens_and_unreachable_managers_are_refused_cleanly() {
         assert_refused(&o, "malformed join token");
         assert!(is_absent_or_empty(&env.path("w-malformed")));
     }
+    // Given as an argument (still accepted): a warning about its exposure,
+    // then the same one-line refusal.
+    let d = env.path("w-argv");
+    let o = env.swarmd(&["worker", "join", "garbage", "--remote", &m.addr, "--data-dir", d.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!o.status.success());
+    assert_eq!(lines.len(), 2, "expected a warning and an error, got: {stderr}");
+    assert!(lines[0].starts_with("warning: a join token given as an argument"), "{stderr}");
+    assert!(lines[1].contains("malformed join token"), "{stderr}");
+    assert!(is_absent_or_empty(&d));
 
     // Tampered digest (position 9 is the first digest digit).
     let o = join(&env, &flip_hex(&token, 9), &m.addr, "w-digest");
