@@ -44,11 +44,12 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
 }
 
 /// Sets up logging to stderr; `RUST_LOG` overrides `default`. openraft's own
-/// chatter is kept at `warn` unless `RUST_LOG` asks for it.
+/// chatter is kept at `warn`, and h2's protocol warnings (which any client can
+/// cause once per connection) at `error`, unless `RUST_LOG` asks for them.
 pub fn init_logging(default: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openraft=warn")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openraft=warn,h2=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -181,3 +181,78 @@ async fn invariant_12_a_flood_of_anonymous_connections_leaves_room_for_nodes() {
         .count();
     assert!(refused >= 400, "only {refused} of 600 anonymous connections were refused past the anonymous cap");
 }
+
+/// Opens `streams` requests to `path` on one HTTP/2 connection over `tls`,
+/// each declaring a gRPC message of `len` bytes and sending all of it but the
+/// last byte: a server that buffers messages before it decodes them holds
+/// them all. Returns what keeps them open.
+async fn hold_partial_requests(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+    streams: usize,
+    len: usize,
+) -> Vec<h2::SendStream<bytes::Bytes>> {
+    let (client, conn) = h2::client::handshake(tls).await.expect("HTTP/2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut held = Vec::new();
+    for _ in 0..streams {
+        let Ok(mut ready) = client.clone().ready().await else { break };
+        let req = http::Request::post(format!("https://swarm-manager{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let Ok((_response, mut send)) = ready.send_request(req, false) else { break };
+        let mut body = Vec::with_capacity(5 + len);
+        body.push(0);
+        body.extend_from_slice(&(len as u32).to_be_bytes());
+        body.resize(5 + len - 1, b'x');
+        let _ = send.send_data(bytes::Bytes::from(body), false);
+        held.push(send);
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invariant_12_a_worker_certificate_cannot_make_a_manager_hold_undecoded_requests() {
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    let m = env.start_manager("m", &[]);
+    let w = env.join_worker("w", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let worker = Arc::new(client_config(&NodeIdentity::load(&w.data.join("certs")).unwrap()).unwrap());
+    let ca = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
+    let anon = Arc::new(anonymous_client_config(&ca).unwrap());
+    let pid = env.procs[m.proc_idx].pid();
+    let rss0 = rss_kib(pid);
+    // 15 connections (the worker's session is the 16th its identity may
+    // have), 64 streams each, of a 500 KB PushLogs request less one byte:
+    // 480 MB if the manager held them.
+    let mut held = Vec::new();
+    for _ in 0..15 {
+        let tls = dial::tls_connect(&m.addr, worker.clone()).await.expect("a connection");
+        held.push(hold_partial_requests(tls, "/swarmd.dispatcher.Dispatcher/PushLogs", 64, 500_000).await);
+    }
+    // And 200 anonymous connections of 4 join requests of 30 KB each.
+    for _ in 0..200 {
+        let Ok(tls) = dial::tls_connect(&m.addr, anon.clone()).await else { break };
+        held.push(hold_partial_requests(tls, "/swarmd.ca.Ca/IssueNodeCertificate", 4, 30_000).await);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grew = rss_kib(pid).saturating_sub(rss0);
+    assert!(grew < 150 * 1024, "the manager holds {} MiB of undecoded requests", grew / 1024);
+    drop(held);
+    // The worker's own session went on.
+    assert_eq!(m.node(&w.node_id()).unwrap()["status"], "ready");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -211,11 +211,12 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
     let rss0 = rss_kib(pid);
     let line = "y".repeat(900);
     let mut refused = 0;
-    for _ in 0..150 {
+    // (Requests of 225 KB: a node's requests are at most 512 KiB.)
+    for _ in 0..600 {
         let req = PushLogsRequest {
             session_id: a.session_id.clone(),
             task_id: task_a.clone(),
-            lines: vec![line.clone(); 1000],
+            lines: vec![line.clone(); 250],
         };
         if let Err(s) = dispatcher.push_logs(req).await {
             assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");

@@ -94,11 +94,9 @@ pub async fn probe_standing(addr: &str, cfg: Arc<ClientConfig>) -> Standing {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     /// The client connection preface and an empty SETTINGS frame.
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-    let mut s = match tls_connect(addr, cfg).await {
-        Ok(s) => s,
-        Err(e) if is_revoked_alert(&e) => return Standing::Revoked,
-        Err(_) => return Standing::Unknown,
-    };
+    // An alert during the handshake is not authenticated (anyone on the path
+    // can send one): only one after it counts.
+    let Ok(mut s) = tls_connect(addr, cfg).await else { return Standing::Unknown };
     let exchange = async {
         s.write_all(PREFACE).await?;
         s.flush().await?;
@@ -172,4 +170,33 @@ pub async fn connect(addr: &str, cfg: Arc<ClientConfig>) -> io::Result<Channel> 
         }))
         .await
         .map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stranger on a manager's address (or on the path) answers every
+    /// ClientHello with a plaintext `certificate_revoked` alert: that must not
+    /// count as the cluster's word (it would wipe workers and demote managers).
+    #[tokio::test]
+    async fn invariant_7_an_unauthenticated_revoked_alert_is_not_a_removal() {
+        crate::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut hello = [0u8; 2048];
+                let _ = tcp.read(&mut hello).await;
+                // TLS record: alert, TLS 1.2, length 2, fatal, certificate_revoked (44).
+                let _ = tcp.write_all(&[21, 3, 3, 0, 2, 2, 44]).await;
+            }
+        });
+        let ca = crate::RootCa::generate(&crate::ClusterId::random()).unwrap();
+        let cfg = Arc::new(crate::tls::anonymous_client_config(ca.bundle_pem()).unwrap());
+        let err = tls_connect(&addr, cfg.clone()).await.expect_err("no TLS with a stranger");
+        assert!(err.to_string().contains("CertificateRevoked"), "the stranger's alert arrived: {err}");
+        assert_eq!(probe_standing(&addr, cfg).await, Standing::Unknown);
+    }
 }

@@ -44,6 +44,9 @@ pub struct ConnInfo {
     pub caller: Caller,
     /// The remote socket address (TCP only).
     pub remote: Option<SocketAddr>,
+    /// What its requests may hold undecoded (workers and anonymous clients;
+    /// see [`crate::budget`]).
+    pub budget: Option<crate::budget::ConnBudget>,
 }
 
 /// The status a removed node gets: PERMISSION_DENIED with the
@@ -85,7 +88,11 @@ impl Authorizer {
 
     /// The connection information of a request.
     pub fn info<T>(req: &Request<T>) -> ConnInfo {
-        req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo { caller: Caller::Anonymous, remote: None })
+        req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo {
+            caller: Caller::Anonymous,
+            remote: None,
+            budget: None,
+        })
     }
 
     /// A node certificate of this cluster, unexpired and not refused by the

@@ -49,6 +49,17 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::auth::{Caller, ConnInfo};
+use crate::budget::ConnBudget;
+
+/// Undecoded request bytes one worker connection may hold (two of the largest
+/// requests a node may send).
+pub const NODE_CONN_BUDGET: usize = 2 * crate::limits::MAX_NODE_REQUEST;
+/// ...and one anonymous connection (two join requests).
+pub const ANONYMOUS_CONN_BUDGET: usize = 2 * crate::limits::MAX_CA_REQUEST;
+/// Undecoded request bytes all worker connections together may hold...
+pub const NODES_BUDGET: usize = 64 << 20;
+/// ...and all anonymous ones.
+pub const ANONYMOUS_BUDGET: usize = 16 << 20;
 
 /// What a connection may cost, and how long it may stay quiet.
 ///
@@ -526,7 +537,14 @@ pub fn tls_incoming(
                 watch.idle = Some((Box::pin(tokio::time::sleep(limits.preface)), limits.idle));
                 watch.idle_limit = limits.preface;
                 let anonymous = matches!(caller, Caller::Anonymous);
-                let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote) }, watch };
+                let budget = match &caller {
+                    Caller::Node(id) if id.role == swarmd_certs::Role::Worker => {
+                        Some(ConnBudget::new(NODE_CONN_BUDGET))
+                    }
+                    Caller::Anonymous => Some(ConnBudget::new(ANONYMOUS_CONN_BUDGET)),
+                    _ => None,
+                };
+                let conn = Conn { io: stream, info: ConnInfo { caller, remote: Some(remote), budget }, watch };
                 let _ = if anonymous { anon_tx.send(Ok(conn)).await } else { tx.send(Ok(conn)).await };
             });
         }
@@ -546,7 +564,7 @@ pub fn unix_incoming(listener: UnixListener) -> ReceiverStream<io::Result<Conn<U
             };
             match accepted {
                 Ok((s, _)) => {
-                    let info = ConnInfo { caller: Caller::Local, remote: None };
+                    let info = ConnInfo { caller: Caller::Local, remote: None, budget: None };
                     let conn = Conn { io: s, info, watch: Watch::default() };
                     if tx.send(Ok(conn)).await.is_err() {
                         return;

@@ -12,6 +12,7 @@
 mod assignments;
 mod auth;
 mod autolock;
+mod budget;
 mod ca_service;
 mod cluster;
 mod cluster_service;

@@ -39,12 +39,18 @@ const DRAIN: Duration = Duration::from_secs(5);
 const NODE_STREAMS: u32 = 256;
 /// ...and requests handled at once on it (the rest wait, their bodies unread).
 const NODE_CONCURRENCY: usize = 64;
+/// Flow-control window of a connection with a certificate (its streams get a
+/// quarter): what it can make the manager hold unread, past what its requests
+/// hold undecoded (see `crate::budget`).
+const NODE_WINDOW: u32 = 1 << 20;
 /// The same for a connection without a certificate (a joiner makes two calls).
-const ANONYMOUS_STREAMS: u32 = 8;
+const ANONYMOUS_STREAMS: u32 = 4;
 const ANONYMOUS_CONCURRENCY: usize = 2;
 /// Flow-control window of an anonymous connection's streams (the connection's
-/// is twice that): what it can make the manager hold unread.
-const ANONYMOUS_WINDOW: u32 = 32 << 10;
+/// is twice that).
+const ANONYMOUS_WINDOW: u32 = 16 << 10;
+/// Bytes of headers one anonymous request may send.
+const ANONYMOUS_HEADERS: u32 = 8 << 10;
 /// The ID of a new cluster's data key (later keys count up from it).
 const FIRST_DATA_KEY: u32 = 1;
 
@@ -374,6 +380,9 @@ impl Manager {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(NODE_STREAMS)
             .concurrency_limit_per_connection(NODE_CONCURRENCY)
+            .initial_connection_window_size(NODE_WINDOW)
+            .initial_stream_window_size(NODE_WINDOW / 4)
+            .layer(crate::budget::BudgetLayer::new(crate::conn::NODES_BUDGET))
             .add_service(ca.clone())
             .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
             .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
@@ -387,6 +396,8 @@ impl Manager {
             .concurrency_limit_per_connection(ANONYMOUS_CONCURRENCY)
             .initial_stream_window_size(ANONYMOUS_WINDOW)
             .initial_connection_window_size(ANONYMOUS_WINDOW * 2)
+            .http2_max_header_list_size(ANONYMOUS_HEADERS)
+            .layer(crate::budget::BudgetLayer::new(crate::conn::ANONYMOUS_BUDGET))
             .add_service(ca)
             .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
             .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
