@@ -67,7 +67,8 @@ pub const ANONYMOUS_BUDGET: usize = 16 << 20;
 /// At most [`ConnLimits::global_from_rlimit`] connections in all; of those at
 /// most 4,096 (and at most half the global cap) not authenticated by a
 /// certificate (joins, handshakes in progress), half of those from one source;
-/// 16 per node identity; a TLS handshake must finish within 10 s and the first
+/// 16 per manager or admin identity, 4 per worker identity and a quarter of
+/// the global cap for worker identities from one source; a TLS handshake must finish within 10 s and the first
 /// HTTP/2 bytes follow within 10 s; a connection that reads nothing for 120 s is
 /// closed; an anonymous connection lives at most 60 s.
 #[derive(Clone, Debug)]
@@ -80,8 +81,13 @@ pub struct ConnLimits {
     /// Connections from one source without a client certificate (including
     /// those still in their handshake).
     pub per_ip_unauthenticated: usize,
-    /// Connections of one node (or admin) certificate's identity.
+    /// Connections of one manager (or admin) certificate's identity.
     pub per_identity: usize,
+    /// Connections of one worker certificate's identity (a worker needs one).
+    pub per_worker: usize,
+    /// Connections with worker certificates from one source: a join token
+    /// mints identities, and this keeps one source's from taking every slot.
+    pub per_source_workers: usize,
     /// Time allowed for the TLS handshake.
     pub handshake: Duration,
     /// Time allowed between the handshake and the first bytes (the HTTP/2 preface).
@@ -104,6 +110,10 @@ impl Default for ConnLimits {
             unauthenticated,
             per_ip_unauthenticated: unauthenticated / 2,
             per_identity: 16,
+            // Lifted with the node budgets, for benchmarks that make one
+            // simulated worker open connections far faster than a real one.
+            per_worker: if std::env::var("SWARMD_NODE_RATE_LIMITS").is_ok_and(|v| v == "off") { 16 } else { 4 },
+            per_source_workers: (global / 4).max(1),
             handshake: Duration::from_secs(10),
             preface: Duration::from_secs(10),
             idle: Duration::from_secs(120),
@@ -318,6 +328,7 @@ struct Watch {
     _global: Option<OwnedSemaphorePermit>,
     _anonymous: Option<AnonymousGuard>,
     _identity: Option<CountGuard<NodeId>>,
+    _source_workers: Option<CountGuard<IpAddr>>,
     _registered: Option<Registered>,
     /// Cancelled when the deny-list refuses the peer, or when a newer
     /// anonymous connection evicts this anonymous one.
@@ -475,6 +486,7 @@ pub fn tls_incoming(
     let global = Arc::new(Semaphore::new(limits.global));
     let anonymous_pool = AnonymousPool::new(limits.unauthenticated, limits.per_ip_unauthenticated);
     let per_identity: Counter<NodeId> = Counter::default();
+    let per_source_workers: Counter<IpAddr> = Counter::default();
     let log = Arc::new(RefusalLog::default());
     tokio::spawn(async move {
         loop {
@@ -502,6 +514,7 @@ pub fn tls_incoming(
             let acceptor = TlsAcceptor::from(tls.borrow().clone());
             let (tx, anon_tx, limits, per_identity, registry, log) =
                 (tx.clone(), anon_tx.clone(), limits.clone(), per_identity.clone(), registry.clone(), log.clone());
+            let per_source_workers = per_source_workers.clone();
             tokio::spawn(async move {
                 let handshake = tokio::select! {
                     r = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)) => r,
@@ -516,10 +529,20 @@ pub fn tls_incoming(
                 let caller = match stream.get_ref().1.peer_certificates() {
                     Some(chain) => {
                         let Some(id) = PeerIdentity::from_chain(chain) else { return };
-                        let Some(g) = per_identity.try_take(id.node_id.clone(), limits.per_identity) else {
+                        let worker = id.role == swarmd_certs::Role::Worker;
+                        let cap = if worker { limits.per_worker } else { limits.per_identity };
+                        let Some(g) = per_identity.try_take(id.node_id.clone(), cap) else {
                             return log.refused(remote, "too many connections with this certificate's identity");
                         };
                         watch._identity = Some(g);
+                        if worker {
+                            let Some(g) =
+                                per_source_workers.try_take(source_key(remote.ip()), limits.per_source_workers)
+                            else {
+                                return log.refused(remote, "too many worker connections from this address");
+                            };
+                            watch._source_workers = Some(g);
+                        }
                         drop(anonymous_guard);
                         let (registered, token) = registry.register(id.clone());
                         watch._registered = Some(registered);
