@@ -14,6 +14,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateSigningRequestDer;
 use zeroize::Zeroizing;
 
 use crate::{ca_digest, CertError, ClusterId, NodeId, Role};
@@ -173,7 +175,11 @@ impl RootCa {
         if csr_pem.len() > 16 * 1024 {
             return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
         }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        // One PEM parse, whose DER both checks below and rcgen read.
+        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| CertError::InvalidCsr { reason: format!("not a PEM certificate request: {e}") })?;
+        check_csr_key(&der)?;
+        let csr = CertificateSigningRequestParams::from_der(&der)
             .map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
@@ -202,6 +208,31 @@ impl RootCa {
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
+}
+
+/// Refuses a CSR unless its key is ECDSA P-256 (an uncompressed point) and it
+/// is signed with ECDSA-SHA256. rcgen names a CSR's key by the *signature*
+/// algorithm alone, so without this a P-384 key signed with SHA-256 passed as
+/// P-256 and got a certificate whose key no verifier could use.
+fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
+    use x509_parser::prelude::FromDer;
+
+    let bad = |reason: &str| CertError::InvalidCsr { reason: reason.into() };
+    let (_, req) = X509CertificationRequest::from_der(der).map_err(|e| bad(&e.to_string()))?;
+    let spki = &req.certification_request_info.subject_pki;
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY
+        || curve.as_ref() != Some(&OID_EC_P256)
+        || spki.subject_public_key.data.len() != 65
+    {
+        return Err(bad("key must be ECDSA P-256"));
+    }
+    if req.signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(bad("signature must be ECDSA with SHA-256"));
+    }
+    Ok(())
 }
 
 fn random_serial() -> SerialNumber {
@@ -258,6 +289,37 @@ mod tests {
         }
         let (_k, csr) = generate_key_and_csr().unwrap();
         assert!(ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).is_ok());
+    }
+
+    /// A well-formed CSR for a P-384 key, signed by that key with
+    /// ecdsa-with-SHA256 — the signature algorithm a P-256 CSR names (made with
+    /// `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -sha256`;
+    /// the key was thrown away).
+    const P384_CSR_SIGNED_WITH_SHA256: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIIBBzCBjgIBADAPMQ0wCwYDVQQDDARldmlsMHYwEAYHKoZIzj0CAQYFK4EEACID\n\
+YgAELWNCHazyOwJQ5m9DNDpzsMM/wq4KLRbRVVuNjqdl2iEHUfTnFUV+uH+8QKmc\n\
+odBpu65A2gMulsGUjwiqhm2g8TLxIoGLQ/N5BTBQgeQGOoli44uIwWsaCQSMM1UH\n\
+IZFaoAAwCgYIKoZIzj0EAwIDaAAwZQIxAM0qx6iA+iw70gGDAfOKoSWIfW2g2ums\n\
+u91NGulPlnXhE4+E4fHmtcFIwXHxO6WdmQIwWpE3Gi+S8xBa40B3gHSGMkKdsREj\n\
+jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+
+    #[test]
+    fn invariant_8_a_csr_for_a_key_that_is_not_p256_is_refused() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let csr = P384_CSR_SIGNED_WITH_SHA256;
+        // The CSR itself is valid: its signature verifies.
+        let parsed = CertificateSigningRequestParams::from_pem(csr).expect("a valid CSR");
+        assert_eq!(parsed.public_key.algorithm(), &PKCS_ECDSA_P256_SHA256, "rcgen names the key by its signature");
+        let err = ca.sign_node(csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap_err();
+        assert!(err.to_string().contains("P-256"), "{err}");
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+            assert!(ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).is_err());
+        }
     }
 
     #[test]
