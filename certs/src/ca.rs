@@ -28,20 +28,30 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// How long node certificates live.
 ///
 /// # Defaults
-/// 24 hours; at least 30 seconds.
+/// 24 hours; at least 30 seconds, at most 10 years (the root's own lifetime).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertValidity(Duration);
 
 impl CertValidity {
     /// The shortest lifetime accepted.
     pub const MIN: Duration = Duration::from_secs(30);
+    /// The longest lifetime accepted: the root CA's. (Unbounded, `now + d`
+    /// overflowed and the signer panicked.)
+    pub const MAX: Duration = ROOT_VALIDITY;
     /// The default lifetime.
     pub const DEFAULT: CertValidity = CertValidity(Duration::from_secs(24 * 3600));
 
-    /// A lifetime, refused below [`CertValidity::MIN`].
+    /// A lifetime, refused below [`CertValidity::MIN`] and above [`CertValidity::MAX`].
     pub fn new(d: Duration) -> Result<Self, String> {
         if d < Self::MIN {
             return Err(format!("certificate expiry {}s is below the minimum of 30s", d.as_secs()));
+        }
+        if d > Self::MAX {
+            return Err(format!(
+                "certificate expiry {}s is above the maximum of {} days",
+                d.as_secs(),
+                Self::MAX.as_secs() / 86400
+            ));
         }
         Ok(Self(d))
     }
@@ -204,7 +214,12 @@ impl RootCa {
         params.serial_number = Some(serial);
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + validity.duration();
+        // `validity` may come from a file or the store rather than `new`.
+        params.not_after = ::time::Duration::try_from(validity.duration())
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .filter(|_| validity.duration() <= CertValidity::MAX)
+            .ok_or(CertError::InvalidLifetime { secs: validity.duration().as_secs() })?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
@@ -320,6 +335,25 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
             let csr = CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
             assert!(ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).is_err());
         }
+    }
+
+    #[test]
+    fn invariant_8_a_huge_certificate_lifetime_is_refused_not_a_panic() {
+        for huge in [u64::MAX, u64::MAX / 1000, 1 << 40, 11 * 365 * 86400] {
+            assert!(CertValidity::new(Duration::from_secs(huge)).is_err(), "{huge}s accepted");
+        }
+        assert!("9999999999999d".parse::<CertValidity>().is_err());
+        assert!("300000h".parse::<CertValidity>().is_err());
+        // The longest lifetime accepted still signs.
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let (_k, csr) = generate_key_and_csr().unwrap();
+        let longest = CertValidity::new(Duration::from_secs(10 * 365 * 86400)).unwrap();
+        let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, longest).unwrap();
+        assert!(issued.not_after > OffsetDateTime::now_utc().unix_timestamp() + 9 * 365 * 86400);
+        // A lifetime that bypassed `new` (deserialized) is refused by the signer, not a panic.
+        let forged: CertValidity = serde_json::from_str(&format!("{{\"secs\":{},\"nanos\":0}}", u64::MAX)).unwrap();
+        let err = ca.sign_node(&csr, &NodeId::random(), Role::Worker, forged).unwrap_err();
+        assert!(err.to_string().contains("lifetime"), "{err}");
     }
 
     #[test]
