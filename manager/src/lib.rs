@@ -29,6 +29,7 @@ mod rotation;
 mod scheduler;
 mod secret_store;
 mod service_api;
+mod validate;
 pub mod services;
 pub mod state;
 mod store;
