@@ -80,7 +80,7 @@ impl Wal {
         Self::open_with(dir, SEGMENT_BYTES, purged)
     }
 
-    fn open_with(dir: &Path, segment_bytes: u64, purged: Option<u64>) -> io::Result<Self> {
+    pub(super) fn open_with(dir: &Path, segment_bytes: u64, purged: Option<u64>) -> io::Result<Self> {
         // Private to the node: the directory 0700, every segment 0600.
         swarmd_certs::create_private_dir(dir).map_err(io::Error::other)?;
         let mut firsts: Vec<u64> = Vec::new();
