@@ -371,6 +371,34 @@ mod tests {
     }
 
     #[test]
+    fn invariant_8_a_4_gib_length_prefix_is_refused_not_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open_with(dir.path(), 1, None).unwrap();
+        w.append((1..=2).map(entry)).unwrap();
+        drop(w);
+        // A record claiming u32::MAX bytes, with a few behind it.
+        let mut garbage = u32::MAX.to_le_bytes().to_vec();
+        garbage.extend_from_slice(&[0; 12]);
+        let last = dir.path().join(segment_name(2));
+        let mut bytes = fs::read(&last).unwrap();
+        let good = bytes.len();
+        bytes.extend_from_slice(&garbage);
+        fs::write(&last, &bytes).unwrap();
+        // At the end of the last segment: a torn write, cut off.
+        let w = Wal::open(dir.path(), None).unwrap();
+        assert_eq!(indexes(&w), vec![1, 2]);
+        assert_eq!(fs::metadata(&last).unwrap().len(), good as u64);
+        drop(w);
+        // Anywhere else: corruption, refused with the reason.
+        let first = dir.path().join(segment_name(1));
+        let mut bytes = fs::read(&first).unwrap();
+        bytes.splice(0..0, garbage);
+        fs::write(&first, bytes).unwrap();
+        let err = Wal::open(dir.path(), None).err().expect("a 4 GiB record was accepted");
+        assert!(err.to_string().contains("length out of range"), "{err}");
+    }
+
+    #[test]
     fn entries_a_snapshot_install_purged_from_the_active_segment_are_skipped() {
         // A follower with entries 1-3 installs a snapshot up to 100: they are
         // purged, but their segment is the active one and stays, and 101-102
