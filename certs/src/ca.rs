@@ -14,6 +14,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateSigningRequestDer;
 use zeroize::Zeroizing;
 
 use crate::{ca_digest, CertError, ClusterId, NodeId, Role};
@@ -26,20 +28,30 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// How long node certificates live.
 ///
 /// # Defaults
-/// 24 hours; at least 30 seconds.
+/// 24 hours; at least 30 seconds, at most 10 years (the root's own lifetime).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertValidity(Duration);
 
 impl CertValidity {
     /// The shortest lifetime accepted.
     pub const MIN: Duration = Duration::from_secs(30);
+    /// The longest lifetime accepted: the root CA's. (Unbounded, `now + d`
+    /// overflowed and the signer panicked.)
+    pub const MAX: Duration = ROOT_VALIDITY;
     /// The default lifetime.
     pub const DEFAULT: CertValidity = CertValidity(Duration::from_secs(24 * 3600));
 
-    /// A lifetime, refused below [`CertValidity::MIN`].
+    /// A lifetime, refused below [`CertValidity::MIN`] and above [`CertValidity::MAX`].
     pub fn new(d: Duration) -> Result<Self, String> {
         if d < Self::MIN {
             return Err(format!("certificate expiry {}s is below the minimum of 30s", d.as_secs()));
+        }
+        if d > Self::MAX {
+            return Err(format!(
+                "certificate expiry {}s is above the maximum of {} days",
+                d.as_secs(),
+                Self::MAX.as_secs() / 86400
+            ));
         }
         Ok(Self(d))
     }
@@ -173,7 +185,11 @@ impl RootCa {
         if csr_pem.len() > 16 * 1024 {
             return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
         }
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        // One PEM parse, whose DER both checks below and rcgen read.
+        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| CertError::InvalidCsr { reason: format!("not a PEM certificate request: {e}") })?;
+        check_csr_key(&der)?;
+        let csr = CertificateSigningRequestParams::from_der(&der)
             .map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
@@ -198,10 +214,40 @@ impl RootCa {
         params.serial_number = Some(serial);
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + validity.duration();
+        // `validity` may come from a file or the store rather than `new`.
+        params.not_after = ::time::Duration::try_from(validity.duration())
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .filter(|_| validity.duration() <= CertValidity::MAX)
+            .ok_or(CertError::InvalidLifetime { secs: validity.duration().as_secs() })?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
+}
+
+/// Refuses a CSR unless its key is ECDSA P-256 (an uncompressed point) and it
+/// is signed with ECDSA-SHA256. rcgen names a CSR's key by the *signature*
+/// algorithm alone, so without this a P-384 key signed with SHA-256 passed as
+/// P-256 and got a certificate whose key no verifier could use.
+fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
+    use x509_parser::prelude::FromDer;
+
+    let bad = |reason: &str| CertError::InvalidCsr { reason: reason.into() };
+    let (_, req) = X509CertificationRequest::from_der(der).map_err(|e| bad(&e.to_string()))?;
+    let spki = &req.certification_request_info.subject_pki;
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY
+        || curve.as_ref() != Some(&OID_EC_P256)
+        || spki.subject_public_key.data.len() != 65
+    {
+        return Err(bad("key must be ECDSA P-256"));
+    }
+    if req.signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(bad("signature must be ECDSA with SHA-256"));
+    }
+    Ok(())
 }
 
 fn random_serial() -> SerialNumber {
@@ -258,6 +304,56 @@ mod tests {
         }
         let (_k, csr) = generate_key_and_csr().unwrap();
         assert!(ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).is_ok());
+    }
+
+    /// A well-formed CSR for a P-384 key, signed by that key with
+    /// ecdsa-with-SHA256 — the signature algorithm a P-256 CSR names (made with
+    /// `openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -sha256`;
+    /// the key was thrown away).
+    const P384_CSR_SIGNED_WITH_SHA256: &str = "\
+-----BEGIN CERTIFICATE REQUEST-----\n\
+MIIBBzCBjgIBADAPMQ0wCwYDVQQDDARldmlsMHYwEAYHKoZIzj0CAQYFK4EEACID\n\
+YgAELWNCHazyOwJQ5m9DNDpzsMM/wq4KLRbRVVuNjqdl2iEHUfTnFUV+uH+8QKmc\n\
+odBpu65A2gMulsGUjwiqhm2g8TLxIoGLQ/N5BTBQgeQGOoli44uIwWsaCQSMM1UH\n\
+IZFaoAAwCgYIKoZIzj0EAwIDaAAwZQIxAM0qx6iA+iw70gGDAfOKoSWIfW2g2ums\n\
+u91NGulPlnXhE4+E4fHmtcFIwXHxO6WdmQIwWpE3Gi+S8xBa40B3gHSGMkKdsREj\n\
+jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
+-----END CERTIFICATE REQUEST-----\n\
+";
+
+    #[test]
+    fn invariant_8_a_csr_for_a_key_that_is_not_p256_is_refused() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let csr = P384_CSR_SIGNED_WITH_SHA256;
+        // The CSR itself is valid: its signature verifies.
+        let parsed = CertificateSigningRequestParams::from_pem(csr).expect("a valid CSR");
+        assert_eq!(parsed.public_key.algorithm(), &PKCS_ECDSA_P256_SHA256, "rcgen names the key by its signature");
+        let err = ca.sign_node(csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap_err();
+        assert!(err.to_string().contains("P-256"), "{err}");
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+            assert!(ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).is_err());
+        }
+    }
+
+    #[test]
+    fn invariant_8_a_huge_certificate_lifetime_is_refused_not_a_panic() {
+        for huge in [u64::MAX, u64::MAX / 1000, 1 << 40, 11 * 365 * 86400] {
+            assert!(CertValidity::new(Duration::from_secs(huge)).is_err(), "{huge}s accepted");
+        }
+        assert!("9999999999999d".parse::<CertValidity>().is_err());
+        assert!("300000h".parse::<CertValidity>().is_err());
+        // The longest lifetime accepted still signs.
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let (_k, csr) = generate_key_and_csr().unwrap();
+        let longest = CertValidity::new(Duration::from_secs(10 * 365 * 86400)).unwrap();
+        let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, longest).unwrap();
+        assert!(issued.not_after > OffsetDateTime::now_utc().unix_timestamp() + 9 * 365 * 86400);
+        // A lifetime that bypassed `new` (deserialized) is refused by the signer, not a panic.
+        let forged: CertValidity = serde_json::from_str(&format!("{{\"secs\":{},\"nanos\":0}}", u64::MAX)).unwrap();
+        let err = ca.sign_node(&csr, &NodeId::random(), Role::Worker, forged).unwrap_err();
+        assert!(err.to_string().contains("lifetime"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,10 @@ pub enum CertError {
     /// The CSR could not be parsed, its signature is wrong, or its key is not ECDSA P-256.
     #[error("invalid certificate signing request: {reason}")]
     InvalidCsr { reason: String },
+    /// A certificate lifetime the signer cannot represent (beyond
+    /// [`crate::CertValidity::MAX`]).
+    #[error("certificate lifetime of {secs}s is out of range (at most 10 years)")]
+    InvalidLifetime { secs: u64 },
     /// A PEM certificate could not be parsed.
     #[error("invalid certificate: {reason}")]
     InvalidCertificate { reason: String },

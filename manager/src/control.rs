@@ -17,7 +17,7 @@ use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
 use crate::dispatcher::Dispatcher;
 use crate::keys::{purpose, UnlockKey};
-use crate::state::{check_label, AdminCertRecord, Availability, Command, NodeRecord, NodeStatus};
+use crate::state::{AdminCertRecord, Command, NodeRecord, NodeStatus};
 use crate::store::Peers;
 use crate::store::Store;
 use openraft::ChangeMembers;
@@ -36,13 +36,11 @@ use swarmd_proto::control::{
 
 use crate::secret_store;
 use crate::service_api;
+use crate::validate;
 use swarmd_proto::control::{
     CreateServiceRequest, GetServiceRequest, ListServicesRequest, ListServicesResponse, LogLine, RemoveServiceResponse,
     Service, ServiceLogsRequest, ServiceLogsResponse, ServiceTasksResponse, UpdateServiceRequest,
 };
-
-/// Longest life of an admin certificate.
-const MAX_ADMIN_CERT: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
 
 /// The control API.
 pub struct ControlService {
@@ -88,28 +86,7 @@ impl ControlService {
     }
 
     fn find(&self, key: &str) -> Result<NodeRecord, Status> {
-        let key = key.trim();
-        if key.is_empty() {
-            return Err(Status::invalid_argument("node ID must not be empty"));
-        }
-        if let Ok(id) = key.parse::<NodeId>() {
-            if let Some(n) = self.store.view().node(&id).map_err(internal)? {
-                return Ok(n);
-            }
-        }
-        let mut matches: Vec<_> = self
-            .store
-            .view()
-            .nodes()
-            .map_err(internal)?
-            .into_iter()
-            .filter(|n| n.id.as_str().starts_with(key) || n.hostname == key)
-            .collect();
-        match matches.len() {
-            0 => Err(Status::not_found(format!("no node {key:?}"))),
-            1 => Ok(matches.remove(0)),
-            k => Err(Status::invalid_argument(format!("{key:?} matches {k} nodes; give more of the ID"))),
-        }
+        validate::find_node(self.store.view(), key)
     }
 
     fn to_wire(&self, n: NodeRecord) -> Node {
@@ -269,17 +246,7 @@ impl control_server::Control for ControlService {
         }
         let s = self.secrets.get()?;
         let r = req.get_ref();
-        let validity = match r.validity_secs {
-            0 => s.validity,
-            secs if secs > MAX_ADMIN_CERT.as_secs() => {
-                return Err(Status::invalid_argument(format!(
-                    "admin certificates live at most {} days",
-                    MAX_ADMIN_CERT.as_secs() / 86400
-                )))
-            }
-            secs => swarmd_certs::CertValidity::new(std::time::Duration::from_secs(secs))
-                .map_err(Status::invalid_argument)?,
-        };
+        let validity = validate::validate_issue_admin_certificate(r, s.validity)?;
         let id = NodeId::random();
         let issued =
             s.ca.sign_node(&r.csr_pem, &id, Role::Admin, validity)
@@ -331,8 +298,7 @@ impl control_server::Control for ControlService {
         req: Request<RevokeAdminCertificateRequest>,
     ) -> Result<Response<AdminCertificate>, Status> {
         self.auth.require_admin(&req)?;
-        let serial = req.get_ref().serial.trim().to_ascii_lowercase();
-        crate::state::check_serial(&serial).map_err(Status::invalid_argument)?;
+        let serial = validate::validate_revoke_admin_certificate(req.get_ref())?;
         let at = crate::ca_service::now_unix();
         self.store.propose(Command::RevokeAdminCert { serial: serial.clone(), at }).await?;
         tracing::warn!(serial = %serial, "admin certificate revoked");
@@ -461,35 +427,18 @@ impl control_server::Control for ControlService {
     /// INVALID_ARGUMENT for a bad availability or label key; UNAVAILABLE without quorum.
     async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<Node>, Status> {
         self.auth.require_admin(&req)?;
-        let r = req.into_inner();
-        let n = self.find(&r.id_or_prefix)?;
-        let availability = match r.availability.as_str() {
-            "" => None,
-            a => Some(a.parse::<Availability>().map_err(Status::invalid_argument)?),
-        };
-        for (k, v) in &r.labels_add {
-            check_label(k, v).map_err(Status::invalid_argument)?;
-        }
-        let cmd = Command::UpdateNode {
-            node: n.id.clone(),
-            availability,
-            labels_add: r.labels_add.into_iter().collect(),
-            labels_rm: r.labels_rm,
-        };
+        let cmd = validate::validate_update_node(self.store.view(), req.get_ref())?;
+        let Command::UpdateNode { node, .. } = &cmd else { unreachable!("validate_update_node makes an UpdateNode") };
+        let id = node.clone();
         self.store.propose(cmd).await?;
-        let n =
-            self.store.view().node(&n.id).map_err(internal)?.ok_or_else(|| Status::not_found("node was removed"))?;
-        Ok(Response::new(self.to_wire(n)))
+        self.reply(&id)
     }
 
     /// Administrator only. FAILED_PRECONDITION if the node is already a manager.
     /// The worker turns itself into a manager when it next heartbeats.
     async fn promote_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         self.auth.require_admin(&req)?;
-        let n = self.find(&req.get_ref().id_or_prefix)?;
-        if n.role == Role::Manager {
-            return Err(Status::failed_precondition(format!("node {} is already a manager", n.id)));
-        }
+        let n = validate::validate_promote(self.store.view(), &req.get_ref().id_or_prefix)?;
         self.store.propose(Command::SetRole { node: n.id.clone(), role: Role::Manager }).await?;
         tracing::info!(node.id = %n.id, "node promoted to manager");
         self.reply(&n.id)
@@ -500,10 +449,7 @@ impl control_server::Control for ControlService {
     /// have a reachable majority.
     async fn demote_node(&self, req: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         self.auth.require_admin(&req)?;
-        let n = self.find(&req.get_ref().id_or_prefix)?;
-        if n.role != Role::Manager {
-            return Err(Status::failed_precondition(format!("node {} is not a manager", n.id)));
-        }
+        let n = validate::validate_demote(self.store.view(), &req.get_ref().id_or_prefix)?;
         if let Some(mut leader) = self.leader_client()? {
             return leader.demote_node(GetNodeRequest { id_or_prefix: n.id.to_string() }).await;
         }
@@ -548,19 +494,7 @@ impl control_server::Control for ControlService {
     /// certificate is refused from then on.
     async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         self.auth.require_admin(&req)?;
-        let n = self.find(&req.get_ref().id_or_prefix)?;
-        if n.role == Role::Manager && n.raft_id.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "node {} is a manager and a raft member: demote it first (secretctl node demote {})",
-                n.id, n.id
-            )));
-        }
-        if n.status == NodeStatus::Ready && !req.get_ref().force {
-            return Err(Status::failed_precondition(format!(
-                "node {} is ready: stop it first, or remove it anyway with --force",
-                n.id
-            )));
-        }
+        let n = validate::validate_remove_node(self.store.view(), req.get_ref())?;
         let deny_until = crate::membership::deny_until(&n, &self.secrets)?;
         self.store.propose(Command::RemoveNodes { nodes: vec![n.id.clone()], deny_until }).await?;
         tracing::info!(node.id = %n.id, "node removed");
@@ -595,8 +529,7 @@ impl control_server::Control for ControlService {
         req: Request<GetJoinTokenRequest>,
     ) -> Result<Response<GetJoinTokenResponse>, Status> {
         self.auth.require_admin(&req)?;
-        let role: Role =
-            req.get_ref().role.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+        let role = validate::validate_get_join_token(req.get_ref())?;
         if req.get_ref().rotate {
             let secrets = self.secrets.get()?;
             let fresh = JoinToken::generate(secrets.ca.digest());

@@ -33,6 +33,18 @@ mod service_api;
 pub mod services;
 pub mod state;
 mod store;
+mod validate;
+
+/// Entry points for the cargo-fuzz targets in `fuzz/` (feature `fuzzing`,
+/// off by default): raft storage helpers and every Control request's
+/// validation. Not an API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::raft::fuzzing::*;
+    pub use crate::secret_store::{find as find_secret, list as list_secrets};
+    pub use crate::service_api::{find as find_service, tasks as service_tasks};
+    pub use crate::validate::*;
+}
 
 pub use auth::{Authorizer, Caller, ConnInfo};
 pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};

@@ -4,8 +4,6 @@
 //! as associated data; only ciphertext is proposed to raft. No function here
 //! returns a value.
 
-use std::collections::BTreeMap;
-
 use swarmd_certs::SecretId;
 use swarmd_proto::control::{
     CreateSecretRequest, ListSecretsRequest, Secret, SecretCheck, SecretVersion as WireVersion, UpdateSecretRequest,
@@ -16,9 +14,7 @@ use zeroize::Zeroizing;
 use crate::ca_service::now_unix;
 use crate::cluster::SecretsCache;
 use crate::keys::purpose;
-use crate::state::{
-    check_label, check_secret_name, check_secret_size, Command, SecretRecord, StateView, STALE_DATA_KEY,
-};
+use crate::state::{Command, SecretRecord, StateView, STALE_DATA_KEY};
 use crate::store::{Store, StoreError};
 
 /// How often a write is re-sealed and retried when a key rotation or a
@@ -79,7 +75,7 @@ pub(crate) fn resolve<T>(
 }
 
 /// The secret `key` names: an ID, a name, or a unique ID prefix (as Docker).
-pub(crate) fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> {
+pub fn find(view: &StateView, key: &str) -> Result<SecretRecord, Status> {
     resolve(
         "secret",
         key,
@@ -131,31 +127,24 @@ pub(crate) async fn create(
     secrets: &SecretsCache,
     mut req: CreateSecretRequest,
 ) -> Result<Secret, Status> {
+    let validated = crate::validate::validate_create_secret(store.view(), &req);
     let value = take_value(&mut req.data);
-    check_secret_name(&req.name).map_err(Status::invalid_argument)?;
-    check_secret_size(value.len()).map_err(Status::invalid_argument)?;
-    for (k, v) in &req.labels {
-        check_label(k, v).map_err(Status::invalid_argument)?;
-    }
-    if let Some(id) = store.view().secret_id_by_name(&req.name).map_err(internal)? {
-        return Err(Status::already_exists(format!("secret name {:?} is already in use by secret {id}", req.name)));
-    }
+    let (name, labels) = validated?;
     let cid = cluster_id(secrets)?;
     let id = SecretId::random();
-    let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
     let mut last = None;
     for _ in 0..RETRIES {
         let data = seal_active(secrets, &purpose::secret(&cid, id.as_str(), 1), &value).await?;
         let cmd = Command::CreateSecret {
             id: id.clone(),
-            name: req.name.clone(),
+            name: name.clone(),
             labels: labels.clone(),
             created_at: now_unix(),
             data,
         };
         match store.propose(cmd).await {
             Ok(()) => {
-                tracing::info!(secret.id = %id, secret.name = %req.name, "secret created");
+                tracing::info!(secret.id = %id, secret.name = %name, "secret created");
                 let r = store
                     .view()
                     .secret(&id)
@@ -179,8 +168,9 @@ pub(crate) async fn update(
     secrets: &SecretsCache,
     mut req: UpdateSecretRequest,
 ) -> Result<Secret, Status> {
+    let validated = crate::validate::validate_update_secret(store.view(), &req);
     let value = take_value(&mut req.data);
-    check_secret_size(value.len()).map_err(Status::invalid_argument)?;
+    validated?;
     let cid = cluster_id(secrets)?;
     let mut last = String::new();
     for _ in 0..RETRIES {
@@ -206,7 +196,7 @@ pub(crate) async fn update(
 }
 
 /// Secrets matching every label filter (`K` or `K=V`) and the name prefix.
-pub(crate) fn list(view: &StateView, req: &ListSecretsRequest) -> Result<Vec<Secret>, Status> {
+pub fn list(view: &StateView, req: &ListSecretsRequest) -> Result<Vec<Secret>, Status> {
     let filters: Vec<(String, Option<String>)> = req
         .label_filters
         .iter()

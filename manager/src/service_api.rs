@@ -6,9 +6,7 @@ use swarmd_proto::control::{CreateServiceRequest, Service, ServiceTask, UpdateSe
 use tonic::Status;
 
 use crate::ca_service::now_unix;
-use crate::services::{
-    check_service_name, check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState, Userns,
-};
+use crate::services::{check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState, Userns};
 use crate::state::{Command, StateView};
 use crate::store::Store;
 
@@ -97,7 +95,7 @@ fn parse_user(u: &str) -> Result<Option<(u32, u32)>, Status> {
 }
 
 /// The spec a create request describes, or why it is refused.
-fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, Status> {
+pub(crate) fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, Status> {
     if r.privileged {
         return Err(Status::permission_denied(
             "--privileged: privileged containers are not allowed in this cluster (no cluster policy allows them yet)",
@@ -143,7 +141,7 @@ fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<ServiceSpec, St
 }
 
 /// The service `key` names: ID, name or unique ID prefix.
-pub(crate) fn find(view: &StateView, key: &str) -> Result<ServiceRecord, Status> {
+pub fn find(view: &StateView, key: &str) -> Result<ServiceRecord, Status> {
     crate::secret_store::resolve(
         "service",
         key,
@@ -202,20 +200,9 @@ pub(crate) fn to_wire(s: ServiceRecord, running: u32) -> Service {
 
 /// Creates a service.
 pub(crate) async fn create(store: &Store, r: CreateServiceRequest) -> Result<Service, Status> {
-    check_service_name(&r.name).map_err(Status::invalid_argument)?;
-    if let Some(id) = store.view().service_id_by_name(&r.name).map_err(internal)? {
-        return Err(Status::already_exists(format!("service name {:?} is already in use by service {id}", r.name)));
-    }
-    let spec = spec_of(store.view(), &r)?;
+    let (name, spec) = crate::validate::validate_create_service(store.view(), &r)?;
     let now = now_unix();
-    let rec = ServiceRecord {
-        id: ServiceId::random(),
-        name: r.name.clone(),
-        spec,
-        version: 1,
-        created_at: now,
-        updated_at: now,
-    };
+    let rec = ServiceRecord { id: ServiceId::random(), name, spec, version: 1, created_at: now, updated_at: now };
     let id = rec.id.clone();
     store.propose(Command::CreateService(Box::new(rec))).await?;
     tracing::info!(service.id = %id, service.name = %r.name, "service created");
@@ -225,24 +212,7 @@ pub(crate) async fn create(store: &Store, r: CreateServiceRequest) -> Result<Ser
 
 /// Adds or removes secret references, or changes the replica count.
 pub(crate) async fn update(store: &Store, r: UpdateServiceRequest) -> Result<Service, Status> {
-    let cur = find(store.view(), &r.name_or_id)?;
-    let mut spec = cur.spec.clone();
-    for rm in &r.secret_rm {
-        let before = spec.secrets.len();
-        spec.secrets.retain(|s| s.name != *rm && s.secret.as_str() != rm && s.target != *rm);
-        if spec.secrets.len() == before {
-            return Err(Status::invalid_argument(format!("--secret-rm {rm:?}: the service does not use it")));
-        }
-    }
-    for add in &r.secret_add {
-        let new = parse_secret_ref(store.view(), add)?;
-        spec.secrets.retain(|s| s.secret != new.secret);
-        spec.secrets.push(new);
-    }
-    if let Some(n) = r.replicas {
-        spec.replicas = n;
-    }
-    check_spec(&spec).map_err(Status::invalid_argument)?;
+    let (cur, spec) = crate::validate::validate_update_service(store.view(), &r)?;
     let cmd = Command::UpdateService {
         id: cur.id.clone(),
         spec: Box::new(spec),
@@ -257,7 +227,7 @@ pub(crate) async fn update(store: &Store, r: UpdateServiceRequest) -> Result<Ser
 }
 
 /// The service's tasks, newest first within each slot.
-pub(crate) fn tasks(view: &StateView, key: &str) -> Result<Vec<ServiceTask>, Status> {
+pub fn tasks(view: &StateView, key: &str) -> Result<Vec<ServiceTask>, Status> {
     let svc = find(view, key)?;
     let mut ts: Vec<_> = view.tasks().map_err(internal)?.into_iter().filter(|t| t.service == svc.id).collect();
     ts.sort_by(|a, b| a.slot.cmp(&b.slot).then(b.created_at.cmp(&a.created_at)));

@@ -68,11 +68,14 @@ impl LogStore {
     /// Opens the log in `dir/wal` and its markers in `db`.
     pub(super) fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
         let meta = db.open_tree("raft_meta")?;
-        let mut wal = Wal::open(&dir.join("wal")).map_err(sled::Error::Io)?;
+        let purged = match meta.get(PURGED)? {
+            Some(v) => Some(decode::<LogId<u64>>(&v).map_err(|e| sled::Error::Unsupported(e.to_string()))?.index),
+            None => None,
+        };
+        let mut wal = Wal::open(&dir.join("wal"), purged).map_err(sled::Error::Io)?;
         // A crash between recording a purge and deleting its files leaves them.
-        if let Some(v) = meta.get(PURGED)? {
-            let purged: LogId<u64> = decode(&v).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
-            wal.purge(purged.index).map_err(sled::Error::Io)?;
+        if let Some(index) = purged {
+            wal.purge(index).map_err(sled::Error::Io)?;
         }
         let wal = Arc::new(Mutex::new(wal));
         let (flusher, rx) = std::sync::mpsc::channel();

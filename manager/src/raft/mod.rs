@@ -10,6 +10,8 @@
 //! the background and before the log is purged; after a crash openraft
 //! applies again whatever it lost, from the log.
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod leader_watch;
 mod log_store;
 mod network;

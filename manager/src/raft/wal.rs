@@ -9,8 +9,13 @@
 //!
 //! Recovery reads every segment: a record cut short or failing its CRC at the
 //! end of the last segment is a write torn by a crash and is cut off; anywhere
-//! else it is corruption and opening fails. Entries are located through an
-//! in-memory index (index → segment, offset) and read back with `pread`.
+//! else it is corruption and opening fails. So is a gap: the entries after the
+//! purged index must follow one another (a missing segment or record is no
+//! crash's doing, and raft would take the log for complete). Entries up to the
+//! purged index are skipped: the active segment is never deleted, so after a
+//! snapshot install it may still hold entries far below the ones appended
+//! since. Entries are located through an in-memory index (index → segment,
+//! offset) and read back with `pread`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -69,12 +74,13 @@ fn segment_name(first: u64) -> String {
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir`, recovering as described above.
-    pub(super) fn open(dir: &Path) -> io::Result<Self> {
-        Self::open_with(dir, SEGMENT_BYTES)
+    /// Opens (or creates) the log in `dir`, recovering as described above;
+    /// `purged` is the index of the last entry purged, if any.
+    pub(super) fn open(dir: &Path, purged: Option<u64>) -> io::Result<Self> {
+        Self::open_with(dir, SEGMENT_BYTES, purged)
     }
 
-    fn open_with(dir: &Path, segment_bytes: u64) -> io::Result<Self> {
+    pub(super) fn open_with(dir: &Path, segment_bytes: u64, purged: Option<u64>) -> io::Result<Self> {
         // Private to the node: the directory 0700, every segment 0600.
         swarmd_certs::create_private_dir(dir).map_err(io::Error::other)?;
         let mut firsts: Vec<u64> = Vec::new();
@@ -98,13 +104,30 @@ impl Wal {
                 match read_record(&bytes, at) {
                     Ok((entry, len)) => {
                         let log_id = entry.log_id;
+                        let loc = Loc { log_id, segment: *first, offset: at, len };
+                        at += HEADER + len as u64;
+                        if purged.is_some_and(|p| log_id.index <= p) {
+                            continue;
+                        }
+                        // The entry that must come next, if one is known.
+                        let next = match wal.entries.last_key_value() {
+                            Some((last, _)) => Some(last + 1),
+                            None => purged.map(|p| p + 1),
+                        };
+                        if next.is_some_and(|n| log_id.index > n) {
+                            let why = format!(
+                                "entry {} where entry {} was expected: a gap in the log",
+                                log_id.index,
+                                next.unwrap_or_default()
+                            );
+                            return Err(corrupt(&path, loc.offset, &why));
+                        }
                         // A rewrite after a truncation may leave older segments
                         // holding entries a later segment replaced: the later wins.
                         if wal.entries.last_key_value().is_some_and(|(last, _)| *last >= log_id.index) {
                             wal.entries.split_off(&log_id.index);
                         }
-                        wal.entries.insert(log_id.index, Loc { log_id, segment: *first, offset: at, len });
-                        at += HEADER + len as u64;
+                        wal.entries.insert(log_id.index, loc);
                     }
                     Err(why) if last_segment => {
                         tracing::warn!(path = %path.display(), offset = at, why, "cutting off a torn raft log record");
@@ -276,13 +299,13 @@ mod tests {
     #[test]
     fn entries_survive_reopening_across_segments_and_purge_deletes_whole_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Wal::open_with(dir.path(), 100).unwrap();
+        let mut w = Wal::open_with(dir.path(), 100, None).unwrap();
         w.append((1..=20).map(entry)).unwrap();
         w.append((21..=40).map(entry)).unwrap();
         let files = segment_files(dir.path());
         assert!(files > 2, "no new segments started: {files}");
         drop(w);
-        let mut w = Wal::open_with(dir.path(), 100).unwrap();
+        let mut w = Wal::open_with(dir.path(), 100, None).unwrap();
         assert_eq!(indexes(&w), (1..=40).collect::<Vec<_>>());
         w.purge(30).unwrap();
         assert_eq!(indexes(&w), (31..=40).collect::<Vec<_>>());
@@ -290,7 +313,7 @@ mod tests {
         w.truncate(35).unwrap();
         w.append((35..=36).map(entry)).unwrap();
         drop(w);
-        let w = Wal::open_with(dir.path(), 100).unwrap();
+        let w = Wal::open_with(dir.path(), 100, None).unwrap();
         assert_eq!(indexes(&w).last(), Some(&36));
         assert_eq!(w.last().unwrap().index, 36);
     }
@@ -301,13 +324,13 @@ mod tests {
         let wal = dir.path().join("wal");
         fs::create_dir(&wal).unwrap();
         fs::set_permissions(&wal, fs::Permissions::from_mode(0o755)).unwrap();
-        let mut w = Wal::open_with(&wal, 100).unwrap();
+        let mut w = Wal::open_with(&wal, 100, None).unwrap();
         w.append((1..=20).map(entry)).unwrap();
         drop(w);
         // A segment left wider by an older version is narrowed on open.
         let first = fs::read_dir(&wal).unwrap().next().unwrap().unwrap().path();
         fs::set_permissions(&first, fs::Permissions::from_mode(0o644)).unwrap();
-        drop(Wal::open_with(&wal, 100).unwrap());
+        drop(Wal::open_with(&wal, 100, None).unwrap());
         assert_eq!(fs::metadata(&wal).unwrap().permissions().mode() & 0o7777, 0o700);
         for e in fs::read_dir(&wal).unwrap() {
             let p = e.unwrap().path();
@@ -316,29 +339,104 @@ mod tests {
     }
 
     #[test]
+    fn invariant_8_recovery_refuses_a_gap_in_the_log() {
+        // Entries 1-3 and 5-6: an entry is missing, which no crash explains.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open_with(dir.path(), 1 << 20, None).unwrap();
+        w.append((1..=3).map(entry)).unwrap();
+        w.append((5..=6).map(entry)).unwrap();
+        drop(w);
+        let err = Wal::open(dir.path(), None).err().expect("a log with a gap was accepted");
+        assert!(err.to_string().contains("gap"), "{err}");
+
+        // A segment deleted from the middle of the log.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open_with(dir.path(), 1, None).unwrap();
+        w.append((1..=5).map(entry)).unwrap();
+        drop(w);
+        fs::remove_file(dir.path().join(segment_name(3))).unwrap();
+        let err = Wal::open(dir.path(), None).err().expect("a log missing a segment was accepted");
+        assert!(err.to_string().contains("gap"), "{err}");
+
+        // Below the purged index, a gap is what a purge leaves; above, it is not.
+        let w = Wal::open(dir.path(), Some(3)).unwrap();
+        assert_eq!(indexes(&w), vec![4, 5]);
+        drop(w);
+        assert!(Wal::open(dir.path(), Some(1)).is_err(), "entries 2-3 are missing, not purged");
+        // Deleting the first segments is a purge: what is left starts later.
+        fs::remove_file(dir.path().join(segment_name(1))).unwrap();
+        fs::remove_file(dir.path().join(segment_name(2))).unwrap();
+        let w = Wal::open(dir.path(), None).unwrap();
+        assert_eq!(indexes(&w), vec![4, 5]);
+    }
+
+    #[test]
+    fn invariant_8_a_4_gib_length_prefix_is_refused_not_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open_with(dir.path(), 1, None).unwrap();
+        w.append((1..=2).map(entry)).unwrap();
+        drop(w);
+        // A record claiming u32::MAX bytes, with a few behind it.
+        let mut garbage = u32::MAX.to_le_bytes().to_vec();
+        garbage.extend_from_slice(&[0; 12]);
+        let last = dir.path().join(segment_name(2));
+        let mut bytes = fs::read(&last).unwrap();
+        let good = bytes.len();
+        bytes.extend_from_slice(&garbage);
+        fs::write(&last, &bytes).unwrap();
+        // At the end of the last segment: a torn write, cut off.
+        let w = Wal::open(dir.path(), None).unwrap();
+        assert_eq!(indexes(&w), vec![1, 2]);
+        assert_eq!(fs::metadata(&last).unwrap().len(), good as u64);
+        drop(w);
+        // Anywhere else: corruption, refused with the reason.
+        let first = dir.path().join(segment_name(1));
+        let mut bytes = fs::read(&first).unwrap();
+        bytes.splice(0..0, garbage);
+        fs::write(&first, bytes).unwrap();
+        let err = Wal::open(dir.path(), None).err().expect("a 4 GiB record was accepted");
+        assert!(err.to_string().contains("length out of range"), "{err}");
+    }
+
+    #[test]
+    fn entries_a_snapshot_install_purged_from_the_active_segment_are_skipped() {
+        // A follower with entries 1-3 installs a snapshot up to 100: they are
+        // purged, but their segment is the active one and stays, and 101-102
+        // are appended to it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
+        w.append((1..=3).map(entry)).unwrap();
+        w.purge(100).unwrap();
+        w.append((101..=102).map(entry)).unwrap();
+        drop(w);
+        let w = Wal::open(dir.path(), Some(100)).unwrap();
+        assert_eq!(indexes(&w), vec![101, 102]);
+    }
+
+    #[test]
     fn a_torn_last_record_is_cut_off_and_corruption_elsewhere_refuses_to_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = Wal::open(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
         w.append((1..=3).map(entry)).unwrap();
         let path = w.active().path.clone();
         drop(w);
         // A crash in the middle of writing record 3.
         let len = fs::metadata(&path).unwrap().len();
         OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
-        let mut w = Wal::open(dir.path()).unwrap();
+        let mut w = Wal::open(dir.path(), None).unwrap();
         assert_eq!(indexes(&w), vec![1, 2]);
         w.append([entry(3)]).unwrap();
         assert_eq!(indexes(&w), vec![1, 2, 3]);
         drop(w);
 
         // A flipped byte in a segment that is not the last: refuse, say where.
-        let mut w = Wal::open_with(dir.path(), 1).unwrap();
+        let mut w = Wal::open_with(dir.path(), 1, None).unwrap();
         w.append([entry(4)]).unwrap();
         drop(w);
         let mut bytes = fs::read(&path).unwrap();
         bytes[HEADER as usize + 2] ^= 0xff;
         fs::write(&path, bytes).unwrap();
-        let err = Wal::open(dir.path()).err().expect("a corrupt segment was accepted");
+        let err = Wal::open(dir.path(), None).err().expect("a corrupt segment was accepted");
         assert!(err.to_string().contains("CRC"), "{err}");
     }
 }
