@@ -157,6 +157,7 @@ pub fn sample_commands() -> Vec<crate::state::Command> {
             pin: None,
         }],
         replicas: 2,
+        userns: Default::default(),
         constraints: vec![Constraint { key: ConstraintKey::Role, equal: true, value: "worker".into() }],
         memory: Some(64 << 20),
         pids: Some(64),
