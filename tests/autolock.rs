@@ -4,24 +4,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 
-fn unlock(data: &Path, key: &str) -> Output {
-    let mut child = Command::new(swarmd_bin())
-        .args(["unlock", "--data-dir", data.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(key.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+fn unlock(env: &Env, data: &Path, key: &str) -> Output {
+    env.swarmd_stdin(&["unlock", "--data-dir", data.to_str().unwrap()], key.as_bytes())
 }
 
 fn wait_locked(m: &Manager) {
@@ -70,19 +60,19 @@ fn an_autolocked_manager_restarts_locked_and_unlocks_with_its_key_only() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("locked"), "node ls while locked");
 
     // Wrong and malformed keys: refused, still locked.
-    let o = unlock(&m.data, &format!("SWDKEY-1-{}", "0".repeat(64)));
+    let o = unlock(&env, &m.data, &format!("SWDKEY-1-{}", "0".repeat(64)));
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("wrong unlock key"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = unlock(&m.data, "not-a-key");
+    let o = unlock(&env, &m.data, "not-a-key");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("SWDKEY-1-"));
     wait_locked(&m);
 
     // The right key: serving, with the secret intact.
-    let o = unlock(&m.data, &key);
+    let o = unlock(&env, &m.data, &key);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_serving(&m);
     m.ctl_ok(&["keys", "verify"]);
-    let o = unlock(&m.data, &key);
+    let o = unlock(&env, &m.data, &key);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not locked"), "unlocking a running manager");
 
     // Rotation: the new key unlocks, the old one no longer does.
@@ -94,9 +84,9 @@ fn an_autolocked_manager_restarts_locked_and_unlocks_with_its_key_only() {
     });
     restart(&mut env, &mut m);
     wait_locked(&m);
-    let o = unlock(&m.data, &key);
+    let o = unlock(&env, &m.data, &key);
     assert!(!o.status.success(), "the old unlock key still works");
-    let o = unlock(&m.data, &rotated);
+    let o = unlock(&env, &m.data, &rotated);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_serving(&m);
 
@@ -120,7 +110,7 @@ fn an_autolocked_manager_restarts_locked_and_unlocks_with_its_key_only() {
     wait_for("the KEK sealed again", Duration::from_secs(30), || (!m.data.join("keys/kek").exists()).then_some(()));
     restart(&mut env, &mut m);
     wait_locked(&m);
-    assert!(unlock(&m.data, &again).status.success());
+    assert!(unlock(&env, &m.data, &again).status.success());
     wait_serving(&m);
 
     // A manager that joins an autolocked cluster seals its own keys with the

@@ -250,12 +250,3 @@ async fn invariant_12_a_worker_certificate_cannot_make_a_manager_hold_undecoded_
     // The worker's own session went on.
     assert_eq!(m.node(&w.node_id()).unwrap()["status"], "ready");
 }
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}

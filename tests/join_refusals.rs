@@ -18,19 +18,15 @@ fn assert_refused(o: &Output, needle: &str) {
 
 /// `worker join` with the token on standard input, as README recommends.
 fn join(env: &Env, token: &str, remote: &str, dir: &str) -> Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let d = env.path(dir);
-    let mut child = Command::new(swarmd_bin())
-        .args(["worker", "join", "--remote", remote, "--data-dir", d.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child.stdin.take().unwrap().write_all(format!("{token}\n").as_bytes());
-    child.wait_with_output().unwrap()
+    env.swarmd_stdin(
+        &["worker", "join", "--remote", remote, "--data-dir", d.to_str().unwrap()],
+        format!(
+            "{token}
+"
+        )
+        .as_bytes(),
+    )
 }
 
 /// Replaces the character at `i` with another hex digit.

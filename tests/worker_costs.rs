@@ -230,12 +230,6 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
     assert!(held.len() <= (1 << 20) + 200_000, "{} bytes of output held for one task", held.len());
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn invariant_12_what_a_node_says_about_itself_steers_no_placement() {
     swarmd_certs::install_crypto_provider();

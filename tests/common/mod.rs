@@ -232,6 +232,22 @@ impl Env {
         self.procs.len() - 1
     }
 
+    /// Runs `swarmd ARGS` to completion with `input` on its standard input
+    /// (how tokens and unlock keys are given).
+    pub fn swarmd_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(swarmd_bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(input);
+        child.wait_with_output().unwrap()
+    }
+
     /// Runs `swarmd ARGS` to completion.
     pub fn swarmd(&self, args: &[&str]) -> Output {
         Command::new(swarmd_bin()).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().unwrap()
@@ -580,4 +596,14 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     }
     fs::write(dir.join("etc/passwd"), "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n").unwrap();
     dir.to_owned()
+}
+
+/// A process's resident set size, in KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
