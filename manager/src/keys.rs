@@ -54,6 +54,10 @@ pub enum KeyError {
 pub struct Sealed {
     key_id: u32,
     nonce: [u8; 24],
+    /// As bytes, not a sequence of numbers: the same bincode encoding, (de)coded
+    /// as one copy instead of byte by byte (a 500 KiB secret crosses raft,
+    /// the log and the state machine several times).
+    #[serde(with = "serde_bytes")]
     ciphertext: Vec<u8>,
 }
 
@@ -471,6 +475,23 @@ mod tests {
         let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
         f.read_exact_at(&mut buf, 0).unwrap();
         buf
+    }
+
+    #[test]
+    fn sealed_values_keep_the_log_format_of_a_byte_vector() {
+        // What the log and snapshots held before the ciphertext was (de)coded
+        // as bytes: existing entries must decode, and new ones read the same.
+        #[derive(Serialize, Deserialize)]
+        struct Before {
+            key_id: u32,
+            nonce: [u8; 24],
+            ciphertext: Vec<u8>,
+        }
+        let before = Before { key_id: 7, nonce: [9; 24], ciphertext: (0..=255u8).cycle().take(1000).collect() };
+        let old = bincode::serialize(&before).unwrap();
+        let sealed: Sealed = bincode::deserialize(&old).unwrap();
+        assert_eq!((sealed.key_id, sealed.nonce, &sealed.ciphertext), (7, [9; 24], &before.ciphertext));
+        assert_eq!(bincode::serialize(&sealed).unwrap(), old);
     }
 
     #[test]
