@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use swarmd_certs::dial::Standing;
 use swarmd_certs::tls::DenyList;
 use swarmd_certs::{generate_key_and_csr, NodeId, NodeIdentity, Role};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +65,10 @@ pub enum RunOutcome {
     Stopped,
     /// Demoted: apply the [`Demotion`] to the data dir, then run as a worker.
     Demoted(Box<Demotion>),
+    /// Removed from the cluster while it was down (its peers refuse its node
+    /// ID, not only its manager certificates): a `manager recover
+    /// --force-new-cluster` elsewhere dropped it. It cannot come back as it is.
+    Removed,
 }
 
 /// What a demoted manager becomes: a worker identity signed while it still
@@ -158,10 +163,11 @@ pub(crate) async fn watch_demotion(
     cfg: ManagerConfig,
     (mut applied, probe): (tokio::sync::watch::Receiver<u64>, Probe),
     stop: CancellationToken,
-    out: Arc<std::sync::Mutex<Option<Demotion>>>,
+    out: Arc<std::sync::Mutex<Option<RunOutcome>>>,
 ) {
     let me = cfg.node_id.clone();
     let mut leaderless = Leaderless::default();
+    let mut notice = LeaderlessNotice::default();
     loop {
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
@@ -173,19 +179,79 @@ pub(crate) async fn watch_demotion(
         // A manager demoted while it was down never learns it from raft: its
         // peers refuse its certificate. Without a leader for a while, it asks
         // them directly.
-        let has_leader = store.raft().metrics().borrow().current_leader.is_some();
-        let refused = leaderless.due(has_leader) && refused_by_a_peer(&store, &cfg, &probe).await;
+        let (has_leader, voters) = {
+            let m = store.raft().metrics();
+            let m = m.borrow();
+            (m.current_leader.is_some(), m.membership_config.membership().voter_ids().count())
+        };
+        notice.observe(has_leader, voters);
+        let identity = probe.identity.borrow().clone();
+        let refused =
+            leaderless.due(has_leader) && standing(&store, &cfg, &probe, &identity).await == Standing::Revoked;
         if !released && !refused {
             continue;
         }
-        match prepare_demotion(&store, &secrets, &cfg) {
-            Ok(d) => {
-                tracing::warn!("this manager was demoted: continuing as a worker");
-                *out.lock().expect("demotion lock") = Some(d);
-                stop.cancel();
-                return;
+        let d = match prepare_demotion(&store, &secrets, &cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prepare the demotion; retrying");
+                continue;
             }
-            Err(e) => tracing::error!(error = %e, "cannot prepare the demotion; retrying"),
+        };
+        if !released {
+            // A demotion refuses the node's manager certificates; a removal
+            // refuses the node itself. Ask again as the worker it would become.
+            match standing(&store, &cfg, &probe, &d.identity).await {
+                Standing::Accepted => {}
+                Standing::Revoked => {
+                    tracing::error!(
+                        "this manager was removed from the cluster while it was down (its peers refuse this node, \
+                         not only its manager certificate: a `manager recover --force-new-cluster` elsewhere \
+                         dropped it): wipe its data dir and join again with a manager token"
+                    );
+                    *out.lock().expect("demotion lock") = Some(RunOutcome::Removed);
+                    stop.cancel();
+                    return;
+                }
+                Standing::Unknown => continue,
+            }
+        }
+        tracing::warn!("this manager was demoted: continuing as a worker");
+        *out.lock().expect("demotion lock") = Some(RunOutcome::Demoted(Box::new(d)));
+        stop.cancel();
+        return;
+    }
+}
+
+/// Says once that a manager has no raft leader (after [`LEADERLESS_NOTICE`];
+/// it keeps waiting: a quorum may come back), and once that it found one again.
+#[derive(Default)]
+struct LeaderlessNotice {
+    since: Option<std::time::Instant>,
+    said: bool,
+}
+
+/// How long a manager goes without a leader before it says so.
+const LEADERLESS_NOTICE: Duration = Duration::from_secs(5);
+
+impl LeaderlessNotice {
+    fn observe(&mut self, has_leader: bool, voters: usize) {
+        if has_leader {
+            if self.said {
+                tracing::info!("a raft leader is elected again");
+            }
+            *self = Self::default();
+            return;
+        }
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        if !self.said && since.elapsed() >= LEADERLESS_NOTICE {
+            self.said = true;
+            tracing::warn!(
+                "no raft leader for {}s: a majority of the {voters} managers must be up and reachable from each \
+                 other; this manager keeps waiting (start the others, or on quorum loss run \
+                 `swarmd manager recover --force-new-cluster` on one of them)",
+                LEADERLESS_NOTICE.as_secs()
+            );
         }
     }
 }
@@ -234,24 +300,23 @@ pub(crate) struct Probe {
 /// manager's store and not on its deny-list: a stolen certificate of a
 /// manager demoted earlier, served from a peer's address, cannot talk a
 /// healthy manager out of its role.
-async fn refused_by_a_peer(store: &Store, cfg: &ManagerConfig, probe: &Probe) -> bool {
+async fn standing(store: &Store, cfg: &ManagerConfig, probe: &Probe, identity: &NodeIdentity) -> Standing {
     let view = store.view();
     let own = view.node(&cfg.node_id).ok().flatten().map(|n| n.addr);
-    let (Ok(addrs), Ok(managers)) = (view.manager_addrs(), view.managers()) else { return false };
+    let (Ok(addrs), Ok(managers)) = (view.manager_addrs(), view.managers()) else { return Standing::Unknown };
     let peers: std::collections::HashSet<NodeId> =
         managers.into_iter().filter(|m| m.raft_id.is_some() && m.id != cfg.node_id).map(|m| m.id).collect();
     if peers.is_empty() {
-        return false;
+        return Standing::Unknown;
     }
     let set = swarmd_certs::tls::ManagerSet::default();
     set.replace(peers);
     let checks = swarmd_certs::tls::ServerChecks { deny: Some(probe.deny.clone()), managers: Some(set) };
-    let identity = probe.identity.borrow().clone();
-    let client = match swarmd_certs::tls::client_config_checked(&identity, &checks) {
+    let client = match swarmd_certs::tls::client_config_checked(identity, &checks) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the configuration to ask peers about this manager's standing");
-            return false;
+            return Standing::Unknown;
         }
     };
     let mut probes = tokio::task::JoinSet::new();
@@ -259,13 +324,18 @@ async fn refused_by_a_peer(store: &Store, cfg: &ManagerConfig, probe: &Probe) ->
         let client = client.clone();
         probes.spawn(async move { (swarmd_certs::dial::probe_standing(&addr, client).await, addr) });
     }
+    let mut answer = Standing::Unknown;
     while let Some(done) = probes.join_next().await {
-        if let Ok((swarmd_certs::dial::Standing::Revoked, addr)) = done {
-            tracing::warn!(manager = %addr, "a manager refuses this manager's certificate as revoked: it was demoted");
-            return true;
+        match done {
+            Ok((Standing::Revoked, addr)) => {
+                tracing::warn!(manager = %addr, role = %identity.info.role, "a manager refuses this node's certificate as revoked");
+                return Standing::Revoked;
+            }
+            Ok((Standing::Accepted, _)) => answer = Standing::Accepted,
+            _ => {}
         }
     }
-    false
+    answer
 }
 
 fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) -> Result<Demotion, String> {

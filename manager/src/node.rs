@@ -25,7 +25,7 @@ use crate::conn::{tls_incoming, unix_incoming, ConnLimits, ConnRegistry};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
 use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey, UnlockKey};
-use crate::membership::{follow_deny_list, forget_other_managers, watch_demotion, Demotion, RunOutcome};
+use crate::membership::{follow_deny_list, forget_other_managers, watch_demotion, RunOutcome};
 use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
 use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
 use crate::store::{Peers, Store};
@@ -221,9 +221,10 @@ impl Manager {
         let identity = NodeIdentity::load_with(&NodeIdentity::dir(data_dir), Some(&*wrap))?;
         let listener = bind(&cfg.listen_addr).await?;
         let settings = cfg.raft.clone();
-        let manager = Self::start(cfg, data_dir, identity, (keydir, wrap, unlocked_with), listener, &settings).await?;
-        manager.wait_leader(Duration::from_secs(30)).await?;
-        Ok(manager)
+        // No wait for a leader here: a manager that restarts before a majority
+        // of the others keeps waiting for them (and says so, see
+        // `watch_demotion`) instead of exiting.
+        Self::start(cfg, data_dir, identity, (keydir, wrap, unlocked_with), listener, &settings).await
     }
 
     async fn start(
@@ -288,7 +289,7 @@ impl Manager {
     /// then drains and stops raft.
     pub async fn run(self, outer: CancellationToken) -> Result<RunOutcome, ManagerError> {
         let shutdown = outer.child_token();
-        let demotion: Arc<std::sync::Mutex<Option<Demotion>>> = Arc::default();
+        let demotion: Arc<std::sync::Mutex<Option<RunOutcome>>> = Arc::default();
         let peers = Peers::new(self.creds.client());
         let store = Store::new(self.raft.clone(), self.view.clone(), self.applied.clone()).with_peers(peers.clone());
         let secrets = SecretsCache::new(self.view.clone(), self.keyring.clone(), self.keydir.clone());
@@ -428,11 +429,8 @@ impl Manager {
         let _ = std::fs::remove_file(sock);
         tracing::info!("manager stopped");
         result.map_err(ManagerError::from)?;
-        let demoted = demotion.lock().expect("demotion lock").take();
-        Ok(match demoted {
-            Some(d) => RunOutcome::Demoted(Box::new(d)),
-            None => RunOutcome::Stopped,
-        })
+        let outcome = demotion.lock().expect("demotion lock").take();
+        Ok(outcome.unwrap_or(RunOutcome::Stopped))
     }
 
     /// Joins an existing cluster as a manager and runs until `shutdown`:
@@ -508,9 +506,7 @@ impl Manager {
         manager.bootstrap_managers = bootstrap_managers;
         manager.deny.extend(denied);
         let run = tokio::spawn(manager.run(shutdown.clone()));
-        let mut req = tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise, node_id: String::new() });
-        req.set_timeout(Duration::from_secs(150));
-        if let Err(s) = cluster.join_raft(req).await {
+        if let Err(s) = join_raft(&mut cluster, raft_id, &advertise).await {
             shutdown.cancel();
             let _ = run.await;
             return Err(ManagerError::Join(format!("could not join raft: {}", s.message())));
@@ -565,6 +561,37 @@ impl Manager {
         result
     }
 }
+
+/// Asks to become a raft voter, again while the answer is UNAVAILABLE (no
+/// leader yet, a leader change, another manager's join under way), with
+/// jittered pauses, for at most [`JOIN_RAFT_TIME`].
+async fn join_raft(
+    cluster: &mut ClusterClient<tonic::transport::Channel>,
+    raft_id: u64,
+    advertise: &str,
+) -> Result<(), tonic::Status> {
+    let deadline = tokio::time::Instant::now() + JOIN_RAFT_TIME;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut req =
+            tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise.to_owned(), node_id: String::new() });
+        req.set_timeout(left.max(Duration::from_secs(1)));
+        match cluster.join_raft(req).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() + pause < deadline => {
+                tracing::info!(reason = %s.message(), "joining raft: retrying");
+                tokio::time::sleep(pause + Duration::from_millis(rand::random::<u64>() % pause.as_millis() as u64))
+                    .await;
+                pause = (pause * 2).min(Duration::from_secs(3));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// How long a manager join may take to become a voter, retries included.
+const JOIN_RAFT_TIME: Duration = Duration::from_secs(150);
 
 fn random_raft_id() -> u64 {
     loop {

@@ -1,5 +1,6 @@
 //! `swarmd`: create, join and run nodes.
 
+mod lock;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use swarmd_manager::{InitOptions, Manager, RunOutcome};
 use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
 use tokio_util::sync::CancellationToken;
 
+pub use lock::{DataDirLock, LockError};
 pub use token::{redact, TokenArgs, TOKEN_ENV};
 
 /// swarmd: a Swarm-style cluster security plane.
@@ -265,6 +267,12 @@ fn forget_new_node_dir<T>(dir: &Path, created: bool, r: anyhow::Result<T>) -> an
     r
 }
 
+/// Locks a data dir about to receive a new node (see [`new_node_dir`]); if
+/// another process holds it, removes the dir again if this command created it.
+fn lock_new_node_dir(dir: &Path, created: bool) -> anyhow::Result<DataDirLock> {
+    forget_new_node_dir(dir, created, DataDirLock::acquire(dir).map_err(Into::into))
+}
+
 /// Runs `swarmd` with parsed arguments.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -279,6 +287,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.raft = a.raft.settings()?;
             opts.autolock = a.autolock;
             let created = new_node_dir(&data_dir)?;
+            let _lock = lock_new_node_dir(&data_dir, created)?;
             let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;
             println!("Swarm initialized: current node ({}) is now a manager.", manager.config().node_id);
             println!("To add a worker, run `secretctl join-token worker` on this host.");
@@ -302,6 +311,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(token);
             let data_dir = opts.data_dir.clone();
             let created = new_node_dir(&data_dir)?;
+            let _lock = lock_new_node_dir(&data_dir, created)?;
             let shutdown = shutdown_on_signal();
             let outcome = forget_new_node_dir(
                 &data_dir,
@@ -312,6 +322,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Manager(ManagerCmd::Recover(a)) => {
             debug_assert!(a.force_new_cluster);
+            let _lock = DataDirLock::acquire(&a.dir.data_dir)?;
             let m = Manager::recover(&a.dir.data_dir).await?;
             println!("Forced a new cluster: this manager ({}) is now the only manager.", m.config().node_id);
             let shutdown = shutdown_on_signal();
@@ -330,6 +341,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             drop(token);
             let created = new_node_dir(&data_dir)?;
+            let _lock = lock_new_node_dir(&data_dir, created)?;
             let worker = forget_new_node_dir(&data_dir, created, Worker::join(opts).await.map_err(Into::into))?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
             let shutdown = shutdown_on_signal();
@@ -377,6 +389,12 @@ async fn unlock(data_dir: &Path) -> anyhow::Result<()> {
 async fn after_manager(data_dir: &Path, outcome: RunOutcome, _shutdown: CancellationToken) -> anyhow::Result<()> {
     match outcome {
         RunOutcome::Stopped => Ok(()),
+        RunOutcome::Removed => anyhow::bail!(
+            "this manager was removed from the cluster while it was down (its peers refuse this node: a \
+             `swarmd manager recover --force-new-cluster` on another manager dropped it); it cannot come back as it \
+             is: wipe {} and join again with a manager token (`secretctl join-token manager` on a manager)",
+            data_dir.display()
+        ),
         RunOutcome::Demoted(d) => {
             d.apply(data_dir).context("cannot turn the demoted manager into a worker")?;
             println!("This node was demoted; it now runs as a worker.");
@@ -405,6 +423,9 @@ async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: Cancell
 }
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
+    // Held for the node's life, through a promotion; released by a demotion's
+    // re-execution, which takes it again.
+    let _lock = if data_dir.is_dir() { Some(DataDirLock::acquire(data_dir)?) } else { None };
     let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
     if is_node {
         // State an older version left readable by others is narrowed first.
