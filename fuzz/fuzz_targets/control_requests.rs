@@ -97,7 +97,10 @@ fn run(kind: u8, b: &[u8]) -> Option<()> {
         }
         6 => {
             let r = RemoveNodeRequest::decode(b).ok()?;
-            if let Ok(n) = validate_remove_node(view, &r) {
+            // Raft membership is outside the replicated state: none, and every recorded ID.
+            let _ = validate_remove_node(view, &r, &Default::default());
+            let members = view.nodes().unwrap_or_default().iter().filter_map(|n| n.raft_id).collect();
+            if let Ok(n) = validate_remove_node(view, &r, &members) {
                 let cmd = Command::RemoveNodes { nodes: vec![n.id], deny_until: 1 };
                 accepted(view, &cmd, "RemoveNode");
             }

@@ -140,16 +140,21 @@ impl cluster_server::Cluster for ClusterService {
             // The leader authorizes *this* manager; it acts on the joiner's behalf.
             return c.join_raft(fwd).await;
         }
-        manager_record(&self.store, &joiner)?;
-        self.store.propose_local(Command::SetRaftMember { node: joiner.clone(), raft_id, addr: addr.clone() }).await?;
-        let map_err = |e: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>| {
-            Status::unavailable(format!("membership change failed: {e}"))
-        };
-        tokio::time::timeout(CATCH_UP, raft.add_learner(raft_id, BasicNode { addr }, true))
-            .await
-            .map_err(|_| Status::deadline_exceeded("the new manager did not catch up in time"))?
-            .map_err(map_err)?;
-        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id])), false).await.map_err(map_err)?;
+        let rec = manager_record(&self.store, &joiner)?;
+        // One membership change at a time on this leader: two managers joining
+        // at once used to meet openraft's "already undergoing a configuration
+        // change" and leave a half-joined record behind.
+        let _turn = self.store.membership_change().await;
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        let set = Command::SetRaftMember { node: joiner.clone(), raft_id, addr: addr.clone() };
+        retry_until(deadline, "record the new manager", || self.store.propose_local(set.clone())).await?;
+        if let Err(e) = admit(raft, raft_id, addr, deadline).await {
+            // A failed join leaves nothing behind: not the learner, not the
+            // record (the joiner gives up and wipes itself on ABORTED).
+            tracing::warn!(node.id = %joiner, raft_id, error = %e.message(), "manager join failed: undoing it");
+            self.undo_join(&rec, raft_id).await;
+            return Err(Status::aborted(format!("{} (the join was undone; join again)", e.message())));
+        }
         tracing::info!(node.id = %joiner, raft_id, "manager joined raft as a voter");
         Ok(Response::new(JoinRaftResponse {}))
     }
@@ -169,5 +174,115 @@ impl cluster_server::Cluster for ClusterService {
             Err(e) => return Err(e.into()),
         };
         Ok(Response::new(ProposeResponse { result: encode(&result), log_index }))
+    }
+}
+
+impl ClusterService {
+    /// After a failed join: the learner leaves raft and the joiner's record
+    /// goes (its certificates refused), so no ghost manager stays listed.
+    async fn undo_join(&self, rec: &crate::state::NodeRecord, raft_id: u64) {
+        let raft = self.store.raft();
+        let is_learner = raft.metrics().borrow().membership_config.membership().learner_ids().any(|l| l == raft_id);
+        if is_learner {
+            if let Err(e) = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([raft_id])), false).await {
+                tracing::warn!(raft_id, error = %e, "could not remove the failed joiner's learner");
+            }
+        }
+        let removal = crate::membership::deny_until(rec, &self.secrets)
+            .map(|deny_until| Command::RemoveNodes { nodes: vec![rec.id.clone()], deny_until });
+        match removal {
+            Ok(cmd) => {
+                if let Err(e) = self.store.propose_local(cmd).await {
+                    tracing::warn!(node.id = %rec.id, error = %e, "could not remove the failed joiner's record");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node.id = %rec.id, error = %e.message(), "could not remove the failed joiner's record")
+            }
+        }
+    }
+}
+
+/// Makes raft member `raft_id` a learner, waits until it has every entry the
+/// leader had when it was added, then makes it a voter — so the voter set
+/// never counts a manager that cannot vote yet (a learner still at index 0
+/// counted as a voter cost a cluster its quorum).
+async fn admit(
+    raft: &crate::raft::Raft,
+    raft_id: u64,
+    addr: String,
+    deadline: tokio::time::Instant,
+) -> Result<(), Status> {
+    let node = BasicNode { addr };
+    retry_until(deadline, "add the new manager as a learner", || async {
+        raft.add_learner(raft_id, node.clone(), true).await.map(|_| ())
+    })
+    .await?;
+    let target = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    raft.wait(Some(left))
+        .metrics(
+            |m| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(&raft_id).cloned().flatten());
+                matched.is_some_and(|l| l.index >= target)
+            },
+            "the new manager to catch up",
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("the new manager did not catch up in time"))?;
+    retry_until(deadline, "make the new manager a voter", || async {
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([raft_id])), false).await.map(|_| ())
+    })
+    .await
+}
+
+/// Errors a membership step may meet that pass: a change still under way, a
+/// leader that has not heard from its new majority yet.
+trait Transient {
+    fn transient(&self) -> bool;
+    fn status(self) -> Status;
+}
+
+impl Transient for StoreError {
+    fn transient(&self) -> bool {
+        // Not a lost leadership: the joiner retries with the new leader.
+        matches!(self, StoreError::QuorumStale { .. })
+    }
+    fn status(self) -> Status {
+        self.into()
+    }
+}
+
+impl Transient for openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>> {
+    fn transient(&self) -> bool {
+        use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+        matches!(
+            self,
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))
+        )
+    }
+    fn status(self) -> Status {
+        Status::unavailable(format!("membership change failed: {self}"))
+    }
+}
+
+/// Runs `step` until it succeeds, fails for good, or `deadline` passes,
+/// waiting 100–300 ms between tries.
+async fn retry_until<T, E, F, Fut>(deadline: tokio::time::Instant, what: &str, mut step: F) -> Result<T, Status>
+where
+    E: Transient + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.transient() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "{what}: retrying");
+                let pause = Duration::from_millis(100 + rand::random::<u64>() % 200);
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => return Err(e.status()),
+        }
     }
 }

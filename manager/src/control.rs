@@ -494,7 +494,13 @@ impl control_server::Control for ControlService {
     /// certificate is refused from then on.
     async fn remove_node(&self, req: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeResponse>, Status> {
         self.auth.require_admin(&req)?;
-        let n = validate::validate_remove_node(self.store.view(), req.get_ref())?;
+        let members: BTreeSet<u64> = {
+            let m = self.store.raft().metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            membership.voter_ids().chain(membership.learner_ids()).collect()
+        };
+        let n = validate::validate_remove_node(self.store.view(), req.get_ref(), &members)?;
         let deny_until = crate::membership::deny_until(&n, &self.secrets)?;
         self.store.propose(Command::RemoveNodes { nodes: vec![n.id.clone()], deny_until }).await?;
         tracing::info!(node.id = %n.id, "node removed");

@@ -40,6 +40,10 @@ pub enum StoreError {
     /// No leader can be reached or the leader has lost its quorum.
     #[error("no quorum: {0}")]
     NoQuorum(String),
+    /// This manager leads, but has not heard from a majority lately (also
+    /// just after a voter was added, until the new majority answers).
+    #[error("no quorum: this leader has not reached a majority of the {voters} managers for {ms} ms")]
+    QuorumStale { voters: usize, ms: u64 },
     /// The command was valid raft-wise but refused by the state machine.
     #[error("{0}")]
     Rejected(String),
@@ -59,6 +63,7 @@ impl StoreError {
     fn duplicate(&self) -> StoreError {
         match self {
             StoreError::NoQuorum(s) => StoreError::NoQuorum(s.clone()),
+            StoreError::QuorumStale { voters, ms } => StoreError::QuorumStale { voters: *voters, ms: *ms },
             StoreError::Rejected(s) => StoreError::Rejected(s.clone()),
             StoreError::Timeout(d) => StoreError::Timeout(*d),
             StoreError::Raft(s) => StoreError::Raft(s.clone()),
@@ -70,7 +75,9 @@ impl StoreError {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
-            StoreError::NoQuorum(_) | StoreError::Raft(_) => Status::unavailable(e.to_string()),
+            StoreError::NoQuorum(_) | StoreError::QuorumStale { .. } | StoreError::Raft(_) => {
+                Status::unavailable(e.to_string())
+            }
             StoreError::Rejected(why) => Status::failed_precondition(why),
             StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             StoreError::State(_) => Status::internal(e.to_string()),
@@ -108,6 +115,9 @@ pub struct Store {
     applied: watch::Receiver<u64>,
     peers: Option<Peers>,
     proposals: mpsc::UnboundedSender<Proposal>,
+    /// Held by whoever changes raft's membership on this manager (joins,
+    /// demotions): openraft refuses a change while another is under way.
+    membership: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A command waiting for its turn in raft, and where its outcome goes.
@@ -190,7 +200,12 @@ impl Store {
     pub fn new(raft: Raft, view: StateView, applied: watch::Receiver<u64>) -> Self {
         let (proposals, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_proposals(raft.clone(), rx));
-        Self { raft, view, applied, peers: None, proposals }
+        Self { raft, view, applied, peers: None, proposals, membership: Arc::default() }
+    }
+
+    /// Waits for the right to change raft's membership: one change at a time.
+    pub async fn membership_change(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.membership.clone().lock_owned().await
     }
 
     /// Forwards writes to the leader through `peers`.
@@ -286,10 +301,7 @@ impl Store {
             Some(_) => {}
         }
         if voters > 1 && quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
-            return Err(StoreError::NoQuorum(format!(
-                "this leader has not reached a majority of the {voters} managers for {} ms",
-                quorum_ack.unwrap_or(0)
-            )));
+            return Err(StoreError::QuorumStale { voters, ms: quorum_ack.unwrap_or(0) });
         }
         let (reply, outcome) = oneshot::channel();
         let bytes = bincode::serialized_size(&cmd).unwrap_or(0);

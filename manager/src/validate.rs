@@ -120,9 +120,17 @@ pub fn validate_demote(view: &StateView, key: &str) -> Result<NodeRecord, Status
 
 /// The node to remove. FAILED_PRECONDITION for a manager that is a raft
 /// member, or a ready node without `force`.
-pub fn validate_remove_node(view: &StateView, req: &RemoveNodeRequest) -> Result<NodeRecord, Status> {
+///
+/// `raft_members` are the raft IDs of raft's current membership, voters and
+/// learners: a manager whose join never reached raft (a raft ID recorded, no
+/// membership) can be removed like any node that is not ready.
+pub fn validate_remove_node(
+    view: &StateView,
+    req: &RemoveNodeRequest,
+    raft_members: &std::collections::BTreeSet<u64>,
+) -> Result<NodeRecord, Status> {
     let n = find_node(view, &req.id_or_prefix)?;
-    if n.role == Role::Manager && n.raft_id.is_some() {
+    if n.role == Role::Manager && n.raft_id.is_some_and(|r| raft_members.contains(&r)) {
         return Err(Status::failed_precondition(format!(
             "node {} is a manager and a raft member: demote it first (secretctl node demote {})",
             n.id, n.id
