@@ -25,6 +25,7 @@ impl Dispatcher {
         let mut last_ok: HashMap<NodeId, Instant> = HashMap::new();
         // Managers found down whose nodes were swept during this leadership.
         let mut swept: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+        let mut orphans = Orphans::default();
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -35,6 +36,7 @@ impl Dispatcher {
             if m.current_leader != Some(m.id) {
                 last_ok.clear();
                 swept.clear();
+                orphans = Orphans::default();
                 continue;
             }
             let managers: Vec<_> = self
@@ -46,6 +48,12 @@ impl Dispatcher {
                 .into_iter()
                 .filter(|n| n.raft_id.is_some() && n.id != self.0.me)
                 .collect();
+            let mut current: std::collections::BTreeSet<NodeId> = managers.iter().map(|m| m.id.clone()).collect();
+            current.insert(self.0.me.clone());
+            for (node, reporter) in orphans.due(&self.0.store, current, self.grace()) {
+                tracing::warn!(node.id = %node, "node ready with no live session on any current manager: down");
+                self.report_as(reporter, node, NodeStatus::Down);
+            }
             let probes = managers.iter().map(|mgr| {
                 let mut c = CaClient::new(peers.channel(&mgr.addr));
                 async move {
@@ -192,6 +200,57 @@ impl Dispatcher {
                 last_prune = now;
             }
         }
+    }
+}
+
+/// Ready nodes whose session is on no current manager: the manager that held
+/// it was removed (a forced new cluster, a demotion) or is unknown. Found by a
+/// scan of every node record when this manager becomes leader and whenever the
+/// set of managers changes; each goes down after the usual grace unless it has
+/// opened a session on a current manager meanwhile. (A current manager that
+/// went away is the probe's to sweep; one that restarted expects its nodes back.)
+#[derive(Default)]
+struct Orphans {
+    /// The managers at the last scan (`None`: not scanned this leadership).
+    scanned: Option<std::collections::BTreeSet<NodeId>>,
+    /// Node, the manager its record names, and when it was found.
+    found: HashMap<NodeId, (Option<NodeId>, Instant)>,
+}
+
+impl Orphans {
+    /// The orphans past `grace`, with the manager to report them as (the one
+    /// their record names, so that the state machine accepts the report).
+    fn due(
+        &mut self,
+        store: &Store,
+        current: std::collections::BTreeSet<NodeId>,
+        grace: Duration,
+    ) -> Vec<(NodeId, NodeId)> {
+        let now = Instant::now();
+        let orphaned = |n: &crate::state::NodeRecord, current: &std::collections::BTreeSet<NodeId>| {
+            n.status == NodeStatus::Ready
+                && n.role == swarmd_certs::Role::Worker
+                && n.session_manager.as_ref().is_none_or(|m| !current.contains(m))
+        };
+        if self.scanned.as_ref() != Some(&current) {
+            for n in store.view().nodes().unwrap_or_default().into_iter().filter(|n| orphaned(n, &current)) {
+                self.found.entry(n.id.clone()).or_insert((n.session_manager.clone(), now));
+            }
+            self.scanned = Some(current.clone());
+        }
+        let mut due = Vec::new();
+        self.found.retain(|id, (manager, since)| {
+            let Ok(Some(n)) = store.view().node(id) else { return false };
+            if !orphaned(&n, &current) || n.session_manager != *manager {
+                return false;
+            }
+            if now.duration_since(*since) <= grace {
+                return true;
+            }
+            due.push((id.clone(), manager.clone().unwrap_or_else(|| id.clone())));
+            false
+        });
+        due
     }
 }
 
