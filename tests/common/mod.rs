@@ -275,6 +275,17 @@ impl Env {
 
     /// As [`Env::join_manager`], with extra options.
     pub fn join_manager_with(&mut self, name: &str, token: &str, remote: &Manager, extra: &[&str]) -> Manager {
+        let m = self.start_manager_join(name, token, remote, extra);
+        wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));
+        wait_for(&format!("{name} to serve"), DEADLINE, || {
+            m.try_ctl(&["node", "ls", "-q"]).filter(|o| o.status.success())
+        });
+        m
+    }
+
+    /// Starts `swarmd manager join` in `<name>/` through `remote` without
+    /// waiting for it (the token on its standard input).
+    pub fn start_manager_join(&mut self, name: &str, token: &str, remote: &Manager, extra: &[&str]) -> Manager {
         let data = self.path(name);
         let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
@@ -289,12 +300,7 @@ impl Env {
         ];
         args.extend_from_slice(extra);
         let idx = self.spawn_joining(name, args, token);
-        let m = Manager { name: name.to_owned(), data, addr, proc_idx: idx };
-        wait_for(&format!("{name} to join raft"), DEADLINE, || m.data.join("manager.json").exists().then_some(()));
-        wait_for(&format!("{name} to serve"), DEADLINE, || {
-            m.try_ctl(&["node", "ls", "-q"]).filter(|o| o.status.success())
-        });
-        m
+        Manager { name: name.to_owned(), data, addr, proc_idx: idx }
     }
 
     /// Three managers: `m1` initialises the cluster (with `extra`), `m2` and `m3`
@@ -363,7 +369,7 @@ impl Manager {
         self.data.join("control.sock")
     }
 
-    fn try_ctl(&self, args: &[&str]) -> Option<Output> {
+    pub fn try_ctl(&self, args: &[&str]) -> Option<Output> {
         Command::new(secretctl_bin())
             .arg("--host")
             .arg(format!("unix://{}", self.socket().display()))
