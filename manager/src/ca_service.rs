@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
-use crate::limits::{JoinLimits, NodeLimits, Spend};
+use crate::limits::{CaWork, JoinLimits, NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
@@ -32,6 +32,7 @@ pub struct CaService {
     auth: Authorizer,
     limits: NodeLimits,
     joins: JoinLimits,
+    work: CaWork,
     advertise: String,
 }
 
@@ -44,8 +45,16 @@ impl CaService {
         limits: NodeLimits,
         advertise: String,
     ) -> CaServer<Self> {
-        CaServer::new(Self { store, secrets, auth, limits, joins: JoinLimits::from_env(), advertise })
-            .max_decoding_message_size(crate::limits::MAX_CA_REQUEST)
+        CaServer::new(Self {
+            store,
+            secrets,
+            auth,
+            limits,
+            joins: JoinLimits::from_env(),
+            work: CaWork::default(),
+            advertise,
+        })
+        .max_decoding_message_size(crate::limits::MAX_CA_REQUEST)
     }
 
     fn manager_ids(&self) -> Vec<String> {
@@ -61,9 +70,14 @@ impl CaService {
         v
     }
 
-    fn sign(&self, csr: &str, node: &NodeId, role: Role) -> Result<IssuedCert, Status> {
+    /// Checks and signs `csr` on the signing pool (see [`CaWork`]).
+    async fn sign(&self, csr: String, node: &NodeId, role: Role) -> Result<IssuedCert, Status> {
         let s = self.secrets.get()?;
-        s.ca.sign_node(csr, node, role, s.validity).map_err(|e| Status::invalid_argument(e.to_string()))
+        let node = node.clone();
+        self.work
+            .sign(move || s.ca.sign_node(&csr, &node, role, s.validity))
+            .await?
+            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -112,8 +126,9 @@ impl ca_server::Ca for CaService {
         if let Some(r) = remote {
             self.joins.spend(crate::conn::source_key(r.ip()))?;
         }
+        let _working = self.work.admit()?;
         let node_id = NodeId::random();
-        let issued = self.sign(&req.csr_pem, &node_id, role)?;
+        let issued = self.sign(req.csr_pem, &node_id, role).await?;
         let record = NodeRecord {
             id: node_id.clone(),
             role,
@@ -150,8 +165,9 @@ impl ca_server::Ca for CaService {
     ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
         let peer = self.auth.require(&req, &[Role::Worker, Role::Manager])?;
         self.limits.spend(&peer.node_id, Spend::Renewals, 1.0)?;
+        let _working = self.work.admit()?;
         let record = self.store.member(&peer.node_id)?;
-        let issued = self.sign(&req.get_ref().csr_pem, &peer.node_id, record.role)?;
+        let issued = self.sign(req.into_inner().csr_pem, &peer.node_id, record.role).await?;
         self.store
             .propose(Command::RecordCert {
                 node: peer.node_id.clone(),

@@ -30,6 +30,55 @@ pub const MAX_NODE_REQUEST: usize = 512 << 10;
 /// 16 KiB; a token and a hostname are short).
 pub const MAX_CA_REQUEST: usize = 32 << 10;
 
+/// Joins and renewals a manager works on at once; past them RESOURCE_EXHAUSTED.
+pub const CA_IN_FLIGHT: usize = 512;
+
+/// RESOURCE_EXHAUSTED with `message`, and `wait` in the `retry-after-ms` metadata.
+pub fn retry_after(message: String, wait: Duration) -> Status {
+    let mut s = Status::resource_exhausted(message);
+    if let Ok(v) = wait.as_millis().to_string().parse() {
+        s.metadata_mut().insert("retry-after-ms", v);
+    }
+    s
+}
+
+/// Certificate work on this manager (issue 13): at most [`CA_IN_FLIGHT`]
+/// joins and renewals at once, past which callers are told when to come back
+/// (a random 250–1,000 ms, so a storm spreads out), and CSR checks and
+/// signatures on a pool of blocking threads, one per core, so that a storm of
+/// them never occupies the async workers that serve sessions.
+#[derive(Clone)]
+pub struct CaWork {
+    admitted: Arc<tokio::sync::Semaphore>,
+    signers: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for CaWork {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+        Self {
+            admitted: Arc::new(tokio::sync::Semaphore::new(CA_IN_FLIGHT)),
+            signers: Arc::new(tokio::sync::Semaphore::new(cores)),
+        }
+    }
+}
+
+impl CaWork {
+    /// A place for one join or renewal, held until it is answered.
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.admitted.clone().try_acquire_owned().map_err(|_| {
+            let wait = Duration::from_millis(250 + rand::random::<u64>() % 750);
+            retry_after(format!("too many joins and renewals in progress: retry in {} ms", wait.as_millis()), wait)
+        })
+    }
+
+    /// Runs `f` (a CSR check and signature) on the signing pool.
+    pub async fn sign<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+        let _signer = self.signers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("signing failed: {e}")))
+    }
+}
+
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Clone, Copy, Debug)]
 pub struct Bucket {
@@ -162,15 +211,10 @@ impl NodeLimits {
             Spend::Heartbeats => &mut b.heartbeats,
         };
         bucket.take(what.rate(), cost, now).map_err(|wait| {
-            let mut s = Status::resource_exhausted(format!(
-                "node {node} is over its budget of {}: retry in {} ms",
-                what.what(),
-                wait.as_millis()
-            ));
-            if let Ok(v) = wait.as_millis().to_string().parse() {
-                s.metadata_mut().insert("retry-after-ms", v);
-            }
-            s
+            retry_after(
+                format!("node {node} is over its budget of {}: retry in {} ms", what.what(), wait.as_millis()),
+                wait,
+            )
         })
     }
 
@@ -213,13 +257,7 @@ impl JoinLimits {
             per_source.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(600));
         }
         let local = per_source.entry(source).or_insert_with(|| Bucket::full(JOINS_PER_SOURCE, now));
-        let refused = |wait: Duration| {
-            let mut s = Status::resource_exhausted(format!("too many joins: retry in {} ms", wait.as_millis()));
-            if let Ok(v) = wait.as_millis().to_string().parse() {
-                s.metadata_mut().insert("retry-after-ms", v);
-            }
-            s
-        };
+        let refused = |wait: Duration| retry_after(format!("too many joins: retry in {} ms", wait.as_millis()), wait);
         local.take(JOINS_PER_SOURCE, 1.0, now).map_err(refused)?;
         global.take(JOINS, 1.0, now).map_err(refused)
     }

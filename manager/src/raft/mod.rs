@@ -130,6 +130,9 @@ pub enum RaftStartError {
     /// openraft refused to start.
     #[error("raft: {0}")]
     Fatal(Box<openraft::error::Fatal<u64>>),
+    /// The raft runtime could not run it.
+    #[error("raft runtime: {0}")]
+    Runtime(String),
 }
 
 /// Storage opened from `raft/`: hand it to [`start`].
@@ -159,6 +162,12 @@ pub fn open_storage(dir: &Path) -> Result<Storage, RaftStartError> {
 }
 
 /// Starts raft node `id` on `storage`.
+///
+/// Raft runs on a runtime of its own (see [`runtime`]): its core, timers,
+/// replication, peer connections and applies are never queued behind request
+/// work (TLS handshakes, CSR checks and signing, sessions) of the runtime that
+/// serves nodes. A follower whose runtime was saturated by a join storm used
+/// to miss its leader's heartbeats and call elections.
 pub async fn start(
     id: u64,
     settings: &RaftSettings,
@@ -166,5 +175,26 @@ pub async fn start(
     network: Network,
 ) -> Result<Raft, RaftStartError> {
     let config = Arc::new(settings.to_config()?);
-    Raft::new(id, config, network, storage.log, storage.sm).await.map_err(|e| RaftStartError::Fatal(Box::new(e)))
+    let started = runtime()
+        .spawn(async move { Raft::new(id, config, network, storage.log, storage.sm).await })
+        .await
+        .map_err(|e| RaftStartError::Runtime(e.to_string()))?;
+    started.map_err(|e| RaftStartError::Fatal(Box::new(e)))
+}
+
+/// The process's raft runtime: one worker thread named `raft`, created on
+/// first use and kept for the process's life (a manager that is demoted and
+/// promoted again, or tests that start several, share it).
+pub fn runtime() -> &'static tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("raft")
+                .enable_all()
+                .build()
+                .expect("start the raft runtime")
+        })
+        .handle()
 }
