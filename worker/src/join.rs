@@ -59,6 +59,10 @@ pub enum JoinError {
     /// The manager is taking no more joins for a moment.
     #[error("the manager at {addr} is busy with other joins: {reason}")]
     Busy { addr: String, reason: String, retry_after: std::time::Duration },
+    /// The manager answered but cannot take the join now (no raft leader yet,
+    /// a leader change, a connection cut under load): tried again for a while.
+    #[error("the manager at {addr} cannot take the join now: {reason}")]
+    NotNow { addr: String, reason: String },
     /// The manager refused.
     #[error("the manager at {addr} refused to join this node: {reason}")]
     Refused { addr: String, reason: String },
@@ -86,7 +90,7 @@ fn refused_or_unreachable(addr: &str, s: tonic::Status) -> JoinError {
         | Code::Unimplemented
         | Code::FailedPrecondition
         | Code::NotFound => JoinError::Refused { addr: addr.to_owned(), reason: s.message().to_owned() },
-        _ => JoinError::Unreachable { detail: format!("{addr}: {}", s.message()) },
+        _ => JoinError::NotNow { addr: addr.to_owned(), reason: s.message().to_owned() },
     }
 }
 
@@ -137,7 +141,11 @@ pub async fn request_certificate(
     }
     // Managers that are busy with other joins say when to come back: wait
     // that long (with jitter, so a storm of joiners spreads out), for a while.
+    // One that answered but cannot take the join now is asked again after a
+    // growing, jittered pause. Only an address where nothing answers fails
+    // at once.
     let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut not_now = std::time::Duration::from_millis(250);
     loop {
         let mut last_err = None;
         let mut wait: Option<std::time::Duration> = None;
@@ -149,8 +157,16 @@ pub async fn request_certificate(
                     wait = Some(wait.map_or(retry_after, |w| w.min(retry_after)));
                     last_err = Some(JoinError::Busy { addr, reason, retry_after });
                 }
+                Err(e @ JoinError::NotNow { .. }) => {
+                    tracing::info!(error = %e, "join: trying again");
+                    wait = Some(wait.map_or(not_now, |w| w.min(not_now)));
+                    last_err = Some(e);
+                }
                 Err(e) => return Err(e),
             }
+        }
+        if wait == Some(not_now) {
+            not_now = (not_now * 2).min(std::time::Duration::from_secs(4));
         }
         match wait {
             Some(w) if std::time::Instant::now() + w < give_up => {
