@@ -78,3 +78,34 @@ fn invariant_7_a_join_storm_leaves_every_worker_ready_and_none_thinks_it_was_rem
         assert!(!log.contains("removed from the cluster"), "{} believed it was removed:\n{log}", w.name);
     }
 }
+
+/// Issue 13, finding 6: the leader survives a loaded machine. Real workers
+/// join three managers at once (each listing all three) while two CPU burners
+/// run: nobody calls an election (every manager ends in the term it started
+/// in) and every worker ends ready. It fails on a leader change or a lost
+/// node, not on speed.
+#[test]
+fn a_join_storm_on_a_loaded_machine_keeps_its_leader_and_every_worker() {
+    let joiners: usize = std::env::var("STORM_LOADED_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let mut env = Env::new();
+    let (managers, leader) = env.three_managers(&[]);
+    let token = managers[leader].token("worker");
+    let term = |m: &Manager| wait_for("a raft term", DEADLINE, || info(m).and_then(|i| i["term"].as_u64()));
+    let before: Vec<u64> = managers.iter().map(term).collect();
+    let _burn = Burners::start(2);
+    let remotes = managers.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(",");
+    let workers: Vec<Worker> = (0..joiners).map(|i| env.join_worker(&format!("w{i}"), &token, &remotes)).collect();
+    let m = &managers[leader];
+    wait_for(&format!("{joiners} ready workers"), Duration::from_secs(300), || {
+        for w in &workers {
+            let p = &mut env.procs[w.proc_idx];
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("worker {} exited ({status}) during the storm:\n{}", w.name, p.log_text());
+            }
+        }
+        let ready = m.nodes().iter().filter(|n| n["role"] == "worker" && n["status"] == "ready").count();
+        (ready == joiners).then_some(())
+    });
+    let after: Vec<u64> = managers.iter().map(term).collect();
+    assert_eq!(before, after, "the raft term changed during the storm: the leader was challenged");
+}

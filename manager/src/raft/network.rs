@@ -126,7 +126,9 @@ fn dec<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, bincode::Error> {
     bincode::deserialize(&p.data)
 }
 
-/// A peer's reply, or the failure to get one, as openraft wants it.
+/// A peer's reply, or the failure to get one, as openraft wants it (its
+/// error type is openraft's, large as it is).
+#[allow(clippy::result_large_err)]
 fn decode_reply<Resp, E>(
     target: u64,
     reply: Result<RaftPayload, Status>,
