@@ -13,7 +13,7 @@ use swarmd_manager::{InitOptions, Manager, RunOutcome};
 use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
 use tokio_util::sync::CancellationToken;
 
-pub use lock::{DataDirLock, LockError};
+pub use lock::{DataDirLock, LockError, LOCK_FILE};
 pub use token::{redact, TokenArgs, TOKEN_ENV};
 
 /// swarmd: a Swarm-style cluster security plane.
@@ -244,7 +244,8 @@ pub fn reexec_without_token(cli: &Cli) -> anyhow::Result<()> {
 /// directory is not ours to change: the node's own files and directories in it
 /// are private anyway). Returns whether it was created here.
 fn new_node_dir(dir: &Path) -> anyhow::Result<bool> {
-    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).ok();
+    // A lock file left by an earlier attempt does not make it another's.
+    let empty = std::fs::read_dir(dir).map(|d| d.flatten().all(|e| e.file_name() == LOCK_FILE)).ok();
     match empty {
         None => {
             swarmd_certs::create_private_dir(dir)?;
@@ -262,6 +263,7 @@ fn new_node_dir(dir: &Path) -> anyhow::Result<bool> {
 /// and nothing is left in it.
 fn forget_new_node_dir<T>(dir: &Path, created: bool, r: anyhow::Result<T>) -> anyhow::Result<T> {
     if r.is_err() && created {
+        let _ = std::fs::remove_file(dir.join(LOCK_FILE));
         let _ = std::fs::remove_dir(dir);
     }
     r
@@ -389,12 +391,16 @@ async fn unlock(data_dir: &Path) -> anyhow::Result<()> {
 async fn after_manager(data_dir: &Path, outcome: RunOutcome, _shutdown: CancellationToken) -> anyhow::Result<()> {
     match outcome {
         RunOutcome::Stopped => Ok(()),
-        RunOutcome::Removed => anyhow::bail!(
-            "this manager was removed from the cluster while it was down (its peers refuse this node: a \
-             `swarmd manager recover --force-new-cluster` on another manager dropped it); it cannot come back as it \
-             is: wipe {} and join again with a manager token (`secretctl join-token manager` on a manager)",
-            data_dir.display()
-        ),
+        RunOutcome::Removed => {
+            swarmd_manager::erase_removed(data_dir).context("cannot erase the removed manager's keys and state")?;
+            anyhow::bail!(
+                "this manager was removed from the cluster while it was down (its peers refuse this node: a \
+                 `swarmd manager recover --force-new-cluster` on another manager dropped it); its keys and state \
+                 in {} are erased: to come back, join again from an empty data dir with a manager token \
+                 (`secretctl join-token manager` on a manager)",
+                data_dir.display()
+            )
+        }
         RunOutcome::Demoted(d) => {
             d.apply(data_dir).context("cannot turn the demoted manager into a worker")?;
             println!("This node was demoted; it now runs as a worker.");
@@ -423,13 +429,14 @@ async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: Cancell
 }
 
 async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
+    let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
     // Held for the node's life, through a promotion; released by a demotion's
     // re-execution, which takes it again.
-    let _lock = if data_dir.is_dir() { Some(DataDirLock::acquire(data_dir)?) } else { None };
-    let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
+    let mut _lock = None;
     if is_node {
         // State an older version left readable by others is narrowed first.
         swarmd_certs::restrict_tree(data_dir).context("cannot make the data dir private")?;
+        _lock = Some(DataDirLock::acquire(data_dir)?);
     }
     if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
         let m = Manager::open(data_dir).await.context("cannot start the manager")?;
