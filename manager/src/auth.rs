@@ -67,7 +67,30 @@ pub struct Authorizer {
     /// Managers a joining manager trusts before its own store has caught up
     /// (from the manager that handed it the data key).
     bootstrap: Arc<RwLock<HashSet<NodeId>>>,
+    /// When this manager last took an append from its leader.
+    contact: LeaderContact,
 }
+
+/// When a follower last accepted an append (a heartbeat or entries) from its
+/// leader: raft's metrics name a leader from the persisted vote alone, before
+/// any contact, so that is no sign of being in touch.
+#[derive(Clone, Default)]
+pub struct LeaderContact(Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+impl LeaderContact {
+    /// Records an accepted append.
+    pub fn heard(&self) {
+        *self.0.lock().expect("contact lock") = Some(std::time::Instant::now());
+    }
+
+    fn within(&self, d: std::time::Duration) -> bool {
+        self.0.lock().expect("contact lock").is_some_and(|t| t.elapsed() <= d)
+    }
+}
+
+/// How recently a manager must have heard from its leader (or, leading, from
+/// a majority) to vouch for anyone: the store's quorum bound.
+const IN_TOUCH: std::time::Duration = std::time::Duration::from_millis(1500);
 
 impl std::fmt::Debug for Authorizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,7 +101,12 @@ impl std::fmt::Debug for Authorizer {
 impl Authorizer {
     /// Checks callers against this cluster, deny-list, replicated state and raft membership.
     pub fn new(cluster_id: ClusterId, deny: DenyList, view: StateView, raft: Raft) -> Self {
-        Self { cluster_id, deny, view, raft, bootstrap: Arc::default() }
+        Self { cluster_id, deny, view, raft, bootstrap: Arc::default(), contact: LeaderContact::default() }
+    }
+
+    /// Where the raft service records its leader's appends.
+    pub fn leader_contact(&self) -> LeaderContact {
+        self.contact.clone()
     }
 
     /// Until this manager's store holds the cluster: the managers to accept.
@@ -130,6 +158,34 @@ impl Authorizer {
             return Err(Status::permission_denied(format!("a {} certificate cannot call this RPC", id.role)));
         }
         Ok(id)
+    }
+
+    /// UNAVAILABLE unless this manager is in touch with the cluster: a leader
+    /// that heard from a majority, or a follower that took an append from its
+    /// leader, within [`IN_TOUCH`]. Otherwise its state may be as old as its
+    /// last contact (a manager restarted while the others are down): it must
+    /// not vouch for a node, an admin or a manager by it — one removed, revoked
+    /// or demoted meanwhile would be taken back. Raft's own RPCs are exempt:
+    /// they elect the leader.
+    pub fn require_leader(&self) -> Result<(), Status> {
+        let in_touch = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            match m.current_leader {
+                Some(l) if l == m.id => {
+                    m.membership_config.membership().voter_ids().count() == 1
+                        || m.millis_since_quorum_ack.is_some_and(|ms| ms <= IN_TOUCH.as_millis() as u64)
+                }
+                Some(_) => self.contact.within(IN_TOUCH),
+                None => false,
+            }
+        };
+        if !in_touch {
+            return Err(Status::unavailable(
+                "this manager has no raft leader, so its view of the cluster may be stale; try another manager",
+            ));
+        }
+        Ok(())
     }
 
     /// Whether this manager's store holds the cluster yet (a joining manager's
@@ -238,8 +294,8 @@ impl tonic::service::Interceptor for Gate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         match self.admits {
             Admits::RaftMembers => self.auth.require_raft_member(&req).map(|_| ()),
-            Admits::Managers => self.auth.require_manager(&req).map(|_| ()),
-            Admits::Admins => self.auth.require_admin(&req),
+            Admits::Managers => self.auth.require_manager(&req).and_then(|_| self.auth.require_leader()),
+            Admits::Admins => self.auth.require_admin(&req).and_then(|_| self.auth.require_leader()),
             Admits::Nodes => self.auth.require(&req, &[Role::Worker, Role::Manager]).map(|_| ()),
         }?;
         Ok(req)

@@ -274,6 +274,9 @@ impl dispatcher_server::Dispatcher for Dispatcher {
     async fn session(&self, req: Request<SessionRequest>) -> Result<Response<Self::SessionStream>, Status> {
         let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
         tracing::Span::current().record("node.id", tracing::field::display(&peer.node_id));
+        // A session is opened only by a manager in touch with the cluster
+        // (sessions already open go on through an election).
+        self.0.auth.require_leader()?;
         self.0.limits.spend(&peer.node_id, Spend::Sessions, 1.0)?;
         let remote = Authorizer::info(&req).remote;
         let record = self.0.store.member(&peer.node_id)?;

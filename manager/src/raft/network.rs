@@ -301,12 +301,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub struct RaftService {
     raft: Raft,
     auth: Authorizer,
+    contact: crate::auth::LeaderContact,
 }
 
 impl RaftService {
     /// Serves `raft`, admitting manager certificates only.
     pub fn new(raft: Raft, auth: Authorizer) -> raft_server::RaftServer<Self> {
-        raft_server::RaftServer::new(Self { raft, auth })
+        let contact = auth.leader_contact();
+        raft_server::RaftServer::new(Self { raft, auth, contact })
             .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
             .max_encoding_message_size(RAFT_MESSAGE_LIMIT)
     }
@@ -337,7 +339,11 @@ impl raft_server::Raft for RaftService {
         let caller = self.auth.require_raft_member(&req)?.1;
         let rpc: AppendEntriesRequest<TypeConfig> = dec(req.get_ref()).map_err(bad_payload)?;
         same_sender(caller, rpc.vote.leader_id.voted_for())?;
-        Ok(Response::new(enc(&self.raft.append_entries(rpc).await)))
+        let resp = self.raft.append_entries(rpc).await;
+        if matches!(resp, Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))) {
+            self.contact.heard();
+        }
+        Ok(Response::new(enc(&resp)))
     }
 
     /// As `append_entries`.
