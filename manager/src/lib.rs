@@ -50,7 +50,7 @@ pub use auth::{Authorizer, Caller, ConnInfo};
 pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 pub use conn::{ConnLimits, ConnRegistry};
 pub use error::ManagerError;
-pub use membership::{Demotion, RunOutcome};
+pub use membership::{erase_removed, Demotion, RunOutcome};
 pub use node::Manager;
 pub use store::{Peers, Store, StoreError};
 

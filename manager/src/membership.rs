@@ -107,6 +107,28 @@ impl Demotion {
     }
 }
 
+/// What a manager removed while it was down leaves behind: nothing that opens
+/// the cluster. Its key files (KEK, sealed data keys) and node key are
+/// overwritten in place and deleted, its certificates, raft store and
+/// `manager.json` deleted (invariant 7: a removed node wipes its secrets; the
+/// data keys and the CA key they seal are the cluster's). Call it once the
+/// manager has stopped.
+pub fn erase_removed(data_dir: &Path) -> Result<(), ManagerError> {
+    crate::keys::KeyDir::new(data_dir).erase()?;
+    let certs = NodeIdentity::dir(data_dir);
+    swarmd_certs::erase_file(&certs.join("node.key"))?;
+    for dir in [certs, data_dir.join("raft")] {
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
+            _ => {}
+        }
+    }
+    match std::fs::remove_file(data_dir.join(CONFIG_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&data_dir.join(CONFIG_FILE))(e)),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the leader can finish removing raft member `me` without it: `me`
 /// is no voter of the effective membership, or that membership is the joint
 /// one that drops it and `me` has seen it committed (a joint configuration
@@ -207,7 +229,7 @@ pub(crate) async fn watch_demotion(
                     tracing::error!(
                         "this manager was removed from the cluster while it was down (its peers refuse this node, \
                          not only its manager certificate: a `manager recover --force-new-cluster` elsewhere \
-                         dropped it): wipe its data dir and join again with a manager token"
+                         dropped it): erasing its keys and state; join again from an empty data dir"
                     );
                     *out.lock().expect("demotion lock") = Some(RunOutcome::Removed);
                     stop.cancel();
