@@ -136,27 +136,38 @@ impl cluster_server::Cluster for ClusterService {
                 self.store.leader_addr().ok_or_else(|| Status::unavailable("no raft leader right now; retry"))?;
             let mut c = ClusterClient::new(self.peers.channel(&leader));
             let mut fwd = Request::new(JoinRaftRequest { raft_id, addr, node_id: joiner.to_string() });
-            fwd.set_timeout(CATCH_UP);
+            // The leader's own bound, plus the way there and back.
+            fwd.set_timeout(CATCH_UP + Duration::from_secs(10));
             // The leader authorizes *this* manager; it acts on the joiner's behalf.
             return c.join_raft(fwd).await;
         }
         let rec = manager_record(&self.store, &joiner)?;
-        // One membership change at a time on this leader: two managers joining
-        // at once used to meet openraft's "already undergoing a configuration
-        // change" and leave a half-joined record behind.
-        let _turn = self.store.membership_change().await;
+        // The join runs to its end (or its undoing) in a task of its own,
+        // whether or not the caller still waits: a join cut off half-way
+        // would leave a learner, or a voter nobody runs.
+        let (store, secrets) = (self.store.clone(), self.secrets.clone());
         let deadline = tokio::time::Instant::now() + CATCH_UP;
-        let set = Command::SetRaftMember { node: joiner.clone(), raft_id, addr: addr.clone() };
-        retry_until(deadline, "record the new manager", || self.store.propose_local(set.clone())).await?;
-        if let Err(e) = admit(raft, raft_id, addr, deadline).await {
-            // A failed join leaves nothing behind: not the learner, not the
-            // record (the joiner gives up and wipes itself on ABORTED).
-            tracing::warn!(node.id = %joiner, raft_id, error = %e.message(), "manager join failed: undoing it");
-            self.undo_join(&rec, raft_id).await;
-            return Err(Status::aborted(format!("{} (the join was undone; join again)", e.message())));
-        }
-        tracing::info!(node.id = %joiner, raft_id, "manager joined raft as a voter");
-        Ok(Response::new(JoinRaftResponse {}))
+        tokio::spawn(async move {
+            // One membership change at a time on this leader: two managers
+            // joining at once used to meet openraft's "already undergoing a
+            // configuration change" and leave a half-joined record behind.
+            let _turn = tokio::time::timeout_at(deadline, store.membership_change())
+                .await
+                .map_err(|_| Status::unavailable("other membership changes took the time of this join; retry"))?;
+            let set = Command::SetRaftMember { node: joiner.clone(), raft_id, addr: addr.clone() };
+            retry_until(deadline, "record the new manager", || store.propose_local(set.clone())).await?;
+            if let Err(e) = admit(store.raft(), raft_id, addr, deadline).await {
+                // A failed join leaves nothing behind: not the learner, not
+                // the record (the joiner gives up and wipes itself on ABORTED).
+                tracing::warn!(node.id = %joiner, raft_id, error = %e.message(), "manager join failed: undoing it");
+                undo_join(&store, &secrets, &rec, raft_id).await;
+                return Err(Status::aborted(format!("{} (the join was undone; join again)", e.message())));
+            }
+            tracing::info!(node.id = %joiner, raft_id, "manager joined raft as a voter");
+            Ok(Response::new(JoinRaftResponse {}))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the join task failed: {e}")))?
     }
 
     /// A current manager that is a raft member. PERMISSION_DENIED for a command
@@ -177,22 +188,22 @@ impl cluster_server::Cluster for ClusterService {
     }
 }
 
-impl ClusterService {
-    /// After a failed join: the learner leaves raft and the joiner's record
-    /// goes (its certificates refused), so no ghost manager stays listed.
-    async fn undo_join(&self, rec: &crate::state::NodeRecord, raft_id: u64) {
-        let raft = self.store.raft();
+/// After a failed join: the learner leaves raft and the joiner's record goes
+/// (its certificates refused), so no ghost manager stays listed.
+async fn undo_join(store: &Store, secrets: &SecretsCache, rec: &crate::state::NodeRecord, raft_id: u64) {
+    {
+        let raft = store.raft();
         let is_learner = raft.metrics().borrow().membership_config.membership().learner_ids().any(|l| l == raft_id);
         if is_learner {
             if let Err(e) = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([raft_id])), false).await {
                 tracing::warn!(raft_id, error = %e, "could not remove the failed joiner's learner");
             }
         }
-        let removal = crate::membership::deny_until(rec, &self.secrets)
+        let removal = crate::membership::deny_until(rec, secrets)
             .map(|deny_until| Command::RemoveNodes { nodes: vec![rec.id.clone()], deny_until });
         match removal {
             Ok(cmd) => {
-                if let Err(e) = self.store.propose_local(cmd).await {
+                if let Err(e) = store.propose_local(cmd).await {
                     tracing::warn!(node.id = %rec.id, error = %e, "could not remove the failed joiner's record");
                 }
             }

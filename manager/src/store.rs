@@ -42,8 +42,11 @@ pub enum StoreError {
     NoQuorum(String),
     /// This manager leads, but has not heard from a majority lately (also
     /// just after a voter was added, until the new majority answers).
-    #[error("no quorum: this leader has not reached a majority of the {voters} managers for {ms} ms")]
-    QuorumStale { voters: usize, ms: u64 },
+    #[error("no quorum: this leader has not reached a majority of the {voters} managers {}", match .ms {
+        Some(ms) => format!("for {ms} ms"),
+        None => "yet (a voter was just added, or it was just elected)".to_owned(),
+    })]
+    QuorumStale { voters: usize, ms: Option<u64> },
     /// The command was valid raft-wise but refused by the state machine.
     #[error("{0}")]
     Rejected(String),
@@ -301,7 +304,7 @@ impl Store {
             Some(_) => {}
         }
         if voters > 1 && quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
-            return Err(StoreError::QuorumStale { voters, ms: quorum_ack.unwrap_or(0) });
+            return Err(StoreError::QuorumStale { voters, ms: quorum_ack });
         }
         let (reply, outcome) = oneshot::channel();
         let bytes = bincode::serialized_size(&cmd).unwrap_or(0);
