@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Authorizer;
 use crate::cluster::SecretsCache;
-use crate::limits::{CaWork, JoinLimits, NodeLimits, Spend};
+use crate::limits::{CaRequest, CaWork, JoinLimits, NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
@@ -126,7 +126,7 @@ impl ca_server::Ca for CaService {
         if let Some(r) = remote {
             self.joins.spend(crate::conn::source_key(r.ip()))?;
         }
-        let _working = self.work.admit()?;
+        let _working = self.work.admit(CaRequest::Join)?;
         let node_id = NodeId::random();
         let issued = self.sign(req.csr_pem, &node_id, role).await?;
         let record = NodeRecord {
@@ -165,7 +165,7 @@ impl ca_server::Ca for CaService {
     ) -> Result<Response<RenewNodeCertificateResponse>, Status> {
         let peer = self.auth.require(&req, &[Role::Worker, Role::Manager])?;
         self.limits.spend(&peer.node_id, Spend::Renewals, 1.0)?;
-        let _working = self.work.admit()?;
+        let _working = self.work.admit(CaRequest::Renewal)?;
         let record = self.store.member(&peer.node_id)?;
         let issued = self.sign(req.into_inner().csr_pem, &peer.node_id, record.role).await?;
         self.store

@@ -30,8 +30,10 @@ pub const MAX_NODE_REQUEST: usize = 512 << 10;
 /// 16 KiB; a token and a hostname are short).
 pub const MAX_CA_REQUEST: usize = 32 << 10;
 
-/// Joins and renewals a manager works on at once; past them RESOURCE_EXHAUSTED.
-pub const CA_IN_FLIGHT: usize = 512;
+/// Joins a manager works on at once, and (apart) renewals: past either,
+/// RESOURCE_EXHAUSTED. Apart, so that a storm of joins (a token holder can
+/// make one) never keeps the cluster's nodes from renewing.
+pub const CA_IN_FLIGHT: usize = 256;
 
 /// RESOURCE_EXHAUSTED with `message`, and `wait` in the `retry-after-ms` metadata.
 pub fn retry_after(message: String, wait: Duration) -> Status {
@@ -43,21 +45,32 @@ pub fn retry_after(message: String, wait: Duration) -> Status {
 }
 
 /// Certificate work on this manager (issue 13): at most [`CA_IN_FLIGHT`]
-/// joins and renewals at once, past which callers are told when to come back
+/// joins and as many renewals at once, past which callers are told when to come back
 /// (a random 250–1,000 ms, so a storm spreads out), and CSR checks and
 /// signatures on a pool of blocking threads, one per core, so that a storm of
 /// them never occupies the async workers that serve sessions.
 #[derive(Clone)]
 pub struct CaWork {
-    admitted: Arc<tokio::sync::Semaphore>,
+    joins: Arc<tokio::sync::Semaphore>,
+    renewals: Arc<tokio::sync::Semaphore>,
     signers: Arc<tokio::sync::Semaphore>,
+}
+
+/// What a caller of the CA asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum CaRequest {
+    /// A join with a token.
+    Join,
+    /// A node's renewal.
+    Renewal,
 }
 
 impl Default for CaWork {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Self {
-            admitted: Arc::new(tokio::sync::Semaphore::new(CA_IN_FLIGHT)),
+            joins: Arc::new(tokio::sync::Semaphore::new(CA_IN_FLIGHT)),
+            renewals: Arc::new(tokio::sync::Semaphore::new(CA_IN_FLIGHT)),
             signers: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
     }
@@ -65,10 +78,14 @@ impl Default for CaWork {
 
 impl CaWork {
     /// A place for one join or renewal, held until it is answered.
-    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.admitted.clone().try_acquire_owned().map_err(|_| {
+    pub fn admit(&self, what: CaRequest) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let (places, name) = match what {
+            CaRequest::Join => (&self.joins, "joins"),
+            CaRequest::Renewal => (&self.renewals, "renewals"),
+        };
+        places.clone().try_acquire_owned().map_err(|_| {
             let wait = Duration::from_millis(250 + rand::random::<u64>() % 750);
-            retry_after(format!("too many joins and renewals in progress: retry in {} ms", wait.as_millis()), wait)
+            retry_after(format!("too many {name} in progress: retry in {} ms", wait.as_millis()), wait)
         })
     }
 
@@ -281,6 +298,16 @@ mod tests {
 
     #[test]
     fn invariant_12_joins_are_bounded_per_source_and_in_all() {
+        let work = CaWork::default();
+        let held: Vec<_> = (0..CA_IN_FLIGHT).map(|_| work.admit(CaRequest::Join).unwrap()).collect();
+        let refused = work.admit(CaRequest::Join).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.metadata().get("retry-after-ms").is_some());
+        // Joins filling their places leave renewals theirs.
+        let _renewal = work.admit(CaRequest::Renewal).unwrap();
+        drop(held);
+        let _join = work.admit(CaRequest::Join).unwrap();
+
         let joins = JoinLimits { enabled: true, ..JoinLimits::from_env() };
         let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..500 {

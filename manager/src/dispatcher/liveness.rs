@@ -314,8 +314,19 @@ impl StatusWriter {
     }
 }
 
+/// Folds `c` into what is pending for its node. Reports made as different
+/// managers (a session's own and the leader's for a manager that went away)
+/// are never mixed — the state machine accepts a report only from the manager
+/// the record names, so a mixed one could be refused as a whole: one of them
+/// is kept whole, and a session's word that the node is ready beats another
+/// manager's that it is down.
 fn merge(pending: &mut HashMap<NodeId, StatusChange>, c: StatusChange) {
     match pending.get_mut(&c.node) {
+        Some(p) if p.reporter != c.reporter => {
+            if c.status == NodeStatus::Ready || p.status != NodeStatus::Ready {
+                *p = c;
+            }
+        }
         Some(p) => {
             p.status = c.status;
             if c.addr.is_some() {
@@ -325,5 +336,32 @@ fn merge(pending: &mut HashMap<NodeId, StatusChange>, c: StatusChange) {
         None => {
             pending.insert(c.node.clone(), c);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_as_different_managers_are_never_mixed() {
+        let (node, gone, live): (NodeId, NodeId, NodeId) =
+            ("n".repeat(25).parse().unwrap(), "g".repeat(25).parse().unwrap(), "l".repeat(25).parse().unwrap());
+        let change = |status, reporter: &NodeId| StatusChange {
+            node: node.clone(),
+            status,
+            addr: None,
+            reporter: reporter.clone(),
+        };
+        let mut pending = HashMap::new();
+        merge(&mut pending, change(NodeStatus::Down, &gone));
+        merge(&mut pending, change(NodeStatus::Ready, &live));
+        let p = &pending[&node];
+        assert_eq!((p.status, &p.reporter), (NodeStatus::Ready, &live));
+        // The sweep's late word does not undo a live session's.
+        merge(&mut pending, change(NodeStatus::Down, &gone));
+        assert_eq!((pending[&node].status, &pending[&node].reporter), (NodeStatus::Ready, &live));
+        merge(&mut pending, change(NodeStatus::Down, &live));
+        assert_eq!((pending[&node].status, &pending[&node].reporter), (NodeStatus::Down, &live));
     }
 }
