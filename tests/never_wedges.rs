@@ -161,17 +161,34 @@ fn after_a_forced_new_cluster_dead_nodes_go_down_and_a_removed_manager_says_so()
     assert!(!status.success(), "a removed manager exited successfully:\n{log}");
     assert!(log.contains("was removed from the cluster"), "no removal message:\n{log}");
     assert!(log.lines().all(|l| l.len() < 2_000), "a line of more than 2,000 characters:\n{log}");
+    // Invariant 7: a removed node wipes what it held — for a manager, the keys
+    // that open every secret and the CA key.
+    for gone in ["keys", "raft", "certs/node.key", "manager.json"] {
+        assert!(!m2.data.join(gone).exists(), "the removed manager left {gone} behind");
+    }
 }
 
+/// Three managers stopped, one started alone: it keeps waiting for a quorum
+/// (past the 30 s after which it used to exit) and says so once. Meanwhile it
+/// vouches for nobody by its old state: a worker removed while it was down
+/// gets no session from it. Once a second manager is back, writes go through
+/// it, and the worker learns it was removed.
 #[test]
-fn a_manager_without_a_quorum_keeps_waiting_and_says_so_once() {
+fn a_manager_without_a_quorum_keeps_waiting_says_so_once_and_vouches_for_nobody() {
     let mut env = Env::new();
     let (managers, _) = env.three_managers(&[]);
-    for m in &managers {
-        env.proc(m.proc_idx).terminate();
-    }
-    let [_, m2, m3] = managers;
+    let [m1, m2, m3] = managers;
+    let w = env.join_worker("w", &m1.token("worker"), &m2.addr);
+    let wid = wait_for("the worker's ID", DEADLINE, || w.data.join("worker.json").exists().then(|| w.node_id()));
+    wait_for("the worker ready", DEADLINE, || m1.node(&wid).filter(|n| n["status"] == "ready"));
+    env.proc(m2.proc_idx).terminate();
+    env.proc(w.proc_idx).terminate();
+    m1.ctl_ok(&["node", "rm", "--force", &wid]);
+    env.proc(m1.proc_idx).terminate();
+    env.proc(m3.proc_idx).terminate();
+
     let alone = env.run_node("m2-alone", &m2.data);
+    let back = env.run_node("w-back", &w.data);
     // Longer than the 30 s after which a manager without a leader used to exit.
     let until = Instant::now() + Duration::from_secs(40);
     while Instant::now() < until {
@@ -182,6 +199,10 @@ fn a_manager_without_a_quorum_keeps_waiting_and_says_so_once() {
     }
     let log = env.proc(alone).log_text();
     assert_eq!(log.matches("no raft leader for").count(), 1, "the wait is said exactly once:\n{log}");
+    assert!(!log.contains("session opened"), "a leaderless manager opened a session:\n{log}");
+    let wlog = env.proc(back).log_text();
+    assert!(!wlog.contains("session established"), "the removed worker got a session:\n{wlog}");
+
     env.run_node("m3-back", &m3.data);
     let m2 = Manager { proc_idx: alone, ..m2 };
     let value = env.path("value");
@@ -189,6 +210,8 @@ fn a_manager_without_a_quorum_keeps_waiting_and_says_so_once() {
     wait_for("a write through m2 once m3 is back", Duration::from_secs(60), || {
         m2.try_ctl(&["create", "after-quorum", value.to_str().unwrap()]).filter(|o| o.status.success())
     });
+    let (status, wlog) = exit_log(&mut env, back, Duration::from_secs(90));
+    assert!(!status.success() && wlog.contains("removed from the cluster"), "the worker ({status}):\n{wlog}");
 }
 
 #[test]
