@@ -138,6 +138,12 @@ impl Wal {
                     Err(why) => return Err(corrupt(&path, at, why)),
                 }
             }
+            // Only the last segment can be empty (a crash between creating it
+            // and writing its first record); an earlier one emptied lost its
+            // records, which nothing after it may paper over.
+            if at == 0 && !last_segment {
+                return Err(corrupt(&path, 0, "an empty segment before the last: its records are lost"));
+            }
             wal.segments.insert(*first, Segment { path, file: Arc::new(file), len: at });
         }
         Ok(wal)
@@ -336,6 +342,29 @@ mod tests {
             let p = e.unwrap().path();
             assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600, "{}", p.display());
         }
+    }
+
+    #[test]
+    fn invariant_8_recovery_refuses_an_emptied_segment_before_the_last() {
+        // Found by the `wal` fuzz target: the first segment cut to nothing
+        // lost entries 1-2, and the log came back starting at 3.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::open_with(dir.path(), 1, None).unwrap();
+        w.append((1..=5).map(entry)).unwrap();
+        drop(w);
+        for first in [1, 3] {
+            let d = tempfile::tempdir().unwrap();
+            for f in fs::read_dir(dir.path()).unwrap().flatten() {
+                fs::copy(f.path(), d.path().join(f.file_name())).unwrap();
+            }
+            fs::write(d.path().join(segment_name(first)), b"").unwrap();
+            let err = Wal::open(d.path(), None).err().expect("a log with an emptied segment was accepted");
+            assert!(err.to_string().contains("empty segment") || err.to_string().contains("gap"), "{err}");
+        }
+        // The last segment may be empty.
+        let last = fs::read_dir(dir.path()).unwrap().flatten().map(|f| f.path()).max().unwrap();
+        fs::write(&last, b"").unwrap();
+        Wal::open(dir.path(), None).unwrap();
     }
 
     #[test]
