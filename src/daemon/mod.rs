@@ -271,8 +271,17 @@ fn forget_new_node_dir<T>(dir: &Path, created: bool, r: anyhow::Result<T>) -> an
 
 /// Locks a data dir about to receive a new node (see [`new_node_dir`]); if
 /// another process holds it, removes the dir again if this command created it.
-fn lock_new_node_dir(dir: &Path, created: bool) -> anyhow::Result<DataDirLock> {
-    forget_new_node_dir(dir, created, DataDirLock::acquire(dir).map_err(Into::into))
+///
+/// A dir that already holds a node is not locked here (nor touched): the init
+/// or join refuses it as it is ("already holds a swarmd node"), whether its
+/// node runs or not.
+fn lock_new_node_dir(dir: &Path, created: bool) -> anyhow::Result<Option<DataDirLock>> {
+    let holds_node =
+        [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE, "certs"].iter().any(|f| dir.join(f).exists());
+    if holds_node {
+        return Ok(None);
+    }
+    forget_new_node_dir(dir, created, DataDirLock::acquire(dir).map(Some).map_err(Into::into))
 }
 
 /// Runs `swarmd` with parsed arguments.
