@@ -96,14 +96,24 @@ impl Demotion {
     pub fn apply(&self, data_dir: &Path) -> Result<(), ManagerError> {
         self.identity.save(&NodeIdentity::dir(data_dir))?;
         self.worker.save(data_dir).map_err(|e| ManagerError::Invalid(e.to_string()))?;
-        std::fs::remove_file(data_dir.join(CONFIG_FILE)).map_err(io_err(&data_dir.join(CONFIG_FILE)))?;
-        crate::keys::KeyDir::new(data_dir).erase()?;
-        let raft = data_dir.join("raft");
-        match std::fs::remove_dir_all(&raft) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&raft)(e)),
-            _ => {}
-        }
-        Ok(())
+        erase_manager_state(data_dir)
+    }
+}
+
+/// What only a manager keeps, gone: `manager.json` first (the data dir stops
+/// being a manager's), then every file of `keys/` overwritten in place and
+/// deleted, then `raft/` deleted. Each step passes if there is nothing to do.
+fn erase_manager_state(data_dir: &Path) -> Result<(), ManagerError> {
+    remove(&data_dir.join(CONFIG_FILE), |p| std::fs::remove_file(p))?;
+    crate::keys::KeyDir::new(data_dir).erase()?;
+    remove(&data_dir.join("raft"), |p| std::fs::remove_dir_all(p))
+}
+
+/// `how(path)`, where a missing path is no error.
+fn remove(path: &Path, how: fn(&Path) -> std::io::Result<()>) -> Result<(), ManagerError> {
+    match how(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
     }
 }
 
@@ -114,19 +124,10 @@ impl Demotion {
 /// data keys and the CA key they seal are the cluster's). Call it once the
 /// manager has stopped.
 pub fn erase_removed(data_dir: &Path) -> Result<(), ManagerError> {
-    crate::keys::KeyDir::new(data_dir).erase()?;
+    erase_manager_state(data_dir)?;
     let certs = NodeIdentity::dir(data_dir);
     swarmd_certs::erase_file(&certs.join("node.key"))?;
-    for dir in [certs, data_dir.join("raft")] {
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&dir)(e)),
-            _ => {}
-        }
-    }
-    match std::fs::remove_file(data_dir.join(CONFIG_FILE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&data_dir.join(CONFIG_FILE))(e)),
-        _ => Ok(()),
-    }
+    remove(&certs, |p| std::fs::remove_dir_all(p))
 }
 
 /// Whether the leader can finish removing raft member `me` without it: `me`

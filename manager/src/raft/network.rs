@@ -4,6 +4,7 @@
 //! own certificate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -14,12 +15,10 @@ use openraft::raft::{
 use openraft::{BasicNode, LogId, Vote};
 use rustls::ClientConfig;
 use serde::{de::DeserializeOwned, Serialize};
-use std::time::Duration;
 use swarmd_certs::dial::{lazy_channel, Remotes};
 use swarmd_proto::raft::raft_client::RaftClient;
 use swarmd_proto::raft::raft_server;
 use swarmd_proto::raft::RaftPayload;
-
 use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
