@@ -24,7 +24,7 @@ pub struct SimNode {
 /// Joins one worker through the manager at `addr`.
 pub async fn join(token: &str, addr: &str, hostname: &str) -> Result<SimNode, String> {
     let token: JoinToken = token.parse().map_err(|e| format!("{e}"))?;
-    let issued = swarmd_worker::request_certificate(&token, &[addr.to_owned()], hostname, Role::Worker)
+    let issued = swarmd_certs::join::request_certificate(&token, &[addr.to_owned()], hostname, Role::Worker)
         .await
         .map_err(|e| e.to_string())?;
     let tls = Arc::new(client_config(&issued.identity).map_err(|e| e.to_string())?);

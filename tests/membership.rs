@@ -163,7 +163,13 @@ fn bad_node_updates_are_refused_and_change_nothing() {
     let mut env = Env::new();
     let m1 = env.start_manager("m1", &[]);
     let id = m1.node_id();
-    let before = info(&m1).unwrap()["state_digest"].clone();
+    // The manager records its own status just after it starts serving: the
+    // state to compare with is the one that then holds still.
+    let before = wait_for("the new manager's state to settle", DEADLINE, || {
+        let first = info(&m1)?["state_digest"].clone();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        (info(&m1)?["state_digest"] == first).then_some(first)
+    });
     let long = format!("k={}", "v".repeat(5000));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--label-add=-bad=1"], "invalid label key"),

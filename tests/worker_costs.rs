@@ -36,9 +36,10 @@ struct RawWorker {
 impl RawWorker {
     async fn join(m: &Manager, hostname: &str, session_hostname: &str, ack: bool) -> RawWorker {
         let token: JoinToken = m.token("worker").parse().unwrap();
-        let issued = swarmd_worker::request_certificate(&token, std::slice::from_ref(&m.addr), hostname, Role::Worker)
-            .await
-            .unwrap();
+        let issued =
+            swarmd_certs::join::request_certificate(&token, std::slice::from_ref(&m.addr), hostname, Role::Worker)
+                .await
+                .unwrap();
         let identity: NodeIdentity = issued.identity;
         let ch = dial::connect(&m.addr, Arc::new(client_config(&identity).unwrap())).await.unwrap();
         // The default 4 MiB limit of a gRPC client: every message must fit it.

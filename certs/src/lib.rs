@@ -14,6 +14,7 @@ pub mod dial;
 mod error;
 mod identity;
 mod ids;
+pub mod join;
 pub mod renew;
 pub mod tls;
 mod token;
@@ -28,6 +29,13 @@ pub use ids::{ClusterId, IdError, NodeId, Role, SecretId, ServiceId, TaskId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 
 /// The DNS name managers present in their certificates and clients dial.
+pub use renew::now_unix;
+
+/// This host's name, as a node reports it at its join ("" when unknown).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
 pub const MANAGER_SERVER_NAME: &str = "swarm-manager";
 
 /// Fills `buf` from the operating system's CSPRNG.

@@ -101,8 +101,6 @@ impl InitOptions {
 /// Options of `swarmd manager join`.
 #[derive(Clone, Debug)]
 pub struct JoinOptions {
-    /// The manager join token.
-    pub token: String,
     /// Addresses of existing managers.
     pub remotes: Vec<String>,
     /// The data dir.
@@ -115,6 +113,10 @@ pub struct JoinOptions {
     pub control_socket: Option<PathBuf>,
     /// Raft timing.
     pub raft: RaftSettings,
+    /// A promoted worker's config file (`worker.json`): the data dir may hold
+    /// it (and the worker's `certs/`), and it is removed once `manager.json`
+    /// is written. `None` for a join into an empty data dir.
+    pub promoted_from: Option<PathBuf>,
 }
 
 /// The address to advertise for a listener bound to `bound`.

@@ -50,8 +50,8 @@ pub use auth::{Authorizer, Caller, ConnInfo};
 pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
 pub use conn::{ConnLimits, ConnRegistry};
 pub use error::ManagerError;
-pub use membership::{erase_removed, Demotion, RunOutcome};
-pub use node::Manager;
+pub use membership::{erase_manager_state, erase_removed, Demotion, RunOutcome};
+pub use node::{JoinSite, Manager};
 pub use store::{Peers, Store, StoreError};
 
 /// Reads the cluster record and the plaintext CA key of a *stopped* manager's

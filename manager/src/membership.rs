@@ -71,39 +71,32 @@ pub enum RunOutcome {
     Removed,
 }
 
-/// What a demoted manager becomes: a worker identity signed while it still
-/// held the CA, and a worker config pointing at the remaining managers.
+/// What a demoted manager becomes, as plain data for the root package's
+/// `node` module to write as a worker's data dir (then it erases the
+/// manager's state with [`erase_manager_state`]): a worker identity signed
+/// while this manager still held the CA, and where the worker finds the
+/// remaining managers.
 pub struct Demotion {
-    identity: NodeIdentity,
-    worker: swarmd_worker::WorkerConfig,
+    /// The worker certificate and its new key.
+    pub identity: NodeIdentity,
+    /// The managers' addresses (this one excluded).
+    pub remotes: Vec<String>,
+    /// The node IDs of the remaining raft voters.
+    pub managers: Vec<swarmd_certs::NodeId>,
+    /// Where it listened as a manager (where it listens if promoted again).
+    pub listen_addr: String,
 }
 
 impl std::fmt::Debug for Demotion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Demotion").field("node", &self.worker.node_id).finish()
-    }
-}
-
-impl Demotion {
-    /// Rewrites `data_dir` as a worker's: certificate and `worker.json` first,
-    /// then the manager's config, keys and raft store are deleted.
-    ///
-    /// The manager's node key (replaced by the worker's) and every file of
-    /// `keys/` (KEK, sealed data keys) are overwritten with zeros in place
-    /// before they are unlinked, so the disk keeps no key a manager held.
-    /// `raft/` holds only what the data keys seal (and public records), and
-    /// may be large: it is deleted, not overwritten.
-    pub fn apply(&self, data_dir: &Path) -> Result<(), ManagerError> {
-        self.identity.save(&NodeIdentity::dir(data_dir))?;
-        self.worker.save(data_dir).map_err(|e| ManagerError::Invalid(e.to_string()))?;
-        erase_manager_state(data_dir)
+        f.debug_struct("Demotion").field("node", &self.identity.info.node_id).finish()
     }
 }
 
 /// What only a manager keeps, gone: `manager.json` first (the data dir stops
 /// being a manager's), then every file of `keys/` overwritten in place and
 /// deleted, then `raft/` deleted. Each step passes if there is nothing to do.
-fn erase_manager_state(data_dir: &Path) -> Result<(), ManagerError> {
+pub fn erase_manager_state(data_dir: &Path) -> Result<(), ManagerError> {
     remove(&data_dir.join(CONFIG_FILE), |p| std::fs::remove_file(p))?;
     crate::keys::KeyDir::new(data_dir).erase()?;
     remove(&data_dir.join("raft"), |p| std::fs::remove_dir_all(p))
@@ -377,22 +370,15 @@ fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) 
     if remotes.is_empty() {
         return Err("no other manager is known".into());
     }
-    let worker = swarmd_worker::WorkerConfig {
-        node_id: cfg.node_id.clone(),
-        cluster_id: cfg.cluster_id.clone(),
-        remotes,
-        listen_addr: Some(cfg.listen_addr.clone()),
-        runtime: None,
-        managers: store
-            .view()
-            .managers()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .filter(|m| m.raft_id.is_some() && m.id != cfg.node_id)
-            .map(|m| m.id)
-            .collect(),
-    };
-    Ok(Demotion { identity, worker })
+    let managers = store
+        .view()
+        .managers()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|m| m.raft_id.is_some() && m.id != cfg.node_id)
+        .map(|m| m.id)
+        .collect();
+    Ok(Demotion { identity, remotes, managers, listen_addr: cfg.listen_addr.clone() })
 }
 
 /// Keeps the TLS deny-list equal to the replicated one (once this manager's

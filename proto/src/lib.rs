@@ -11,6 +11,10 @@
 /// as its removal; a manager that merely does not know the node yet never sets it.
 pub const NODE_REMOVED_METADATA: &str = "swarmd-node-removed";
 
+/// gRPC metadata key with the milliseconds a refused caller should wait
+/// before it tries again (on RESOURCE_EXHAUSTED: a join or renewal budget).
+pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+
 /// The encoded file-descriptor set of every service here (to enumerate RPCs).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/swarmd_descriptor.bin"));
 

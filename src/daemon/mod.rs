@@ -1,6 +1,7 @@
 //! `swarmd`: create, join and run nodes.
 
 mod lock;
+mod node;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -9,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use swarmd_certs::CertValidity;
-use swarmd_manager::{InitOptions, Manager, RunOutcome};
-use swarmd_worker::{JoinOptions, Worker, WorkerOutcome};
+use swarmd_manager::{InitOptions, Manager};
+use swarmd_worker::{JoinOptions, Worker};
 use tokio_util::sync::CancellationToken;
 
 pub use lock::{DataDirLock, LockError, LOCK_FILE};
@@ -217,10 +218,6 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
-}
-
 impl Cli {
     /// The join token arguments, for the join commands.
     fn token_args(&self) -> Option<&TokenArgs> {
@@ -306,30 +303,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_unlock_key(&key);
             }
             let shutdown = shutdown_on_signal();
-            after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
+            node::after_manager(&data_dir, manager.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Join(a)) => {
             let token = a.token.read()?;
+            let token: swarmd_certs::JoinToken = token.as_str().parse().map_err(|e| anyhow::anyhow!("{e}"))?;
             let opts = swarmd_manager::JoinOptions {
-                token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
                 listen_addr: a.addrs.listen_addr,
                 advertise_addr: a.addrs.advertise_addr,
                 control_socket: a.addrs.control_socket,
                 raft: a.raft.settings()?,
+                promoted_from: None,
             };
-            drop(token);
             let data_dir = opts.data_dir.clone();
             let created = new_node_dir(&data_dir)?;
             let _lock = lock_new_node_dir(&data_dir, created)?;
             let shutdown = shutdown_on_signal();
-            let outcome = forget_new_node_dir(
-                &data_dir,
-                created,
-                Manager::join(opts, shutdown.clone()).await.map_err(Into::into),
-            )?;
-            after_manager(&data_dir, outcome, shutdown).await?;
+            let outcome =
+                forget_new_node_dir(&data_dir, created, node::join_manager(opts, token, shutdown.clone()).await)?;
+            node::after_manager(&data_dir, outcome, shutdown).await?;
         }
         Command::Manager(ManagerCmd::Recover(a)) => {
             debug_assert!(a.force_new_cluster);
@@ -337,7 +331,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let m = Manager::recover(&a.dir.data_dir).await?;
             println!("Forced a new cluster: this manager ({}) is now the only manager.", m.config().node_id);
             let shutdown = shutdown_on_signal();
-            after_manager(&a.dir.data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
+            node::after_manager(&a.dir.data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
         }
         Command::Worker(WorkerCmd::Join(a)) => {
             let data_dir = a.dir.data_dir.clone();
@@ -346,7 +340,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: token.as_str().to_owned(),
                 remotes: a.remote,
                 data_dir: a.dir.data_dir,
-                hostname: hostname(),
+                hostname: swarmd_certs::hostname(),
                 listen_addr: a.listen_addr,
                 runtime: Some(a.runtime),
             };
@@ -356,9 +350,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let worker = forget_new_node_dir(&data_dir, created, Worker::join(opts).await.map_err(Into::into))?;
             println!("This node joined the cluster as a worker ({}).", worker.node_id());
             let shutdown = shutdown_on_signal();
-            after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
+            node::after_worker(&data_dir, worker.run(shutdown.clone()).await?, shutdown).await?;
         }
-        Command::Run(a) => run_existing(&a.dir.data_dir).await?,
+        Command::Run(a) => node::run_existing(&a.dir.data_dir).await?,
         Command::Worker(WorkerCmd::Status(d)) => {
             let cfg = swarmd_worker::WorkerConfig::load(&d.data_dir)?;
             let path = swarmd_worker::run_dir(&cfg.node_id).join("state.json");
@@ -392,73 +386,5 @@ async fn unlock(data_dir: &Path) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("Manager unlocked.");
-    Ok(())
-}
-
-/// What happens after a manager stops: nothing, or — if it was demoted — its
-/// data dir becomes a worker's and this process re-executes as `swarmd run`.
-async fn after_manager(data_dir: &Path, outcome: RunOutcome, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    match outcome {
-        RunOutcome::Stopped => Ok(()),
-        RunOutcome::Removed => {
-            swarmd_manager::erase_removed(data_dir).context("cannot erase the removed manager's keys and state")?;
-            anyhow::bail!(
-                "this manager was removed from the cluster while it was down (its peers refuse this node: a \
-                 `swarmd manager recover --force-new-cluster` on another manager dropped it); its keys and state \
-                 in {} are erased: to come back, join again from an empty data dir with a manager token \
-                 (`secretctl join-token manager` on a manager)",
-                data_dir.display()
-            )
-        }
-        RunOutcome::Demoted(d) => {
-            d.apply(data_dir).context("cannot turn the demoted manager into a worker")?;
-            println!("This node was demoted; it now runs as a worker.");
-            use std::os::unix::process::CommandExt;
-            let err =
-                std::process::Command::new(std::env::current_exe()?).arg("run").arg("--data-dir").arg(data_dir).exec();
-            Err(anyhow::Error::new(err).context("cannot restart as a worker"))
-        }
-    }
-}
-
-/// What happens after a worker stops: nothing, or — if it was promoted — it
-/// becomes a manager in this process.
-async fn after_worker(data_dir: &Path, outcome: WorkerOutcome, shutdown: CancellationToken) -> anyhow::Result<()> {
-    match outcome {
-        WorkerOutcome::Stopped => Ok(()),
-        WorkerOutcome::Removed => anyhow::bail!(
-            "this node was removed from the cluster (secretctl node rm): its tasks are stopped and its secrets \
-             wiped; to come back, join again from an empty data dir with a new token"
-        ),
-        WorkerOutcome::Promoted => {
-            let outcome = Manager::promote(data_dir, shutdown.clone()).await.context("promotion to manager failed")?;
-            Box::pin(after_manager(data_dir, outcome, shutdown)).await
-        }
-    }
-}
-
-async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
-    let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
-    // Held for the node's life, through a promotion; released by a demotion's
-    // re-execution, which takes it again.
-    let mut _lock = None;
-    if is_node {
-        // State an older version left readable by others is narrowed first.
-        swarmd_certs::restrict_tree(data_dir).context("cannot make the data dir private")?;
-        _lock = Some(DataDirLock::acquire(data_dir)?);
-    }
-    if data_dir.join(swarmd_manager::CONFIG_FILE).exists() {
-        let m = Manager::open(data_dir).await.context("cannot start the manager")?;
-        let shutdown = shutdown_on_signal();
-        after_manager(data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
-    } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
-        let shutdown = shutdown_on_signal();
-        after_worker(data_dir, Worker::open(data_dir)?.run(shutdown.clone()).await?, shutdown).await?;
-    } else {
-        anyhow::bail!(
-            "{} holds no swarmd node; create one with `swarmd manager init` or `swarmd worker join`",
-            data_dir.display()
-        );
-    }
     Ok(())
 }

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use config::{WorkerConfig, CONFIG_FILE};
-pub use join::{request_certificate, Issued, JoinError, JoinOptions};
+pub use join::JoinOptions;
+pub use swarmd_certs::join::JoinError;
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,7 @@ use crate::autolock::NodeKeyWrap;
 use crate::ca_service::{now_unix, CaService};
 use crate::cluster::SecretsCache;
 use crate::cluster_service::ClusterService;
-use crate::config::{default_advertise, InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
+use crate::config::{default_advertise, InitOptions, ManagerConfig, CONFIG_FILE};
 use crate::conn::{tls_incoming, unix_incoming, ConnLimits, ConnRegistry};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
@@ -30,8 +30,10 @@ use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
 use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
 use crate::store::{Peers, Store};
 use crate::ManagerError;
-use swarmd_proto::cluster::cluster_client::ClusterClient;
-use swarmd_proto::cluster::{GetDataKeyRequest, JoinRaftRequest};
+
+mod join;
+use join::random_raft_id;
+pub use join::JoinSite;
 
 /// How long in-flight requests get to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -171,7 +173,7 @@ impl Manager {
             role: Role::Manager,
             status: NodeStatus::Ready,
             addr: advertise.clone(),
-            hostname: hostname(),
+            hostname: swarmd_certs::hostname(),
             cert_serial: issued.serial,
             cert_not_after: issued.not_after,
             created_at: now_unix(),
@@ -386,7 +388,7 @@ impl Manager {
             .layer(crate::budget::BudgetLayer::new(crate::conn::NODES_BUDGET))
             .add_service(ca.clone())
             .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
-            .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
+            .add_service(control.clone())
             .add_service(InterceptedService::new(raft_service.clone(), gated(Admits::RaftMembers)))
             .add_service(InterceptedService::new(cluster.clone(), gated(Admits::Managers)))
             .serve_with_incoming_shutdown(incoming.authenticated, shutdown.clone().cancelled_owned());
@@ -401,7 +403,7 @@ impl Manager {
             .layer(crate::budget::BudgetLayer::new(crate::conn::ANONYMOUS_BUDGET))
             .add_service(ca)
             .add_service(InterceptedService::new(dispatcher.service(), gated(Admits::Nodes)))
-            .add_service(InterceptedService::new(control.clone(), gated(Admits::Admins)))
+            .add_service(control.clone())
             .add_service(InterceptedService::new(raft_service, gated(Admits::RaftMembers)))
             .add_service(InterceptedService::new(cluster, gated(Admits::Managers)))
             .serve_with_incoming_shutdown(incoming.anonymous, shutdown.clone().cancelled_owned());
@@ -432,174 +434,6 @@ impl Manager {
         let outcome = demotion.lock().expect("demotion lock").take();
         Ok(outcome.unwrap_or(RunOutcome::Stopped))
     }
-
-    /// Joins an existing cluster as a manager and runs until `shutdown`:
-    /// certificate with the manager token, data key over mTLS, then raft as a
-    /// learner and, once caught up, as a voter. `manager.json` is written last.
-    pub async fn join(opts: JoinOptions, shutdown: CancellationToken) -> Result<RunOutcome, ManagerError> {
-        let token: JoinToken =
-            opts.token.parse().map_err(|e: swarmd_certs::TokenError| ManagerError::Invalid(e.to_string()))?;
-        check_fresh(&opts.data_dir)?;
-        let listener = bind(&opts.listen_addr).await?;
-        std::fs::create_dir_all(&opts.data_dir).map_err(io_err(&opts.data_dir))?;
-        let issued = swarmd_worker::request_certificate(&token, &opts.remotes, &hostname(), Role::Manager)
-            .await
-            .map_err(|e| ManagerError::Join(e.to_string()))?;
-        let result = Self::join_in(&opts, listener, issued, shutdown.clone()).await;
-        if let Err(e) = &result {
-            shutdown.cancel();
-            if !opts.data_dir.join(CONFIG_FILE).exists() {
-                for d in CREATED {
-                    let _ = std::fs::remove_dir_all(opts.data_dir.join(d));
-                }
-            }
-            tracing::debug!(error = %e, "manager join failed");
-        }
-        result
-    }
-
-    async fn join_in(
-        opts: &JoinOptions,
-        listener: TcpListener,
-        issued: swarmd_worker::Issued,
-        shutdown: CancellationToken,
-    ) -> Result<RunOutcome, ManagerError> {
-        let data_dir = &opts.data_dir;
-        let bound = listener.local_addr().map_err(io_err(data_dir))?;
-        let advertise = opts.advertise_addr.clone().unwrap_or_else(|| default_advertise(bound));
-        let cfg = Arc::new(swarmd_certs::tls::client_config(&issued.identity)?);
-        let chan = swarmd_certs::dial::connect(&issued.addr, cfg)
-            .await
-            .map_err(|e| ManagerError::Join(format!("cannot reach {}: {e}", issued.addr)))?;
-        let mut cluster = ClusterClient::new(chan);
-        let handed = cluster
-            .get_data_key(GetDataKeyRequest {})
-            .await
-            .map_err(|s| {
-                ManagerError::Join(format!("the manager at {} refused the data key: {}", issued.addr, s.message()))
-            })?
-            .into_inner();
-        let key = zeroize::Zeroizing::new(handed.key);
-        let bootstrap_managers = handed.manager_ids.iter().filter_map(|m| m.parse().ok()).collect();
-        let denied = swarmd_certs::tls::Denied {
-            nodes: handed.denied_nodes.iter().filter_map(|n| n.parse().ok()).collect(),
-            serials: handed.denied_serials.into_iter().collect(),
-        };
-        let keyring = Keyring::decode(&key).ok_or_else(|| ManagerError::Join("malformed data keys".into()))?;
-        drop(key);
-        KeyDir::new(data_dir).create(&keyring)?;
-        let keydir = KeyDir::new(data_dir).loaded()?;
-        let wrap = Arc::new(NodeKeyWrap::new(keydir.kek_key()?, false));
-        issued.identity.save(&NodeIdentity::dir(data_dir))?;
-        let raft_id = random_raft_id();
-        let cfg = ManagerConfig {
-            node_id: issued.identity.info.node_id.clone(),
-            cluster_id: issued.identity.info.cluster_id.clone(),
-            raft_id,
-            listen_addr: bound.to_string(),
-            advertise_addr: advertise.clone(),
-            control_socket: opts.control_socket.clone().unwrap_or_else(|| data_dir.join("control.sock")),
-            raft: opts.raft.clone(),
-        };
-        let mut manager =
-            Self::start(cfg.clone(), data_dir, issued.identity, (keydir, wrap, None), listener, &opts.raft).await?;
-        manager.bootstrap_managers = bootstrap_managers;
-        manager.deny.extend(denied);
-        let run = tokio::spawn(manager.run(shutdown.clone()));
-        if let Err(s) = join_raft(&mut cluster, raft_id, &advertise).await {
-            shutdown.cancel();
-            let _ = run.await;
-            return Err(ManagerError::Join(format!("could not join raft: {}", s.message())));
-        }
-        cfg.save(data_dir)?;
-        // A promoted worker stops being one only now.
-        let _ = std::fs::remove_file(data_dir.join(swarmd_worker::CONFIG_FILE));
-        tracing::info!(node.id = %cfg.node_id, raft_id, "joined the cluster as a manager");
-        println!("This node joined the cluster as a manager ({}).", cfg.node_id);
-        run.await.map_err(|e| ManagerError::Join(format!("manager task failed: {e}")))?
-    }
-
-    /// A worker that was promoted (`secretctl node promote`) becomes a manager:
-    /// renews into a manager certificate, takes the data key, joins raft.
-    /// `manager.json` replaces `worker.json` once it is a voter.
-    pub async fn promote(data_dir: &Path, shutdown: CancellationToken) -> Result<RunOutcome, ManagerError> {
-        let wcfg = swarmd_worker::WorkerConfig::load(data_dir).map_err(|e| ManagerError::Join(e.to_string()))?;
-        let worker_id = NodeIdentity::load(&NodeIdentity::dir(data_dir))?;
-        let tls = Arc::new(swarmd_certs::tls::client_config(&worker_id)?);
-        let (key, csr) = generate_key_and_csr()?;
-        let mut issued = None;
-        for addr in &wcfg.remotes {
-            let Ok(chan) = swarmd_certs::dial::connect(addr, tls.clone()).await else { continue };
-            let req = swarmd_proto::ca::RenewNodeCertificateRequest { csr_pem: csr.clone() };
-            if let Ok(r) = swarmd_proto::ca::ca_client::CaClient::new(chan).renew_node_certificate(req).await {
-                issued = Some((addr.clone(), r.into_inner().certificate_pem));
-                break;
-            }
-        }
-        let (addr, cert) = issued.ok_or_else(|| ManagerError::Join("no manager renewed the certificate".into()))?;
-        let identity = NodeIdentity::new(worker_id.ca_pem.clone(), cert, key)?;
-        if identity.info.role != Role::Manager {
-            return Err(ManagerError::Join("the renewed certificate is not a manager certificate".into()));
-        }
-        let opts = JoinOptions {
-            token: String::new(),
-            remotes: wcfg.remotes.clone(),
-            data_dir: data_dir.to_owned(),
-            listen_addr: wcfg.listen_addr.clone().unwrap_or_else(|| "0.0.0.0:4242".into()),
-            advertise_addr: None,
-            control_socket: None,
-            raft: RaftSettings::default(),
-        };
-        let listener = bind(&opts.listen_addr).await?;
-        let issued = swarmd_worker::Issued { identity, addr, managers: wcfg.remotes, manager_ids: wcfg.managers };
-        let result = Self::join_in(&opts, listener, issued, shutdown).await;
-        if result.is_err() && !data_dir.join(CONFIG_FILE).exists() {
-            for d in ["keys", "raft"] {
-                let _ = std::fs::remove_dir_all(data_dir.join(d));
-            }
-        }
-        result
-    }
-}
-
-/// Asks to become a raft voter, again while the answer is UNAVAILABLE (no
-/// leader yet, a leader change, another manager's join under way), with
-/// jittered pauses, for at most [`JOIN_RAFT_TIME`].
-async fn join_raft(
-    cluster: &mut ClusterClient<tonic::transport::Channel>,
-    raft_id: u64,
-    advertise: &str,
-) -> Result<(), tonic::Status> {
-    let deadline = tokio::time::Instant::now() + JOIN_RAFT_TIME;
-    let mut pause = Duration::from_millis(200);
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut req =
-            tonic::Request::new(JoinRaftRequest { raft_id, addr: advertise.to_owned(), node_id: String::new() });
-        req.set_timeout(left.max(Duration::from_secs(1)));
-        match cluster.join_raft(req).await {
-            Ok(_) => return Ok(()),
-            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() + pause < deadline => {
-                tracing::info!(reason = %s.message(), "joining raft: retrying");
-                tokio::time::sleep(pause + Duration::from_millis(rand::random::<u64>() % pause.as_millis() as u64))
-                    .await;
-                pause = (pause * 2).min(Duration::from_secs(3));
-            }
-            Err(s) => return Err(s),
-        }
-    }
-}
-
-/// How long a manager join may take to become a voter, retries included.
-const JOIN_RAFT_TIME: Duration = Duration::from_secs(150);
-
-fn random_raft_id() -> u64 {
-    loop {
-        let id = rand::random::<u64>();
-        if id != 0 {
-            return id;
-        }
-    }
 }
 
 /// Signs this manager's own renewals with the local CA.
@@ -625,8 +459,4 @@ impl CertIssuer for LocalIssuer {
             .map_err(|e| e.to_string())?;
         Ok(issued.pem)
     }
-}
-
-pub(crate) fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }

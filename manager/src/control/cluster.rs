@@ -1,0 +1,128 @@
+//! Control RPCs on the cluster: data key rotation, autolock and its unlock
+//! key, join tokens, this manager's raft view.
+
+use swarmd_certs::JoinToken;
+use swarmd_proto::control::{GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse};
+use tonic::{Request, Response, Status};
+
+use crate::keys::{purpose, UnlockKey};
+use crate::state::Command;
+use swarmd_proto::control::{
+    GetUnlockKeyRequest, GetUnlockKeyResponse, RotateDataKeyRequest, RotateDataKeyResponse, UpdateClusterRequest,
+    UpdateClusterResponse,
+};
+
+use crate::validate;
+
+use super::{internal, ControlService};
+
+/// Administrator only. Runs on the leader (forwarded there).
+pub(super) async fn rotate_data_key(
+    ctl: &ControlService,
+    _req: Request<RotateDataKeyRequest>,
+) -> Result<Response<RotateDataKeyResponse>, Status> {
+    if let Some(mut leader) = ctl.leader_client()? {
+        let mut fwd = Request::new(RotateDataKeyRequest {});
+        fwd.set_timeout(std::time::Duration::from_secs(600));
+        return leader.rotate_data_key(fwd).await;
+    }
+    let _one = ctl.rotating.try_lock().map_err(|_| Status::aborted("a data key rotation is already running"))?;
+    let r = crate::rotation::rotate(&ctl.store, &ctl.secrets, &ctl.peers).await?;
+    Ok(Response::new(RotateDataKeyResponse {
+        key_id: r.key_id,
+        resealed: r.resealed as u64,
+        retired_below: r.retired_below,
+    }))
+}
+
+/// Administrator only. FAILED_PRECONDITION while autolock is off.
+pub(super) async fn get_unlock_key(
+    ctl: &ControlService,
+    req: Request<GetUnlockKeyRequest>,
+) -> Result<Response<GetUnlockKeyResponse>, Status> {
+    let record = ctl.secrets.record()?;
+    let cid = record.id.to_string();
+    let Some(sealed) = record.unlock_key else {
+        return Err(Status::failed_precondition(
+            "autolock is off: turn it on with secretctl cluster update --autolock=true",
+        ));
+    };
+    let key = if req.get_ref().rotate {
+        let fresh = UnlockKey::generate();
+        let sealed = ctl.secrets.seal(&purpose::unlock_key(&cid), fresh.expose())?;
+        ctl.store.propose(Command::SetAutolock { unlock_key: Some(sealed) }).await?;
+        tracing::info!("unlock key rotated");
+        fresh
+    } else {
+        let raw = ctl.secrets.open(&purpose::unlock_key(&cid), &sealed).map_err(internal)?;
+        UnlockKey::from_bytes(&raw).ok_or_else(|| Status::internal("the stored unlock key is malformed"))?
+    };
+    Ok(Response::new(GetUnlockKeyResponse { key: key.text().to_string() }))
+}
+
+/// Administrator only. Turning autolock on returns the new unlock key.
+pub(super) async fn update_cluster(
+    ctl: &ControlService,
+    req: Request<UpdateClusterRequest>,
+) -> Result<Response<UpdateClusterResponse>, Status> {
+    let record = ctl.secrets.record()?;
+    let mut out = UpdateClusterResponse::default();
+    match req.get_ref().autolock {
+        None => {}
+        Some(true) if record.unlock_key.is_some() => {}
+        Some(true) => {
+            let key = UnlockKey::generate();
+            let sealed = ctl.secrets.seal(&purpose::unlock_key(record.id.as_str()), key.expose())?;
+            ctl.store.propose(Command::SetAutolock { unlock_key: Some(sealed) }).await?;
+            tracing::info!("autolock turned on");
+            out.unlock_key = key.text().to_string();
+        }
+        Some(false) if record.unlock_key.is_some() => {
+            ctl.store.propose(Command::SetAutolock { unlock_key: None }).await?;
+            tracing::info!("autolock turned off");
+        }
+        Some(false) => {}
+    }
+    Ok(Response::new(out))
+}
+
+/// Administrator only. This manager's view of raft and a digest of its state.
+pub(super) async fn info(ctl: &ControlService, _req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+    let m = ctl.store.raft().metrics().borrow().clone();
+    let me = ctl.store.view().managers().map_err(internal)?.into_iter().find(|n| n.raft_id == Some(m.id));
+    let secrets = ctl.secrets.get().ok();
+    Ok(Response::new(InfoResponse {
+        node_id: me.map(|n| n.id.to_string()).unwrap_or_default(),
+        cluster_id: secrets.map(|s| s.ca.cluster_id().to_string()).unwrap_or_default(),
+        raft_id: format!("{:016x}", m.id),
+        leader_raft_id: m.current_leader.map(|l| format!("{l:016x}")).unwrap_or_default(),
+        term: m.current_term,
+        last_applied: m.last_applied.map_or(0, |l| l.index),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        voters: m.membership_config.membership().voter_ids().map(|v| format!("{v:016x}")).collect(),
+        state_digest: ctl.store.view().digest().map_err(internal)?,
+        state: format!("{:?}", m.state),
+    }))
+}
+
+/// Administrator only. INVALID_ARGUMENT for an unknown role; with `rotate`,
+/// UNAVAILABLE when no raft leader can take the write.
+pub(super) async fn get_join_token(
+    ctl: &ControlService,
+    req: Request<GetJoinTokenRequest>,
+) -> Result<Response<GetJoinTokenResponse>, Status> {
+    let role = validate::validate_get_join_token(req.get_ref())?;
+    if req.get_ref().rotate {
+        let secrets = ctl.secrets.get()?;
+        let fresh = JoinToken::generate(secrets.ca.digest());
+        let cluster = secrets.ca.cluster_id().to_string();
+        let sealed = ctl.secrets.seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes())?;
+        ctl.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;
+        ctl.secrets.reload()?;
+        tracing::info!(%role, "join token rotated");
+    }
+    let secrets = ctl.secrets.get()?;
+    let token = secrets.token(role).ok_or_else(|| Status::invalid_argument("there is no admin join token"))?;
+    Ok(Response::new(GetJoinTokenResponse { token: token.expose().to_string() }))
+}
