@@ -167,6 +167,18 @@ impl fmt::Display for Role {
     }
 }
 
+/// The one rule for a secret's file name below `/run/secrets` in a task's
+/// container, applied by the manager when a service names it and by the
+/// worker when it writes the file: 1–255 characters of `[A-Za-z0-9._-]`,
+/// not `.` or `..` (so no path, no traversal, nothing hidden by a slash).
+pub fn is_secret_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +211,15 @@ mod tests {
         assert_eq!(Role::from_org_unit(Role::Admin.org_unit()), Some(Role::Admin));
         assert!("admin".parse::<Role>().is_err());
         assert_eq!(Role::from_org_unit("swarm-root"), None);
+    }
+
+    #[test]
+    fn secret_file_names() {
+        for ok in ["db_pass", "db.pass", "A-1", "..x", &"a".repeat(255)] {
+            assert!(is_secret_file_name(ok), "{ok:?}");
+        }
+        for bad in ["", ".", "..", "a/b", "/run/secrets/x", "a b", "ä", &"a".repeat(256), "x\0"] {
+            assert!(!is_secret_file_name(bad), "{bad:?}");
+        }
     }
 }

@@ -25,7 +25,7 @@ pub use identity::{
     create_private_dir, erase_file, generate_key_and_csr, is_sealed_key, replace_secret_file, restrict_tree,
     write_atomic, CertInfo, KeyWrap, NodeIdentity, NodeKey, SEALED_KEY_LABEL,
 };
-pub use ids::{ClusterId, IdError, NodeId, Role, SecretId, ServiceId, TaskId};
+pub use ids::{is_secret_file_name, ClusterId, IdError, NodeId, Role, SecretId, ServiceId, TaskId};
 pub use token::{ca_digest, JoinToken, TokenError, TOKEN_PREFIX};
 
 /// The DNS name managers present in their certificates and clients dial.
@@ -34,6 +34,17 @@ pub use renew::now_unix;
 /// This host's name, as a node reports it at its join ("" when unknown).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Spawns one of a node's long-running loops in a span named after it
+/// (`loop=NAME`), so that every line it logs says which loop it came from.
+pub fn spawn_loop<F>(name: &'static str, fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(fut.instrument(tracing::info_span!("loop", name)))
 }
 
 pub const MANAGER_SERVER_NAME: &str = "swarm-manager";

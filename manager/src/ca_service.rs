@@ -1,7 +1,5 @@
 //! The `Ca` gRPC service: root CA download, joining, renewal.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use swarmd_certs::{IssuedCert, JoinToken, NodeId, Role};
 use swarmd_proto::ca::ca_server::{self, CaServer};
 use swarmd_proto::ca::{
@@ -16,9 +14,7 @@ use crate::limits::{CaRequest, CaWork, JoinLimits, NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
-pub(crate) fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
+pub(crate) use swarmd_certs::now_unix;
 
 /// Keeps a reported hostname printable and short.
 pub(crate) fn clean_hostname(h: &str) -> String {

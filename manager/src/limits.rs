@@ -39,7 +39,7 @@ pub const CA_IN_FLIGHT: usize = 256;
 pub fn retry_after(message: String, wait: Duration) -> Status {
     let mut s = Status::resource_exhausted(message);
     if let Ok(v) = wait.as_millis().to_string().parse() {
-        s.metadata_mut().insert("retry-after-ms", v);
+        s.metadata_mut().insert(swarmd_proto::RETRY_AFTER_METADATA, v);
     }
     s
 }

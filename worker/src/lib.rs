@@ -111,21 +111,22 @@ impl Worker {
         let runtime = self.cfg.runtime.clone().unwrap_or_else(|| "runc".into());
         let watchdog = watchdog::Watchdog::spawn(&run_dir, &runtime).await?;
         let (watchdog_stop, stop_rx) = tokio::sync::oneshot::channel();
-        let watchdog = tokio::spawn(watchdog.supervise(run_dir.clone(), runtime.clone(), stop_rx));
+        let watchdog =
+            swarmd_certs::spawn_loop("watchdog", watchdog.supervise(run_dir.clone(), runtime.clone(), stop_rx));
         let remotes = Remotes::new(self.cfg.remotes.clone());
         let channel = lazy_channel(remotes.clone(), self.creds.client());
         let issuer = RpcIssuer { channel: channel.clone() };
         let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
         let tasks = shutdown.child_token();
-        tokio::spawn(renewer.run(tasks.clone()));
+        swarmd_certs::spawn_loop("cert-renewer", renewer.run(tasks.clone()));
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
         let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
         let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
         let agent = agent::Agent::new(channel.clone(), session_rx, &runtime, run_dir.clone(), tasks.clone());
         let (state_tx, mut state_rx) = tokio::sync::watch::channel(agent::AgentState::default());
-        let agent_done = tokio::spawn(agent.run(assign_rx, state_tx));
+        let agent_done = swarmd_certs::spawn_loop("agent", agent.run(assign_rx, state_tx));
         // What the agent holds (task and secret IDs, never values), for `swarmd worker status`.
-        let writer = tokio::spawn(async move {
+        let writer = swarmd_certs::spawn_loop("state-writer", async move {
             while state_rx.changed().await.is_ok() {
                 let s = state_rx.borrow_and_update().clone();
                 let _ = create_run_dir(&run_dir);

@@ -303,62 +303,80 @@ impl Manager {
         let me = self.cfg.node_id.clone();
         let tasks = shutdown.child_token();
 
-        tokio::spawn(secrets.clone().follow(self.applied.clone(), tasks.clone()));
-        tokio::spawn(crate::rotation::follow_keys(
-            store.clone(),
-            secrets.clone(),
-            peers.clone(),
-            self.applied.clone(),
-            tasks.clone(),
-        ));
+        swarmd_certs::spawn_loop("secrets-cache", secrets.clone().follow(self.applied.clone(), tasks.clone()));
+        swarmd_certs::spawn_loop(
+            "data-keys",
+            crate::rotation::follow_keys(
+                store.clone(),
+                secrets.clone(),
+                peers.clone(),
+                self.applied.clone(),
+                tasks.clone(),
+            ),
+        );
         let files = crate::autolock::LockedFiles {
             keydir: self.keydir.clone(),
             wrap: self.wrap.clone(),
             creds: self.creds.clone(),
             certs_dir: NodeIdentity::dir(&self.data_dir),
         };
-        tokio::spawn(crate::autolock::follow_autolock(
-            secrets.clone(),
-            files,
-            self.unlocked_with.clone(),
-            self.applied.clone(),
-            tasks.clone(),
-        ));
-        tokio::spawn(follow_deny_list(
-            self.view.clone(),
-            self.deny.clone(),
-            conns.clone(),
-            self.applied.clone(),
-            tasks.clone(),
-        ));
-        tokio::spawn(raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()));
-        if self.forget_other_managers {
-            tokio::spawn(forget_other_managers(store.clone(), secrets.clone(), me.clone(), tasks.clone()));
-        }
-        tokio::spawn(watch_demotion(
-            store.clone(),
-            secrets.clone(),
-            self.cfg.clone(),
-            (
+        swarmd_certs::spawn_loop(
+            "autolock",
+            crate::autolock::follow_autolock(
+                secrets.clone(),
+                files,
+                self.unlocked_with.clone(),
                 self.applied.clone(),
-                crate::membership::Probe { identity: self.creds.identity_watch(), deny: self.deny.clone() },
+                tasks.clone(),
             ),
-            shutdown.clone(),
-            demotion.clone(),
-        ));
-        tokio::spawn(crate::scheduler::run(store.clone(), self.applied.clone(), tasks.clone()));
+        );
+        swarmd_certs::spawn_loop(
+            "deny-list",
+            follow_deny_list(self.view.clone(), self.deny.clone(), conns.clone(), self.applied.clone(), tasks.clone()),
+        );
+        swarmd_certs::spawn_loop(
+            "leader-watch",
+            raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()),
+        );
+        if self.forget_other_managers {
+            swarmd_certs::spawn_loop(
+                "forget-managers",
+                forget_other_managers(store.clone(), secrets.clone(), me.clone(), tasks.clone()),
+            );
+        }
+        swarmd_certs::spawn_loop(
+            "demotion-watch",
+            watch_demotion(
+                store.clone(),
+                secrets.clone(),
+                self.cfg.clone(),
+                (
+                    self.applied.clone(),
+                    crate::membership::Probe { identity: self.creds.identity_watch(), deny: self.deny.clone() },
+                ),
+                shutdown.clone(),
+                demotion.clone(),
+            ),
+        );
+        swarmd_certs::spawn_loop(
+            "scheduler",
+            crate::scheduler::run(store.clone(), self.applied.clone(), tasks.clone()),
+        );
         let limits = crate::limits::NodeLimits::from_env();
         let (dispatcher, writer) =
             Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), limits.clone(), me.clone());
-        tokio::spawn(writer.run(tasks.clone()));
-        tokio::spawn(dispatcher.clone().run_checker(tasks.clone()));
-        tokio::spawn(dispatcher.clone().run_manager_updates(self.applied.clone(), tasks.clone()));
-        tokio::spawn(dispatcher.clone().run_manager_probe(peers.clone(), tasks.clone()));
+        swarmd_certs::spawn_loop("status-writer", writer.run(tasks.clone()));
+        swarmd_certs::spawn_loop("liveness", dispatcher.clone().run_checker(tasks.clone()));
+        swarmd_certs::spawn_loop(
+            "manager-updates",
+            dispatcher.clone().run_manager_updates(self.applied.clone(), tasks.clone()),
+        );
+        swarmd_certs::spawn_loop("manager-probe", dispatcher.clone().run_manager_probe(peers.clone(), tasks.clone()));
         dispatcher.report(me.clone(), NodeStatus::Ready, Some(advertise.clone()));
         let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: me.clone() };
         let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer)
             .with_key_wrap(self.wrap.clone());
-        tokio::spawn(renewer.run(tasks.clone()));
+        swarmd_certs::spawn_loop("cert-renewer", renewer.run(tasks.clone()));
 
         let sock = &self.cfg.control_socket;
         if sock.exists() {
