@@ -203,13 +203,13 @@ impl Authorizer {
             if self.bootstrap.read().expect("bootstrap lock").contains(&id.node_id) {
                 return Ok((id, None));
             }
-            return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+            return Err(crate::status::not_caught_up());
         }
         match self.view.node(&id.node_id) {
             Ok(Some(rec)) if rec.role == Role::Manager => Ok((id, Some(rec))),
             Ok(Some(_)) => Err(Status::permission_denied(format!("node {} is no longer a manager", id.node_id))),
             Ok(None) => Err(Status::permission_denied(format!("node {} is not a member of the cluster", id.node_id))),
-            Err(e) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(crate::status::internal(e)),
         }
     }
 
@@ -251,7 +251,7 @@ impl Authorizer {
                         "control API: admin certificate {} is not known to this cluster",
                         id.serial
                     ))),
-                    Err(e) => Err(Status::internal(e.to_string())),
+                    Err(e) => Err(crate::status::internal(e)),
                 }
             }
             Caller::Node(_) => self.require_raft_member(req).map(|_| ()).map_err(refuse),

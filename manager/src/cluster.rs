@@ -195,14 +195,3 @@ impl SecretsCache {
         }
     }
 }
-
-impl From<ClusterError> for tonic::Status {
-    fn from(e: ClusterError) -> Self {
-        match e {
-            ClusterError::NotInitialised => {
-                tonic::Status::unavailable("this manager has not caught up with the cluster yet; try another manager")
-            }
-            e => tonic::Status::internal(e.to_string()),
-        }
-    }
-}

@@ -94,11 +94,11 @@ impl cluster_server::Cluster for ClusterService {
     async fn get_data_key(&self, req: Request<GetDataKeyRequest>) -> Result<Response<GetDataKeyResponse>, Status> {
         let (peer, rec) = self.auth.require_manager(&req)?;
         if rec.is_none() {
-            return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+            return Err(crate::status::not_caught_up());
         }
         self.secrets.get()?;
         let view = self.store.view();
-        let internal = |e: crate::state::StateError| Status::internal(e.to_string());
+        let internal = crate::status::internal;
         let denied = view.denied().map_err(internal)?;
         let managers = view.managers().map_err(internal)?;
         tracing::info!(node.id = %peer.node_id, "data key handed to a manager");
@@ -118,12 +118,12 @@ impl cluster_server::Cluster for ClusterService {
         let joiner = if req.get_ref().node_id.is_empty() {
             let (peer, rec) = self.auth.require_manager(&req)?;
             if rec.is_none() {
-                return Err(Status::unavailable("this manager has not caught up with the cluster yet; retry"));
+                return Err(crate::status::not_caught_up());
             }
             peer.node_id
         } else {
             self.auth.require_raft_member(&req)?;
-            req.get_ref().node_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?
+            req.get_ref().node_id.parse().map_err(crate::status::bad_id)?
         };
         let JoinRaftRequest { raft_id, addr, .. } = req.into_inner();
         if raft_id == 0 || addr.is_empty() {
@@ -167,7 +167,7 @@ impl cluster_server::Cluster for ClusterService {
             Ok(Response::new(JoinRaftResponse {}))
         })
         .await
-        .map_err(|e| Status::internal(format!("the join task failed: {e}")))?
+        .map_err(|e| crate::status::internal(format!("the join task failed: {e}")))?
     }
 
     /// A current manager that is a raft member. PERMISSION_DENIED for a command

@@ -32,6 +32,7 @@ mod secret_store;
 mod service_api;
 pub mod services;
 pub mod state;
+mod status;
 mod store;
 mod validate;
 

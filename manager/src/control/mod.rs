@@ -86,8 +86,7 @@ impl ControlService {
         if m.current_leader == Some(m.id) {
             return Ok(None);
         }
-        let addr =
-            self.store.leader_addr().ok_or_else(|| Status::unavailable("no quorum: no raft leader right now"))?;
+        let addr = self.store.leader_addr().ok_or_else(crate::status::no_leader)?;
         Ok(Some(ControlClient::new(self.peers.channel(&addr))))
     }
 
@@ -121,9 +120,7 @@ impl ControlService {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use crate::status::internal;
 
 // Authorization is not here: the service is only ever mounted behind the
 // admin gate (see `ControlService::new`), so a new RPC cannot forget it.

@@ -63,6 +63,6 @@ pub(super) async fn verify_secrets(
     let secrets = ctl.secrets.clone();
     let checks = tokio::task::spawn_blocking(move || secret_store::verify(&store, &secrets))
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .map_err(crate::status::internal)??;
     Ok(Response::new(VerifySecretsResponse { checks }))
 }

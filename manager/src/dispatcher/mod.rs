@@ -205,7 +205,7 @@ impl Dispatcher {
     fn check_session(&self, node: &NodeId, session: &str) -> Result<(), Status> {
         match self.0.sessions.lock().expect("sessions lock").get(node) {
             Some(s) if s.id == session => Ok(()),
-            _ => Err(Status::not_found("no such session: open a new one")),
+            _ => Err(crate::status::no_session()),
         }
     }
 
@@ -233,8 +233,7 @@ impl Dispatcher {
         }
         let mut latest: BTreeMap<TaskId, (TaskState, String)> = BTreeMap::new();
         for u in &req.updates {
-            let task: TaskId =
-                u.task_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
+            let task: TaskId = u.task_id.parse().map_err(crate::status::bad_id)?;
             let state: TaskState = u.state.parse().map_err(Status::invalid_argument)?;
             let message = limits::truncate(&u.message, limits::MAX_STATUS_MESSAGE);
             match latest.get_mut(&task) {
@@ -248,7 +247,7 @@ impl Dispatcher {
         let view = self.0.store.view();
         let mut out = Vec::new();
         for (task, (state, message)) in latest {
-            let Some(t) = view.task(&task).map_err(|e| Status::internal(e.to_string()))? else { continue };
+            let Some(t) = view.task(&task).map_err(crate::status::internal)? else { continue };
             if t.node != *node {
                 tracing::warn!(node.id = %node, task.id = %task, "a node reported another node's task: ignored");
                 continue;
@@ -346,7 +345,7 @@ impl dispatcher_server::Dispatcher for Dispatcher {
                     let first = s.progress.lock().expect("progress lock").ack(req.get_ref().assignments_seq);
                     first.then(|| s.addr.clone())
                 }
-                _ => return Err(Status::not_found("no such session: open a new one")),
+                _ => return Err(crate::status::no_session()),
             }
         };
         if let Some(addr) = ready {
@@ -390,9 +389,8 @@ impl dispatcher_server::Dispatcher for Dispatcher {
                 limits::MAX_LOG_LINES_PER_REQUEST
             )));
         }
-        let task: TaskId =
-            r.task_id.parse().map_err(|e: swarmd_certs::IdError| Status::invalid_argument(e.to_string()))?;
-        match self.0.store.view().task(&task).map_err(|e| Status::internal(e.to_string()))? {
+        let task: TaskId = r.task_id.parse().map_err(crate::status::bad_id)?;
+        match self.0.store.view().task(&task).map_err(crate::status::internal)? {
             Some(t) if t.node == peer.node_id => {
                 let lines: Vec<String> = r.lines.iter().map(|l| limits::truncate(l, limits::MAX_LOG_LINE)).collect();
                 let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
