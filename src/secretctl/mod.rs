@@ -8,6 +8,7 @@ mod join_token;
 mod node;
 mod output;
 mod secret;
+mod secret_ref;
 mod service;
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -3,7 +3,8 @@
 use clap::Subcommand;
 use serde::Serialize;
 use swarmd_proto::control::{
-    CreateServiceRequest, GetServiceRequest, ListServicesRequest, Service, ServiceLogsRequest, UpdateServiceRequest,
+    CreateServiceRequest, GetServiceRequest, ListServicesRequest, SecretReference, Service, ServiceLogsRequest,
+    UpdateServiceRequest,
 };
 use tonic::transport::Channel;
 
@@ -21,8 +22,8 @@ pub(super) enum ServiceCmd {
         #[arg(long)]
         image: String,
         /// A secret: SRC[@VERSION][,target=T][,uid=U][,gid=G][,mode=M] (repeatable).
-        #[arg(long = "secret")]
-        secrets: Vec<String>,
+        #[arg(long = "secret", value_parser = super::secret_ref::parse)]
+        secrets: Vec<SecretReference>,
         /// Replicas to run.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
@@ -80,8 +81,8 @@ pub(super) enum ServiceCmd {
     Update {
         service: String,
         /// Add a secret reference (same syntax as create; repeatable).
-        #[arg(long = "secret-add")]
-        secret_add: Vec<String>,
+        #[arg(long = "secret-add", value_parser = super::secret_ref::parse)]
+        secret_add: Vec<SecretReference>,
         /// Remove a secret reference by secret name, ID or target (repeatable).
         #[arg(long = "secret-rm")]
         secret_rm: Vec<String>,
@@ -123,7 +124,7 @@ impl From<Service> for ServiceView {
             command: s.args,
             env: s.env,
             user: if s.user.is_empty() { "65534:65534".into() } else { s.user },
-            secrets: s.secrets,
+            secrets: s.secrets.iter().map(super::secret_ref::text).collect(),
             replicas: s.replicas,
             running: s.running,
             constraints: s.constraints,
