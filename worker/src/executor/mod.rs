@@ -26,13 +26,19 @@
 
 //!
 //! The OCI spec is built in `spec`, the output is kept in `logs`, and `runc`
-//! drives the runtime process.
+//! drives the runtime process. The task agent sees a runtime only through
+//! [`ContainerRuntime`] and [`Container`] (youki's syscall trait is the model),
+//! so its logic has unit tests with fakes that need no root; [`Runtime`] is the
+//! real one.
 
 mod logs;
 mod runc;
 mod spec;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
 
 pub use logs::{LineSplitter, LogRing, MAX_LINE};
 pub use runc::{hybrid_cgroups, Running, Runtime};
@@ -87,4 +93,40 @@ pub struct ContainerSpec {
     pub cap_add: Vec<String>,
     /// The user namespace to run in; [`UserNamespace::Unset`] is refused.
     pub userns: UserNamespace,
+}
+
+/// A boxed `Send` future: how [`ContainerRuntime`] and [`Container`] return
+/// async work while staying usable as trait objects (no `async-trait`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the task agent needs of a container runtime. [`Runtime`] (runc or
+/// crun) is the real one; the agent's unit tests use a recording fake.
+pub trait ContainerRuntime: Send + Sync {
+    /// The IDs of the containers this runtime holds, or why they cannot be listed.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<String>, ExecError>>;
+
+    /// Kills and deletes every container this runtime holds and ends the
+    /// runtime processes still working for them: what a worker that died left.
+    fn remove_leftovers(&self) -> BoxFuture<'_, ()>;
+
+    /// Starts container `id` as `spec` describes.
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Container>, ExecError>>;
+}
+
+/// A started container, as the task agent drives it.
+pub trait Container: Send {
+    /// Its output so far.
+    fn logs(&self) -> &LogRing;
+
+    /// Waits for it to exit and returns its exit code. Cancel safe: the agent
+    /// drops this future whenever something else happens first, and asks again.
+    fn wait(&mut self) -> BoxFuture<'_, Result<i32, ExecError>>;
+
+    /// Stops it (SIGTERM, then SIGKILL after `grace`) and removes it; an error
+    /// if it may still be there (its user namespace block then stays held).
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Result<(), ExecError>>;
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use super::{build_spec, ContainerSpec, ExecError, LogRing, UserNamespace};
+use super::{build_spec, BoxFuture, Container, ContainerRuntime, ContainerSpec, ExecError, LogRing, UserNamespace};
 
 /// Whether this host mixes cgroup v1 controllers with a v2 hierarchy at
 /// `/sys/fs/cgroup/unified` (the hybrid layout).
@@ -64,6 +64,11 @@ impl Runtime {
     /// The runtime binary.
     pub fn binary(&self) -> &str {
         &self.binary
+    }
+
+    /// Where the runtime keeps its state (its `--root`).
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// A command running the runtime with `--root` set. crun refuses hosts with
@@ -211,5 +216,37 @@ impl Running {
             Ok(_) => Err(rt.err(format!("container {} is still there after delete", self.id))),
             Err(e) => Err(rt.err(format!("cannot ask about container {}: {e}", self.id))),
         }
+    }
+}
+
+impl ContainerRuntime for Runtime {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<String>, ExecError>> {
+        Box::pin(Runtime::list(self))
+    }
+
+    fn remove_leftovers(&self) -> BoxFuture<'_, ()> {
+        Box::pin(crate::watchdog::clear_containers(self))
+    }
+
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Container>, ExecError>> {
+        Box::pin(async move { Ok(Box::new(Runtime::start(self, id, spec).await?) as Box<dyn Container>) })
+    }
+}
+
+impl Container for Running {
+    fn logs(&self) -> &LogRing {
+        &self.logs
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Result<i32, ExecError>> {
+        Box::pin(Running::wait(self))
+    }
+
+    fn stop(&mut self, grace: std::time::Duration) -> BoxFuture<'_, Result<(), ExecError>> {
+        Box::pin(Running::stop(self, grace))
     }
 }
