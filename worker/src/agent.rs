@@ -12,10 +12,13 @@
 //! follows it.
 //!
 //! The agent reaches the host only through three seams: a
-//! [`ContainerRuntime`], a [`SecretFs`] and a [`Reporter`] (the managers). The
-//! worker gives it runc or crun, tmpfs mounts and the dispatcher RPCs.
+//! [`ContainerRuntime`], a [`SecretFs`] and a `Reporter` (the managers). The
+//! worker gives it runc or crun, tmpfs mounts and the dispatcher RPCs; its unit
+//! tests (`agent/tests.rs`) give it recording fakes, and need no root.
 
 mod report;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
