@@ -10,22 +10,32 @@
 //! container is gone. A new
 //! version of a secret replaces the file in place in every running task that
 //! follows it.
+//!
+//! The agent reaches the host only through three seams: a
+//! [`ContainerRuntime`], a [`SecretFs`] and a `Reporter` (the managers). The
+//! worker gives it runc or crun, tmpfs mounts and the dispatcher RPCs; its unit
+//! tests (`agent/tests.rs`) give it recording fakes, and need no root.
+
+mod report;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
-use swarmd_proto::dispatcher::{Assignments, PushLogsRequest, Task, TaskStatus, UpdateTaskStatusRequest};
+use swarmd_proto::dispatcher::{Assignments, Task};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::executor::{ContainerSpec, ExecError, Runtime};
-use crate::secret_mount::{MountError, SecretFile, SecretMount};
+use crate::executor::{ContainerRuntime, ContainerSpec, ExecError, Runtime};
+use crate::secret_mount::{MountError, SecretFile, SecretFs, TaskSecrets, Tmpfs};
 use crate::userns::{IdAllocator, UserNamespace, ALLOCATION_FILE, MAX_BLOCKS};
+use report::{LogCursor, Reporter};
 
 /// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -42,11 +52,20 @@ struct Handle {
     ctl: mpsc::UnboundedSender<Control>,
 }
 
+/// What the agent acts through: the real host, or fakes in unit tests.
+#[derive(Clone)]
+pub(crate) struct Seams {
+    /// Runs the containers.
+    pub(crate) runtime: Arc<dyn ContainerRuntime>,
+    /// Holds each task's secret files.
+    pub(crate) secret_fs: Arc<dyn SecretFs>,
+    /// Tells the managers about task states and output.
+    pub(crate) reporter: Arc<dyn Reporter>,
+}
+
 /// Applies assignments; one per worker process.
 pub(crate) struct Agent {
-    channel: Channel,
-    session: watch::Receiver<String>,
-    runtime: Runtime,
+    seams: Seams,
     run_dir: PathBuf,
     secrets: HashMap<SecretKey, Zeroizing<Vec<u8>>>,
     running: HashMap<String, Handle>,
@@ -86,11 +105,19 @@ impl Agent {
         shutdown: CancellationToken,
     ) -> Self {
         let runtime = Runtime::new(runtime_bin, &run_dir.join("runtime"), &run_dir.join("bundles"));
+        let seams = Seams {
+            runtime: Arc::new(runtime),
+            secret_fs: Arc::new(Tmpfs),
+            reporter: Arc::new(report::Dispatcher::new(channel, session)),
+        };
+        Self::with_seams(seams, run_dir, shutdown)
+    }
+
+    /// An agent acting through `seams`, keeping its state below `run_dir`.
+    pub(crate) fn with_seams(seams: Seams, run_dir: PathBuf, shutdown: CancellationToken) -> Self {
         let ids = IdAllocator::load(&run_dir.join(ALLOCATION_FILE), MAX_BLOCKS, first_block(&run_dir));
         Self {
-            channel,
-            session,
-            runtime,
+            seams,
             run_dir,
             secrets: HashMap::new(),
             running: HashMap::new(),
@@ -106,7 +133,10 @@ impl Agent {
     /// Removes containers and secret mounts a previous run of this worker left
     /// (its watchdog normally has already).
     pub(crate) async fn clean_up_leftovers(&self) {
-        crate::watchdog::clear_leftovers(&self.runtime, &self.run_dir).await;
+        // What `crate::watchdog::clear_leftovers` does: containers (and the
+        // runtime processes working for them) first, then the secret mounts.
+        self.seams.runtime.remove_leftovers().await;
+        self.seams.secret_fs.remove_leftovers(&self.run_dir.join("tasks"));
     }
 
     /// What is held now.
@@ -124,7 +154,7 @@ impl Agent {
         self.clean_up_leftovers().await;
         // A block stays held while a container of an earlier run is still
         // there (one that could not be removed); the others are free again.
-        match self.runtime.list().await {
+        match self.seams.runtime.list().await {
             Ok(alive) => {
                 if let Err(e) = self.ids.retain(|t| alive.iter().any(|a| a == t)) {
                     tracing::error!(error = %e, "cannot save the user namespace allocation");
@@ -247,7 +277,7 @@ impl Agent {
     }
 
     fn report(&self, task: &str, state: &str, message: &str) {
-        report(self.channel.clone(), self.session.clone(), task.to_owned(), state, message.to_owned());
+        self.seams.reporter.report(task, state, message);
     }
 
     fn start(&mut self, t: Task) {
@@ -274,9 +304,7 @@ impl Agent {
         };
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let ctx = TaskCtx {
-            channel: self.channel.clone(),
-            session: self.session.clone(),
-            runtime: self.runtime.clone(),
+            seams: self.seams.clone(),
             dir: self.run_dir.join("tasks").join(&t.id),
             secrets_max: self.secrets_max,
             ended: self.ended.0.clone(),
@@ -287,34 +315,8 @@ impl Agent {
     }
 }
 
-/// Sends one task state to the manager, retrying briefly across session changes.
-fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, state: &str, message: String) {
-    let state = state.to_owned();
-    tokio::spawn(async move {
-        for _ in 0..20 {
-            let sid = session.borrow_and_update().clone();
-            if !sid.is_empty() {
-                let req = UpdateTaskStatusRequest {
-                    session_id: sid,
-                    updates: vec![TaskStatus { task_id: task.clone(), state: state.clone(), message: message.clone() }],
-                };
-                if DispatcherClient::new(channel.clone()).update_task_status(req).await.is_ok() {
-                    return;
-                }
-            }
-            tokio::select! {
-                _ = session.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-        tracing::warn!(task.id = %task, %state, "could not report a task state");
-    });
-}
-
 struct TaskCtx {
-    channel: Channel,
-    session: watch::Receiver<String>,
-    runtime: Runtime,
+    seams: Seams,
     dir: PathBuf,
     /// How far the task's secret tmpfs may grow.
     secrets_max: u64,
@@ -340,84 +342,23 @@ fn secrets_max() -> u64 {
         .unwrap_or(crate::secret_mount::DEFAULT_MAX_SIZE)
 }
 
-/// Bytes of output one `PushLogs` request carries (managers take requests of
-/// at most 1 MiB from a node).
-const PUSH_BYTES: usize = 256 << 10;
-
-/// Where a task's output stands on its way to the manager.
-#[derive(Default)]
-struct LogCursor {
-    /// Lines of the ring already handed over (see [`crate::executor::LogRing::since`]).
-    seen: u64,
-    /// The manager refused output past this node's budget: nothing is sent
-    /// before this instant, and what the ring holds meanwhile waits (its newest
-    /// lines survive; the oldest give way).
-    not_before: Option<tokio::time::Instant>,
-}
-
-/// Hands the task's new output to the manager in requests of at most
-/// [`PUSH_BYTES`]; returns how many of `lines` it took.
-async fn push_logs(ctx: &TaskCtx, task: &str, lines: &[String], cursor: &mut LogCursor) -> usize {
-    if cursor.not_before.is_some_and(|t| tokio::time::Instant::now() < t) {
-        return 0;
-    }
-    cursor.not_before = None;
-    let sid = ctx.session.borrow().clone();
-    let mut client = DispatcherClient::new(ctx.channel.clone());
-    let mut taken = 0;
-    while taken < lines.len() {
-        let mut end = taken;
-        let mut bytes = 0;
-        while end < lines.len() && end - taken < 1000 && (bytes < PUSH_BYTES || end == taken) {
-            bytes += lines[end].len() + 8;
-            end += 1;
-        }
-        let req =
-            PushLogsRequest { session_id: sid.clone(), task_id: task.to_owned(), lines: lines[taken..end].to_vec() };
-        // Output is best effort: a manager that does not answer must not hold
-        // up the task loop, and one that refuses output past this node's
-        // budget says when to come back.
-        match tokio::time::timeout(Duration::from_secs(5), client.push_logs(req)).await {
-            Ok(Ok(_)) => taken = end,
-            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
-                let wait = s
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .map_or(Duration::from_secs(1), Duration::from_millis);
-                cursor.not_before = Some(tokio::time::Instant::now() + wait);
-                break;
-            }
-            // Gone (no session, another manager): these lines are dropped.
-            _ => return lines.len(),
-        }
-    }
-    taken
-}
-
-/// Writes a new set of secret files into the task's tmpfs and removes the
-/// files no longer in it.
-fn update_secrets(mount: Option<&mut SecretMount>, files: &[SecretFile]) -> Result<(), MountError> {
+/// Writes a new set of secret files into the task's secret filesystem, if it
+/// has one, and removes the files no longer in it.
+fn update_secrets(mount: Option<&mut Box<dyn TaskSecrets>>, files: &[SecretFile]) -> Result<(), MountError> {
     let Some(m) = mount else { return Ok(()) };
-    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
-    m.write(files)?;
-    m.retain(&names)
+    m.replace(files)
 }
 
 async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
     let id = t.id.clone();
-    let rep = |state: &str, msg: String| report(ctx.channel.clone(), ctx.session.clone(), id.clone(), state, msg);
+    let rep = |state: &str, msg: String| ctx.seams.reporter.report(&id, state, &msg);
     rep("preparing", String::new());
     let spec = t.spec.clone().unwrap_or_default();
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
     let mut mount = if spec.secrets.is_empty() {
         None
     } else {
-        let mount = SecretMount::create(&ctx.dir, size.min(ctx.secrets_max), ctx.userns).and_then(|mut m| {
-            m.set_max_size(ctx.secrets_max);
-            m.write(&files).map(|_| m)
-        });
-        match mount {
+        match ctx.seams.secret_fs.create(&ctx.dir, size.min(ctx.secrets_max), ctx.secrets_max, ctx.userns, &files) {
             Ok(m) => Some(m),
             Err(e) => {
                 rep("failed", format!("secrets: {e}"));
@@ -439,7 +380,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         userns: ctx.userns,
         ..Default::default()
     };
-    let mut running = match ctx.runtime.start(&id, &c).await {
+    let mut running = match ctx.seams.runtime.start(&id, &c).await {
         Ok(r) => r,
         Err(e) => {
             let state = if matches!(e, ExecError::Refused(_) | ExecError::BadImage { .. } | ExecError::Userns(_)) {
@@ -478,8 +419,8 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 };
             }
             _ = tick.tick() => {
-                let (lines, total) = running.logs.since(cursor.seen);
-                let taken = push_logs(&ctx, &id, &lines, &mut cursor).await;
+                let (lines, total) = running.logs().since(cursor.seen);
+                let taken = ctx.seams.reporter.push_logs(&id, &lines, &mut cursor).await;
                 cursor.seen = total - (lines.len() - taken) as u64;
             }
             _ = retry, if pending.is_some() => {
@@ -519,9 +460,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         }
     };
     drop(pending);
-    let (lines, _) = running.logs.since(cursor.seen);
+    let (lines, _) = running.logs().since(cursor.seen);
     cursor.not_before = None;
-    push_logs(&ctx, &id, &lines, &mut cursor).await;
+    ctx.seams.reporter.push_logs(&id, &lines, &mut cursor).await;
     let gone = running.stop(Duration::from_millis(100)).await;
     if let Err(e) = &gone {
         tracing::error!(task.id = %id, error = %e, "cannot remove the task's container");

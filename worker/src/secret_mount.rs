@@ -323,6 +323,82 @@ impl Drop for SecretMount {
     }
 }
 
+/// What the task agent needs of the place a task's secrets live. [`Tmpfs`] (a
+/// [`SecretMount`] per task) is the real one; the agent's unit tests use a
+/// recording fake.
+pub trait SecretFs: Send + Sync {
+    /// Makes one task's secret filesystem at `root`, `size` bytes at first and
+    /// allowed to grow to `max_size`, with `files` in it, owned as `userns`
+    /// maps their IDs. On error nothing of it is left mounted.
+    fn create(
+        &self,
+        root: &Path,
+        size: u64,
+        max_size: u64,
+        userns: UserNamespace,
+        files: &[SecretFile],
+    ) -> Result<Box<dyn TaskSecrets>, MountError>;
+
+    /// Wipes and removes every task secret filesystem an earlier process left
+    /// below `tasks`, and their directories.
+    fn remove_leftovers(&self, tasks: &Path);
+}
+
+/// One task's secret filesystem, as the task agent drives it.
+pub trait TaskSecrets: Send {
+    /// The directory to bind at `/run/secrets`.
+    fn dir(&self) -> &Path;
+
+    /// Makes `files` the whole content, in place: new versions replace the
+    /// old atomically, files no longer listed are wiped and removed. On error
+    /// the previous content of a file that could not be written stays.
+    fn replace(&mut self, files: &[SecretFile]) -> Result<(), MountError>;
+
+    /// Wipes every file, unmounts and removes the filesystem.
+    fn destroy(&mut self);
+}
+
+/// The real [`SecretFs`]: a [`SecretMount`] (a tmpfs) per task.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tmpfs;
+
+impl SecretFs for Tmpfs {
+    fn create(
+        &self,
+        root: &Path,
+        size: u64,
+        max_size: u64,
+        userns: UserNamespace,
+        files: &[SecretFile],
+    ) -> Result<Box<dyn TaskSecrets>, MountError> {
+        // A mount whose files cannot be written is destroyed as it drops.
+        let mut m = SecretMount::create(root, size, userns)?;
+        m.set_max_size(max_size);
+        m.write(files)?;
+        Ok(Box::new(m))
+    }
+
+    fn remove_leftovers(&self, tasks: &Path) {
+        crate::watchdog::clear_secret_mounts(tasks);
+    }
+}
+
+impl TaskSecrets for SecretMount {
+    fn dir(&self) -> &Path {
+        SecretMount::dir(self)
+    }
+
+    fn replace(&mut self, files: &[SecretFile]) -> Result<(), MountError> {
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        self.write(files)?;
+        self.retain(&names)
+    }
+
+    fn destroy(&mut self) {
+        SecretMount::destroy(self);
+    }
+}
+
 /// Overwrites a file's content with zeros (tmpfs pages are freed on unmount;
 /// this also clears them for anyone who kept the file open).
 fn wipe(path: &Path) {

@@ -59,12 +59,11 @@ pub fn is_mount_point(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// PIDs of the runtime processes (`runc|crun --root RUN/runtime …`) working on
-/// `run_dir`: after a worker's death its `run` processes are orphans that may
-/// still write into the runtime's state dir.
-fn runtime_processes(run_dir: &Path) -> Vec<i32> {
-    let root = run_dir.join("runtime");
-    let root = root.as_os_str().as_encoded_bytes();
+/// PIDs of the runtime processes (`runc|crun --root STATE_DIR …`) working on
+/// `state_dir` (`RUN/runtime`): after a worker's death its `run` processes are
+/// orphans that may still write into the runtime's state dir.
+fn runtime_processes(state_dir: &Path) -> Vec<i32> {
+    let root = state_dir.as_os_str().as_encoded_bytes();
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
@@ -82,11 +81,18 @@ fn runtime_processes(run_dir: &Path) -> Vec<i32> {
 /// Kills and deletes every container of `runtime` and destroys every task
 /// secret tmpfs below `run_dir/tasks` (wiped, unmounted, removed).
 pub async fn clear_leftovers(runtime: &Runtime, run_dir: &Path) {
+    clear_containers(runtime).await;
+    clear_secret_mounts(&run_dir.join("tasks"));
+}
+
+/// Kills and deletes every container of `runtime`, then the runtime processes
+/// a dead worker left working on its state dir.
+pub(crate) async fn clear_containers(runtime: &Runtime) {
     runtime.remove_all().await;
     // Then the runtime processes a dead worker left (never this process's own:
     // a live worker has none when it calls this, before it starts tasks).
     for _ in 0..50 {
-        let pids = runtime_processes(run_dir);
+        let pids = runtime_processes(runtime.state_dir());
         if pids.is_empty() {
             break;
         }
@@ -95,7 +101,12 @@ pub async fn clear_leftovers(runtime: &Runtime, run_dir: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if let Ok(entries) = std::fs::read_dir(run_dir.join("tasks")) {
+}
+
+/// Destroys every task secret tmpfs below `tasks` (wiped, unmounted, removed)
+/// and removes the task directories.
+pub(crate) fn clear_secret_mounts(tasks: &Path) {
+    if let Ok(entries) = std::fs::read_dir(tasks) {
         for e in entries.flatten() {
             let path = e.path();
             if is_mount_point(&path) {
