@@ -408,11 +408,13 @@ mod tests {
         w.worker(|_| {});
         let web = w.service("web", 2, |_| {});
         w.run();
-        let old: Vec<TaskId> = w.running(&web).into_iter().map(|t| t.id).collect();
+        let mut old: Vec<TaskId> = w.running(&web).into_iter().map(|t| t.id).collect();
+        old.sort();
         let mut spec = web.spec.clone();
         spec.env.push("B=2".into());
         w.set(Command::UpdateService { id: web.id.clone(), spec: Box::new(spec.clone()), expected_version: 1, at: T0 });
-        let (create, stop, _) = w.run();
+        let (create, mut stop, _) = w.run();
+        stop.sort();
         assert_eq!(stop, old);
         assert_eq!(create.len(), 2);
         assert!(create.iter().all(|t| t.spec_version == 2 && t.spec == spec), "{create:?}");
