@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::cluster::SecretsCache;
 use crate::keys::{purpose, Keyring, SymmetricKey};
-use crate::state::{ClusterField, Command, ResealField, ResealSecret};
+use crate::state::{ClusterField, Command, Rejection, ResealField, ResealSecret};
 use crate::store::{Peers, Store, StoreError};
 
 /// The plaintext of a data key's check value.
@@ -155,7 +155,8 @@ async fn reseal_pass(
 async fn propose_reseal(store: &Store, cluster: Vec<ResealField>, secrets: Vec<ResealSecret>) -> Result<(), Status> {
     match store.propose(Command::Reseal { cluster, secrets }).await {
         Ok(()) => Ok(()),
-        Err(StoreError::Rejected(why)) => {
+        // Sealed under a key that another rotation has since replaced.
+        Err(StoreError::Rejected(why @ Rejection::StaleDataKey)) => {
             Err(Status::aborted(format!("re-sealing was overtaken ({why}): another rotation ran; run it again")))
         }
         Err(e) => Err(e.into()),

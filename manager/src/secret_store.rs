@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use crate::ca_service::now_unix;
 use crate::cluster::SecretsCache;
 use crate::keys::purpose;
-use crate::state::{Command, SecretRecord, StateView, STALE_DATA_KEY};
+use crate::state::{Command, Rejection, SecretRecord, StateView};
 use crate::store::{Store, StoreError};
 
 /// How often a write is re-sealed and retried when a key rotation or a
@@ -152,9 +152,9 @@ pub(crate) async fn create(
                     .ok_or_else(|| Status::not_found("secret was removed"))?;
                 return Ok(to_wire(r));
             }
-            Err(StoreError::Rejected(why)) if why == STALE_DATA_KEY => last = Some(why),
-            Err(StoreError::Rejected(why)) if why.contains("already in use") => {
-                return Err(Status::already_exists(why))
+            Err(StoreError::Rejected(r @ Rejection::StaleDataKey)) => last = Some(r.to_string()),
+            Err(StoreError::Rejected(r @ (Rejection::NameInUse { .. } | Rejection::IdInUse { .. }))) => {
+                return Err(Status::already_exists(r.to_string()))
             }
             Err(e) => return Err(e.into()),
         }
@@ -188,7 +188,9 @@ pub(crate) async fn update(
                     .ok_or_else(|| Status::not_found("secret was removed"))?;
                 return Ok(to_wire(r));
             }
-            Err(StoreError::Rejected(why)) if why == STALE_DATA_KEY || why.contains("updated meanwhile") => last = why,
+            Err(StoreError::Rejected(r @ (Rejection::StaleDataKey | Rejection::SecretUpdatedMeanwhile { .. }))) => {
+                last = r.to_string()
+            }
             Err(e) => return Err(e.into()),
         }
     }

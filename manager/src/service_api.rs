@@ -6,12 +6,35 @@ use swarmd_proto::control::{CreateServiceRequest, Service, ServiceTask, UpdateSe
 use tonic::Status;
 
 use crate::ca_service::now_unix;
-use crate::services::{check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, TaskState, Userns};
+use crate::services::{
+    check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, SpecError, TaskState, Userns, MAX_REPLICAS,
+    MIN_MEMORY,
+};
 use crate::state::{Command, StateView};
 use crate::store::Store;
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// A spec error as secretctl's users know it: by the flag that set the value.
+pub(crate) fn spec_message(e: &SpecError) -> String {
+    match e {
+        SpecError::Image(image) => {
+            format!("--image {image:?}: give the absolute path of a root filesystem on the workers")
+        }
+        SpecError::NoCommand => "no command: give it after --, e.g. -- sh -c 'cat /run/secrets/db_pass'".into(),
+        SpecError::Replicas(n) => format!("--replicas {n}: at most {MAX_REPLICAS}"),
+        SpecError::Env(e) => format!("--env {e:?}: expected KEY=VALUE"),
+        SpecError::Memory => format!("--memory: at least 4 MiB ({MIN_MEMORY})"),
+        SpecError::Pids => "--pids: at least 1".into(),
+        SpecError::Target(_) | SpecError::DuplicateTarget(_) | SpecError::Mode { .. } => e.to_string(),
+    }
+}
+
+/// [`check_spec`], INVALID_ARGUMENT in the words of [`spec_message`].
+pub(crate) fn check_spec_status(spec: &ServiceSpec) -> Result<(), Status> {
+    check_spec(spec).map_err(|e| Status::invalid_argument(spec_message(&e)))
 }
 
 /// Parses `SRC[@VERSION][,target=T][,uid=U][,gid=G][,mode=M]`, resolving SRC.
@@ -136,7 +159,7 @@ pub(crate) fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<Serv
         network,
         userns,
     };
-    check_spec(&spec).map_err(Status::invalid_argument)?;
+    check_spec_status(&spec)?;
     Ok(spec)
 }
 

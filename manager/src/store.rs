@@ -14,13 +14,13 @@ use openraft::error::{ClientWriteError, RaftError};
 use rustls::ClientConfig;
 use swarmd_certs::dial::{lazy_channel, Remotes};
 use swarmd_proto::cluster::cluster_client::ClusterClient;
-use swarmd_proto::cluster::ProposeRequest;
+use swarmd_proto::cluster::{ProposeRequest, ProposeResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::raft::Raft;
-use crate::state::{Command, CommandResult, StateError, StateView};
+use crate::state::{Command, CommandResult, Missing, Rejection, StateError, StateView};
 
 /// How long a write may take before it is reported as not committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +40,13 @@ pub enum StoreError {
     /// No leader can be reached or the leader has lost its quorum.
     #[error("no quorum: {0}")]
     NoQuorum(String),
+    /// This manager is not the leader: the write goes to `leader` (its raft
+    /// ID, if one is known), forwarded by [`Store::propose`].
+    #[error("no quorum: not the leader; leader is {}", match .leader {
+        Some(l) => l.to_string(),
+        None => "unknown".to_owned(),
+    })]
+    NotLeader { leader: Option<u64> },
     /// This manager leads, but has not heard from a majority lately (also
     /// just after a voter was added, until the new majority answers).
     #[error("no quorum: this leader has not reached a majority of the {voters} managers {}", match .ms {
@@ -49,7 +56,7 @@ pub enum StoreError {
     QuorumStale { voters: usize, ms: Option<u64> },
     /// The command was valid raft-wise but refused by the state machine.
     #[error("{0}")]
-    Rejected(String),
+    Rejected(Rejection),
     /// The write was not confirmed in time; it may or may not be applied.
     #[error("the write was not confirmed within {0:?} (it may still be applied); check the cluster's managers")]
     Timeout(Duration),
@@ -66,8 +73,9 @@ impl StoreError {
     fn duplicate(&self) -> StoreError {
         match self {
             StoreError::NoQuorum(s) => StoreError::NoQuorum(s.clone()),
+            StoreError::NotLeader { leader } => StoreError::NotLeader { leader: *leader },
             StoreError::QuorumStale { voters, ms } => StoreError::QuorumStale { voters: *voters, ms: *ms },
-            StoreError::Rejected(s) => StoreError::Rejected(s.clone()),
+            StoreError::Rejected(r) => StoreError::Rejected(r.clone()),
             StoreError::Timeout(d) => StoreError::Timeout(*d),
             StoreError::Raft(s) => StoreError::Raft(s.clone()),
             StoreError::State(e) => StoreError::Raft(e.to_string()),
@@ -78,10 +86,11 @@ impl StoreError {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
-            StoreError::NoQuorum(_) | StoreError::QuorumStale { .. } | StoreError::Raft(_) => {
-                Status::unavailable(e.to_string())
-            }
-            StoreError::Rejected(why) => Status::failed_precondition(why),
+            StoreError::NoQuorum(_)
+            | StoreError::NotLeader { .. }
+            | StoreError::QuorumStale { .. }
+            | StoreError::Raft(_) => Status::unavailable(e.to_string()),
+            StoreError::Rejected(r) => rejection_status(&r),
             StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             StoreError::State(_) => Status::internal(e.to_string()),
         }
@@ -167,7 +176,7 @@ async fn submit(raft: &Raft, mut batch: Vec<Proposal>) {
     let outcome = match raft.client_write(cmd).await {
         Ok(resp) => Ok((resp.log_id.index, resp.data)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Err(StoreError::NoQuorum(format!("{NOT_LEADER} {:?}", f.leader_id)))
+            Err(StoreError::NotLeader { leader: f.leader_id })
         }
         Err(e) => Err(StoreError::Raft(e.to_string())),
     };
@@ -264,7 +273,7 @@ impl Store {
     /// returns once it is applied here too (read-your-writes on this manager).
     pub async fn propose(&self, cmd: Command) -> Result<(), StoreError> {
         match self.propose_local(cmd.clone()).await {
-            Err(StoreError::NoQuorum(why)) if why.contains(NOT_LEADER) => match (&self.peers, self.leader_addr()) {
+            Err(StoreError::NotLeader { .. }) => match (&self.peers, self.leader_addr()) {
                 (Some(peers), Some(addr)) => {
                     let index = forward(peers, &addr, &cmd).await?;
                     self.wait_applied(index).await
@@ -300,7 +309,7 @@ impl Store {
                     "no raft leader among the {voters} managers reachable from here"
                 )))
             }
-            Some(l) if l != id => return Err(StoreError::NoQuorum(format!("{NOT_LEADER} {l}"))),
+            Some(l) if l != id => return Err(StoreError::NotLeader { leader: Some(l) }),
             Some(_) => {}
         }
         if voters > 1 && quorum_ack.is_none_or(|ms| ms > QUORUM_STALE.as_millis() as u64) {
@@ -316,33 +325,145 @@ impl Store {
             Ok(Err(_)) => Err(StoreError::Raft("raft is shutting down".into())),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Ok(Ok((index, CommandResult::Ok)))) => Ok(index),
-            Ok(Ok(Ok((_, CommandResult::Rejected(why))))) => Err(StoreError::Rejected(why)),
+            Ok(Ok(Ok((_, CommandResult::Rejected(r))))) => Err(StoreError::Rejected(r)),
             Ok(Ok(Ok((_, other)))) => Err(StoreError::Raft(format!("unexpected result {other:?}"))),
         }
     }
 }
 
-const NOT_LEADER: &str = "not the leader; leader is";
+/// The binary metadata key a FAILED_PRECONDITION status carries its
+/// [`Rejection`] in (bincode), so that a manager that gets the status back
+/// from another sees the same variant, not only its text.
+pub(crate) const REJECTION_METADATA: &str = "swarmd-rejection-bin";
+
+/// A rejection in the words users see: its text, with the hints that name
+/// secretctl's verbs and flags (which the replicated state never names).
+pub(crate) fn rejection_message(r: &Rejection) -> String {
+    match r {
+        Rejection::SecretInUse { .. } => format!("{r}: remove it from them first (service update --secret-rm)"),
+        Rejection::NotFound(Missing::AdminCert { .. }) => format!("{r}: see secretctl admin-cert ls"),
+        Rejection::InvalidSerial { .. } => {
+            format!("{r}: give the lowercase hex serial `secretctl admin-cert ls` shows")
+        }
+        Rejection::InvalidSpec(e) => crate::service_api::spec_message(e),
+        _ => r.to_string(),
+    }
+}
+
+/// FAILED_PRECONDITION with [`rejection_message`], the rejection itself in
+/// [`REJECTION_METADATA`].
+pub(crate) fn rejection_status(r: &Rejection) -> Status {
+    let mut s = Status::failed_precondition(rejection_message(r));
+    let bytes = tonic::metadata::MetadataValue::from_bytes(&crate::state::encode(r));
+    s.metadata_mut().insert_bin(REJECTION_METADATA, bytes);
+    s
+}
+
+/// The rejection a FAILED_PRECONDITION status carries: the typed one from its
+/// metadata, else (a status from elsewhere) its message as [`Rejection::Invalid`].
+fn rejection_of(s: &Status) -> Rejection {
+    s.metadata()
+        .get_bin(REJECTION_METADATA)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| bincode::deserialize(&b).ok())
+        .unwrap_or_else(|| Rejection::Invalid(s.message().to_owned()))
+}
 
 async fn forward(peers: &Peers, addr: &str, cmd: &Command) -> Result<u64, StoreError> {
     let mut client = ClusterClient::new(peers.channel(addr));
     let req = ProposeRequest { command: crate::state::encode(cmd) };
-    let call = tokio::time::timeout(WRITE_TIMEOUT, client.propose(req));
-    match call.await {
+    match tokio::time::timeout(WRITE_TIMEOUT, client.propose(req)).await {
         Err(_) => Err(StoreError::Timeout(WRITE_TIMEOUT)),
-        Ok(Ok(resp)) => {
-            let r = resp.into_inner();
-            match bincode::deserialize::<CommandResult>(&r.result) {
-                Ok(CommandResult::Ok) => Ok(r.log_index),
-                Ok(CommandResult::Rejected(why)) => Err(StoreError::Rejected(why)),
-                Ok(other) => Err(StoreError::Raft(format!("the leader answered a single command with {other:?}"))),
-                Err(e) => Err(StoreError::Raft(format!("leader sent an undecodable result: {e}"))),
-            }
-        }
-        Ok(Err(s)) => Err(match s.code() {
-            Code::FailedPrecondition => StoreError::Rejected(s.message().to_owned()),
+        Ok(reply) => leader_outcome(addr, reply.map(|r| r.into_inner())),
+    }
+}
+
+/// What a forwarded write's reply from the leader at `addr` means: the log
+/// index it was committed at, or the leader's error with the same variant
+/// (a rejection comes back typed, in the reply or in the status).
+fn leader_outcome(addr: &str, reply: Result<ProposeResponse, Status>) -> Result<u64, StoreError> {
+    match reply {
+        Ok(r) => match bincode::deserialize::<CommandResult>(&r.result) {
+            Ok(CommandResult::Ok) => Ok(r.log_index),
+            Ok(CommandResult::Rejected(why)) => Err(StoreError::Rejected(why)),
+            Ok(other) => Err(StoreError::Raft(format!("the leader answered a single command with {other:?}"))),
+            Err(e) => Err(StoreError::Raft(format!("leader sent an undecodable result: {e}"))),
+        },
+        Err(s) => Err(match s.code() {
+            Code::FailedPrecondition => StoreError::Rejected(rejection_of(&s)),
             Code::DeadlineExceeded => StoreError::Timeout(WRITE_TIMEOUT),
             _ => StoreError::NoQuorum(format!("leader at {addr}: {}", s.message())),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ObjectKind;
+
+    fn samples() -> Vec<Rejection> {
+        vec![
+            Rejection::StaleDataKey,
+            Rejection::NameInUse { kind: ObjectKind::Secret, name: "db".into(), holder: "s1".into() },
+            Rejection::SecretUpdatedMeanwhile { name: "db".into(), next: 3, proposed: 2 },
+            Rejection::SecretInUse { name: "db".into(), services: vec!["web".into(), "api".into()] },
+            Rejection::NotFound(Missing::AdminCert { serial: "0b".into() }),
+            Rejection::Invalid("secret value is empty".into()),
+        ]
+    }
+
+    #[test]
+    fn a_rejection_in_the_leaders_reply_comes_back_as_the_same_variant() {
+        for r in samples() {
+            let reply =
+                ProposeResponse { result: crate::state::encode(&CommandResult::Rejected(r.clone())), log_index: 0 };
+            match leader_outcome("10.0.0.1:4242", Ok(reply)) {
+                Err(StoreError::Rejected(got)) => assert_eq!(got, r),
+                other => panic!("{r:?} came back as {other:?}"),
+            }
+        }
+        let ok = ProposeResponse { result: crate::state::encode(&CommandResult::Ok), log_index: 42 };
+        assert_eq!(leader_outcome("x", Ok(ok)).unwrap(), 42);
+    }
+
+    #[test]
+    fn a_rejection_in_a_failed_precondition_status_comes_back_as_the_same_variant() {
+        for r in samples() {
+            let status: Status = StoreError::Rejected(r.clone()).into();
+            assert_eq!(status.code(), Code::FailedPrecondition);
+            assert_eq!(status.message(), rejection_message(&r));
+            // As tonic carries it: through the HTTP/2 headers and back.
+            let status = Status::from_header_map(status.into_http::<()>().headers()).unwrap();
+            match leader_outcome("10.0.0.1:4242", Err(status)) {
+                Err(StoreError::Rejected(got)) => assert_eq!(got, r),
+                other => panic!("{r:?} came back as {other:?}"),
+            }
+        }
+        // A status without the metadata keeps its text.
+        let plain = Status::failed_precondition("refused elsewhere");
+        match leader_outcome("x", Err(plain)) {
+            Err(StoreError::Rejected(Rejection::Invalid(why))) => assert_eq!(why, "refused elsewhere"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn users_see_todays_texts_with_the_cli_hints_added_at_the_edge() {
+        let in_use = Rejection::SecretInUse { name: "db".into(), services: vec!["web".into(), "api".into()] };
+        assert_eq!(in_use.to_string(), "secret db is in use by service(s) web, api");
+        assert_eq!(
+            Status::from(StoreError::Rejected(in_use)).message(),
+            "secret db is in use by service(s) web, api: remove it from them first (service update --secret-rm)"
+        );
+        let missing = Rejection::NotFound(Missing::AdminCert { serial: "0b".into() });
+        assert_eq!(
+            Status::from(StoreError::Rejected(missing)).message(),
+            "no admin certificate with serial 0b: see secretctl admin-cert ls"
+        );
+        let spec = Rejection::InvalidSpec(crate::state::SpecError::Memory);
+        assert!(!spec.to_string().contains("--"), "{spec}");
+        assert_eq!(Status::from(StoreError::Rejected(spec)).message(), "--memory: at least 4 MiB (4194304)");
+        assert_eq!(StoreError::NotLeader { leader: Some(3) }.to_string(), "no quorum: not the leader; leader is 3");
     }
 }

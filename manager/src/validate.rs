@@ -18,7 +18,7 @@ use swarmd_proto::control::{
 };
 use tonic::Status;
 
-use crate::services::{check_service_name, check_spec, ServiceRecord, ServiceSpec};
+use crate::services::{check_service_name, ServiceRecord, ServiceSpec};
 use crate::state::{
     check_label, check_secret_name, check_secret_size, check_serial, Availability, Command, NodeRecord, NodeStatus,
     SecretRecord, StateView,
@@ -212,6 +212,6 @@ pub fn validate_update_service(
     if let Some(n) = req.replicas {
         spec.replicas = n;
     }
-    check_spec(&spec).map_err(Status::invalid_argument)?;
+    crate::service_api::check_spec_status(&spec)?;
     Ok((cur, spec))
 }

@@ -187,7 +187,7 @@ async fn concurrent_proposals_share_entries_and_keep_their_own_results() {
 async fn commands_applied_together_see_each_other_and_keep_their_own_results() {
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
-    use swarmd_manager::state::CommandResult;
+    use swarmd_manager::state::{CommandResult, Rejection};
     let dir = tempfile::tempdir().unwrap();
     let mut s = raft::open_storage(dir.path()).unwrap();
     let entry = |index: u64, cmd: Command| Entry::<TypeConfig> {
@@ -209,10 +209,10 @@ async fn commands_applied_together_see_each_other_and_keep_their_own_results() {
     assert_eq!(out[0], CommandResult::Ok);
     let CommandResult::Batch(results) = &out[1] else { panic!("{out:?}") };
     assert_eq!(results[0], CommandResult::Ok);
-    assert!(matches!(&results[1], CommandResult::Rejected(w) if w.contains("already exists")), "{results:?}");
-    assert!(matches!(&results[2], CommandResult::Rejected(w) if w.contains("nested")), "{results:?}");
+    assert_eq!(results[1], CommandResult::Rejected(Rejection::NodeExists { node: a.clone() }));
+    assert_eq!(results[2], CommandResult::Rejected(Rejection::NestedBatch));
     assert_eq!(results[3], CommandResult::Ok);
-    assert!(matches!(&out[2], CommandResult::Rejected(w) if w.contains("already exists")), "{out:?}");
+    assert_eq!(out[2], CommandResult::Rejected(Rejection::NodeExists { node: b.clone() }));
     let view = s.sm.view();
     assert_eq!(view.nodes().unwrap().len(), 3);
     let (last, _) = s.sm.applied_state().await.unwrap();

@@ -255,7 +255,7 @@ pub fn sample_sealed(key_id: u32, n: u8) -> crate::keys::Sealed {
 pub fn plan_accepts(view: &crate::state::StateView, cmd: &crate::state::Command) -> Result<(), String> {
     match crate::state::plan(view, cmd) {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(why)) => Err(why),
+        Ok(Err(why)) => Err(why.to_string()),
         Err(e) => Err(format!("storage: {e}")),
     }
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use swarmd_certs::tls::Denied;
 use swarmd_certs::{NodeId, Role};
 
-use super::{encode, StateError, StateView, WriteBatch, DENY_PREFIX};
+use super::nodes::DENY_PREFIX;
+use super::{encode, Command, Missing, Rejection, StateError, StateView, WriteBatch};
 
 /// A node certificate the CA issued that has not expired yet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,7 +113,7 @@ impl StateView {
 /// certificates that expired before `at`. A manager certificate issued to a
 /// node that is no longer a manager (a renewal that raced its demotion) is
 /// refused from the start.
-pub(crate) fn record_cert(
+pub(super) fn record_cert(
     view: &StateView,
     batch: &mut WriteBatch,
     node: &NodeId,
@@ -134,7 +135,7 @@ pub(crate) fn record_cert(
 }
 
 /// Refuses every manager certificate `node` still holds (it was demoted).
-pub(crate) fn deny_manager_certs(view: &StateView, batch: &mut WriteBatch, node: &NodeId) -> Result<(), StateError> {
+pub(super) fn deny_manager_certs(view: &StateView, batch: &mut WriteBatch, node: &NodeId) -> Result<(), StateError> {
     for (serial, e) in view.node_certs(node)? {
         if e.role == Role::Manager {
             batch.insert(deny_serial_key(&serial), encode(&e.not_after));
@@ -145,25 +146,37 @@ pub(crate) fn deny_manager_certs(view: &StateView, batch: &mut WriteBatch, node:
 }
 
 /// Forgets the certificates of a removed node (its node ID is denied as a whole).
-pub(crate) fn forget_node_certs(view: &StateView, batch: &mut WriteBatch, node: &NodeId) -> Result<(), StateError> {
+pub(super) fn forget_node_certs(view: &StateView, batch: &mut WriteBatch, node: &NodeId) -> Result<(), StateError> {
     for (serial, _) in view.node_certs(node)? {
         batch.remove(cert_key(node, &serial));
     }
     Ok(())
 }
 
+/// The admin certificate commands of [`super::plan`]: `RecordAdminCert`,
+/// `RevokeAdminCert`. (Node certificates are recorded by the node commands.)
+pub(super) fn plan_certs(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, Rejection>, StateError> {
+    let mut batch = WriteBatch::default();
+    let planned = match cmd {
+        Command::RecordAdminCert(rec) => record_admin_cert(view, &mut batch, rec)?,
+        Command::RevokeAdminCert { serial, at } => revoke_admin_cert(view, &mut batch, serial, *at)?,
+        _ => unreachable!("not a certificate command"),
+    };
+    Ok(planned.map(|()| batch))
+}
+
 /// Records an admin certificate; prunes admin records and serial denials that
 /// expired before it was issued.
-pub(crate) fn record_admin_cert(
+fn record_admin_cert(
     view: &StateView,
     batch: &mut WriteBatch,
     rec: &AdminCertRecord,
-) -> Result<Result<(), String>, StateError> {
-    if let Err(why) = check_serial(&rec.serial) {
-        return Ok(Err(why));
+) -> Result<Result<(), Rejection>, StateError> {
+    if check_serial(&rec.serial).is_err() {
+        return Ok(Err(Rejection::InvalidSerial { serial: rec.serial.chars().take(70).collect() }));
     }
     if view.admin_cert(&rec.serial)?.is_some() {
-        return Ok(Err(format!("an admin certificate with serial {} is already recorded", rec.serial)));
+        return Ok(Err(Rejection::AdminCertExists { serial: rec.serial.clone() }));
     }
     for old in view.admin_certs()? {
         if old.not_after < rec.issued_at {
@@ -176,14 +189,14 @@ pub(crate) fn record_admin_cert(
 }
 
 /// Revokes admin certificate `serial` at `at`.
-pub(crate) fn revoke_admin_cert(
+fn revoke_admin_cert(
     view: &StateView,
     batch: &mut WriteBatch,
     serial: &str,
     at: i64,
-) -> Result<Result<(), String>, StateError> {
+) -> Result<Result<(), Rejection>, StateError> {
     let Some(mut rec) = view.admin_cert(serial)? else {
-        return Ok(Err(format!("no admin certificate with serial {serial}: see secretctl admin-cert ls")));
+        return Ok(Err(Missing::AdminCert { serial: serial.to_owned() }.into()));
     };
     if rec.revoked_at.is_none() {
         rec.revoked_at = Some(at);

@@ -1,14 +1,19 @@
 //! Secrets as the replicated state holds them: metadata records, versions and
 //! Docker's rules for names and sizes. Values are stored apart, sealed.
+//!
+//! | key                         | value |
+//! |-----------------------------|-------|
+//! | `secret/<id>`               | [`SecretRecord`]: metadata only |
+//! | `secretname/<name>`         | the secret's ID: names are unique |
+//! | `secretdata/<id>/<version>` | the value, [`Sealed`] under a data key |
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use swarmd_certs::SecretId;
 
-use super::{
-    check_label, encode, secret_data_key, secret_key, secret_name_key, Command, StateError, StateView, WriteBatch,
-};
+use super::{check_label, encode, Command, Missing, ObjectKind, Rejection, StateError, StateView, WriteBatch};
+use crate::keys::Sealed;
 
 /// A secret's metadata; its values are stored apart, sealed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,9 +54,20 @@ pub struct SecretVersion {
 pub const MAX_SECRET_SIZE: usize = 500 * 1024;
 /// Versions kept per secret; older values are deleted as new ones arrive.
 pub const MAX_SECRET_VERSIONS: usize = 10;
-/// The rejection a write sealed under a retired data key gets (the writer
-/// re-seals under the new key and retries).
-pub const STALE_DATA_KEY: &str = "the value was sealed under a data key that is no longer active";
+
+const SECRET_PREFIX: &str = "secret/";
+const SECRET_NAME_PREFIX: &str = "secretname/";
+const SECRET_DATA_PREFIX: &str = "secretdata/";
+
+pub(super) fn secret_key(id: &SecretId) -> Vec<u8> {
+    format!("{SECRET_PREFIX}{id}").into_bytes()
+}
+fn secret_name_key(name: &str) -> Vec<u8> {
+    format!("{SECRET_NAME_PREFIX}{name}").into_bytes()
+}
+pub(super) fn secret_data_key(id: &SecretId, version: u32) -> Vec<u8> {
+    format!("{SECRET_DATA_PREFIX}{id}/{version:010}").into_bytes()
+}
 
 /// Docker's secret name rules: 1–64 characters, `[a-zA-Z0-9]` at both ends,
 /// `[a-zA-Z0-9-_.]` inside.
@@ -85,28 +101,52 @@ pub fn check_secret_size(len: usize) -> Result<(), String> {
     }
 }
 
-/// The secret commands of [`super::plan`].
-pub(super) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, String>, StateError> {
+impl StateView {
+    /// One secret by ID.
+    pub fn secret(&self, id: &SecretId) -> Result<Option<SecretRecord>, StateError> {
+        self.get(&secret_key(id))
+    }
+
+    /// The ID of the secret named `name`.
+    pub fn secret_id_by_name(&self, name: &str) -> Result<Option<SecretId>, StateError> {
+        self.get(&secret_name_key(name))
+    }
+
+    /// All secrets, ordered by ID.
+    pub fn secrets(&self) -> Result<Vec<SecretRecord>, StateError> {
+        self.scan(SECRET_PREFIX)
+    }
+
+    /// The sealed value of one version of a secret.
+    pub fn secret_data(&self, id: &SecretId, version: u32) -> Result<Option<Sealed>, StateError> {
+        self.get(&secret_data_key(id, version))
+    }
+}
+
+/// The secret commands of [`super::plan`]: `CreateSecret`,
+/// `AddSecretVersion`, `RemoveSecret`.
+pub(super) fn plan_secrets(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, Rejection>, StateError> {
     let mut batch = WriteBatch::default();
     match cmd {
         Command::CreateSecret { id, name, labels, created_at, data } => {
             let Some(cluster) = view.cluster()? else {
-                return Ok(Err("cluster is not initialised".into()));
+                return Ok(Err(Rejection::NotInitialised));
             };
             if let Err(why) = check_secret_name(name)
                 .and_then(|_| check_secret_size(data.plaintext_len()))
                 .and_then(|_| labels.iter().try_for_each(|(k, v)| check_label(k, v)))
             {
-                return Ok(Err(why));
+                return Ok(Err(Rejection::Invalid(why)));
             }
             if data.key_id() != cluster.data_key_id {
-                return Ok(Err(STALE_DATA_KEY.into()));
+                return Ok(Err(Rejection::StaleDataKey));
             }
             if let Some(other) = view.secret_id_by_name(name)? {
-                return Ok(Err(format!("secret name {name:?} is already in use by secret {other}")));
+                let holder = other.to_string();
+                return Ok(Err(Rejection::NameInUse { kind: ObjectKind::Secret, name: name.clone(), holder }));
             }
             if view.secret(id)?.is_some() {
-                return Ok(Err(format!("secret ID {id} is already in use")));
+                return Ok(Err(Rejection::IdInUse { kind: ObjectKind::Secret, id: id.to_string() }));
             }
             let v = SecretVersion {
                 version: 1,
@@ -127,23 +167,20 @@ pub(super) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         }
         Command::AddSecretVersion { id, version, created_at, data } => {
             let Some(cluster) = view.cluster()? else {
-                return Ok(Err("cluster is not initialised".into()));
+                return Ok(Err(Rejection::NotInitialised));
             };
             let Some(mut rec) = view.secret(id)? else {
-                return Ok(Err(format!("secret {id} does not exist")));
+                return Ok(Err(Missing::Secret(id.clone()).into()));
             };
             if let Err(why) = check_secret_size(data.plaintext_len()) {
-                return Ok(Err(why));
+                return Ok(Err(Rejection::Invalid(why)));
             }
             if data.key_id() != cluster.data_key_id {
-                return Ok(Err(STALE_DATA_KEY.into()));
+                return Ok(Err(Rejection::StaleDataKey));
             }
             let next = rec.latest().version + 1;
             if *version != next {
-                return Ok(Err(format!(
-                    "secret {} was updated meanwhile: version {next} is next, not {version}",
-                    rec.name
-                )));
+                return Ok(Err(Rejection::SecretUpdatedMeanwhile { name: rec.name, next, proposed: *version }));
             }
             rec.versions.push(SecretVersion {
                 version: next,
@@ -160,15 +197,11 @@ pub(super) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         }
         Command::RemoveSecret { id } => {
             let Some(rec) = view.secret(id)? else {
-                return Ok(Err(format!("secret {id} does not exist")));
+                return Ok(Err(Missing::Secret(id.clone()).into()));
             };
             let users = view.services_using(id)?;
             if !users.is_empty() {
-                return Ok(Err(format!(
-                    "secret {} is in use by service(s) {}: remove it from them first (service update --secret-rm)",
-                    rec.name,
-                    users.join(", ")
-                )));
+                return Ok(Err(Rejection::SecretInUse { name: rec.name, services: users }));
             }
             batch.remove(secret_key(id));
             batch.remove(secret_name_key(&rec.name));
