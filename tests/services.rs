@@ -180,7 +180,11 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
         let a_task = first["id"].as_str().unwrap().to_owned();
         let forged = UpdateTaskStatusRequest {
             session_id: session_id.clone(),
-            updates: vec![TaskStatus { task_id: a_task.clone(), state: "failed".into(), message: "forged".into() }],
+            updates: vec![TaskStatus {
+                task_id: a_task.clone(),
+                state: swarmd_proto::dispatcher::TaskState::Failed.into(),
+                message: "forged".into(),
+            }],
         };
         let _ = DispatcherClient::new(ch.clone()).update_task_status(forged).await;
         let push = PushLogsRequest { session_id, task_id: a_task.clone(), lines: vec!["forged".into()] };

@@ -148,7 +148,7 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
         updates: (0..40)
             .map(|k| TaskStatus {
                 task_id: format!("t{i}x{k}nonexistent00000"),
-                state: "failed".into(),
+                state: swarmd_proto::dispatcher::TaskState::Failed.into(),
                 message: "x".repeat(100_000),
             })
             .collect(),
@@ -160,16 +160,28 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
     // Many small reports: unknown tasks, another node's task, the same state again.
     for i in 0..200 {
         let mut updates: Vec<TaskStatus> = (0..60)
-            .map(|k| TaskStatus { task_id: format!("{i:08}{k:017}"), state: "failed".into(), message: "no".into() })
+            .map(|k| TaskStatus {
+                task_id: format!("{i:08}{k:017}"),
+                state: swarmd_proto::dispatcher::TaskState::Failed.into(),
+                message: "no".into(),
+            })
             .collect();
-        updates.push(TaskStatus { task_id: task_b.clone(), state: "failed".into(), message: "from A".into() });
+        updates.push(TaskStatus {
+            task_id: task_b.clone(),
+            state: swarmd_proto::dispatcher::TaskState::Failed.into(),
+            message: "from A".into(),
+        });
         let req = UpdateTaskStatusRequest { session_id: a.session_id.clone(), updates };
         let _ = dispatcher.update_task_status(req).await;
     }
     let too_many = UpdateTaskStatusRequest {
         session_id: a.session_id.clone(),
         updates: (0..65)
-            .map(|_| TaskStatus { task_id: task_a.clone(), state: "running".into(), message: String::new() })
+            .map(|_| TaskStatus {
+                task_id: task_a.clone(),
+                state: swarmd_proto::dispatcher::TaskState::Running.into(),
+                message: String::new(),
+            })
             .collect(),
     };
     assert_eq!(dispatcher.update_task_status(too_many).await.unwrap_err().code(), Code::InvalidArgument);
@@ -178,7 +190,11 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
     for i in 0..400 {
         let req = UpdateTaskStatusRequest {
             session_id: a.session_id.clone(),
-            updates: vec![TaskStatus { task_id: task_a.clone(), state: "running".into(), message: format!("m{i}") }],
+            updates: vec![TaskStatus {
+                task_id: task_a.clone(),
+                state: swarmd_proto::dispatcher::TaskState::Running.into(),
+                message: format!("m{i}"),
+            }],
         };
         if let Err(s) = dispatcher.update_task_status(req).await {
             assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");

@@ -1,8 +1,8 @@
-//! The services half of the control API: parsing what secretctl sends,
+//! The services half of the control API: converting what secretctl sends,
 //! validating it, and showing services and their tasks.
 
 use swarmd_certs::ServiceId;
-use swarmd_proto::control::{CreateServiceRequest, Service, ServiceTask, UpdateServiceRequest};
+use swarmd_proto::control::{CreateServiceRequest, SecretReference, Service, ServiceTask, UpdateServiceRequest};
 use tonic::Status;
 
 use crate::ca_service::now_unix;
@@ -13,9 +13,7 @@ use crate::services::{
 use crate::state::{Command, StateView};
 use crate::store::Store;
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use crate::status::internal;
 
 /// A spec error as secretctl's users know it: by the flag that set the value.
 pub(crate) fn spec_message(e: &SpecError) -> String {
@@ -37,69 +35,42 @@ pub(crate) fn check_spec_status(spec: &ServiceSpec) -> Result<(), Status> {
     check_spec(spec).map_err(|e| Status::invalid_argument(spec_message(&e)))
 }
 
-/// Parses `SRC[@VERSION][,target=T][,uid=U][,gid=G][,mode=M]`, resolving SRC.
-pub(crate) fn parse_secret_ref(view: &StateView, s: &str) -> Result<SecretRef, Status> {
-    let bad = |why: String| Status::invalid_argument(format!("--secret {s:?}: {why}"));
-    let mut parts = s.split(',');
-    let src = parts.next().unwrap_or_default().trim();
-    let (src, pin) = match src.split_once('@') {
-        Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| bad(format!("version {v:?} is not a number")))?)),
-        None => (src, None),
-    };
-    if src.is_empty() {
-        return Err(bad("name the secret first".into()));
+/// A secret reference from the wire, resolved: its source names a secret
+/// (and its pinned version exists); unset fields take Swarm's defaults (the
+/// secret's name as target, owner 0:0, mode 0444). The target's rule is
+/// checked with the rest of the spec ([`check_spec`]).
+pub(crate) fn resolve_secret_ref(view: &StateView, r: &SecretReference) -> Result<SecretRef, Status> {
+    let bad = |why: String| Status::invalid_argument(format!("secret {:?}: {why}", r.source));
+    if r.source.is_empty() {
+        return Err(Status::invalid_argument("a secret reference names no secret"));
     }
-    let rec = crate::secret_store::find(view, src).map_err(|e| bad(e.message().to_owned()))?;
-    let mut r = SecretRef {
-        secret: rec.id.clone(),
-        name: rec.name.clone(),
-        target: rec.name.clone(),
-        uid: 0,
-        gid: 0,
-        mode: 0o444,
-        pin,
-    };
-    for p in parts {
-        let (k, v) = p.split_once('=').ok_or_else(|| bad(format!("{p:?} is not KEY=VALUE")))?;
-        let num = |v: &str| v.parse::<u32>().map_err(|_| bad(format!("{k}={v} is not a number")));
-        match k.trim() {
-            "target" => r.target = v.strip_prefix("/run/secrets/").unwrap_or(v).to_owned(),
-            "uid" => r.uid = num(v)?,
-            "gid" => r.gid = num(v)?,
-            "mode" => {
-                r.mode = u32::from_str_radix(v.trim_start_matches("0o"), 8)
-                    .map_err(|_| bad(format!("mode={v} is not an octal mode")))?
-            }
-            "source" | "src" => return Err(bad("give the secret first, not as source=".into())),
-            other => return Err(bad(format!("unknown option {other:?}: use target, uid, gid or mode"))),
-        }
-    }
-    if let Some(v) = pin {
+    let rec = crate::secret_store::find(view, &r.source).map_err(|e| bad(e.message().to_owned()))?;
+    if let Some(v) = r.version {
         if !rec.versions.iter().any(|x| x.version == v) {
             return Err(bad(format!("secret {} has no version {v}", rec.name)));
         }
     }
-    Ok(r)
+    Ok(SecretRef {
+        secret: rec.id.clone(),
+        target: if r.target.is_empty() { rec.name.clone() } else { r.target.clone() },
+        name: rec.name,
+        uid: r.uid.unwrap_or(0),
+        gid: r.gid.unwrap_or(0),
+        mode: r.mode.unwrap_or(0o444),
+        pin: r.version,
+    })
 }
 
-fn secret_ref_text(r: &SecretRef) -> String {
-    let mut s = r.name.clone();
-    if let Some(v) = r.pin {
-        s.push_str(&format!("@{v}"));
+/// A resolved reference as the wire shows it: every field set.
+fn secret_ref_to_wire(r: &SecretRef) -> SecretReference {
+    SecretReference {
+        source: r.name.clone(),
+        version: r.pin,
+        target: r.target.clone(),
+        uid: Some(r.uid),
+        gid: Some(r.gid),
+        mode: Some(r.mode),
     }
-    if r.target != r.name {
-        s.push_str(&format!(",target={}", r.target));
-    }
-    if r.uid != 0 {
-        s.push_str(&format!(",uid={}", r.uid));
-    }
-    if r.gid != 0 {
-        s.push_str(&format!(",gid={}", r.gid));
-    }
-    if r.mode != 0o444 {
-        s.push_str(&format!(",mode={:o}", r.mode));
-    }
-    s
 }
 
 fn parse_user(u: &str) -> Result<Option<(u32, u32)>, Status> {
@@ -140,7 +111,7 @@ pub(crate) fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<Serv
         "host" => Userns::Host,
         u => return Err(Status::invalid_argument(format!("--userns {u:?}: use host (or private, the default)"))),
     };
-    let secrets = r.secrets.iter().map(|s| parse_secret_ref(view, s)).collect::<Result<Vec<_>, _>>()?;
+    let secrets = r.secrets.iter().map(|s| resolve_secret_ref(view, s)).collect::<Result<Vec<_>, _>>()?;
     let constraints = r
         .constraints
         .iter()
@@ -201,7 +172,7 @@ pub(crate) fn to_wire(s: ServiceRecord, running: u32) -> Service {
         args: s.spec.args,
         env: s.spec.env,
         user: s.spec.user.map(|(u, g)| format!("{u}:{g}")).unwrap_or_default(),
-        secrets: s.spec.secrets.iter().map(secret_ref_text).collect(),
+        secrets: s.spec.secrets.iter().map(secret_ref_to_wire).collect(),
         replicas: s.spec.replicas,
         constraints: s.spec.constraints.iter().map(|c| c.to_string()).collect(),
         memory: s.spec.memory.unwrap_or(0),

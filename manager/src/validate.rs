@@ -205,7 +205,7 @@ pub fn validate_update_service(
         }
     }
     for add in &req.secret_add {
-        let new = crate::service_api::parse_secret_ref(view, add)?;
+        let new = crate::service_api::resolve_secret_ref(view, add)?;
         spec.secrets.retain(|s| s.secret != new.secret);
         spec.secrets.push(new);
     }

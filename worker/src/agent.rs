@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use swarmd_proto::dispatcher::{Assignments, Task};
+use swarmd_proto::dispatcher::{Assignments, Task, TaskState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -235,7 +235,7 @@ impl Agent {
                     Some(h) => {
                         let _ = h.ctl.send(Control::Stop);
                     }
-                    None => self.report(&t.id, "shutdown", ""),
+                    None => self.report(&t.id, TaskState::Shutdown, ""),
                 }
                 continue;
             }
@@ -276,7 +276,7 @@ impl Agent {
         }
     }
 
-    fn report(&self, task: &str, state: &str, message: &str) {
+    fn report(&self, task: &str, state: TaskState, message: &str) {
         self.seams.reporter.report(task, state, message);
     }
 
@@ -284,7 +284,7 @@ impl Agent {
         let files = match self.files_for(&t) {
             Ok(f) => f,
             Err(e) => {
-                self.report(&t.id, "rejected", &e);
+                self.report(&t.id, TaskState::Rejected, &e);
                 self.finished.insert(t.id.clone());
                 return;
             }
@@ -296,7 +296,7 @@ impl Agent {
                 Ok(block) => UserNamespace::Private(block),
                 Err(e) => {
                     tracing::error!(task.id = %t.id, error = %e, "no user namespace for the task");
-                    self.report(&t.id, "failed", &format!("user namespace: {e}"));
+                    self.report(&t.id, TaskState::Failed, &format!("user namespace: {e}"));
                     self.finished.insert(t.id.clone());
                     return;
                 }
@@ -351,8 +351,8 @@ fn update_secrets(mount: Option<&mut Box<dyn TaskSecrets>>, files: &[SecretFile]
 
 async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
     let id = t.id.clone();
-    let rep = |state: &str, msg: String| ctx.seams.reporter.report(&id, state, &msg);
-    rep("preparing", String::new());
+    let rep = |state: TaskState, msg: String| ctx.seams.reporter.report(&id, state, &msg);
+    rep(TaskState::Preparing, String::new());
     let spec = t.spec.clone().unwrap_or_default();
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
     let mut mount = if spec.secrets.is_empty() {
@@ -361,7 +361,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         match ctx.seams.secret_fs.create(&ctx.dir, size.min(ctx.secrets_max), ctx.secrets_max, ctx.userns, &files) {
             Ok(m) => Some(m),
             Err(e) => {
-                rep("failed", format!("secrets: {e}"));
+                rep(TaskState::Failed, format!("secrets: {e}"));
                 let _ = ctx.ended.send(Ended { task: id, container_gone: true });
                 return;
             }
@@ -384,9 +384,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         Ok(r) => r,
         Err(e) => {
             let state = if matches!(e, ExecError::Refused(_) | ExecError::BadImage { .. } | ExecError::Userns(_)) {
-                "rejected"
+                TaskState::Rejected
             } else {
-                "failed"
+                TaskState::Failed
             };
             rep(state, e.to_string());
             if let Some(m) = mount.as_mut() {
@@ -396,7 +396,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
             return;
         }
     };
-    rep("running", String::new());
+    rep(TaskState::Running, String::new());
     tracing::info!(task.id = %id, service = %t.service, "task running");
     let mut cursor = LogCursor::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -413,9 +413,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         tokio::select! {
             code = running.wait() => {
                 break match code {
-                    Ok(0) => ("complete", "exit status 0".to_string()),
-                    Ok(c) => ("failed", format!("exit status {c}")),
-                    Err(e) => ("failed", e.to_string()),
+                    Ok(0) => (TaskState::Complete, "exit status 0".to_string()),
+                    Ok(c) => (TaskState::Failed, format!("exit status {c}")),
+                    Err(e) => (TaskState::Failed, e.to_string()),
                 };
             }
             _ = tick.tick() => {
@@ -429,7 +429,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                     Ok(()) => {
                         tracing::info!(task.id = %id, "secrets updated in place");
                         if failing.take().is_some() {
-                            rep("running", String::new());
+                            rep(TaskState::Running, String::new());
                         }
                         backoff.reset(Duration::from_secs(1));
                     }
@@ -438,7 +438,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                         tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot update secrets");
                         let msg = format!("secret update failed (the previous value is still in place; retrying): {e}");
                         if failing.as_deref() != Some(msg.as_str()) {
-                            rep("running", msg.clone());
+                            rep(TaskState::Running, msg.clone());
                             failing = Some(msg);
                         }
                         retry_at = tokio::time::Instant::now() + wait;
@@ -454,7 +454,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 }
                 Some(Control::Stop) | None => {
                     let _ = running.stop(STOP_GRACE).await;
-                    break ("shutdown", "stopped".to_string());
+                    break (TaskState::Shutdown, "stopped".to_string());
                 }
             }
         }
@@ -471,6 +471,6 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         m.destroy();
     }
     rep(state, message);
-    tracing::info!(task.id = %id, %state, "task ended");
+    tracing::info!(task.id = %id, state = state.as_str_name(), "task ended");
     let _ = ctx.ended.send(Ended { task: id, container_gone: gone.is_ok() });
 }

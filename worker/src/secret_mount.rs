@@ -83,12 +83,7 @@ impl std::fmt::Debug for SecretFile {
 /// The file name a reference's target maps to: `name`, or `/run/secrets/name`.
 pub fn target_file_name(target: &str) -> Result<String, MountError> {
     let name = target.strip_prefix("/run/secrets/").unwrap_or(target);
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
+    if swarmd_certs::is_secret_file_name(name) {
         Ok(name.to_owned())
     } else {
         Err(MountError::BadTarget(target.to_owned()))

@@ -234,7 +234,9 @@ impl Dispatcher {
         let mut latest: BTreeMap<TaskId, (TaskState, String)> = BTreeMap::new();
         for u in &req.updates {
             let task: TaskId = u.task_id.parse().map_err(crate::status::bad_id)?;
-            let state: TaskState = u.state.parse().map_err(Status::invalid_argument)?;
+            let state = swarmd_proto::dispatcher::TaskState::try_from(u.state)
+                .map_err(|_| Status::invalid_argument(format!("unknown task state {}", u.state)))
+                .and_then(TaskState::try_from)?;
             let message = limits::truncate(&u.message, limits::MAX_STATUS_MESSAGE);
             match latest.get_mut(&task) {
                 Some((s, m)) if state >= *s => (*s, *m) = (state, message),
@@ -400,5 +402,23 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             }
             _ => Err(Status::permission_denied("not a task of this node")),
         }
+    }
+}
+
+/// A task state as a node reports it, in the manager's terms: a node may say
+/// anything but "assigned" (the manager's own) and the unset value.
+impl TryFrom<swarmd_proto::dispatcher::TaskState> for TaskState {
+    type Error = Status;
+    fn try_from(s: swarmd_proto::dispatcher::TaskState) -> Result<Self, Status> {
+        use swarmd_proto::dispatcher::TaskState as Wire;
+        Ok(match s {
+            Wire::Preparing => TaskState::Preparing,
+            Wire::Running => TaskState::Running,
+            Wire::Complete => TaskState::Complete,
+            Wire::Failed => TaskState::Failed,
+            Wire::Shutdown => TaskState::Shutdown,
+            Wire::Rejected => TaskState::Rejected,
+            Wire::Unspecified => return Err(Status::invalid_argument("a task status without a state")),
+        })
     }
 }

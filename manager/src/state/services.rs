@@ -267,12 +267,7 @@ pub fn check_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
 
 /// A secret's file name below `/run/secrets`.
 pub fn check_target(t: &str) -> Result<(), String> {
-    let ok = !t.is_empty()
-        && t.len() <= 255
-        && t != "."
-        && t != ".."
-        && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
+    if swarmd_certs::is_secret_file_name(t) {
         Ok(())
     } else {
         Err(format!("invalid secret target {t:?}: use a file name (it appears as /run/secrets/<name>)"))

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
-use swarmd_proto::dispatcher::{PushLogsRequest, TaskStatus, UpdateTaskStatusRequest};
+use swarmd_proto::dispatcher::{PushLogsRequest, TaskState, TaskStatus, UpdateTaskStatusRequest};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -17,7 +17,7 @@ use crate::executor::BoxFuture;
 pub(crate) trait Reporter: Send + Sync {
     /// Sends one task state (`preparing`, `running`, `complete`, `failed`,
     /// `shutdown`, `rejected`) and its message, in the background.
-    fn report(&self, task: &str, state: &str, message: &str);
+    fn report(&self, task: &str, state: TaskState, message: &str);
 
     /// Hands a task's new output on; returns how many of `lines` it took (the
     /// rest is offered again later). It may set `cursor.not_before`.
@@ -53,7 +53,7 @@ impl Dispatcher {
 }
 
 impl Reporter for Dispatcher {
-    fn report(&self, task: &str, state: &str, message: &str) {
+    fn report(&self, task: &str, state: TaskState, message: &str) {
         report(self.channel.clone(), self.session.clone(), task.to_owned(), state, message.to_owned());
     }
 
@@ -63,15 +63,14 @@ impl Reporter for Dispatcher {
 }
 
 /// Sends one task state to the manager, retrying briefly across session changes.
-fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, state: &str, message: String) {
-    let state = state.to_owned();
+fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, state: TaskState, message: String) {
     tokio::spawn(async move {
         for _ in 0..20 {
             let sid = session.borrow_and_update().clone();
             if !sid.is_empty() {
                 let req = UpdateTaskStatusRequest {
                     session_id: sid,
-                    updates: vec![TaskStatus { task_id: task.clone(), state: state.clone(), message: message.clone() }],
+                    updates: vec![TaskStatus { task_id: task.clone(), state: state.into(), message: message.clone() }],
                 };
                 if DispatcherClient::new(channel.clone()).update_task_status(req).await.is_ok() {
                     return;
@@ -82,7 +81,7 @@ fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, 
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
-        tracing::warn!(task.id = %task, %state, "could not report a task state");
+        tracing::warn!(task.id = %task, state = state.as_str_name(), "could not report a task state");
     });
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use swarmd_proto::dispatcher::TaskState;
 use tokio::sync::watch;
 
 use crate::agent::report::{LogCursor, Reporter};
@@ -215,8 +216,9 @@ impl Drop for FakeMount {
 }
 
 impl Reporter for Host {
-    fn report(&self, task: &str, state: &str, message: &str) {
-        self.record(reported(task, state, message));
+    fn report(&self, task: &str, state: TaskState, message: &str) {
+        let name = state.as_str_name().trim_start_matches("TASK_STATE_").to_ascii_lowercase();
+        self.record(reported(task, &name, message));
     }
 
     fn push_logs<'a>(
