@@ -42,9 +42,7 @@ pub(crate) struct Rotation {
     pub retired_below: u32,
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use crate::status::internal;
 
 /// Rotates the data key. Runs on the leader.
 pub(crate) async fn rotate(store: &Store, secrets: &SecretsCache, peers: &Peers) -> Result<Rotation, Status> {

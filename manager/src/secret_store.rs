@@ -21,9 +21,7 @@ use crate::store::{Store, StoreError};
 /// concurrent update overtook it.
 const RETRIES: usize = 5;
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use crate::status::internal;
 
 /// The wire form of a record.
 pub(crate) fn to_wire(r: SecretRecord) -> Secret {

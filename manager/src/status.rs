@@ -9,7 +9,8 @@
 use tonic::Status;
 
 use crate::cluster::ClusterError;
-use crate::state::StateError;
+use crate::state::{Missing, Rejection, StateError};
+use crate::store::StoreError;
 
 /// An error the caller can do nothing about (a store read, a task that died).
 pub fn internal(e: impl std::fmt::Display) -> Status {
@@ -53,4 +54,46 @@ impl From<StateError> for Status {
     fn from(e: StateError) -> Self {
         internal(e)
     }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::NoQuorum(_)
+            | StoreError::NotLeader { .. }
+            | StoreError::QuorumStale { .. }
+            | StoreError::Raft(_) => Status::unavailable(e.to_string()),
+            StoreError::Rejected(r) => rejection_status(&r),
+            StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+            StoreError::State(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// The binary metadata key a FAILED_PRECONDITION status carries its
+/// [`Rejection`] in (bincode), so that a manager that gets the status back
+/// from another sees the same variant, not only its text.
+pub(crate) const REJECTION_METADATA: &str = "swarmd-rejection-bin";
+
+/// A rejection in the words users see: its text, with the hints that name
+/// secretctl's verbs and flags (which the replicated state never names).
+pub(crate) fn rejection_message(r: &Rejection) -> String {
+    match r {
+        Rejection::SecretInUse { .. } => format!("{r}: remove it from them first (service update --secret-rm)"),
+        Rejection::NotFound(Missing::AdminCert { .. }) => format!("{r}: see secretctl admin-cert ls"),
+        Rejection::InvalidSerial { .. } => {
+            format!("{r}: give the lowercase hex serial `secretctl admin-cert ls` shows")
+        }
+        Rejection::InvalidSpec(e) => crate::service_api::spec_message(e),
+        _ => r.to_string(),
+    }
+}
+
+/// FAILED_PRECONDITION with [`rejection_message`], the rejection itself in
+/// [`REJECTION_METADATA`].
+pub(crate) fn rejection_status(r: &Rejection) -> Status {
+    let mut s = Status::failed_precondition(rejection_message(r));
+    let bytes = tonic::metadata::MetadataValue::from_bytes(&crate::state::encode(r));
+    s.metadata_mut().insert_bin(REJECTION_METADATA, bytes);
+    s
 }

@@ -20,7 +20,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::raft::Raft;
-use crate::state::{Command, CommandResult, Missing, Rejection, StateError, StateView};
+use crate::state::{Command, CommandResult, Rejection, StateError, StateView};
+use crate::status::REJECTION_METADATA;
 
 /// How long a write may take before it is reported as not committed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,20 +80,6 @@ impl StoreError {
             StoreError::Timeout(d) => StoreError::Timeout(*d),
             StoreError::Raft(s) => StoreError::Raft(s.clone()),
             StoreError::State(e) => StoreError::Raft(e.to_string()),
-        }
-    }
-}
-
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Status {
-        match e {
-            StoreError::NoQuorum(_)
-            | StoreError::NotLeader { .. }
-            | StoreError::QuorumStale { .. }
-            | StoreError::Raft(_) => Status::unavailable(e.to_string()),
-            StoreError::Rejected(r) => rejection_status(&r),
-            StoreError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
-            StoreError::State(_) => Status::internal(e.to_string()),
         }
     }
 }
@@ -331,34 +318,6 @@ impl Store {
     }
 }
 
-/// The binary metadata key a FAILED_PRECONDITION status carries its
-/// [`Rejection`] in (bincode), so that a manager that gets the status back
-/// from another sees the same variant, not only its text.
-pub(crate) const REJECTION_METADATA: &str = "swarmd-rejection-bin";
-
-/// A rejection in the words users see: its text, with the hints that name
-/// secretctl's verbs and flags (which the replicated state never names).
-pub(crate) fn rejection_message(r: &Rejection) -> String {
-    match r {
-        Rejection::SecretInUse { .. } => format!("{r}: remove it from them first (service update --secret-rm)"),
-        Rejection::NotFound(Missing::AdminCert { .. }) => format!("{r}: see secretctl admin-cert ls"),
-        Rejection::InvalidSerial { .. } => {
-            format!("{r}: give the lowercase hex serial `secretctl admin-cert ls` shows")
-        }
-        Rejection::InvalidSpec(e) => crate::service_api::spec_message(e),
-        _ => r.to_string(),
-    }
-}
-
-/// FAILED_PRECONDITION with [`rejection_message`], the rejection itself in
-/// [`REJECTION_METADATA`].
-pub(crate) fn rejection_status(r: &Rejection) -> Status {
-    let mut s = Status::failed_precondition(rejection_message(r));
-    let bytes = tonic::metadata::MetadataValue::from_bytes(&crate::state::encode(r));
-    s.metadata_mut().insert_bin(REJECTION_METADATA, bytes);
-    s
-}
-
 /// The rejection a FAILED_PRECONDITION status carries: the typed one from its
 /// metadata, else (a status from elsewhere) its message as [`Rejection::Invalid`].
 fn rejection_of(s: &Status) -> Rejection {
@@ -400,7 +359,8 @@ fn leader_outcome(addr: &str, reply: Result<ProposeResponse, Status>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::ObjectKind;
+    use crate::state::{Missing, ObjectKind};
+    use crate::status::rejection_message;
 
     fn samples() -> Vec<Rejection> {
         vec![

@@ -27,9 +27,7 @@ use crate::state::{
 /// Longest life of an admin certificate.
 pub const MAX_ADMIN_CERT: std::time::Duration = std::time::Duration::from_secs(30 * 86400);
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use crate::status::internal;
 
 /// The node `key` names: its ID, a unique ID prefix or its hostname.
 /// INVALID_ARGUMENT if empty or ambiguous, NOT_FOUND if nothing matches.
