@@ -184,6 +184,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
                 task_id: a_task.clone(),
                 state: swarmd_proto::dispatcher::TaskState::Failed.into(),
                 message: "forged".into(),
+                ..Default::default()
             }],
         };
         let _ = DispatcherClient::new(ch.clone()).update_task_status(forged).await;

@@ -150,6 +150,7 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
                 task_id: format!("t{i}x{k}nonexistent00000"),
                 state: swarmd_proto::dispatcher::TaskState::Failed.into(),
                 message: "x".repeat(100_000),
+                ..Default::default()
             })
             .collect(),
     };
@@ -164,12 +165,14 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
                 task_id: format!("{i:08}{k:017}"),
                 state: swarmd_proto::dispatcher::TaskState::Failed.into(),
                 message: "no".into(),
+                ..Default::default()
             })
             .collect();
         updates.push(TaskStatus {
             task_id: task_b.clone(),
             state: swarmd_proto::dispatcher::TaskState::Failed.into(),
             message: "from A".into(),
+            ..Default::default()
         });
         let req = UpdateTaskStatusRequest { session_id: a.session_id.clone(), updates };
         let _ = dispatcher.update_task_status(req).await;
@@ -181,6 +184,7 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
                 task_id: task_a.clone(),
                 state: swarmd_proto::dispatcher::TaskState::Running.into(),
                 message: String::new(),
+                ..Default::default()
             })
             .collect(),
     };
@@ -194,6 +198,7 @@ async fn invariant_12_a_worker_cannot_grow_the_raft_log_state_or_memory_without_
                 task_id: task_a.clone(),
                 state: swarmd_proto::dispatcher::TaskState::Running.into(),
                 message: format!("m{i}"),
+                ..Default::default()
             }],
         };
         if let Err(s) = dispatcher.update_task_status(req).await {

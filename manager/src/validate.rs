@@ -177,9 +177,22 @@ pub fn validate_get_join_token(req: &GetJoinTokenRequest) -> Result<Role, Status
     Ok(role)
 }
 
+/// A secretctl from before structured secret references sends them as text in
+/// a retired field: refused by name, rather than served without its secrets.
+fn refuse_retired_secret_text(text: &[String]) -> Result<(), Status> {
+    if text.is_empty() {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "secret references sent as text by an older secretctl: upgrade secretctl to this manager's version",
+        ))
+    }
+}
+
 /// The name and spec of a service to create. INVALID_ARGUMENT for a bad name
 /// or spec, PERMISSION_DENIED for privileges, ALREADY_EXISTS for a name in use.
 pub fn validate_create_service(view: &StateView, req: &CreateServiceRequest) -> Result<(String, ServiceSpec), Status> {
+    refuse_retired_secret_text(&req.retired_secrets_text)?;
     check_service_name(&req.name).map_err(Status::invalid_argument)?;
     if let Some(id) = view.service_id_by_name(&req.name).map_err(internal)? {
         return Err(Status::already_exists(format!("service name {:?} is already in use by service {id}", req.name)));
@@ -193,6 +206,7 @@ pub fn validate_update_service(
     view: &StateView,
     req: &UpdateServiceRequest,
 ) -> Result<(ServiceRecord, ServiceSpec), Status> {
+    refuse_retired_secret_text(&req.retired_secret_add_text)?;
     let cur = crate::service_api::find(view, &req.name_or_id)?;
     let mut spec = cur.spec.clone();
     for rm in &req.secret_rm {
@@ -212,4 +226,33 @@ pub fn validate_update_service(
     }
     crate::service_api::check_spec_status(&spec)?;
     Ok((cur, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{empty, initialised};
+
+    #[test]
+    fn secret_references_as_text_from_an_older_secretctl_are_refused_by_name() {
+        let (view, _) = initialised();
+        let create = CreateServiceRequest {
+            name: "web".into(),
+            image: "/img".into(),
+            args: vec!["true".into()],
+            replicas: 1,
+            retired_secrets_text: vec!["db_pass".into()],
+            ..Default::default()
+        };
+        let e = validate_create_service(&view, &create).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("upgrade secretctl"), "{}", e.message());
+        let update = UpdateServiceRequest {
+            name_or_id: "web".into(),
+            retired_secret_add_text: vec!["db_pass".into()],
+            ..Default::default()
+        };
+        let e = validate_update_service(&empty(), &update).unwrap_err();
+        assert!(e.message().contains("upgrade secretctl"), "{}", e.message());
+    }
 }

@@ -171,6 +171,7 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
                 privileged,
                 cap_add,
                 userns: userns.unwrap_or_default(),
+                ..Default::default()
             };
             let s = client.create_service(req).await.map_err(explain)?.into_inner();
             println!("{}", s.id);
@@ -304,7 +305,8 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
             }
         }
         ServiceCmd::Update { service, secret_add, secret_rm, replicas } => {
-            let req = UpdateServiceRequest { name_or_id: service, secret_add, secret_rm, replicas };
+            let req =
+                UpdateServiceRequest { name_or_id: service, secret_add, secret_rm, replicas, ..Default::default() };
             let s = client.update_service(req).await.map_err(explain)?.into_inner();
             println!("{}", s.id);
         }

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use swarmd_proto::dispatcher::{Assignments, Task, TaskState};
+use swarmd_proto::dispatcher::TaskState;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ use report::{LogCursor, Reporter};
 /// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
-type SecretKey = (String, u32);
+use crate::assignment::{Assignment, SecretKey, WorkTask as Task};
 
 enum Control {
     Secrets(Vec<SecretFile>),
@@ -150,7 +150,7 @@ impl Agent {
 
     /// Runs until the shutdown token is cancelled, applying what arrives on
     /// `rx`; then stops every task.
-    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Assignments>, state: watch::Sender<AgentState>) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Assignment>, state: watch::Sender<AgentState>) {
         self.clean_up_leftovers().await;
         // A block stays held while a container of an earlier run is still
         // there (one that could not be removed); the others are free again.
@@ -205,19 +205,19 @@ impl Agent {
 
     fn files_for(&self, task: &Task) -> Result<Vec<SecretFile>, String> {
         let mut files = Vec::new();
-        for s in task.spec.as_ref().map(|s| s.secrets.as_slice()).unwrap_or_default() {
+        for s in &task.spec.secrets {
             let data = self
                 .secrets
-                .get(&(s.secret_id.clone(), s.version))
-                .ok_or_else(|| format!("secret {} version {} was not delivered", s.name, s.version))?;
+                .get(&s.key)
+                .ok_or_else(|| format!("secret {} version {} was not delivered", s.name, s.key.1))?;
             files.push(SecretFile { name: s.target.clone(), uid: s.uid, gid: s.gid, mode: s.mode, data: data.clone() });
         }
         Ok(files)
     }
 
-    fn apply(&mut self, a: Assignments) {
-        for s in a.secrets {
-            self.secrets.insert((s.id, s.version), Zeroizing::new(s.data.to_vec()));
+    fn apply(&mut self, a: Assignment) {
+        for (key, data) in a.secrets {
+            self.secrets.insert(key, data);
         }
         let listed: HashSet<String> = a.tasks.iter().map(|t| t.id.clone()).collect();
         let mut stop: Vec<String> = a.removed_tasks.clone();
@@ -263,15 +263,11 @@ impl Agent {
         }
         for k in a.removed_secrets {
             // Dropping the Zeroizing buffer wipes it.
-            self.secrets.remove(&(k.id, k.version));
+            self.secrets.remove(&k);
         }
         if a.full {
-            let needed: HashSet<SecretKey> = self
-                .running
-                .values()
-                .flat_map(|h| h.task.spec.iter().flat_map(|s| s.secrets.iter()))
-                .map(|s| (s.secret_id.clone(), s.version))
-                .collect();
+            let needed: HashSet<SecretKey> =
+                self.running.values().flat_map(|h| h.task.spec.secrets.iter()).map(|s| s.key.clone()).collect();
             self.secrets.retain(|k, _| needed.contains(k));
         }
     }
@@ -289,7 +285,7 @@ impl Agent {
                 return;
             }
         };
-        let userns = if t.spec.as_ref().is_some_and(|s| s.host_userns) {
+        let userns = if t.spec.host_userns {
             UserNamespace::Host
         } else {
             match self.ids.allocate(&t.id) {
@@ -353,7 +349,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let id = t.id.clone();
     let rep = |state: TaskState, msg: String| ctx.seams.reporter.report(&id, state, &msg);
     rep(TaskState::Preparing, String::new());
-    let spec = t.spec.clone().unwrap_or_default();
+    let spec = &t.spec;
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
     let mut mount = if spec.secrets.is_empty() {
         None
@@ -372,9 +368,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         rootfs: PathBuf::from(&spec.image),
         args: spec.args.clone(),
         env: spec.env.clone(),
-        user: spec.has_user.then_some((spec.uid, spec.gid)),
-        memory: (spec.memory > 0).then_some(spec.memory),
-        pids: (spec.pids > 0).then_some(spec.pids),
+        user: spec.user,
+        memory: spec.memory,
+        pids: spec.pids,
         host_network: spec.host_network,
         secrets_dir: mount.as_ref().map(|m| m.dir().to_owned()),
         userns: ctx.userns,

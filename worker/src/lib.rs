@@ -7,6 +7,7 @@
 //! token needed.
 
 pub mod agent;
+pub mod assignment;
 mod config;
 pub mod executor;
 mod join;

@@ -110,7 +110,7 @@ pub(crate) struct SessionLoop {
     /// The current session ID ("" without one), for task reports.
     session: tokio::sync::watch::Sender<String>,
     /// Assignments, to the task agent.
-    assignments: tokio::sync::mpsc::UnboundedSender<Assignments>,
+    assignments: tokio::sync::mpsc::UnboundedSender<crate::assignment::Assignment>,
 }
 
 impl SessionLoop {
@@ -120,7 +120,7 @@ impl SessionLoop {
         data_dir: PathBuf,
         cfg: WorkerConfig,
         session: tokio::sync::watch::Sender<String>,
-        assignments: tokio::sync::mpsc::UnboundedSender<Assignments>,
+        assignments: tokio::sync::mpsc::UnboundedSender<crate::assignment::Assignment>,
     ) -> Self {
         Self { channel, tls, remotes, managers, data_dir, cfg, session, assignments }
     }
@@ -224,7 +224,7 @@ impl SessionLoop {
                         self.learn_managers(&m);
                         if let Some(a) = m.assignments {
                             if let Some(whole) = pending.add(a) {
-                                let _ = self.assignments.send(whole);
+                                let _ = self.assignments.send(whole.into());
                                 received = m.seq;
                             }
                         }

@@ -234,6 +234,11 @@ impl Dispatcher {
         let mut latest: BTreeMap<TaskId, (TaskState, String)> = BTreeMap::new();
         for u in &req.updates {
             let task: TaskId = u.task_id.parse().map_err(crate::status::bad_id)?;
+            if !u.retired_state_text.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a task state sent as text by an older worker: upgrade the worker to this manager's version",
+                ));
+            }
             let state = swarmd_proto::dispatcher::TaskState::try_from(u.state)
                 .map_err(|_| Status::invalid_argument(format!("unknown task state {}", u.state)))
                 .and_then(TaskState::try_from)?;

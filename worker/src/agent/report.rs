@@ -70,7 +70,12 @@ fn report(channel: Channel, mut session: watch::Receiver<String>, task: String, 
             if !sid.is_empty() {
                 let req = UpdateTaskStatusRequest {
                     session_id: sid,
-                    updates: vec![TaskStatus { task_id: task.clone(), state: state.into(), message: message.clone() }],
+                    updates: vec![TaskStatus {
+                        task_id: task.clone(),
+                        state: state.into(),
+                        message: message.clone(),
+                        ..Default::default()
+                    }],
                 };
                 if DispatcherClient::new(channel.clone()).update_task_status(req).await.is_ok() {
                     return;

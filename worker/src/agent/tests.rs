@@ -24,7 +24,7 @@ use fakes::{file, reported, Event, Host};
 /// A running agent and what drives it.
 struct Running {
     host: Arc<Host>,
-    tx: mpsc::UnboundedSender<Assignments>,
+    tx: mpsc::UnboundedSender<crate::assignment::Assignment>,
     state: watch::Receiver<AgentState>,
     shutdown: CancellationToken,
     done: tokio::task::JoinHandle<()>,
@@ -45,7 +45,7 @@ fn start(host: Host) -> Running {
 
 impl Running {
     fn send(&self, a: Assignments) {
-        self.tx.send(a).unwrap();
+        self.tx.send(a.into()).unwrap();
     }
 
     fn events(&self) -> Vec<Event> {
