@@ -147,7 +147,7 @@ pub(crate) async fn wait_for_unlock(cfg: &ManagerConfig, keydir: KeyDir) -> Resu
         .add_service(LockServer::new(Unlocker { keydir, done: tx, used: AtomicBool::new(false) }))
         .add_service(LockedControl)
         .serve_with_incoming_shutdown(unix_incoming(unix), stop.clone().cancelled_owned());
-    let serving = tokio::spawn(server);
+    let serving = swarmd_certs::spawn_loop("unlock-socket", server);
     let got = rx.recv().await;
     // Let the unlock reply reach the caller before the socket goes away.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -198,7 +198,7 @@ impl Store {
     /// concurrent proposals into shared raft entries.
     pub fn new(raft: Raft, view: StateView, applied: watch::Receiver<u64>) -> Self {
         let (proposals, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_proposals(raft.clone(), rx));
+        swarmd_certs::spawn_loop("proposals", run_proposals(raft.clone(), rx));
         Self { raft, view, applied, peers: None, proposals, membership: Arc::default() }
     }
 

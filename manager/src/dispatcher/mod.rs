@@ -311,7 +311,7 @@ impl dispatcher_server::Dispatcher for Dispatcher {
                 assigner.clone(),
                 progress.clone(),
             );
-            tokio::spawn(async move {
+            swarmd_certs::spawn_loop("session-stream", async move {
                 tokio::select! {
                     _ = crate::assignments::stream(store, secrets, node, tx, progress) => {}
                     _ = stop.cancelled() => {}

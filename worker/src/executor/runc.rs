@@ -176,7 +176,7 @@ impl Runtime {
         .into_iter()
         .flatten()
         {
-            tokio::spawn(logs.clone().pump(stream));
+            swarmd_certs::spawn_loop("log-pump", logs.clone().pump(stream));
         }
         Ok(Running { id: id.to_owned(), logs, child, runtime: self.clone() })
     }
