@@ -96,6 +96,18 @@ impl CertInfo {
         })
     }
 
+    /// What `secretctl ca show` tells of a root: the SHA-256 of its DER (as
+    /// `openssl x509 -fingerprint -sha256` prints it, without colons) and
+    /// its expiry (Unix seconds).
+    pub fn describe_ca(pem: &str) -> Result<(String, i64), CertError> {
+        use sha2::Digest;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+        Ok((hex::encode(sha2::Sha256::digest(&der)), cert.validity().not_after.timestamp()))
+    }
+
     /// The cluster ID (O) of a root CA certificate.
     pub fn parse_ca(pem: &str) -> Result<ClusterId, CertError> {
         let der = CertificateDer::from_pem_slice(pem.as_bytes())

@@ -2,6 +2,7 @@
 
 mod admin_cert;
 mod autolock;
+mod ca;
 mod client;
 mod info;
 mod join_token;
@@ -85,6 +86,9 @@ enum Command {
     Node(node::NodeCmd),
     /// Show (or rotate) a join token.
     JoinToken(join_token::JoinTokenArgs),
+    /// The cluster's root certificate authority.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     /// This manager's view of raft (leader, term, log) and a digest of its state.
     Info,
 }
@@ -106,6 +110,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(c) => autolock::cluster(channel, c).await,
         Command::Node(c) => node::run(channel, c, cli.format).await,
         Command::JoinToken(a) => join_token::run(channel, a).await,
+        Command::Ca(c) => ca::run(channel, c, cli.format).await,
         Command::Info => info::run(channel, cli.format).await,
     }
 }

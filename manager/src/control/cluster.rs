@@ -1,8 +1,10 @@
-//! Control RPCs on the cluster: data key rotation, autolock and its unlock
-//! key, join tokens, this manager's raft view.
+//! Control RPCs on the cluster: the root CA, data key rotation, autolock and
+//! its unlock key, join tokens, this manager's raft view.
 
 use swarmd_certs::JoinToken;
-use swarmd_proto::control::{GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse};
+use swarmd_proto::control::{
+    CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse,
+};
 use tonic::{Request, Response, Status};
 
 use crate::keys::{purpose, UnlockKey};
@@ -15,6 +17,15 @@ use swarmd_proto::control::{
 use crate::validate;
 
 use super::{internal, ControlService};
+
+/// Administrator only. The root CA this manager's replicated state holds
+/// (public: the certificate, never its key).
+pub(super) async fn get_ca(ctl: &ControlService, _req: Request<GetCaRequest>) -> Result<Response<CaInfo>, Status> {
+    let s = ctl.secrets.get()?;
+    let root_pem = s.ca.bundle_pem().to_owned();
+    let (sha256, not_after) = swarmd_certs::CertInfo::describe_ca(&root_pem).map_err(internal)?;
+    Ok(Response::new(CaInfo { root_pem, sha256, not_after, external_signer: false, rotation: None }))
+}
 
 /// Administrator only. Runs on the leader (forwarded there).
 pub(super) async fn rotate_data_key(

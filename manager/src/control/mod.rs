@@ -11,8 +11,8 @@
 use swarmd_certs::NodeId;
 use swarmd_proto::control::control_server::{self, ControlServer};
 use swarmd_proto::control::{
-    GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, InfoRequest, InfoResponse, ListNodesRequest,
-    ListNodesResponse, Node, UpdateNodeRequest,
+    CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, InfoRequest, InfoResponse,
+    ListNodesRequest, ListNodesResponse, Node, UpdateNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -249,6 +249,10 @@ impl control_server::Control for ControlService {
 
     async fn info(&self, req: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         cluster::info(self, req).await
+    }
+
+    async fn get_ca(&self, req: Request<GetCaRequest>) -> Result<Response<CaInfo>, Status> {
+        cluster::get_ca(self, req).await
     }
 
     async fn get_join_token(
