@@ -133,7 +133,40 @@ impl Serialize for Command {
 
 impl<'de> Deserialize<'de> for Command {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let _depth = Nesting::enter().map_err(de::Error::custom)?;
         d.deserialize_enum("Command", &[], CommandVisitor)
+    }
+}
+
+/// How many levels of commands one entry may hold when decoded: a command,
+/// the commands of a [`Command::Batch`], and those of a batch inside it
+/// (which decodes, and is refused as `NestedBatch` when applied). Deeper is
+/// refused here, before the decoder's recursion can exhaust the stack on a
+/// hostile entry (a forwarded command or an append from a peer).
+const MAX_LEVELS: u32 = 3;
+
+thread_local! {
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// One level of command decoding on this thread, left on drop.
+struct Nesting;
+
+impl Nesting {
+    fn enter() -> Result<Nesting, String> {
+        NESTING.with(|n| {
+            if n.get() >= MAX_LEVELS {
+                return Err(format!("commands nest more than {MAX_LEVELS} levels deep"));
+            }
+            n.set(n.get() + 1);
+            Ok(Nesting)
+        })
+    }
+}
+
+impl Drop for Nesting {
+    fn drop(&mut self) {
+        NESTING.with(|n| n.set(n.get() - 1));
     }
 }
 

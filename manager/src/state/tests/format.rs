@@ -116,3 +116,35 @@ fn a_newer_format_version_is_refused_not_misread() {
     let err = bincode::deserialize::<Command>(&[24, 0, 0, 0]).unwrap_err().to_string();
     assert!(!err.is_empty());
 }
+
+/// A hostile entry cannot nest batches until the decoder's recursion
+/// exhausts the stack: a batch in a batch still decodes (it is refused when
+/// applied), one level more is refused with an error, and deep nesting too
+/// (this test would overflow the stack without the limit). Built by hand in
+/// the version 0 layout, since the encoder cannot write a deeper entry than
+/// it is given: variant index (u32) of `Batch`, then a u64 count of 1, repeated.
+#[test]
+fn deeply_nested_batches_are_refused_while_decoding() {
+    let batch_index = {
+        let bytes = bincode::serialize(&Command::Batch(Vec::new())).unwrap();
+        // envelope tag, version, then the derived variant index
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap())
+    };
+    let nested = |levels: usize| {
+        let mut v = Vec::new();
+        for _ in 0..levels {
+            v.extend_from_slice(&batch_index.to_le_bytes());
+            v.extend_from_slice(&1u64.to_le_bytes());
+        }
+        // the innermost: an empty batch
+        v.extend_from_slice(&batch_index.to_le_bytes());
+        v.extend_from_slice(&0u64.to_le_bytes());
+        v
+    };
+    assert!(bincode::deserialize::<Command>(&nested(2)).is_ok(), "a batch in a batch decodes");
+    let e = bincode::deserialize::<Command>(&nested(3)).unwrap_err();
+    assert!(e.to_string().contains("levels deep"), "{e}");
+    assert!(bincode::deserialize::<Command>(&nested(1_000_000)).is_err());
+    // The limit is per decode: a normal command decodes after a refusal.
+    assert!(bincode::deserialize::<Command>(&nested(0)).is_ok());
+}
