@@ -22,9 +22,9 @@ use swarmd_certs::{ClusterId, NodeId, Role};
 use swarmd_proto::NODE_REMOVED_METADATA;
 use tonic::{Request, Status};
 
-use crate::ca_service::now_unix;
 use crate::raft::Raft;
 use crate::state::{NodeRecord, StateView};
+use swarmd_certs::now_unix;
 
 /// Who is on the other end of a connection.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@ use crate::limits::{CaRequest, CaWork, JoinLimits, NodeLimits, Spend};
 use crate::state::{Command, NodeRecord, NodeStatus};
 use crate::store::Store;
 
-pub(crate) use swarmd_certs::now_unix;
+use swarmd_certs::now_unix;
 
 /// Keeps a reported hostname printable and short.
 pub(crate) fn clean_hostname(h: &str) -> String {

@@ -418,7 +418,7 @@ pub(crate) async fn follow_deny_list(
 /// certificate lifetime from now.
 pub(crate) fn deny_until(node: &NodeRecord, secrets: &SecretsCache) -> Result<i64, tonic::Status> {
     let validity = secrets.get()?.validity.duration().as_secs() as i64;
-    Ok(node.cert_not_after.max(crate::ca_service::now_unix() + validity + 60))
+    Ok(node.cert_not_after.max(swarmd_certs::now_unix() + validity + 60))
 }
 
 /// After a forced new cluster: removes every other manager once this one leads.

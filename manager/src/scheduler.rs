@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use swarmd_certs::{NodeId, Role, TaskId};
 use tokio_util::sync::CancellationToken;
 
-use crate::ca_service::now_unix;
 use crate::services::{tasks_by_service, TaskRecord, TaskState};
 use crate::state::{Availability, Command, NodeRecord, NodeStatus, StateError, StateView};
 use crate::store::Store;
+use swarmd_certs::now_unix;
 
 /// How long an ended task stays before it is replaced.
 pub const RESTART_DELAY: Duration = Duration::from_secs(5);

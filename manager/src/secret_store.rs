@@ -11,11 +11,11 @@ use swarmd_proto::control::{
 use tonic::Status;
 use zeroize::Zeroizing;
 
-use crate::ca_service::now_unix;
 use crate::cluster::SecretsCache;
 use crate::keys::purpose;
 use crate::state::{Command, Rejection, SecretRecord, StateView};
 use crate::store::{Store, StoreError};
+use swarmd_certs::now_unix;
 
 /// How often a write is re-sealed and retried when a key rotation or a
 /// concurrent update overtook it.

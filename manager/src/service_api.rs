@@ -5,13 +5,13 @@ use swarmd_certs::ServiceId;
 use swarmd_proto::control::{CreateServiceRequest, SecretReference, Service, ServiceTask, UpdateServiceRequest};
 use tonic::Status;
 
-use crate::ca_service::now_unix;
 use crate::services::{
     check_spec, Constraint, Network, SecretRef, ServiceRecord, ServiceSpec, SpecError, TaskState, Userns, MAX_REPLICAS,
     MIN_MEMORY,
 };
 use crate::state::{Command, StateView};
 use crate::store::Store;
+use swarmd_certs::now_unix;
 
 use crate::status::internal;
 

@@ -259,7 +259,7 @@ impl RefusalLog {
 
 /// Unix seconds → the `Instant` at which that time is reached.
 fn instant_at_unix(secs: i64) -> Instant {
-    let now = crate::ca_service::now_unix();
+    let now = swarmd_certs::now_unix();
     Instant::now() + Duration::from_secs(secs.saturating_sub(now).max(0) as u64)
 }
 

@@ -45,7 +45,7 @@ pub(super) async fn issue_admin_certificate(
     let record = AdminCertRecord {
         serial: issued.serial.clone(),
         id: id.clone(),
-        issued_at: crate::ca_service::now_unix(),
+        issued_at: swarmd_certs::now_unix(),
         not_after: issued.not_after,
         revoked_at: None,
     };
@@ -64,7 +64,7 @@ pub(super) async fn list_admin_certificates(
     ctl: &ControlService,
     _req: Request<ListAdminCertificatesRequest>,
 ) -> Result<Response<ListAdminCertificatesResponse>, Status> {
-    let now = crate::ca_service::now_unix();
+    let now = swarmd_certs::now_unix();
     let mut certificates: Vec<_> = ctl
         .store
         .view()
@@ -86,7 +86,7 @@ pub(super) async fn revoke_admin_certificate(
     req: Request<RevokeAdminCertificateRequest>,
 ) -> Result<Response<AdminCertificate>, Status> {
     let serial = validate::validate_revoke_admin_certificate(req.get_ref())?;
-    let at = crate::ca_service::now_unix();
+    let at = swarmd_certs::now_unix();
     ctl.store.propose(Command::RevokeAdminCert { serial: serial.clone(), at }).await?;
     tracing::warn!(serial = %serial, "admin certificate revoked");
     let rec = ctl

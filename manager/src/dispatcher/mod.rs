@@ -33,12 +33,12 @@ use tonic::{Request, Response, Status};
 pub use liveness::StatusWriter;
 
 use crate::auth::Authorizer;
-use crate::ca_service::now_unix;
 use crate::cluster::SecretsCache;
 use crate::limits::{self, NodeLimits, Spend};
 use crate::services::{TaskState, TaskUpdate};
 use crate::state::{Command, NodeStatus, StatusChange};
 use crate::store::Store;
+use swarmd_certs::now_unix;
 
 /// Missed periods after which a node is down.
 const GRACE_MULTIPLIER: u32 = 3;
@@ -234,14 +234,7 @@ impl Dispatcher {
         let mut latest: BTreeMap<TaskId, (TaskState, String)> = BTreeMap::new();
         for u in &req.updates {
             let task: TaskId = u.task_id.parse().map_err(crate::status::bad_id)?;
-            if !u.retired_state_text.is_empty() {
-                return Err(Status::invalid_argument(
-                    "a task state sent as text by an older worker: upgrade the worker to this manager's version",
-                ));
-            }
-            let state = swarmd_proto::dispatcher::TaskState::try_from(u.state)
-                .map_err(|_| Status::invalid_argument(format!("unknown task state {}", u.state)))
-                .and_then(TaskState::try_from)?;
+            let state = reported_state(u)?;
             let message = limits::truncate(&u.message, limits::MAX_STATUS_MESSAGE);
             match latest.get_mut(&task) {
                 Some((s, m)) if state >= *s => (*s, *m) = (state, message),
@@ -410,6 +403,20 @@ impl dispatcher_server::Dispatcher for Dispatcher {
     }
 }
 
+/// The state a node reports in one task status, in the manager's terms.
+/// INVALID_ARGUMENT for the retired text field (an older worker), an unset
+/// state, a number the enum does not know, or "assigned" (the manager's own).
+fn reported_state(u: &swarmd_proto::dispatcher::TaskStatus) -> Result<TaskState, Status> {
+    if !u.retired_state_text.is_empty() {
+        return Err(Status::invalid_argument(
+            "a task state sent as text by an older worker: upgrade the worker to this manager's version",
+        ));
+    }
+    swarmd_proto::dispatcher::TaskState::try_from(u.state)
+        .map_err(|_| Status::invalid_argument(format!("unknown task state {}", u.state)))
+        .and_then(TaskState::try_from)
+}
+
 /// A task state as a node reports it, in the manager's terms: a node may say
 /// anything but "assigned" (the manager's own) and the unset value.
 impl TryFrom<swarmd_proto::dispatcher::TaskState> for TaskState {
@@ -425,5 +432,24 @@ impl TryFrom<swarmd_proto::dispatcher::TaskState> for TaskState {
             Wire::Rejected => TaskState::Rejected,
             Wire::Unspecified => return Err(Status::invalid_argument("a task status without a state")),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarmd_proto::dispatcher::{TaskState as Wire, TaskStatus};
+
+    #[test]
+    fn a_reported_state_is_one_a_node_may_report() {
+        let status =
+            |state: i32, text: &str| TaskStatus { state, retired_state_text: text.into(), ..Default::default() };
+        assert_eq!(reported_state(&status(Wire::Running.into(), "")).unwrap(), TaskState::Running);
+        assert_eq!(reported_state(&status(Wire::Rejected.into(), "")).unwrap(), TaskState::Rejected);
+        for bad in [status(Wire::Unspecified.into(), ""), status(7, ""), status(-1, ""), status(i32::MAX, "")] {
+            assert_eq!(reported_state(&bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        let old = reported_state(&status(Wire::Running.into(), "running")).unwrap_err();
+        assert!(old.message().contains("upgrade the worker"), "{}", old.message());
     }
 }

@@ -17,7 +17,7 @@ use tonic::transport::Server;
 
 use crate::auth::{Admits, Authorizer, Gate};
 use crate::autolock::NodeKeyWrap;
-use crate::ca_service::{now_unix, CaService};
+use crate::ca_service::CaService;
 use crate::cluster::SecretsCache;
 use crate::cluster_service::ClusterService;
 use crate::config::{default_advertise, InitOptions, ManagerConfig, CONFIG_FILE};
@@ -30,6 +30,7 @@ use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
 use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
 use crate::store::{Peers, Store};
 use crate::ManagerError;
+use swarmd_certs::now_unix;
 
 mod join;
 use join::random_raft_id;

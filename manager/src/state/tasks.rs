@@ -55,22 +55,6 @@ impl fmt::Display for TaskState {
     }
 }
 
-impl std::str::FromStr for TaskState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "assigned" => TaskState::Assigned,
-            "preparing" => TaskState::Preparing,
-            "running" => TaskState::Running,
-            "complete" => TaskState::Complete,
-            "failed" => TaskState::Failed,
-            "shutdown" => TaskState::Shutdown,
-            "rejected" => TaskState::Rejected,
-            _ => return Err(format!("unknown task state {s:?}")),
-        })
-    }
-}
-
 /// One run of one replica on one node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
