@@ -53,7 +53,7 @@ fn forged_manager_identity(ca: &RootCa, node: &NodeId) -> NodeIdentity {
     let (key, csr) = generate_key_and_csr().unwrap();
     let issued =
         ca.sign_node(&csr, node, Role::Manager, CertValidity::new(Duration::from_secs(3600)).unwrap()).unwrap();
-    NodeIdentity::new(ca.bundle_pem().to_owned(), issued.pem, key).unwrap()
+    NodeIdentity::new(ca.cert_pem().to_owned(), issued.pem, key).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -112,9 +112,13 @@ pub struct IssuedCert {
     pub not_after: i64,
 }
 
-/// The root CA: its certificate and signing key.
+/// A CA: its certificate, its signing key, and the certificates it appends to
+/// every leaf it signs (during a root rotation, its own certificate
+/// cross-signed by the previous root, so nodes that trust only that root
+/// still verify the new leaves).
 pub struct RootCa {
     cert_pem: String,
+    chain_pem: String,
     cluster_id: ClusterId,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -128,38 +132,75 @@ impl fmt::Debug for RootCa {
 impl RootCa {
     /// Creates a new root CA (ECDSA P-256, 10 years) for `cluster_id`.
     pub fn generate(cluster_id: &ClusterId) -> Result<Self, CertError> {
+        Self::generate_named(cluster_id, None)
+    }
+
+    /// A new root for the same cluster, to rotate to: a new key, and a subject
+    /// of its own (an OU naming it) so that path building never confuses it
+    /// with the root it replaces.
+    pub fn generate_successor(&self) -> Result<Self, CertError> {
+        let mut tag = [0u8; 6];
+        crate::random_bytes(&mut tag);
+        Self::generate_named(&self.cluster_id, Some(&format!("root-{}", hex::encode(tag))))
+    }
+
+    fn generate_named(cluster_id: &ClusterId, unit: Option<&str>) -> Result<Self, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "swarm-ca");
-        dn.push(DnType::OrganizationName, cluster_id.as_str());
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let mut params = root_params(root_subject(cluster_id, unit));
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + ROOT_VALIDITY;
-        params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         Self::from_pem(&cert_pem, &key.serialize_pem())
     }
 
-    /// Loads a CA from its certificate and PKCS#8 key, both PEM.
+    /// Loads a CA from its certificate and PKCS#8 key, both PEM; the cluster
+    /// is the certificate's O.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
-        let info = crate::CertInfo::parse_ca(cert_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), cluster_id: info, issuer })
+        let cluster_id = crate::CertInfo::parse_ca(cert_pem)?;
+        Self::from_pem_for(&cluster_id, cert_pem, key_pem)
     }
 
-    /// The root certificate as served to joiners (the bundle the token digest covers).
-    pub fn bundle_pem(&self) -> &str {
+    /// Loads a CA of `cluster_id` from a certificate that may name another
+    /// organisation (an operator's own root), refusing a certificate that is
+    /// not a CA, whose key is not `key_pem`'s, or that is not valid now.
+    pub fn from_pem_for(cluster_id: &ClusterId, cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
+        check_ca_cert(cert_pem, &key)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { cert_pem: cert_pem.to_owned(), chain_pem: String::new(), cluster_id: cluster_id.clone(), issuer })
+    }
+
+    /// This CA appending `chain_pem` to every certificate it signs.
+    pub fn with_chain(mut self, chain_pem: String) -> Self {
+        self.chain_pem = chain_pem;
+        self
+    }
+
+    /// `successor`'s certificate signed by this CA: the same subject, key and
+    /// lifetime, so that a leaf `successor` signs chains to this root through it.
+    pub fn cross_sign(&self, successor: &RootCa) -> Result<String, CertError> {
+        let (subject, not_before, not_after) = ca_subject_and_validity(&successor.cert_pem)?;
+        let mut params = root_params(subject);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(successor.issuer.key(), &self.issuer)?.pem())
+    }
+
+    /// This CA's own certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
-    /// SHA-256 of [`RootCa::bundle_pem`].
+    /// What this CA appends to the certificates it signs (empty for a root
+    /// that is the cluster's only one).
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
+    /// SHA-256 of [`RootCa::cert_pem`].
     pub fn digest(&self) -> [u8; 32] {
         ca_digest(&self.cert_pem)
     }
@@ -221,8 +262,86 @@ impl RootCa {
             .filter(|_| validity.duration() <= CertValidity::MAX)
             .ok_or(CertError::InvalidLifetime { secs: validity.duration().as_secs() })?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(IssuedCert { pem: cert.pem(), serial: serial_hex, not_after: params.not_after.unix_timestamp() })
+        let mut pem = cert.pem();
+        pem.push_str(&self.chain_pem);
+        Ok(IssuedCert { pem, serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
+}
+
+fn root_subject(cluster_id: &ClusterId, unit: Option<&str>) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "swarm-ca");
+    if let Some(unit) = unit {
+        dn.push(DnType::OrganizationalUnitName, unit);
+    }
+    dn.push(DnType::OrganizationName, cluster_id.as_str());
+    dn
+}
+
+fn root_params(subject: DistinguishedName) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(random_serial());
+    params
+}
+
+fn parse_cert(pem: &str) -> Result<rustls_pki_types::CertificateDer<'static>, CertError> {
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CertError::InvalidCertificate { reason: format!("not a PEM certificate: {e}") })
+}
+
+/// Refuses a CA certificate that is not a CA (basic constraints), whose public
+/// key is not `key`'s, or that is outside its validity now.
+fn check_ca_cert(cert_pem: &str, key: &KeyPair) -> Result<(), CertError> {
+    use rcgen::PublicKeyData;
+    use x509_parser::prelude::FromDer;
+    let der = parse_cert(cert_pem)?;
+    let bad = |reason: &str| CertError::InvalidCertificate { reason: reason.into() };
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| bad(&e.to_string()))?;
+    if !cert.is_ca() {
+        return Err(bad("the CA certificate is not a CA (no basicConstraints CA:TRUE)"));
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(CertError::InvalidKey { reason: "the CA key does not belong to the CA certificate".into() });
+    }
+    if !cert.validity().is_valid() {
+        return Err(bad("the CA certificate is expired or not yet valid"));
+    }
+    Ok(())
+}
+
+/// The subject (as rcgen re-encodes it, the way it names the issuer of the
+/// leaves it signs) and the validity of a CA certificate.
+fn ca_subject_and_validity(cert_pem: &str) -> Result<(DistinguishedName, OffsetDateTime, OffsetDateTime), CertError> {
+    use x509_parser::prelude::FromDer;
+    let der = parse_cert(cert_pem)?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der)
+        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+    let mut dn = DistinguishedName::new();
+    for rdn in cert.subject().iter() {
+        for atv in rdn.iter() {
+            let oid: Vec<u64> = atv
+                .attr_type()
+                .iter()
+                .ok_or_else(|| CertError::InvalidCertificate { reason: "subject attribute OID too long".into() })?
+                .collect();
+            let value = atv.as_str().map_err(|_| CertError::InvalidCertificate {
+                reason: "the CA subject has an attribute that is not a string".into(),
+            })?;
+            let value = match atv.attr_value().header.tag() {
+                x509_parser::der_parser::asn1_rs::Tag::PrintableString => {
+                    rcgen::DnValue::PrintableString(value.try_into().map_err(|_| CertError::InvalidCertificate {
+                        reason: "the CA subject has an invalid PrintableString".into(),
+                    })?)
+                }
+                _ => rcgen::DnValue::Utf8String(value.to_owned()),
+            };
+            dn.push(DnType::from_oid(&oid), value);
+        }
+    }
+    Ok((dn, cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime()))
 }
 
 /// Refuses a CSR unless its key is ECDSA P-256 (an uncompressed point) and it
@@ -359,7 +478,7 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
     #[test]
     fn ca_reloads_from_pem() {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
-        let again = RootCa::from_pem(ca.bundle_pem(), &ca.key_pem()).unwrap();
+        let again = RootCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(again.digest(), ca.digest());
         assert_eq!(again.cluster_id(), ca.cluster_id());
     }

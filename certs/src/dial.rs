@@ -194,7 +194,7 @@ mod tests {
             }
         });
         let ca = crate::RootCa::generate(&crate::ClusterId::random()).unwrap();
-        let cfg = Arc::new(crate::tls::anonymous_client_config(ca.bundle_pem()).unwrap());
+        let cfg = Arc::new(crate::tls::anonymous_client_config(ca.cert_pem()).unwrap());
         let err = tls_connect(&addr, cfg.clone()).await.expect_err("no TLS with a stranger");
         assert!(err.to_string().contains("CertificateRevoked"), "the stranger's alert arrived: {err}");
         assert_eq!(probe_standing(&addr, cfg).await, Standing::Unknown);

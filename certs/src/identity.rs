@@ -329,8 +329,7 @@ impl NodeIdentity {
 
     /// The certificate chain and signing key in rustls' form.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, CertError> {
-        let chain = vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
-            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?];
+        let chain = crate::tls::chain_from_pem(&self.cert_pem)?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
         let provider = rustls::crypto::ring::default_provider();
@@ -370,7 +369,7 @@ mod tests {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
         let (key, csr) = generate_key_and_csr().unwrap();
         let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
-        let id = NodeIdentity::new(ca.bundle_pem().into(), issued.pem, key).unwrap();
+        let id = NodeIdentity::new(ca.cert_pem().into(), issued.pem, key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let certs = NodeIdentity::dir(dir.path());
         id.save(&certs).unwrap();
@@ -399,7 +398,7 @@ mod tests {
         let issue = || {
             let (key, csr) = generate_key_and_csr().unwrap();
             let issued = ca.sign_node(&csr, &node, Role::Worker, CertValidity::DEFAULT).unwrap();
-            NodeIdentity::new(ca.bundle_pem().into(), issued.pem, key).unwrap()
+            NodeIdentity::new(ca.cert_pem().into(), issued.pem, key).unwrap()
         };
         let dir = tempfile::tempdir().unwrap();
         let certs = NodeIdentity::dir(dir.path());
@@ -468,6 +467,6 @@ mod tests {
         let (_key, csr) = generate_key_and_csr().unwrap();
         let (other_key, _) = generate_key_and_csr().unwrap();
         let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
-        assert!(NodeIdentity::new(ca.bundle_pem().into(), issued.pem, other_key).is_err());
+        assert!(NodeIdentity::new(ca.cert_pem().into(), issued.pem, other_key).is_err());
     }
 }

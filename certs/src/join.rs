@@ -36,7 +36,7 @@ pub enum JoinError {
     #[error("cannot reach a manager: {detail}")]
     Unreachable { detail: String },
     /// The CA served does not match the token.
-    #[error("the manager at {addr} presented a root CA whose SHA-256 does not match the join token; refusing to trust it (token from another cluster, or someone in between)")]
+    #[error("the manager at {addr} presented a root CA whose SHA-256 does not match the join token; refusing to trust it (a token from another cluster, or from before a root CA rotation — get the current one with `secretctl join-token` — or someone in between)")]
     DigestMismatch { addr: String },
     /// The manager is taking no more joins for a moment.
     #[error("the manager at {addr} is busy with other joins: {reason}")]
@@ -158,7 +158,9 @@ async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) 
     if !token.pins(&bundle) {
         return Err(JoinError::DigestMismatch { addr: addr.to_owned() });
     }
-    let cluster_id = CertInfo::parse_ca(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    // A root the cluster generated names the cluster (O); an operator's own
+    // root need not.
+    let cluster_id = CertInfo::parse_ca(&bundle).ok();
 
     // 2. Certificate, over TLS verified against that root.
     let cfg = anonymous_client_config(&bundle).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
@@ -174,11 +176,18 @@ async fn request_via(addr: &str, token: &JoinToken, hostname: &str, role: Role) 
         .await
         .map_err(|s| refused_or_unreachable(addr, s))?
         .into_inner();
+    // During a root rotation the manager adds the new root after the pinned
+    // one: trust both (the answer came over TLS verified against the pin).
+    let trust = if resp.ca_bundle_pem.len() > bundle.len() && resp.ca_bundle_pem.starts_with(&bundle) {
+        resp.ca_bundle_pem
+    } else {
+        bundle
+    };
     let identity =
-        NodeIdentity::new(bundle, resp.certificate_pem, key).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+        NodeIdentity::new(trust, resp.certificate_pem, key).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     if identity.info.node_id.as_str() != resp.node_id
         || identity.info.role != role
-        || identity.info.cluster_id != cluster_id
+        || cluster_id.as_ref().is_some_and(|c| *c != identity.info.cluster_id)
     {
         return Err(JoinError::BadCertificate(format!(
             "subject does not match the join response (asked for a {role} certificate, got {})",
@@ -207,7 +216,9 @@ pub async fn renew_as_manager(current: &NodeIdentity, remotes: &[String]) -> Res
         let req = RenewNodeCertificateRequest { csr_pem: csr.clone() };
         match CaClient::new(chan).renew_node_certificate(req).await {
             Ok(r) => {
-                let identity = NodeIdentity::new(current.ca_pem.clone(), r.into_inner().certificate_pem, key)
+                let r = r.into_inner();
+                let ca_pem = if r.ca_bundle_pem.is_empty() { current.ca_pem.clone() } else { r.ca_bundle_pem };
+                let identity = NodeIdentity::new(ca_pem, r.certificate_pem, key)
                     .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
                 if identity.info.role != Role::Manager {
                     return Err(JoinError::BadCertificate(

@@ -15,6 +15,7 @@ mod error;
 mod identity;
 mod ids;
 pub mod join;
+pub mod recover;
 pub mod renew;
 pub mod tls;
 mod token;

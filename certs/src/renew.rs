@@ -52,11 +52,53 @@ impl Backoff {
     }
 }
 
+/// A renewed certificate, and the roots to trust with it if they changed.
+#[derive(Clone, Debug)]
+pub struct Renewed {
+    /// The leaf, then any certificate it chains through, PEM.
+    pub cert_pem: String,
+    /// The roots to trust from now on, PEM; `None`: keep the current ones.
+    pub ca_bundle_pem: Option<String>,
+}
+
 /// Something that turns a CSR into a signed certificate (PEM): the local CA on a
 /// manager, the `RenewNodeCertificate` RPC on a worker.
 pub trait CertIssuer: Send + Sync + 'static {
     /// Issues a certificate for this node's identity with the key in `csr_pem`.
-    fn issue(&self, csr_pem: String) -> impl std::future::Future<Output = Result<String, String>> + Send;
+    fn issue(&self, csr_pem: String) -> impl std::future::Future<Output = Result<Renewed, String>> + Send;
+}
+
+/// Tells a running [`Renewer`] to renew now, or to trust other roots (a root
+/// CA rotation does both). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RenewControl {
+    now: std::sync::Arc<tokio::sync::Notify>,
+    trust: std::sync::Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
+impl Default for RenewControl {
+    fn default() -> Self {
+        Self { now: Default::default(), trust: std::sync::Arc::new(tokio::sync::watch::Sender::new(None)) }
+    }
+}
+
+impl RenewControl {
+    /// Renew at once (once, however often it is called before the renewal).
+    pub fn renew_now(&self) {
+        self.now.notify_one();
+    }
+
+    /// Trust the roots in `bundle_pem` from now on (the renewer re-publishes
+    /// and stores the identity if they differ from the current ones).
+    pub fn trust(&self, bundle_pem: String) {
+        self.trust.send_if_modified(|cur| {
+            if cur.as_deref() == Some(bundle_pem.as_str()) {
+                return false;
+            }
+            *cur = Some(bundle_pem);
+            true
+        });
+    }
 }
 
 /// Renews this node's certificate on schedule, for as long as it runs.
@@ -69,12 +111,18 @@ pub struct Renewer<I> {
     certs_dir: std::path::PathBuf,
     issuer: I,
     wrap: Option<std::sync::Arc<dyn crate::KeyWrap>>,
+    control: RenewControl,
 }
 
 impl<I: CertIssuer> Renewer<I> {
     /// A renewer for the identity in `creds`, stored in `certs_dir`.
     pub fn new(creds: std::sync::Arc<crate::tls::TlsCredentials>, certs_dir: std::path::PathBuf, issuer: I) -> Self {
-        Self { creds, certs_dir, issuer, wrap: None }
+        Self { creds, certs_dir, issuer, wrap: None, control: RenewControl::default() }
+    }
+
+    /// The handle that asks this renewer to renew now or trust other roots.
+    pub fn control(&self) -> RenewControl {
+        self.control.clone()
     }
 
     /// Stores renewed keys through `wrap` (sealed while the cluster is autolocked).
@@ -85,13 +133,29 @@ impl<I: CertIssuer> Renewer<I> {
 
     async fn renew_once(&self) -> Result<String, String> {
         let (key, csr) = crate::generate_key_and_csr().map_err(|e| e.to_string())?;
-        let cert = self.issuer.issue(csr).await?;
+        let renewed = self.issuer.issue(csr).await?;
         let current = self.creds.identity();
-        let fresh = crate::NodeIdentity::new(current.ca_pem.clone(), cert, key).map_err(|e| e.to_string())?;
+        let ca_pem = renewed.ca_bundle_pem.unwrap_or_else(|| current.ca_pem.clone());
+        let fresh = crate::NodeIdentity::new(ca_pem, renewed.cert_pem, key).map_err(|e| e.to_string())?;
         fresh.save_with(&self.certs_dir, self.wrap.as_deref()).map_err(|e| e.to_string())?;
         let serial = fresh.info.serial.clone();
         self.creds.publish(fresh).map_err(|e| e.to_string())?;
         Ok(serial)
+    }
+
+    /// Keeps the identity, with the roots in `bundle_pem` trusted instead of
+    /// the current ones: stored, then published. Nothing changes on error.
+    fn retrust(&self, bundle_pem: &str) -> Result<bool, String> {
+        let current = self.creds.identity();
+        if current.ca_pem == bundle_pem {
+            return Ok(false);
+        }
+        crate::tls::roots_from_pem(bundle_pem).map_err(|e| e.to_string())?;
+        let fresh = crate::NodeIdentity::new(bundle_pem.to_owned(), current.cert_pem.clone(), current.key_pem.clone())
+            .map_err(|e| e.to_string())?;
+        fresh.save_with(&self.certs_dir, self.wrap.as_deref()).map_err(|e| e.to_string())?;
+        self.creds.publish(fresh).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -101,10 +165,26 @@ impl<I: CertIssuer> Renewer<I> {
             let id = self.creds.identity();
             random_renewal_delay(now_unix(), id.info.not_after)
         };
+        let mut trust = self.control.trust.subscribe();
         loop {
             tracing::debug!(in_secs = wait.as_secs_f64(), "next certificate renewal");
+            let started = std::time::Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.control.now.notified() => tracing::info!("certificate renewal asked for now"),
+                r = trust.changed() => {
+                    if r.is_err() { return }
+                    let bundle = trust.borrow_and_update().clone();
+                    if let Some(bundle) = bundle {
+                        match self.retrust(&bundle) {
+                            Ok(true) => tracing::info!("trusted root CAs updated"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot update the trusted root CAs"),
+                        }
+                    }
+                    wait = wait.saturating_sub(started.elapsed());
+                    continue;
+                }
                 _ = shutdown.cancelled() => return,
             }
             match self.renew_once().await {

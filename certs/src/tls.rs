@@ -56,6 +56,17 @@ pub fn roots_from_pem(pem: &str) -> Result<RootCertStore, CertError> {
     Ok(roots)
 }
 
+/// A certificate chain, leaf first: every certificate in `pem` (at most four).
+pub fn chain_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+    if chain.is_empty() || chain.len() > 4 {
+        return Err(CertError::InvalidCertificate { reason: format!("{} certificates in a chain", chain.len()) });
+    }
+    Ok(chain)
+}
+
 /// Who is on the other end of a connection, from its verified certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
@@ -346,8 +357,7 @@ pub fn manager_server_name() -> ServerName<'static> {
 }
 
 fn chain_and_key(identity: &NodeIdentity) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
-    let chain = vec![CertificateDer::from_pem_slice(identity.cert_pem.as_bytes())
-        .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?];
+    let chain = chain_from_pem(&identity.cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes())
         .map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
     Ok((chain, key))

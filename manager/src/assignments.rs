@@ -178,8 +178,25 @@ pub(crate) async fn stream(
     let mut seq = 0u64;
     let mut sent = Set { tasks: BTreeMap::new(), secrets: BTreeSet::new() };
     let mut full = true;
+    // What the node was last told of the roots to trust and of renewing.
+    let mut told_ca = None;
     loop {
         let view = store.view().clone();
+        match crate::ca_rotation::node_view(&view, &node) {
+            Ok(Some(ca)) if told_ca.as_ref() != Some(&ca) => {
+                let out = SessionMessage {
+                    trust_bundle_pem: ca.0.clone(),
+                    renew_certificate: ca.1.is_some(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+                told_ca = Some(ca);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(node.id = %node, error = %e, "cannot read the trust bundle"),
+        }
         let now = match compute(&view, &node) {
             Ok(s) => s,
             Err(e) => {

@@ -114,6 +114,11 @@ impl Authorizer {
         *self.bootstrap.write().expect("bootstrap lock") = ids;
     }
 
+    /// Whether `node` was removed from the cluster (its ID is on the deny-list).
+    pub fn is_removed(&self, node: &NodeId) -> bool {
+        self.deny.contains(node)
+    }
+
     /// The connection information of a request.
     pub fn info<T>(req: &Request<T>) -> ConnInfo {
         req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use swarmd_certs::{CertValidity, JoinToken, Role, RootCa};
 
 use crate::keys::{purpose, KeyDir, KeyError, Keyring, Sealed, SymmetricKey};
-use crate::state::{ClusterRecord, StateError, StateView};
+use crate::state::{CaRotation, ClusterRecord, StateError, StateView};
 
 /// Errors opening the cluster's secrets.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +31,17 @@ pub enum ClusterError {
 
 /// The opened secrets and settings of the cluster.
 pub struct ClusterSecrets {
-    /// The root CA with its key.
+    /// The CA that signs node certificates: the cluster's root, or while a
+    /// root rotation runs the new root (its leaves carry the cross-signed
+    /// certificate).
     pub ca: RootCa,
+    /// The cluster's root with its key: what join tokens pin and `GetRootCa`
+    /// serves, and what cross-signs a new root.
+    pub anchor: RootCa,
+    /// The roots nodes trust, PEM: the anchor, and the new root during a rotation.
+    pub trust_pem: String,
+    /// The rotation in progress: its ID.
+    pub rotation: Option<u64>,
     /// The worker join token.
     pub worker_token: JoinToken,
     /// The manager join token.
@@ -44,12 +53,24 @@ pub struct ClusterSecrets {
 }
 
 impl ClusterSecrets {
-    /// Opens `record` with the keys of `dek`.
-    pub fn open(record: &ClusterRecord, dek: &Keyring) -> Result<Self, ClusterError> {
+    /// Opens `record` (and `rotation`, if one runs) with the keys of `dek`.
+    pub fn open(record: &ClusterRecord, rotation: Option<&CaRotation>, dek: &Keyring) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
-        let key_pem = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
-        let key_pem = std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
-        let ca = RootCa::from_pem(&record.ca_cert_pem, key_pem).map_err(|e| ClusterError::Invalid(e.to_string()))?;
+        let open_ca = |cert: &str, sealed: &Sealed| -> Result<RootCa, ClusterError> {
+            let key_pem = dek.open(&purpose::ca_key(cid), sealed)?;
+            let key_pem =
+                std::str::from_utf8(&key_pem).map_err(|_| ClusterError::Invalid("CA key is not UTF-8".into()))?;
+            RootCa::from_pem_for(&record.id, cert, key_pem).map_err(|e| ClusterError::Invalid(e.to_string()))
+        };
+        let anchor = open_ca(&record.ca_cert_pem, &record.ca_key)?;
+        let mut trust_pem = record.ca_cert_pem.clone();
+        let ca = match rotation {
+            Some(r) => {
+                trust_pem.push_str(&r.target_cert_pem);
+                open_ca(&r.target_cert_pem, &r.target_key)?.with_chain(r.cross_signed_pem.clone())
+            }
+            None => open_ca(&record.ca_cert_pem, &record.ca_key)?,
+        };
         let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
             let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
             let text = std::str::from_utf8(&raw).map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
@@ -59,10 +80,18 @@ impl ClusterSecrets {
             worker_token: token(Role::Worker, &record.worker_token)?,
             manager_token: token(Role::Manager, &record.manager_token)?,
             ca,
+            anchor,
+            trust_pem,
+            rotation: rotation.map(|r| r.id),
             validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs))
                 .map_err(ClusterError::Invalid)?,
             heartbeat: Duration::from_millis(record.heartbeat_ms),
         })
+    }
+
+    /// The root join tokens pin and `GetRootCa` serves, PEM.
+    pub fn anchor_pem(&self) -> &str {
+        self.anchor.cert_pem()
     }
 
     /// The join token for `role` (admins join with none).
@@ -165,14 +194,19 @@ impl SecretsCache {
 
     /// Re-reads the cluster record, re-opening it only if it changed.
     pub fn reload(&self) -> Result<(), ClusterError> {
-        let raw = self.view.cluster_raw()?.ok_or(ClusterError::NotInitialised)?;
+        // The record and the rotation, as one value to compare.
+        let mut raw = self.view.cluster_raw()?.ok_or(ClusterError::NotInitialised)?;
+        let rotation = self.view.ca_rotation()?;
+        if let Some(r) = &rotation {
+            raw.extend_from_slice(&crate::state::encode(r));
+        }
         if let Some((old, _)) = self.current.read().expect("secrets lock").as_ref() {
             if *old == raw {
                 return Ok(());
             }
         }
         let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
-        let s = ClusterSecrets::open(&record, &self.keyring())?;
+        let s = ClusterSecrets::open(&record, rotation.as_ref(), &self.keyring())?;
         *self.current.write().expect("secrets lock") = Some((raw, Arc::new(s)));
         Ok(())
     }

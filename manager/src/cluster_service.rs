@@ -67,9 +67,13 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::RotateJoinToken { .. }
         | Command::SetAutolock { .. }
         | Command::RecordAdminCert(_)
-        | Command::RevokeAdminCert { .. } => Ok(()),
+        | Command::RevokeAdminCert { .. }
+        | Command::StartCaRotation(_)
+        | Command::SetCertRecoveryWindow { .. } => Ok(()),
         // Joins, renewals and task reports of the nodes a follower serves.
-        Command::AddNode(_) | Command::RecordCert { .. } | Command::TaskStatus { .. } => Ok(()),
+        Command::AddNode(_) | Command::RecordCert { .. } | Command::CaConverged { .. } | Command::TaskStatus { .. } => {
+            Ok(())
+        }
         // Liveness: a manager reports only what its own sessions saw.
         Command::SetStatus(changes) => match changes.iter().find(|c| c.reporter != *from) {
             None => Ok(()),
@@ -82,6 +86,8 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::Reseal { .. }
         | Command::RetireDataKeys { .. }
         | Command::Schedule { .. }
+        | Command::CaRotationBatch { .. }
+        | Command::FinishCaRotation { .. }
         | Command::Batch(_) => Err("this command is the leader's own and cannot be forwarded".into()),
     }
 }

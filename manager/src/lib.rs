@@ -13,6 +13,7 @@ mod assignments;
 mod auth;
 mod autolock;
 mod budget;
+mod ca_rotation;
 mod ca_service;
 mod cluster;
 mod cluster_service;
@@ -62,6 +63,6 @@ pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroiz
     let dek = keys::KeyDir::new(data_dir).load_keyring()?;
     let storage = raft::open_storage(&data_dir.join("raft"))?;
     let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
-    let secrets = cluster::ClusterSecrets::open(&record, &dek)?;
-    Ok(secrets.ca.key_pem())
+    let secrets = cluster::ClusterSecrets::open(&record, None, &dek)?;
+    Ok(secrets.anchor.key_pem())
 }

@@ -358,7 +358,7 @@ fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) 
     let s = secrets.get().map_err(|e| e.to_string())?;
     let (key, csr) = generate_key_and_csr().map_err(|e| e.to_string())?;
     let issued = s.ca.sign_node(&csr, &cfg.node_id, Role::Worker, s.validity).map_err(|e| e.to_string())?;
-    let identity = NodeIdentity::new(s.ca.bundle_pem().to_owned(), issued.pem, key).map_err(|e| e.to_string())?;
+    let identity = NodeIdentity::new(s.trust_pem.clone(), issued.pem, key).map_err(|e| e.to_string())?;
     let me = store.view().node(&cfg.node_id).map_err(|e| e.to_string())?.map(|n| n.addr);
     let remotes: Vec<String> = store
         .view()

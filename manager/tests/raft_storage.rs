@@ -32,7 +32,7 @@ fn sled_storage_passes_openraft_conformance_suite() {
 fn network() -> Network {
     swarmd_certs::install_crypto_provider();
     let ca = RootCa::generate(&ClusterId::random()).unwrap();
-    let cfg = swarmd_certs::tls::anonymous_client_config(ca.bundle_pem()).unwrap();
+    let cfg = swarmd_certs::tls::anonymous_client_config(ca.cert_pem()).unwrap();
     let (_tx, rx) = watch::channel(Arc::new(cfg));
     Network::new(rx)
 }

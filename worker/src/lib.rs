@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use swarmd_certs::dial::{lazy_channel, Remotes};
-use swarmd_certs::renew::{CertIssuer, Renewer};
+use swarmd_certs::renew::{CertIssuer, Renewed, Renewer};
 use swarmd_certs::tls::{ManagerSet, ServerChecks, TlsCredentials};
 use swarmd_certs::NodeIdentity;
 use swarmd_proto::ca::ca_client::CaClient;
@@ -118,6 +118,7 @@ impl Worker {
         let channel = lazy_channel(remotes.clone(), self.creds.client());
         let issuer = RpcIssuer { channel: channel.clone() };
         let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer);
+        let renew_control = renewer.control();
         let tasks = shutdown.child_token();
         swarmd_certs::spawn_loop("cert-renewer", renewer.run(tasks.clone()));
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
@@ -145,6 +146,7 @@ impl Worker {
             self.cfg.clone(),
             session_tx,
             assign_tx,
+            renew_control,
         );
         let end = session.run(shutdown).await;
         // Stops every task (SIGTERM, a grace period, SIGKILL) and waits for each,
@@ -211,12 +213,15 @@ struct RpcIssuer {
 }
 
 impl CertIssuer for RpcIssuer {
-    async fn issue(&self, csr_pem: String) -> Result<String, String> {
+    async fn issue(&self, csr_pem: String) -> Result<Renewed, String> {
         let mut client = CaClient::new(self.channel.clone());
-        client
+        let r = client
             .renew_node_certificate(RenewNodeCertificateRequest { csr_pem })
             .await
-            .map(|r| r.into_inner().certificate_pem)
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        // A manager of an older version sends no bundle: keep the current one.
+        let ca_bundle_pem = Some(r.ca_bundle_pem).filter(|b| !b.is_empty());
+        Ok(Renewed { cert_pem: r.certificate_pem, ca_bundle_pem })
     }
 }

@@ -111,6 +111,9 @@ pub(crate) struct SessionLoop {
     session: tokio::sync::watch::Sender<String>,
     /// Assignments, to the task agent.
     assignments: tokio::sync::mpsc::UnboundedSender<crate::assignment::Assignment>,
+    /// The certificate renewer: a root CA rotation asks it to renew now and
+    /// to trust other roots.
+    renew: swarmd_certs::renew::RenewControl,
 }
 
 impl SessionLoop {
@@ -121,8 +124,9 @@ impl SessionLoop {
         cfg: WorkerConfig,
         session: tokio::sync::watch::Sender<String>,
         assignments: tokio::sync::mpsc::UnboundedSender<crate::assignment::Assignment>,
+        renew: swarmd_certs::renew::RenewControl,
     ) -> Self {
-        Self { channel, tls, remotes, managers, data_dir, cfg, session, assignments }
+        Self { channel, tls, remotes, managers, data_dir, cfg, session, assignments, renew }
     }
 
     /// The manager, if any, that refuses this node's certificate as revoked
@@ -205,6 +209,7 @@ impl SessionLoop {
         let mut period = Duration::from_millis(first.heartbeat_period_ms.max(100));
         tracing::info!(session.id = %session_id, heartbeat_ms = period.as_millis() as u64, "session established");
         self.learn_managers(&first);
+        self.follow_ca(&first);
         self.session.send_replace(session_id.clone());
         let mut pending = Pending::default();
         // The `seq` of the last whole set of assignments received, and whether
@@ -222,6 +227,7 @@ impl SessionLoop {
                 msg = stream.message() => match msg {
                     Ok(Some(m)) => {
                         self.learn_managers(&m);
+                        self.follow_ca(&m);
                         if let Some(a) = m.assignments {
                             if let Some(whole) = pending.add(a) {
                                 let _ = self.assignments.send(whole.into());
@@ -247,6 +253,17 @@ impl SessionLoop {
                 }
                 _ = shutdown.cancelled() => return Ended::Stopped,
             }
+        }
+    }
+
+    /// Follows what a root CA rotation tells this node: the roots to trust,
+    /// and when to renew.
+    fn follow_ca(&self, m: &SessionMessage) {
+        if !m.trust_bundle_pem.is_empty() {
+            self.renew.trust(m.trust_bundle_pem.clone());
+        }
+        if m.renew_certificate {
+            self.renew.renew_now();
         }
     }
 

@@ -53,7 +53,7 @@ pub(super) async fn issue_admin_certificate(
     tracing::info!(admin.id = %id, serial = %issued.serial, not_after = issued.not_after, "admin certificate issued");
     Ok(Response::new(IssueAdminCertificateResponse {
         certificate_pem: issued.pem,
-        ca_pem: s.ca.bundle_pem().to_owned(),
+        ca_pem: s.trust_pem.clone(),
         id: id.to_string(),
         not_after: issued.not_after,
     }))

@@ -3,7 +3,7 @@
 
 use swarmd_certs::JoinToken;
 use swarmd_proto::control::{
-    CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse,
+    CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse, RotateCaRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,12 +19,22 @@ use crate::validate;
 use super::{internal, ControlService};
 
 /// Administrator only. The root CA this manager's replicated state holds
-/// (public: the certificate, never its key).
+/// (public: the certificate, never its key), and the rotation in progress.
 pub(super) async fn get_ca(ctl: &ControlService, _req: Request<GetCaRequest>) -> Result<Response<CaInfo>, Status> {
-    let s = ctl.secrets.get()?;
-    let root_pem = s.ca.bundle_pem().to_owned();
-    let (sha256, not_after) = swarmd_certs::CertInfo::describe_ca(&root_pem).map_err(internal)?;
-    Ok(Response::new(CaInfo { root_pem, sha256, not_after, external_signer: false, rotation: None }))
+    Ok(Response::new(crate::ca_rotation::describe(ctl.store.view()).map_err(internal)?))
+}
+
+/// Administrator only. Starts a root rotation toward the given root, or a
+/// generated one; INVALID_ARGUMENT for a root that is not a usable CA.
+pub(super) async fn rotate_ca(ctl: &ControlService, req: Request<RotateCaRequest>) -> Result<Response<CaInfo>, Status> {
+    let req = req.into_inner();
+    let given = match (req.cert_pem.is_empty(), req.key_pem.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((req.cert_pem, zeroize::Zeroizing::new(req.key_pem))),
+        _ => return Err(Status::invalid_argument("give both the new root's certificate and its key, or neither")),
+    };
+    crate::ca_rotation::start(&ctl.store, &ctl.secrets, given).await?;
+    Ok(Response::new(crate::ca_rotation::describe(ctl.store.view()).map_err(internal)?))
 }
 
 /// Administrator only. Runs on the leader (forwarded there).
@@ -126,7 +136,8 @@ pub(super) async fn get_join_token(
     let role = validate::validate_get_join_token(req.get_ref())?;
     if req.get_ref().rotate {
         let secrets = ctl.secrets.get()?;
-        let fresh = JoinToken::generate(secrets.ca.digest());
+        // Tokens pin the anchor (during a root rotation, still the old root).
+        let fresh = JoinToken::generate(secrets.anchor.digest());
         let cluster = secrets.ca.cluster_id().to_string();
         let sealed = ctl.secrets.seal(&purpose::join_token(&cluster, role), fresh.expose().as_bytes())?;
         ctl.store.propose(Command::RotateJoinToken { role, token: sealed }).await?;

@@ -12,7 +12,7 @@ use swarmd_certs::NodeId;
 use swarmd_proto::control::control_server::{self, ControlServer};
 use swarmd_proto::control::{
     CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, GetNodeRequest, InfoRequest, InfoResponse,
-    ListNodesRequest, ListNodesResponse, Node, UpdateNodeRequest,
+    ListNodesRequest, ListNodesResponse, Node, RotateCaRequest, UpdateNodeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -253,6 +253,10 @@ impl control_server::Control for ControlService {
 
     async fn get_ca(&self, req: Request<GetCaRequest>) -> Result<Response<CaInfo>, Status> {
         cluster::get_ca(self, req).await
+    }
+
+    async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<CaInfo>, Status> {
+        cluster::rotate_ca(self, req).await
     }
 
     async fn get_join_token(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::BasicNode;
-use swarmd_certs::renew::{CertIssuer, Renewer};
+use swarmd_certs::renew::{CertIssuer, Renewed, Renewer};
 use swarmd_certs::tls::{DenyList, TlsCredentials};
 use swarmd_certs::{generate_key_and_csr, ClusterId, JoinToken, NodeId, NodeIdentity, Role, RootCa};
 use tokio::net::{TcpListener, UnixListener};
@@ -144,7 +144,7 @@ impl Manager {
         let ca = RootCa::generate(&cluster_id)?;
         let (key, csr) = generate_key_and_csr()?;
         let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
-        let identity = NodeIdentity::new(ca.bundle_pem().to_owned(), issued.pem.clone(), key)?;
+        let identity = NodeIdentity::new(ca.cert_pem().to_owned(), issued.pem.clone(), key)?;
         identity.save_with(&NodeIdentity::dir(data_dir), Some(&*wrap))?;
 
         let cid = cluster_id.as_str();
@@ -154,7 +154,7 @@ impl Manager {
         };
         let cluster = ClusterRecord {
             id: cluster_id.clone(),
-            ca_cert_pem: ca.bundle_pem().to_owned(),
+            ca_cert_pem: ca.cert_pem().to_owned(),
             ca_key: keyring.seal(FIRST_DATA_KEY, &purpose::ca_key(cid), ca.key_pem().as_bytes())?,
             worker_token: seal_token(Role::Worker)?,
             manager_token: seal_token(Role::Manager)?,
@@ -377,6 +377,20 @@ impl Manager {
         let issuer = LocalIssuer { store: store.clone(), secrets: secrets.clone(), node: me.clone() };
         let renewer = Renewer::new(self.creds.clone(), NodeIdentity::dir(&self.data_dir), issuer)
             .with_key_wrap(self.wrap.clone());
+        swarmd_certs::spawn_loop(
+            "ca-rotation-local",
+            crate::ca_rotation::run_local(
+                store.clone(),
+                me.clone(),
+                renewer.control(),
+                self.applied.clone(),
+                tasks.clone(),
+            ),
+        );
+        swarmd_certs::spawn_loop(
+            "ca-rotation",
+            crate::ca_rotation::run_leader(store.clone(), secrets.clone(), self.applied.clone(), tasks.clone()),
+        );
         swarmd_certs::spawn_loop("cert-renewer", renewer.run(tasks.clone()));
 
         let sock = &self.cfg.control_socket;
@@ -463,7 +477,7 @@ struct LocalIssuer {
 }
 
 impl CertIssuer for LocalIssuer {
-    async fn issue(&self, csr_pem: String) -> Result<String, String> {
+    async fn issue(&self, csr_pem: String) -> Result<Renewed, String> {
         let s = self.secrets.get().map_err(|e| e.to_string())?;
         let issued = s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity).map_err(|e| e.to_string())?;
         self.store
@@ -476,6 +490,12 @@ impl CertIssuer for LocalIssuer {
             })
             .await
             .map_err(|e| e.to_string())?;
-        Ok(issued.pem)
+        if let Some(id) = s.rotation {
+            self.store
+                .propose(Command::CaConverged { node: self.node.clone(), id })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Renewed { cert_pem: issued.pem, ca_bundle_pem: Some(s.trust_pem.clone()) })
     }
 }

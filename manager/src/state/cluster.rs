@@ -146,6 +146,9 @@ pub(super) fn plan_cluster(view: &StateView, cmd: &Command) -> Result<Result<Wri
             batch.insert(CLUSTER_KEY, encode(&cluster));
         }
         Command::AddDataKey { key_id, check } => {
+            if view.ca_rotation()?.is_some() {
+                return Ok(Err(Rejection::CaRotationRunning));
+            }
             if *key_id != cluster.data_key_id + 1 || check.key_id() != *key_id {
                 return Ok(Err(Rejection::DataKeyOutOfOrder { key_id: *key_id, active: cluster.data_key_id }));
             }

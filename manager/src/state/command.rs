@@ -24,8 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use swarmd_certs::{NodeId, Role, SecretId, ServiceId, TaskId};
 
 use super::{
-    AdminCertRecord, Availability, ClusterRecord, NodeRecord, Rejection, ResealField, ResealSecret, ServiceRecord,
-    ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
+    AdminCertRecord, Availability, CaRotation, ClusterRecord, NodeRecord, Rejection, ResealField, ResealSecret,
+    ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
 };
 use crate::keys::Sealed;
 
@@ -97,6 +97,16 @@ pub enum Command {
     /// Commands proposed concurrently, applied in order as one entry (group
     /// commit); each has its own result. Never nested.
     Batch(Vec<Command>),
+    /// Starts a root CA rotation, or starts one over toward a newer root.
+    StartCaRotation(Box<CaRotation>),
+    /// The nodes the leader asks to renew now, for rotation `id`.
+    CaRotationBatch { id: u64, nodes: Vec<NodeId>, at: i64 },
+    /// `node` holds a certificate signed by rotation `id`'s root.
+    CaConverged { node: NodeId, id: u64 },
+    /// Ends rotation `id`: its root becomes the cluster's, with new join tokens.
+    FinishCaRotation { id: u64, worker_token: Sealed, manager_token: Sealed, at: i64 },
+    /// How long after expiry a node may recover its certificate (0: never).
+    SetCertRecoveryWindow { secs: u64 },
 }
 
 /// The outcome of applying one command.

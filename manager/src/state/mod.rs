@@ -17,6 +17,7 @@
 //! | `secrets`     | `secret/…`, `secretname/…`, `secretdata/…` | `CreateSecret`, `AddSecretVersion`, `RemoveSecret` |
 //! | `services`    | `service/…`, `servicename/…` | `CreateService`, `UpdateService`, `RemoveService` |
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
+//! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+mod ca_rotation;
 mod certs;
 mod cluster;
 mod command;
@@ -40,6 +42,7 @@ mod secrets;
 pub(crate) mod services;
 pub(crate) mod tasks;
 
+pub use ca_rotation::*;
 pub use certs::*;
 pub use cluster::*;
 pub use command::*;
@@ -224,6 +227,11 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
             services::plan_services(view, cmd)
         }
         Command::Schedule { .. } | Command::TaskStatus { .. } => tasks::plan_tasks(view, cmd),
+        Command::StartCaRotation(_)
+        | Command::CaRotationBatch { .. }
+        | Command::CaConverged { .. }
+        | Command::FinishCaRotation { .. }
+        | Command::SetCertRecoveryWindow { .. } => ca_rotation::plan_ca_rotation(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

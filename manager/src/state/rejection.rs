@@ -124,6 +124,13 @@ pub enum Rejection {
     /// A `Batch` inside a `Batch`.
     #[error("a batch of commands cannot be nested")]
     NestedBatch,
+    /// A data key rotation while a root CA rotation runs (the new root's key
+    /// is sealed under the active data key until the rotation ends).
+    #[error("a root CA rotation is in progress: rotate the data key once it has finished (secretctl ca show)")]
+    CaRotationRunning,
+    /// A command for a root CA rotation that is no longer the current one.
+    #[error("that root CA rotation was superseded or has finished")]
+    CaRotationSuperseded,
 }
 
 impl From<Missing> for Rejection {

@@ -11,6 +11,7 @@ use swarmd_certs::{ClusterId, NodeId, Role, SecretId, ServiceId, TaskId};
 use super::*;
 use crate::keys::Sealed;
 
+mod ca_rotation;
 mod certs;
 mod cluster;
 mod format;
