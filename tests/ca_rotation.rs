@@ -275,3 +275,33 @@ fn a_rotation_to_an_operators_root_starts_over_a_running_one() {
     m.wait_ready(3);
     assert!(verifies(&org_root, &w2.data.join("certs/node.crt"), &dir));
 }
+
+/// A worker that was off for a whole rotation trusts only the old root, and
+/// its certificate was signed by it: as it starts it verifies the new root
+/// through the old root's cross-signature, recovers its certificate (no token)
+/// and comes back ready under the new root.
+#[test]
+fn a_node_that_was_off_during_a_rotation_converges_when_it_returns() {
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &[]);
+    let token = m.token("worker");
+    let w1 = env.join_worker("w1", &token, &m.addr);
+    let w2 = env.join_worker("w2", &token, &m.addr);
+    m.wait_ready(3);
+    let id2 = w2.node_id();
+    env.proc(w2.proc_idx).terminate();
+    wait_for("w2 to be down", Duration::from_secs(60), || m.node(&id2).filter(|n| n["status"] == "down").map(|_| ()));
+    let out = rotate(&m, &[], Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_root = m.ctl_ok(&["ca", "show"]);
+    assert_ne!(std::fs::read_to_string(w2.data.join("certs/ca.crt")).unwrap(), new_root);
+
+    let back = env.run_node("w2-back", &w2.data);
+    m.wait_ready(3);
+    assert_eq!(std::fs::read_to_string(w2.data.join("certs/ca.crt")).unwrap(), new_root);
+    let scratch = env.path("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    assert!(verifies(&new_root, &w2.data.join("certs/node.crt"), &scratch));
+    assert!(env.proc(back).log_text().contains("recovered"), "{}", env.proc(back).log_text());
+    let _ = w1;
+}

@@ -135,29 +135,40 @@ pub async fn rotated_root(addr: &str, trusted_pem: &str) -> Result<Option<String
     }
     Err(JoinError::Refused {
         addr: addr.to_owned(),
-        reason: "the cluster's root CA is not one this node trusts, and no root it trusts vouches for it: rejoin \
-                 with a new token from an empty data dir"
-            .into(),
+        reason: "the cluster's root CA is not one this node trusts, and no root it trusts vouches for it".into(),
     })
 }
 
-/// Recovers `current` at the first manager in `remotes` that answers. Writes
-/// nothing: the caller stores the identity.
-pub async fn recover(current: &NodeIdentity, remotes: &[String]) -> Result<Recovered, JoinError> {
+/// What a node checks as it starts: if its certificate expired, or the
+/// cluster rotated its root while the node was off, recovers it at the first
+/// manager in `remotes` that answers. `Ok(None)`: nothing to do, or no manager
+/// answered and the certificate is still good. Writes nothing: the caller
+/// stores the identity.
+pub async fn refresh(current: &NodeIdentity, remotes: &[String]) -> Result<Option<Recovered>, JoinError> {
+    let expired = expired(current, 5);
     let mut last = JoinError::NoRemote;
     for addr in remotes {
-        match recover_via(addr, current).await {
-            Ok(r) => return Ok(r),
+        match rotated_root(addr, &current.ca_pem).await {
+            Ok(None) if !expired => return Ok(None),
+            Ok(rotated) => match recover_via(addr, current, rotated).await {
+                Ok(r) => return Ok(Some(r)),
+                Err(e @ JoinError::Refused { .. }) => return Err(e),
+                Err(e) => last = e,
+            },
             Err(e @ JoinError::Refused { .. }) => return Err(e),
             Err(e) => last = e,
         }
     }
-    Err(last)
+    if expired {
+        Err(last)
+    } else {
+        Ok(None)
+    }
 }
 
-async fn recover_via(addr: &str, current: &NodeIdentity) -> Result<Recovered, JoinError> {
+async fn recover_via(addr: &str, current: &NodeIdentity, rotated: Option<String>) -> Result<Recovered, JoinError> {
     let bad = |e: CertError| JoinError::BadCertificate(e.to_string());
-    let trust = rotated_root(addr, &current.ca_pem).await?.unwrap_or_else(|| current.ca_pem.clone());
+    let trust = rotated.unwrap_or_else(|| current.ca_pem.clone());
     let cfg = anonymous_client_config(&trust).map_err(bad)?;
     let chan = dial::connect(addr, Arc::new(cfg))
         .await

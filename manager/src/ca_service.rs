@@ -284,6 +284,9 @@ impl ca_server::Ca for CaService {
             &req.signature,
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if old.role == Role::Admin {
+            return Err(refused("admin certificates are not recovered: issue a new one (secretctl admin-cert)".into()));
+        }
         if old.cluster_id != *secrets.anchor.cluster_id() {
             return Err(refused("the certificate belongs to another cluster".into()));
         }
@@ -293,16 +296,13 @@ impl ca_server::Ca for CaService {
         }
         let record = self.store.member(&old.node_id)?;
         if record.cert_serial != old.serial {
-            return Err(refused(format!(
-                "certificate {} is not node {}'s latest: rejoin with a new token from an empty data dir",
-                old.serial, old.node_id
-            )));
+            return Err(refused(format!("certificate {} is not node {}'s latest", old.serial, old.node_id)));
         }
         let window = view.cert_recovery_window().map_err(crate::status::internal)? as i64;
         if now > old.not_after.saturating_add(window) {
             return Err(refused(format!(
-                "node {}'s certificate expired {}s ago, past the cluster's recovery window of {}s: rejoin with a new \
-                 token from an empty data dir (the window is `secretctl cluster update --cert-recovery-window`)",
+                "node {}'s certificate expired {}s ago, past the cluster's recovery window of {}s \
+                 (secretctl cluster update --cert-recovery-window)",
                 old.node_id,
                 now - old.not_after,
                 window

@@ -124,6 +124,48 @@ pub(super) async fn after_worker(
     }
 }
 
+/// A worker whose certificate expired while it was off, or whose cluster
+/// rotated its root meanwhile, recovers it (no token: it proves it holds its
+/// key) before it starts; one clear line if the cluster refuses (removed, past
+/// the recovery window). While no manager answers it keeps asking. Returns
+/// false if shut down meanwhile.
+async fn recover_worker(data_dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    use swarmd_certs::join::JoinError;
+    let mut cfg = WorkerConfig::load(data_dir)?;
+    let dir = NodeIdentity::dir(data_dir);
+    let current = NodeIdentity::load(&dir)?;
+    let mut backoff =
+        swarmd_certs::renew::Backoff::new(std::time::Duration::from_secs(1), std::time::Duration::from_secs(30));
+    loop {
+        match swarmd_certs::recover::refresh(&current, &cfg.remotes).await {
+            Ok(None) => return Ok(true),
+            Ok(Some(r)) => {
+                r.identity.save(&dir)?;
+                if !r.managers.is_empty() {
+                    cfg.remotes = r.managers;
+                    cfg.managers = r.manager_ids;
+                    cfg.save(data_dir)?;
+                }
+                tracing::info!(serial = %r.identity.info.serial, "certificate recovered");
+                println!("This node's certificate was recovered ({}).", r.identity.info.node_id);
+                return Ok(true);
+            }
+            Err(JoinError::Refused { reason, .. }) => anyhow::bail!(
+                "this node cannot come back with its certificate: {reason}; to rejoin, run `swarmd worker join` \
+                 from an empty data dir with a new token"
+            ),
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = wait.as_secs_f64(), "certificate expired; no manager recovered it yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+        }
+    }
+}
+
 pub(super) async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
     let is_node = [swarmd_manager::CONFIG_FILE, swarmd_worker::CONFIG_FILE].iter().any(|f| data_dir.join(f).exists());
     // Held for the node's life, through a promotion; released by a demotion's
@@ -140,6 +182,9 @@ pub(super) async fn run_existing(data_dir: &Path) -> anyhow::Result<()> {
         after_manager(data_dir, m.run(shutdown.clone()).await?, shutdown).await?;
     } else if data_dir.join(swarmd_worker::CONFIG_FILE).exists() {
         let shutdown = shutdown_on_signal();
+        if !recover_worker(data_dir, &shutdown).await? {
+            return Ok(());
+        }
         after_worker(data_dir, Worker::open(data_dir)?.run(shutdown.clone()).await?, shutdown).await?;
     } else {
         anyhow::bail!(

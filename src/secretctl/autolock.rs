@@ -1,4 +1,4 @@
-//! `secretctl unlock-key [-q] [--rotate]` and `cluster update --autolock`.
+//! `secretctl unlock-key [-q] [--rotate]` and `cluster update`.
 
 use clap::{Args, Subcommand};
 use swarmd_proto::control::{GetUnlockKeyRequest, UpdateClusterRequest};
@@ -25,6 +25,10 @@ pub(super) enum ClusterCmd {
         /// Seal every manager's keys under an unlock key (true), or stop (false).
         #[arg(long, action = clap::ArgAction::Set)]
         autolock: Option<bool>,
+        /// How long after its certificate expired a node that was off may
+        /// still come back without a token (e.g. 7d, 12h; 0s: never).
+        #[arg(long, value_name = "DUR", value_parser = parse_window)]
+        cert_recovery_window: Option<std::time::Duration>,
     },
 }
 
@@ -46,17 +50,31 @@ pub(super) async fn unlock_key(channel: Channel, a: UnlockKeyArgs) -> anyhow::Re
     Ok(())
 }
 
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    swarmd_certs::parse_duration(s)
+}
+
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock } => {
-            let Some(on) = autolock else {
-                anyhow::bail!("nothing to update: give --autolock=true or --autolock=false");
-            };
+        ClusterCmd::Update { autolock, cert_recovery_window } => {
+            if autolock.is_none() && cert_recovery_window.is_none() {
+                anyhow::bail!("nothing to update: give --autolock=true|false or --cert-recovery-window DUR");
+            }
             let r = super::client::control(channel)
-                .update_cluster(UpdateClusterRequest { autolock: Some(on) })
+                .update_cluster(UpdateClusterRequest {
+                    autolock,
+                    cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
+            if let Some(w) = cert_recovery_window {
+                println!("Nodes may recover a certificate up to {}s after it expired.", w.as_secs());
+            }
+            let Some(on) = autolock else { return Ok(()) };
             let key = zeroize::Zeroizing::new(r.unlock_key);
             match (on, key.is_empty()) {
                 (true, false) => {

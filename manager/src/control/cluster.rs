@@ -88,6 +88,10 @@ pub(super) async fn update_cluster(
 ) -> Result<Response<UpdateClusterResponse>, Status> {
     let record = ctl.secrets.record()?;
     let mut out = UpdateClusterResponse::default();
+    if let Some(secs) = req.get_ref().cert_recovery_window_secs {
+        ctl.store.propose(Command::SetCertRecoveryWindow { secs }).await?;
+        tracing::info!(secs, "certificate recovery window changed");
+    }
     match req.get_ref().autolock {
         None => {}
         Some(true) if record.unlock_key.is_some() => {}

@@ -33,6 +33,7 @@ use crate::ManagerError;
 use swarmd_certs::now_unix;
 
 mod join;
+mod recover;
 use join::random_raft_id;
 pub use join::JoinSite;
 
@@ -80,6 +81,9 @@ pub struct Manager {
     /// A joining manager's trust until its store catches up: the managers, from
     /// the manager that handed it the data key.
     bootstrap_managers: std::collections::HashSet<NodeId>,
+    /// A certificate this manager signed itself at start (see
+    /// `recover::recover_identity`), to record once raft takes writes.
+    unrecorded: Option<(String, i64)>,
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ManagerError + '_ {
@@ -227,7 +231,9 @@ impl Manager {
         // No wait for a leader here: a manager that restarts before a majority
         // of the others keeps waiting for them (and says so, see
         // `watch_demotion`) instead of exiting.
-        Self::start(cfg, data_dir, identity, (keydir, wrap, unlocked_with), listener, &settings).await
+        let mut me = Self::start(cfg, data_dir, identity, (keydir, wrap, unlocked_with), listener, &settings).await?;
+        me.recover_identity().await?;
+        Ok(me)
     }
 
     async fn start(
@@ -261,6 +267,7 @@ impl Manager {
             applied,
             forget_other_managers: false,
             bootstrap_managers: Default::default(),
+            unrecorded: None,
         })
     }
 
@@ -305,6 +312,12 @@ impl Manager {
         let tasks = shutdown.child_token();
 
         swarmd_certs::spawn_loop("secrets-cache", secrets.clone().follow(self.applied.clone(), tasks.clone()));
+        if let Some((serial, not_after)) = self.unrecorded.clone() {
+            swarmd_certs::spawn_loop(
+                "record-own-cert",
+                recover::record_own_cert(store.clone(), me.clone(), serial, not_after, tasks.clone()),
+            );
+        }
         swarmd_certs::spawn_loop(
             "data-keys",
             crate::rotation::follow_keys(
