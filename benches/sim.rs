@@ -67,6 +67,27 @@ impl Session {
 /// period the manager asks for, until the stream ends. Returns once the
 /// session is open (its first message arrived).
 pub async fn open_session(ch: Channel, hostname: String) -> Session {
+    open_session_renewing(ch, hostname, false).await
+}
+
+/// [`open_session`], and with `renew` the node renews its certificate (a fresh
+/// key, on the session's connection, retried each second up to five times)
+/// whenever the session asks, as a worker does during a root CA rotation.
+pub async fn open_session_renewing(ch: Channel, hostname: String, renew: bool) -> Session {
+    let ca = ch.clone();
+    let renew_now = move || {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                let (_key, csr) = swarmd_certs::generate_key_and_csr().expect("a key and CSR");
+                let req = swarmd_proto::ca::RenewNodeCertificateRequest { csr_pem: csr };
+                if swarmd_proto::ca::ca_client::CaClient::new(ca.clone()).renew_node_certificate(req).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    };
     let mut client = DispatcherClient::new(ch);
     let mut stream = client.session(SessionRequest { hostname }).await.expect("open a session").into_inner();
     let first = stream.message().await.expect("first session message").expect("session stream ended at once");
@@ -82,6 +103,9 @@ pub async fn open_session(ch: Channel, hostname: String) -> Session {
                     Ok(Some(m)) => {
                         if m.assignments.as_ref().is_some_and(|a| !a.more) {
                             received = m.seq;
+                        }
+                        if renew && m.renew_certificate {
+                            renew_now();
                         }
                     }
                     _ => return,
