@@ -98,7 +98,11 @@ async fn main() {
     let swarm = if peers_on() { Some(swarm_rotate()) } else { None };
 
     println!("ca_rotate: {n} simulated workers with sessions spread over 3 managers (and the 3 managers)");
-    println!("rotation to the swap         {:>8.2} s   ({:.0} nodes/s)", took.as_secs_f64(), total as f64 / took.as_secs_f64());
+    println!(
+        "rotation to the swap         {:>8.2} s   ({:.0} nodes/s)",
+        took.as_secs_f64(),
+        total as f64 / took.as_secs_f64()
+    );
     println!("half the nodes converged in  {:>8.2} s", half.unwrap_or(took).as_secs_f64());
     match &swarm {
         Some(Ok(s)) => println!("peer: docker swarm ca --rotate, a single-node swarm: {s:.2} s"),

@@ -56,12 +56,13 @@ pub fn roots_from_pem(pem: &str) -> Result<RootCertStore, CertError> {
     Ok(roots)
 }
 
-/// A certificate chain, leaf first: every certificate in `pem` (at most four).
+/// A certificate chain, leaf first: every certificate in `pem` (at most six:
+/// a leaf, an organisation's cluster CA and its chain, or a cross-signature).
 pub fn chain_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
-    if chain.is_empty() || chain.len() > 4 {
+    if chain.is_empty() || chain.len() > 6 {
         return Err(CertError::InvalidCertificate { reason: format!("{} certificates in a chain", chain.len()) });
     }
     Ok(chain)

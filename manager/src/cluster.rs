@@ -54,7 +54,12 @@ pub struct ClusterSecrets {
 
 impl ClusterSecrets {
     /// Opens `record` (and `rotation`, if one runs) with the keys of `dek`.
-    pub fn open(record: &ClusterRecord, rotation: Option<&CaRotation>, dek: &Keyring) -> Result<Self, ClusterError> {
+    pub fn open(
+        record: &ClusterRecord,
+        rotation: Option<&CaRotation>,
+        chain_pem: &str,
+        dek: &Keyring,
+    ) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
         let open_ca = |cert: &str, sealed: &Sealed| -> Result<RootCa, ClusterError> {
             let key_pem = dek.open(&purpose::ca_key(cid), sealed)?;
@@ -69,7 +74,7 @@ impl ClusterSecrets {
                 trust_pem.push_str(&r.target_cert_pem);
                 open_ca(&r.target_cert_pem, &r.target_key)?.with_chain(r.cross_signed_pem.clone())
             }
-            None => open_ca(&record.ca_cert_pem, &record.ca_key)?,
+            None => open_ca(&record.ca_cert_pem, &record.ca_key)?.with_chain(chain_pem.to_owned()),
         };
         let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
             let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
@@ -200,13 +205,15 @@ impl SecretsCache {
         if let Some(r) = &rotation {
             raw.extend_from_slice(&crate::state::encode(r));
         }
+        let chain = self.view.ca_chain()?;
+        raw.extend_from_slice(chain.as_bytes());
         if let Some((old, _)) = self.current.read().expect("secrets lock").as_ref() {
             if *old == raw {
                 return Ok(());
             }
         }
         let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
-        let s = ClusterSecrets::open(&record, rotation.as_ref(), &self.keyring())?;
+        let s = ClusterSecrets::open(&record, rotation.as_ref(), &chain, &self.keyring())?;
         *self.current.write().expect("secrets lock") = Some((raw, Arc::new(s)));
         Ok(())
     }

@@ -88,6 +88,7 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::Schedule { .. }
         | Command::CaRotationBatch { .. }
         | Command::FinishCaRotation { .. }
+        | Command::SetCaChain { .. }
         | Command::Batch(_) => Err("this command is the leader's own and cannot be forwarded".into()),
     }
 }

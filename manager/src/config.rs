@@ -80,6 +80,26 @@ pub struct InitOptions {
     pub raft: RaftSettings,
     /// Seal this manager's keys under an unlock key from the start.
     pub autolock: bool,
+    /// The cluster CA to use instead of a generated root.
+    pub ca: Option<OwnCa>,
+}
+
+/// An organisation's CA for a new cluster: typically an intermediate of its
+/// root, with the certificates between the two.
+#[derive(Clone)]
+pub struct OwnCa {
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// Its PKCS#8 key, PEM.
+    pub key_pem: zeroize::Zeroizing<String>,
+    /// The certificates from it up to the organisation's root, PEM (may be empty).
+    pub chain_pem: String,
+}
+
+impl std::fmt::Debug for OwnCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnCa").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
 }
 
 impl InitOptions {
@@ -94,6 +114,7 @@ impl InitOptions {
             heartbeat: Duration::from_secs(5),
             raft: RaftSettings::default(),
             autolock: false,
+            ca: None,
         }
     }
 }

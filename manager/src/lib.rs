@@ -49,7 +49,7 @@ pub mod fuzzing {
 }
 
 pub use auth::{Authorizer, Caller, ConnInfo};
-pub use config::{InitOptions, JoinOptions, ManagerConfig, CONFIG_FILE};
+pub use config::{InitOptions, JoinOptions, ManagerConfig, OwnCa, CONFIG_FILE};
 pub use conn::{ConnLimits, ConnRegistry};
 pub use error::ManagerError;
 pub use membership::{erase_manager_state, erase_removed, Demotion, RunOutcome};
@@ -63,6 +63,6 @@ pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroiz
     let dek = keys::KeyDir::new(data_dir).load_keyring()?;
     let storage = raft::open_storage(&data_dir.join("raft"))?;
     let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
-    let secrets = cluster::ClusterSecrets::open(&record, None, &dek)?;
+    let secrets = cluster::ClusterSecrets::open(&record, None, "", &dek)?;
     Ok(secrets.anchor.key_pem())
 }

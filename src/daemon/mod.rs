@@ -142,8 +142,31 @@ struct InitArgs {
     /// restart a manager serves nothing until `swarmd unlock`.
     #[arg(long)]
     autolock: bool,
+    /// The cluster CA is this certificate (PEM, a CA: typically an
+    /// intermediate of your organisation's root) instead of a generated root.
+    #[arg(long, value_name = "F", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM), with --ca-cert.
+    #[arg(long, value_name = "F", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The certificates between --ca-cert and your root (PEM), appended to
+    /// every node certificate after the cluster CA.
+    #[arg(long, value_name = "F", requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
     #[command(flatten)]
     raft: RaftArgs,
+}
+
+/// Reads a PEM file of at most 64 KiB.
+fn read_pem_file(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut s = zeroize::Zeroizing::new(String::new());
+    f.take(64 << 10).read_to_string(&mut s).with_context(|| format!("cannot read {} as text", path.display()))?;
+    if s.len() >= 64 << 10 {
+        anyhow::bail!("{} is larger than 64 KiB: not a PEM certificate or key", path.display());
+    }
+    Ok(s)
 }
 
 /// Raft timing and snapshots (managers).
@@ -294,6 +317,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
             opts.autolock = a.autolock;
+            if let (Some(cert), Some(key)) = (&a.ca_cert, &a.ca_key) {
+                opts.ca = Some(swarmd_manager::OwnCa {
+                    cert_pem: read_pem_file(cert)?.to_string(),
+                    key_pem: read_pem_file(key)?,
+                    chain_pem: match &a.ca_chain {
+                        Some(c) => read_pem_file(c)?.to_string(),
+                        None => String::new(),
+                    },
+                });
+            }
             let created = new_node_dir(&data_dir)?;
             let _lock = lock_new_node_dir(&data_dir, created)?;
             let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;

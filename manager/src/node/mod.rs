@@ -145,7 +145,23 @@ impl Manager {
         let cluster_id = ClusterId::random();
         let node_id = NodeId::random();
         let raft_id = random_raft_id();
-        let ca = RootCa::generate(&cluster_id)?;
+        // The organisation's CA (checked: a CA valid now, the key its own),
+        // whose leaves carry it and the chain to the organisation's root; or
+        // a generated root.
+        let (ca, chain) = match &opts.ca {
+            Some(own) => {
+                let chain = format!("{}{}", own.cert_pem, own.chain_pem);
+                let certs = swarmd_certs::tls::chain_from_pem(&chain)
+                    .map_err(|e| ManagerError::Invalid(format!("--ca-cert and --ca-chain: {e}")))?;
+                if certs.len() > 5 {
+                    return Err(ManagerError::Invalid("--ca-chain holds more than four certificates".into()));
+                }
+                let ca = RootCa::from_pem_for(&cluster_id, &own.cert_pem, &own.key_pem)
+                    .map_err(|e| ManagerError::Invalid(format!("--ca-cert and --ca-key: {e}")))?;
+                (ca.with_chain(chain.clone()), chain)
+            }
+            None => (RootCa::generate(&cluster_id)?, String::new()),
+        };
         let (key, csr) = generate_key_and_csr()?;
         let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
         let identity = NodeIdentity::new(ca.cert_pem().to_owned(), issued.pem.clone(), key)?;
@@ -203,6 +219,9 @@ impl Manager {
             manager.wait_leader(Duration::from_secs(10)).await?;
             let store = Store::new(manager.raft.clone(), manager.view.clone(), manager.applied.clone());
             store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
+            if !chain.is_empty() {
+                store.propose(Command::SetCaChain { chain_pem: chain }).await?;
+            }
             manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };

@@ -67,7 +67,8 @@ impl Manager {
             )));
         }
         let rotation = self.view.ca_rotation()?;
-        let secrets = ClusterSecrets::open(&record, rotation.as_ref(), &self.keyring)
+        let chain = self.view.ca_chain()?;
+        let secrets = ClusterSecrets::open(&record, rotation.as_ref(), &chain, &self.keyring)
             .map_err(|e| ManagerError::Invalid(format!("cannot open the cluster's CA: {e}")))?;
         let (key, csr) = generate_key_and_csr()?;
         let issued = secrets.ca.sign_node(&csr, &me, Role::Manager, secrets.validity)?;

@@ -6,6 +6,7 @@
 //! | `caconv/<node>`      | the ID of the rotation whose root signed the node's current certificate |
 //! | `caprevious`         | [`PreviousRoot`]: the root the last rotation replaced |
 //! | `certrecovery`       | the recovery window, seconds (absent: [`DEFAULT_RECOVERY_WINDOW`]) |
+//! | `cachain`            | what an organisation's CA appends to leaves: itself and its chain, PEM |
 //!
 //! The cluster record's root stays the trust anchor (what join tokens pin and
 //! `GetRootCa` serves) until `FinishCaRotation` swaps in the new one, its key
@@ -57,6 +58,7 @@ pub const MAX_RECOVERY_WINDOW: u64 = 365 * 86400;
 
 const ROTATION_KEY: &[u8] = b"carotation";
 const RECOVERY_KEY: &[u8] = b"certrecovery";
+const CHAIN_KEY: &[u8] = b"cachain";
 const CONVERGED_PREFIX: &str = "caconv/";
 const PREVIOUS_KEY: &[u8] = b"caprevious";
 
@@ -73,6 +75,12 @@ impl StateView {
     /// The root the last finished rotation replaced.
     pub fn previous_root(&self) -> Result<Option<PreviousRoot>, StateError> {
         self.get(PREVIOUS_KEY)
+    }
+
+    /// What the cluster CA appends to the leaves it signs (empty for a
+    /// generated root; an organisation's CA and its chain otherwise).
+    pub fn ca_chain(&self) -> Result<String, StateError> {
+        Ok(self.get::<String>(CHAIN_KEY)?.unwrap_or_default())
     }
 
     /// How long after expiry a node's certificate may still be recovered, seconds.
@@ -151,6 +159,8 @@ pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result
             batch.insert(CLUSTER_KEY, encode(&cluster));
             batch.insert(PREVIOUS_KEY, encode(&previous));
             batch.remove(ROTATION_KEY);
+            // The new root is the cluster's own: no organisation chain.
+            batch.remove(CHAIN_KEY);
             clear_converged(view, &mut batch)?;
         }
         Command::SetCertRecoveryWindow { secs } => {
@@ -161,6 +171,12 @@ pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result
                 ))));
             }
             batch.insert(RECOVERY_KEY, encode(secs));
+        }
+        Command::SetCaChain { chain_pem } => {
+            if chain_pem.len() > 64 << 10 {
+                return Ok(Err(Rejection::Invalid("a CA chain larger than 64 KiB".into())));
+            }
+            batch.insert(CHAIN_KEY, encode(chain_pem));
         }
         _ => unreachable!("not a CA rotation command"),
     }

@@ -107,6 +107,9 @@ pub enum Command {
     FinishCaRotation { id: u64, worker_token: Sealed, manager_token: Sealed, at: i64 },
     /// How long after expiry a node may recover its certificate (0: never).
     SetCertRecoveryWindow { secs: u64 },
+    /// What the cluster CA appends to every certificate it signs: itself and
+    /// the chain to an organisation's root (set once, at init).
+    SetCaChain { chain_pem: String },
 }
 
 /// The outcome of applying one command.

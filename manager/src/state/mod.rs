@@ -17,7 +17,7 @@
 //! | `secrets`     | `secret/…`, `secretname/…`, `secretdata/…` | `CreateSecret`, `AddSecretVersion`, `RemoveSecret` |
 //! | `services`    | `service/…`, `servicename/…` | `CreateService`, `UpdateService`, `RemoveService` |
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
-//! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow` |
+//! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -231,7 +231,8 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::CaRotationBatch { .. }
         | Command::CaConverged { .. }
         | Command::FinishCaRotation { .. }
-        | Command::SetCertRecoveryWindow { .. } => ca_rotation::plan_ca_rotation(view, cmd),
+        | Command::SetCertRecoveryWindow { .. }
+        | Command::SetCaChain { .. } => ca_rotation::plan_ca_rotation(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),
