@@ -61,7 +61,8 @@ impl ManagerConfig {
 /// # Defaults
 /// listen `0.0.0.0:4242`, advertise = the listen address (or this host's
 /// address when listening on all interfaces), control socket
-/// `<data-dir>/control.sock`, certificates 24 h, heartbeat 5 s.
+/// `<data-dir>/control.sock`, certificates 24 h, heartbeat 5 s, workload
+/// identities 1 h.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
     /// The data dir.
@@ -80,6 +81,8 @@ pub struct InitOptions {
     pub raft: RaftSettings,
     /// Seal this manager's keys under an unlock key from the start.
     pub autolock: bool,
+    /// Lifetime of tasks' workload identities (`None`: the default).
+    pub identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
 }
 
 impl InitOptions {
@@ -94,6 +97,7 @@ impl InitOptions {
             heartbeat: Duration::from_secs(5),
             raft: RaftSettings::default(),
             autolock: false,
+            identity_ttl: None,
         }
     }
 }

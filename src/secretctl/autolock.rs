@@ -1,4 +1,5 @@
-//! `secretctl unlock-key [-q] [--rotate]` and `cluster update --autolock`.
+//! `secretctl unlock-key [-q] [--rotate]` and `cluster update` (`--autolock`,
+//! `--identity-ttl`).
 
 use clap::{Args, Subcommand};
 use swarmd_proto::control::{GetUnlockKeyRequest, UpdateClusterRequest};
@@ -25,6 +26,10 @@ pub(super) enum ClusterCmd {
         /// Seal every manager's keys under an unlock key (true), or stop (false).
         #[arg(long, action = clap::ArgAction::Set)]
         autolock: Option<bool>,
+        /// Lifetime of tasks' workload identities, 30s to 30d (e.g. 1h); applies
+        /// to certificates issued from now on, renewals included.
+        #[arg(long)]
+        identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
     },
 }
 
@@ -48,23 +53,27 @@ pub(super) async fn unlock_key(channel: Channel, a: UnlockKeyArgs) -> anyhow::Re
 
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock } => {
-            let Some(on) = autolock else {
-                anyhow::bail!("nothing to update: give --autolock=true or --autolock=false");
+        ClusterCmd::Update { autolock, identity_ttl } => {
+            if autolock.is_none() && identity_ttl.is_none() {
+                anyhow::bail!("nothing to update: give --autolock=true|false or --identity-ttl DURATION");
+            }
+            let req = UpdateClusterRequest {
+                autolock,
+                identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()),
             };
-            let r = super::client::control(channel)
-                .update_cluster(UpdateClusterRequest { autolock: Some(on) })
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             let key = zeroize::Zeroizing::new(r.unlock_key);
-            match (on, key.is_empty()) {
-                (true, false) => {
+            match (autolock, key.is_empty()) {
+                (Some(true), false) => {
                     println!("Autolock is on.");
                     crate::daemon::print_unlock_key(&key);
                 }
-                (true, true) => println!("Autolock was already on (secretctl unlock-key shows the key)."),
-                (false, _) => println!("Autolock is off."),
+                (Some(true), true) => println!("Autolock was already on (secretctl unlock-key shows the key)."),
+                (Some(false), _) => println!("Autolock is off."),
+                (None, _) => {}
+            }
+            if let Some(ttl) = identity_ttl {
+                println!("Workload identities now live {ttl} (renewed at half of it).");
             }
             Ok(())
         }

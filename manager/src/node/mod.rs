@@ -199,6 +199,9 @@ impl Manager {
             manager.wait_leader(Duration::from_secs(10)).await?;
             let store = Store::new(manager.raft.clone(), manager.view.clone(), manager.applied.clone());
             store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
+            if let Some(ttl) = opts.identity_ttl {
+                store.propose(Command::SetIdentityTtl { secs: ttl.duration().as_secs() }).await?;
+            }
             manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };

@@ -97,6 +97,9 @@ pub enum Command {
     /// Commands proposed concurrently, applied in order as one entry (group
     /// commit); each has its own result. Never nested.
     Batch(Vec<Command>),
+    /// Sets the lifetime of tasks' workload identities (seconds, within
+    /// `IdentityTtl`'s bounds).
+    SetIdentityTtl { secs: u64 },
 }
 
 /// The outcome of applying one command.

@@ -17,6 +17,7 @@
 //! | `secrets`     | `secret/…`, `secretname/…`, `secretdata/…` | `CreateSecret`, `AddSecretVersion`, `RemoveSecret` |
 //! | `services`    | `service/…`, `servicename/…` | `CreateService`, `UpdateService`, `RemoveService` |
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
+//! | `workload`    | `workload/identity` | `SetIdentityTtl` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -39,6 +40,7 @@ mod rejection;
 mod secrets;
 pub(crate) mod services;
 pub(crate) mod tasks;
+mod workload;
 
 pub use certs::*;
 pub use cluster::*;
@@ -49,6 +51,7 @@ pub use rejection::*;
 pub use secrets::*;
 pub use services::*;
 pub use tasks::*;
+pub use workload::*;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("bincode serialization of in-memory state cannot fail")
@@ -224,6 +227,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
             services::plan_services(view, cmd)
         }
         Command::Schedule { .. } | Command::TaskStatus { .. } => tasks::plan_tasks(view, cmd),
+        Command::SetIdentityTtl { .. } => workload::plan_workload(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

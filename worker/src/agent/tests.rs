@@ -34,7 +34,8 @@ struct Running {
 fn start(host: Host) -> Running {
     let host = Arc::new(host);
     let dir = tempfile::tempdir().unwrap();
-    let seams = Seams { runtime: host.clone(), secret_fs: host.clone(), reporter: host.clone() };
+    let seams =
+        Seams { runtime: host.clone(), secret_fs: host.clone(), reporter: host.clone(), identity: host.clone() };
     let shutdown = CancellationToken::new();
     let agent = Agent::with_seams(seams, dir.path().to_owned(), shutdown.clone());
     let (tx, rx) = mpsc::unbounded_channel();
