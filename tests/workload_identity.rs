@@ -147,7 +147,8 @@ fn two_services_do_mutual_tls_with_their_identities_only_and_lose_them_when_they
     let files = "-cert /run/secrets/identity/cert.pem -key /run/secrets/identity/key.pem \
                  -CAfile /run/secrets/identity/bundle.pem -verify_return_error";
     // Alpha serves TLS and demands a client certificate that chains to the bundle.
-    let server = format!("while true; do openssl s_server -accept 127.0.0.1:{port} {files} -Verify 1 -www; sleep 1; done");
+    let server =
+        format!("while true; do openssl s_server -accept 127.0.0.1:{port} {files} -Verify 1 -www; sleep 1; done");
     let alpha = service_on(&m, "alpha", &image, &a_id, &server);
     // Beta connects with its own identity; the page alpha serves back shows
     // the client certificate alpha verified.
@@ -189,7 +190,10 @@ fn two_services_do_mutual_tls_with_their_identities_only_and_lose_them_when_they
     let root = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
     assert_eq!(std::fs::read_to_string(&bundle).unwrap(), root);
     // Lifetime: the default hour.
-    let dates = String::from_utf8_lossy(&openssl(&["x509", "-noout", "-checkend", "3300", "-in", cert.to_str().unwrap()]).stdout).into_owned();
+    let dates = String::from_utf8_lossy(
+        &openssl(&["x509", "-noout", "-checkend", "3300", "-in", cert.to_str().unwrap()]).stdout,
+    )
+    .into_owned();
     assert!(dates.contains("will not expire"), "{dates}");
     assert!(openssl(&["x509", "-noout", "-checkend", "3700", "-in", cert.to_str().unwrap()]).status.code() == Some(1));
     // key.pem: 0400, the task's user (65534 in its user namespace: base + 65534
@@ -359,7 +363,12 @@ fn a_short_lived_identity_is_renewed_in_place_while_its_task_runs() {
         (now != first).then_some(now)
     });
     assert_ne!(std::fs::read(dir.join("key.pem")).unwrap(), first_key, "the key was not replaced");
-    let o = openssl(&["verify", "-CAfile", dir.join("bundle.pem").to_str().unwrap(), dir.join("cert.pem").to_str().unwrap()]);
+    let o = openssl(&[
+        "verify",
+        "-CAfile",
+        dir.join("bundle.pem").to_str().unwrap(),
+        dir.join("cert.pem").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(second.contains("BEGIN CERTIFICATE"));
     // The task saw both, inside its container, and is the same task, still running.
@@ -372,7 +381,10 @@ fn a_short_lived_identity_is_renewed_in_place_while_its_task_runs() {
     let now = running_task(&m, "short").expect("still running");
     assert_eq!(now["id"], task.as_str(), "the task was replaced:\n{seen}");
     // Only one generation of files is left behind the link.
-    let gens = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("..g")).count();
+    let gens = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("..g"))
+        .count();
     assert_eq!(gens, 1);
     let o = m.ctl(&["cluster", "update", "--identity-ttl", "1h"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -49,7 +49,10 @@ fn the_certificate_names_the_task_and_service_and_nothing_the_csr_asks_for() {
     assert!(!bc.value.ca, "a workload certificate is no CA");
     let eku = cert.extended_key_usage().unwrap().expect("EKU").value;
     assert!(eku.client_auth && eku.server_auth && !eku.any);
-    assert!(cert.extensions().iter().any(|e| matches!(e.parsed_extension(), ParsedExtension::AuthorityKeyIdentifier(_))));
+    assert!(cert
+        .extensions()
+        .iter()
+        .any(|e| matches!(e.parsed_extension(), ParsedExtension::AuthorityKeyIdentifier(_))));
     assert_eq!(hex::encode(cert.raw_serial()), issued.serial);
     // It chains to the cluster CA and is for the CSR's key.
     assert!(cert.verify_signature(Some(parse(ca.bundle_pem()).public_key())).is_ok());
@@ -106,11 +109,10 @@ fn invariant_8_csrs_for_other_keys_and_bad_csrs_are_refused() {
         assert!(matches!(err, CertError::InvalidCsr { .. }), "{err}");
         assert!(err.to_string().contains("P-256"), "{err}");
     }
-    let huge = format!(
-        "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-        "A".repeat(MAX_CSR)
-    );
-    for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &huge] {
+    let huge =
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", "A".repeat(MAX_CSR));
+    for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &huge]
+    {
         let err = sign_workload(&ca, bad, &who, IdentityTtl::DEFAULT).unwrap_err();
         assert!(matches!(err, CertError::InvalidCsr { .. }), "{err}");
     }
@@ -151,7 +153,14 @@ fn a_workload_certificate_is_no_node_certificate() {
     assert!(matches!(err, CertError::NoIdentity { .. }), "{err}");
     let der = CertificateDer::from_pem_slice(issued.pem.as_bytes()).unwrap();
     assert_eq!(PeerIdentity::from_chain(&[der]), None);
-    assert!(parse(&issued.pem).subject_alternative_name().unwrap().unwrap().value.general_names.iter().all(|n| !matches!(n, GeneralName::DNSName(_))));
+    assert!(parse(&issued.pem)
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .all(|n| !matches!(n, GeneralName::DNSName(_))));
 }
 
 #[test]

@@ -57,10 +57,8 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
             if autolock.is_none() && identity_ttl.is_none() {
                 anyhow::bail!("nothing to update: give --autolock=true|false or --identity-ttl DURATION");
             }
-            let req = UpdateClusterRequest {
-                autolock,
-                identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()),
-            };
+            let req =
+                UpdateClusterRequest { autolock, identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()) };
             let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             let key = zeroize::Zeroizing::new(r.unlock_key);
             match (autolock, key.is_empty()) {

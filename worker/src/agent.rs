@@ -411,22 +411,24 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let user = task_user(spec);
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
     // Every task has a tmpfs: its identity lives there, secrets or not.
-    let mut mount = match ctx.seams.secret_fs.create(&ctx.dir, size.min(ctx.secrets_max), ctx.secrets_max, ctx.userns, &files)
-    {
-        Ok(m) => m,
-        Err(e) => {
-            rep(TaskState::Failed, format!("secrets: {e}"));
-            let _ = ctx.ended.send(Ended { task: id, container_gone: true });
-            return;
-        }
-    };
+    let mut mount =
+        match ctx.seams.secret_fs.create(&ctx.dir, size.min(ctx.secrets_max), ctx.secrets_max, ctx.userns, &files) {
+            Ok(m) => m,
+            Err(e) => {
+                rep(TaskState::Failed, format!("secrets: {e}"));
+                let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+                return;
+            }
+        };
     drop(files);
     // A secret update that could not be written: retried with backoff until
     // it is (or a newer one replaces it, or the task ends); meanwhile the
     // task's message says so.
     let mut pending: Option<Vec<SecretFile>> = None;
     let identity = match first_identity(ctx.seams.identity.as_ref(), &id, &mut ctl, &mut pending).await {
-        FirstIdentity::Ready(issued) => mount.write_identity(&issued.files, user).map(|()| issued).map_err(|e| e.to_string()),
+        FirstIdentity::Ready(issued) => {
+            mount.write_identity(&issued.files, user).map(|()| issued).map_err(|e| e.to_string())
+        }
         FirstIdentity::Failed(e) => Err(e),
         FirstIdentity::Stopped => {
             mount.destroy();

@@ -142,7 +142,8 @@ impl IdentitySource for DispatcherIdentity {
                 .map_err(|_| IdentityError::Unavailable("no answer within 10 s".into()))??
                 .into_inner();
             let invalid = |e: String| IdentityError::Invalid(e);
-            let cert = workload::check_issued(&r.certificate_pem, &key_pem, &task).map_err(|e| invalid(e.to_string()))?;
+            let cert =
+                workload::check_issued(&r.certificate_pem, &key_pem, &task).map_err(|e| invalid(e.to_string()))?;
             if cert.spiffe_id != r.spiffe_id {
                 return Err(invalid(format!("it names {} but the answer says {}", cert.spiffe_id, r.spiffe_id)));
             }
@@ -271,7 +272,10 @@ mod tests {
         install(d.path(), &files(1), root, user).unwrap();
         let id = d.path().join(IDENTITY_DIR);
         let read = |f: &str| fs::read_to_string(id.join(f)).unwrap();
-        assert_eq!((read("cert.pem"), read("key.pem"), read("bundle.pem")), ("cert 1".into(), "key 1".into(), "bundle 1".into()));
+        assert_eq!(
+            (read("cert.pem"), read("key.pem"), read("bundle.pem")),
+            ("cert 1".into(), "key 1".into(), "bundle 1".into())
+        );
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&id.join("key.pem")), 0o400);
         assert_eq!(mode(&id.join("cert.pem")), 0o444);

@@ -433,7 +433,11 @@ async fn a_task_refused_an_identity_fails_before_its_container_starts_and_is_wip
     host.refused_identities.lock().unwrap().insert("t1".into());
     let mut a = start(host);
     a.send(full(vec![task("t1", &[("s1", 1, "db")])], vec![value("s1", 1, "hunter2")]));
-    let failed = Reported("t1".into(), "failed".into(), "workload identity: the manager refused a workload identity: task t1 is not a live task of this node".into());
+    let failed = Reported(
+        "t1".into(),
+        "failed".into(),
+        "workload identity: the manager refused a workload identity: task t1 is not a live task of this node".into(),
+    );
     a.until(&failed).await;
     a.until(&Wiped("t1".into())).await;
     assert_eq!(a.starts("t1"), 0, "{:#?}", a.of("t1"));
