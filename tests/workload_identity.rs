@@ -289,6 +289,16 @@ async fn a_worker_gets_identities_for_its_own_live_tasks_only() {
         }
     }
 
+    // `identity` is reserved below /run/secrets: a secret cannot take it.
+    assert!(m.ctl_stdin(&["create", "identity"], b"v").status.success());
+    let img = image.to_str().unwrap();
+    for spec in ["identity", "identity,target=/run/secrets/identity"] {
+        let o = m.ctl(&["service", "create", "clash", "--image", img, "--secret", spec, "--", "true"]);
+        assert!(!o.status.success(), "{spec} was accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("reserved"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    m.ctl_ok(&["service", "create", "fine", "--image", img, "--secret", "identity,target=id", "--", "true"]);
+
     // An ended task: refused too.
     m.ctl_ok(&["service", "rm", "mine"]);
     wait_for("mine's task to end", Duration::from_secs(60), || tasks(&m, "mine").is_empty().then_some(()));
