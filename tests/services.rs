@@ -376,7 +376,8 @@ fn invariant_6_a_large_secret_update_reaches_the_running_task_in_place() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
     names.sort();
-    assert_eq!(names, ["one", "three", "two"], "partial files left in {}", dir.display());
+    // (`identity`: the task's workload identity, beside its secrets.)
+    assert_eq!(names, ["identity", "one", "three", "two"], "partial files left in {}", dir.display());
 }
 
 /// `swarmd worker join` with extra environment variables for the worker.
@@ -443,9 +444,10 @@ fn invariant_6_a_secret_update_that_cannot_fit_is_reported_and_retried() {
     assert!(t["message"].as_str().unwrap().contains("bytes of tmpfs"), "{t}");
     let dir =
         std::path::Path::new("/run/swarmd").join(&node).join("tasks").join(t["id"].as_str().unwrap()).join("secrets");
-    let names: Vec<String> =
+    let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
-    assert_eq!(names, ["key"], "partial files left in {}", dir.display());
+    names.sort();
+    assert_eq!(names, ["identity", "key"], "partial files left in {}", dir.display());
     assert!(!logs(&m, "capped").contains(&seen(&v2)));
     let wlog = env.procs[w.proc_idx].log_text();
     assert!(wlog.contains("retry_in"), "no retry logged:\n{wlog}");

@@ -210,6 +210,11 @@ impl RootCa {
         &self.cluster_id
     }
 
+    /// What signs this CA's leaves (the workload signer in `crate::workload`).
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA's private key as PKCS#8 PEM. Handle it as a secret: encrypt before storing.
     pub fn key_pem(&self) -> Zeroizing<String> {
         Zeroizing::new(self.issuer.key().serialize_pem())
@@ -348,7 +353,7 @@ fn ca_subject_and_validity(cert_pem: &str) -> Result<(DistinguishedName, OffsetD
 /// is signed with ECDSA-SHA256. rcgen names a CSR's key by the *signature*
 /// algorithm alone, so without this a P-384 key signed with SHA-256 passed as
 /// P-256 and got a certificate whose key no verifier could use.
-fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
+pub(crate) fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
     use x509_parser::certification_request::X509CertificationRequest;
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
     use x509_parser::prelude::FromDer;
@@ -369,7 +374,7 @@ fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
     Ok(())
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     crate::random_bytes(&mut b);
     b[0] &= 0x7f; // keep the DER integer positive

@@ -4,8 +4,9 @@
 //! typed identifiers ([`NodeId`], [`ClusterId`], [`Role`]), the cluster's root CA
 //! and its signing policy ([`RootCa`]), join tokens that pin that CA
 //! ([`JoinToken`]), a node's own key and certificate on disk ([`NodeIdentity`]),
-//! the rustls configurations every connection uses ([`tls`]), and the schedule on
-//! which certificates are renewed ([`renew`]).
+//! the rustls configurations every connection uses ([`tls`]), the schedule on
+//! which certificates are renewed ([`renew`]), and the signing policy of tasks'
+//! workload identities ([`workload`]).
 //!
 //! Nothing here does I/O beyond reading and writing a node's certificate files.
 
@@ -19,6 +20,7 @@ pub mod recover;
 pub mod renew;
 pub mod tls;
 mod token;
+pub mod workload;
 
 pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
 pub use error::CertError;

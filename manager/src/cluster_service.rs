@@ -66,6 +66,7 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::RemoveNodes { .. }
         | Command::RotateJoinToken { .. }
         | Command::SetAutolock { .. }
+        | Command::SetIdentityTtl { .. }
         | Command::RecordAdminCert(_)
         | Command::RevokeAdminCert { .. }
         | Command::StartCaRotation(_)

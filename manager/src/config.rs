@@ -61,7 +61,8 @@ impl ManagerConfig {
 /// # Defaults
 /// listen `0.0.0.0:4242`, advertise = the listen address (or this host's
 /// address when listening on all interfaces), control socket
-/// `<data-dir>/control.sock`, certificates 24 h, heartbeat 5 s.
+/// `<data-dir>/control.sock`, certificates 24 h, heartbeat 5 s, workload
+/// identities 1 h.
 #[derive(Clone, Debug)]
 pub struct InitOptions {
     /// The data dir.
@@ -82,6 +83,8 @@ pub struct InitOptions {
     pub autolock: bool,
     /// The cluster CA to use instead of a generated root.
     pub ca: Option<OwnCa>,
+    /// Lifetime of tasks' workload identities (`None`: the default).
+    pub identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
 }
 
 /// An organisation's CA for a new cluster: typically an intermediate of its
@@ -115,6 +118,7 @@ impl InitOptions {
             raft: RaftSettings::default(),
             autolock: false,
             ca: None,
+            identity_ttl: None,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! A worker is a potential attacker. Each of its RPCs either costs nothing
 //! durable (heartbeats, in memory) or is bounded here: task reports and
 //! renewals become raft entries on every manager's disk, task output lives in
-//! the memory of the manager holding the session. Past its budget a node gets
+//! the memory of the manager holding the session, workload identities cost a
+//! signature each. Past its budget a node gets
 //! RESOURCE_EXHAUSTED with a retry hint, and nothing is written.
 
 use std::collections::HashMap;
@@ -140,6 +141,7 @@ struct NodeBudget {
     renewals: Bucket,
     sessions: Bucket,
     heartbeats: Bucket,
+    identities: Bucket,
     seen: Instant,
 }
 
@@ -156,6 +158,9 @@ pub enum Spend {
     Sessions,
     /// Heartbeats: 20 a second, bursts of 100.
     Heartbeats,
+    /// Workload identities (a CSR check and a signature each, no raft entry):
+    /// 5 a second, bursts of 100 (a worker starting many tasks at once).
+    Identities,
 }
 
 impl Spend {
@@ -166,6 +171,7 @@ impl Spend {
             Spend::Renewals => Rate { per_sec: 0.2, burst: 5.0 },
             Spend::Sessions => Rate { per_sec: 1.0, burst: 10.0 },
             Spend::Heartbeats => Rate { per_sec: 20.0, burst: 100.0 },
+            Spend::Identities => Rate { per_sec: 5.0, burst: 100.0 },
         }
     }
     fn what(self) -> &'static str {
@@ -175,6 +181,7 @@ impl Spend {
             Spend::Renewals => "certificate renewals",
             Spend::Sessions => "session opens",
             Spend::Heartbeats => "heartbeats",
+            Spend::Identities => "workload identities",
         }
     }
 }
@@ -217,6 +224,7 @@ impl NodeLimits {
             renewals: Bucket::full(Spend::Renewals.rate(), now),
             sessions: Bucket::full(Spend::Sessions.rate(), now),
             heartbeats: Bucket::full(Spend::Heartbeats.rate(), now),
+            identities: Bucket::full(Spend::Identities.rate(), now),
             seen: now,
         });
         b.seen = now;
@@ -226,6 +234,7 @@ impl NodeLimits {
             Spend::Renewals => &mut b.renewals,
             Spend::Sessions => &mut b.sessions,
             Spend::Heartbeats => &mut b.heartbeats,
+            Spend::Identities => &mut b.identities,
         };
         bucket.take(what.rate(), cost, now).map_err(|wait| {
             retry_after(

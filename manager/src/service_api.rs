@@ -50,9 +50,19 @@ pub(crate) fn resolve_secret_ref(view: &StateView, r: &SecretReference) -> Resul
             return Err(bad(format!("secret {} has no version {v}", rec.name)));
         }
     }
+    let target = if r.target.is_empty() { rec.name.clone() } else { r.target.clone() };
+    // Checked at admission only (not by the state machine, which must apply
+    // the log older versions wrote the same way).
+    if target.strip_prefix("/run/secrets/").unwrap_or(&target) == swarmd_certs::workload::IDENTITY_DIR {
+        return Err(bad(format!(
+            "target {target:?} is reserved: /run/secrets/{} holds the task's workload identity; \
+             give the secret another target (,target=NAME)",
+            swarmd_certs::workload::IDENTITY_DIR
+        )));
+    }
     Ok(SecretRef {
         secret: rec.id.clone(),
-        target: if r.target.is_empty() { rec.name.clone() } else { r.target.clone() },
+        target,
         name: rec.name,
         uid: r.uid.unwrap_or(0),
         gid: r.gid.unwrap_or(0),

@@ -138,6 +138,10 @@ struct InitArgs {
     /// Heartbeat period of node sessions; a node is down after 3 missed periods.
     #[arg(long, default_value = "5s", value_parser = parse_heartbeat)]
     heartbeat: Duration,
+    /// Lifetime of tasks' workload identities (/run/secrets/identity), renewed
+    /// at half of it: 30s to 30d [default: 1h]
+    #[arg(long)]
+    identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
     /// Seal the managers' keys under an unlock key that is printed once; after a
     /// restart a manager serves nothing until `swarmd unlock`.
     #[arg(long)]
@@ -327,6 +331,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 });
             }
+            opts.identity_ttl = a.identity_ttl;
             let created = new_node_dir(&data_dir)?;
             let _lock = lock_new_node_dir(&data_dir, created)?;
             let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;

@@ -1,4 +1,5 @@
-//! `secretctl unlock-key [-q] [--rotate]` and `cluster update`.
+//! `secretctl unlock-key [-q] [--rotate]` and `cluster update` (`--autolock`,
+//! `--identity-ttl`, `--cert-recovery-window`).
 
 use clap::{Args, Subcommand};
 use swarmd_proto::control::{GetUnlockKeyRequest, UpdateClusterRequest};
@@ -29,6 +30,10 @@ pub(super) enum ClusterCmd {
         /// still come back without a token (e.g. 7d, 12h; 0s: never).
         #[arg(long, value_name = "DUR", value_parser = parse_window)]
         cert_recovery_window: Option<std::time::Duration>,
+        /// Lifetime of tasks' workload identities, 30s to 30d (e.g. 1h); applies
+        /// to certificates issued from now on, renewals included.
+        #[arg(long)]
+        identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
     },
 }
 
@@ -59,30 +64,33 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
 
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock, cert_recovery_window } => {
-            if autolock.is_none() && cert_recovery_window.is_none() {
-                anyhow::bail!("nothing to update: give --autolock=true|false or --cert-recovery-window DUR");
+        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window } => {
+            if autolock.is_none() && identity_ttl.is_none() && cert_recovery_window.is_none() {
+                anyhow::bail!(
+                    "nothing to update: give --autolock=true|false, --identity-ttl DUR or --cert-recovery-window DUR"
+                );
             }
-            let r = super::client::control(channel)
-                .update_cluster(UpdateClusterRequest {
-                    autolock,
-                    cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
-                })
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let req = UpdateClusterRequest {
+                autolock,
+                identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()),
+                cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
+            };
+            let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             if let Some(w) = cert_recovery_window {
                 println!("Nodes may recover a certificate up to {}s after it expired.", w.as_secs());
             }
-            let Some(on) = autolock else { return Ok(()) };
             let key = zeroize::Zeroizing::new(r.unlock_key);
-            match (on, key.is_empty()) {
-                (true, false) => {
+            match (autolock, key.is_empty()) {
+                (Some(true), false) => {
                     println!("Autolock is on.");
                     crate::daemon::print_unlock_key(&key);
                 }
-                (true, true) => println!("Autolock was already on (secretctl unlock-key shows the key)."),
-                (false, _) => println!("Autolock is off."),
+                (Some(true), true) => println!("Autolock was already on (secretctl unlock-key shows the key)."),
+                (Some(false), _) => println!("Autolock is off."),
+                (None, _) => {}
+            }
+            if let Some(ttl) = identity_ttl {
+                println!("Workload identities now live {ttl} (renewed at half of it).");
             }
             Ok(())
         }

@@ -11,10 +11,17 @@
 //! version of a secret replaces the file in place in every running task that
 //! follows it.
 //!
-//! The agent reaches the host only through three seams: a
-//! [`ContainerRuntime`], a [`SecretFs`] and a `Reporter` (the managers). The
-//! worker gives it runc or crun, tmpfs mounts and the dispatcher RPCs; its unit
-//! tests (`agent/tests.rs`) give it recording fakes, and need no root.
+//! Every task also gets a workload identity before its container starts
+//! ([`crate::identity`]): a key made here, a certificate from the managers,
+//! both in the task's tmpfs (which every task has, secrets or not), renewed in
+//! place at half its life and wiped with the tmpfs when the task ends. A task
+//! that cannot get one within [`FIRST_IDENTITY_WITHIN`] fails.
+//!
+//! The agent reaches the host only through four seams: a
+//! [`ContainerRuntime`], a [`SecretFs`], a `Reporter` and an `IdentitySource`
+//! (the managers). The worker gives it runc or crun, tmpfs mounts and the
+//! dispatcher RPCs; its unit tests (`agent/tests.rs`) give it recording fakes,
+//! and need no root.
 
 mod report;
 #[cfg(test)]
@@ -32,13 +39,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::executor::{ContainerRuntime, ContainerSpec, ExecError, Runtime};
-use crate::secret_mount::{MountError, SecretFile, SecretFs, TaskSecrets, Tmpfs};
+use crate::executor::{BoxFuture, ContainerRuntime, ContainerSpec, ExecError, Runtime};
+use crate::identity::{DispatcherIdentity, IdentityError, IdentitySource, Issued};
+use crate::secret_mount::{SecretFile, SecretFs, Tmpfs};
 use crate::userns::{IdAllocator, UserNamespace, ALLOCATION_FILE, MAX_BLOCKS};
 use report::{LogCursor, Reporter};
 
 /// How long a task gets between SIGTERM and SIGKILL when it is stopped (Docker's default is 10 s).
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a task may wait for its first workload identity while no
+/// manager answers (a refusal fails it at once).
+pub const FIRST_IDENTITY_WITHIN: Duration = Duration::from_secs(60);
 
 use crate::assignment::{Assignment, SecretKey, WorkTask as Task};
 
@@ -61,6 +73,8 @@ pub(crate) struct Seams {
     pub(crate) secret_fs: Arc<dyn SecretFs>,
     /// Tells the managers about task states and output.
     pub(crate) reporter: Arc<dyn Reporter>,
+    /// Issues the tasks' workload identities.
+    pub(crate) identity: Arc<dyn IdentitySource>,
 }
 
 /// Applies assignments; one per worker process.
@@ -108,7 +122,8 @@ impl Agent {
         let seams = Seams {
             runtime: Arc::new(runtime),
             secret_fs: Arc::new(Tmpfs),
-            reporter: Arc::new(report::Dispatcher::new(channel, session)),
+            reporter: Arc::new(report::Dispatcher::new(channel.clone(), session)),
+            identity: Arc::new(DispatcherIdentity::new(channel)),
         };
         Self::with_seams(seams, run_dir, shutdown)
     }
@@ -338,11 +353,54 @@ fn secrets_max() -> u64 {
         .unwrap_or(crate::secret_mount::DEFAULT_MAX_SIZE)
 }
 
-/// Writes a new set of secret files into the task's secret filesystem, if it
-/// has one, and removes the files no longer in it.
-fn update_secrets(mount: Option<&mut Box<dyn TaskSecrets>>, files: &[SecretFile]) -> Result<(), MountError> {
-    let Some(m) = mount else { return Ok(()) };
-    m.replace(files)
+/// Where a task's first identity stands while it prepares.
+enum FirstIdentity {
+    Ready(Issued),
+    Stopped,
+    Failed(String),
+}
+
+/// Asks for the task's first identity, retrying while no manager answers (up
+/// to [`FIRST_IDENTITY_WITHIN`]), until a stop; a secret update that arrives
+/// meanwhile is kept in `pending`.
+async fn first_identity(
+    src: &dyn IdentitySource,
+    task: &str,
+    ctl: &mut mpsc::UnboundedReceiver<Control>,
+    pending: &mut Option<Vec<SecretFile>>,
+) -> FirstIdentity {
+    let deadline = tokio::time::Instant::now() + FIRST_IDENTITY_WITHIN;
+    let mut backoff = swarmd_certs::renew::Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
+    let mut attempt: Option<BoxFuture<'static, Result<Issued, IdentityError>>> = Some(src.issue(task));
+    let mut retry_at = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = async { attempt.as_mut().expect("an attempt").await }, if attempt.is_some() => {
+                attempt = None;
+                match r {
+                    Ok(issued) => return FirstIdentity::Ready(issued),
+                    Err(e) if e.is_final() || tokio::time::Instant::now() >= deadline => {
+                        return FirstIdentity::Failed(e.to_string())
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::warn!(task.id = %task, error = %e, retry_in = wait.as_secs_f64(), "no workload identity yet");
+                        retry_at = tokio::time::Instant::now() + wait;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at), if attempt.is_none() => attempt = Some(src.issue(task)),
+            cmd = ctl.recv() => match cmd {
+                Some(Control::Secrets(files)) => *pending = Some(files),
+                Some(Control::Stop) | None => return FirstIdentity::Stopped,
+            },
+        }
+    }
+}
+
+/// The container's user, as the executor runs it (65534 unless `--user`).
+fn task_user(spec: &crate::assignment::TaskSpec) -> (u32, u32) {
+    spec.user.unwrap_or((65534, 65534))
 }
 
 async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
@@ -350,20 +408,47 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let rep = |state: TaskState, msg: String| ctx.seams.reporter.report(&id, state, &msg);
     rep(TaskState::Preparing, String::new());
     let spec = &t.spec;
+    let user = task_user(spec);
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
-    let mut mount = if spec.secrets.is_empty() {
-        None
-    } else {
+    // Every task has a tmpfs: its identity lives there, secrets or not.
+    let mut mount =
         match ctx.seams.secret_fs.create(&ctx.dir, size.min(ctx.secrets_max), ctx.secrets_max, ctx.userns, &files) {
-            Ok(m) => Some(m),
+            Ok(m) => m,
             Err(e) => {
                 rep(TaskState::Failed, format!("secrets: {e}"));
                 let _ = ctx.ended.send(Ended { task: id, container_gone: true });
                 return;
             }
+        };
+    drop(files);
+    // A secret update that could not be written: retried with backoff until
+    // it is (or a newer one replaces it, or the task ends); meanwhile the
+    // task's message says so.
+    let mut pending: Option<Vec<SecretFile>> = None;
+    let identity = match first_identity(ctx.seams.identity.as_ref(), &id, &mut ctl, &mut pending).await {
+        FirstIdentity::Ready(issued) => {
+            mount.write_identity(&issued.files, user).map(|()| issued).map_err(|e| e.to_string())
+        }
+        FirstIdentity::Failed(e) => Err(e),
+        FirstIdentity::Stopped => {
+            mount.destroy();
+            rep(TaskState::Shutdown, "stopped before it started".into());
+            let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+            return;
         }
     };
-    drop(files);
+    let mut renew_at = match identity {
+        Ok(issued) => {
+            tracing::info!(task.id = %id, spiffe.id = %issued.spiffe_id, "workload identity installed");
+            tokio::time::Instant::now() + issued.renew_after()
+        }
+        Err(e) => {
+            rep(TaskState::Failed, format!("workload identity: {e}"));
+            mount.destroy();
+            let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+            return;
+        }
+    };
     let c = ContainerSpec {
         rootfs: PathBuf::from(&spec.image),
         args: spec.args.clone(),
@@ -372,7 +457,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         memory: spec.memory,
         pids: spec.pids,
         host_network: spec.host_network,
-        secrets_dir: mount.as_ref().map(|m| m.dir().to_owned()),
+        secrets_dir: Some(mount.dir().to_owned()),
         userns: ctx.userns,
         ..Default::default()
     };
@@ -385,9 +470,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 TaskState::Failed
             };
             rep(state, e.to_string());
-            if let Some(m) = mount.as_mut() {
-                m.destroy();
-            }
+            mount.destroy();
             let _ = ctx.ended.send(Ended { task: id, container_gone: true });
             return;
         }
@@ -396,14 +479,13 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     tracing::info!(task.id = %id, service = %t.service, "task running");
     let mut cursor = LogCursor::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    // A secret update that could not be written: retried with backoff until
-    // it is (or a newer one replaces it, or the task ends); meanwhile the
-    // task's message says so.
-    let mut pending: Option<Vec<SecretFile>> = None;
     let mut retry_at = tokio::time::Instant::now();
     let mut backoff = swarmd_certs::renew::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     // The failure message last reported (each report is a raft write on the managers: only changes are sent).
     let mut failing: Option<String> = None;
+    // The identity renewal in flight, and its backoff after failures.
+    let mut renewal: Option<BoxFuture<'static, Result<Issued, IdentityError>>> = None;
+    let mut renew_backoff = swarmd_certs::renew::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let (state, message) = loop {
         let retry = tokio::time::sleep_until(retry_at);
         tokio::select! {
@@ -419,9 +501,32 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 let taken = ctx.seams.reporter.push_logs(&id, &lines, &mut cursor).await;
                 cursor.seen = total - (lines.len() - taken) as u64;
             }
+            _ = tokio::time::sleep_until(renew_at), if renewal.is_none() => {
+                renewal = Some(ctx.seams.identity.issue(&id));
+            }
+            r = async { renewal.as_mut().expect("a renewal").await }, if renewal.is_some() => {
+                renewal = None;
+                let written = r.map_err(|e| e.to_string()).and_then(|issued| {
+                    mount.write_identity(&issued.files, user).map(|()| issued).map_err(|e| e.to_string())
+                });
+                match written {
+                    Ok(issued) => {
+                        tracing::info!(task.id = %id, "workload identity renewed in place");
+                        renew_backoff.reset(Duration::from_secs(1));
+                        renew_at = tokio::time::Instant::now() + issued.renew_after();
+                    }
+                    Err(e) => {
+                        // The current certificate stays until it expires; it
+                        // has half its life left when the first try fails.
+                        let wait = renew_backoff.next_delay();
+                        tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot renew the workload identity");
+                        renew_at = tokio::time::Instant::now() + wait;
+                    }
+                }
+            }
             _ = retry, if pending.is_some() => {
                 let files = pending.take().unwrap_or_default();
-                match update_secrets(mount.as_mut(), &files) {
+                match mount.replace(&files) {
                     Ok(()) => {
                         tracing::info!(task.id = %id, "secrets updated in place");
                         if failing.take().is_some() {
@@ -456,6 +561,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         }
     };
     drop(pending);
+    drop(renewal);
     let (lines, _) = running.logs().since(cursor.seen);
     cursor.not_before = None;
     ctx.seams.reporter.push_logs(&id, &lines, &mut cursor).await;
@@ -463,9 +569,8 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     if let Err(e) = &gone {
         tracing::error!(task.id = %id, error = %e, "cannot remove the task's container");
     }
-    if let Some(m) = mount.as_mut() {
-        m.destroy();
-    }
+    // The identity goes with the secrets: zeroed, unmounted.
+    mount.destroy();
     rep(state, message);
     tracing::info!(task.id = %id, state = state.as_str_name(), "task ended");
     let _ = ctx.ended.send(Ended { task: id, container_gone: gone.is_ok() });

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod assignment;
 mod config;
 pub mod executor;
+pub mod identity;
 mod join;
 pub mod seccomp;
 pub mod secret_mount;

@@ -15,6 +15,10 @@
 //! old files and the new ones side by side; a write that fails anyway leaves no
 //! partial file behind and the old content in place. On task end the files are
 //! overwritten with zeros, the tmpfs is unmounted and its directory removed.
+//!
+//! Every task has one, secrets or not: its workload identity lives in it too,
+//! below `secrets/identity/` ([`crate::identity`]), written and renewed the
+//! same way (read-write only while it is written) and wiped with the rest.
 
 use std::fs;
 use std::io::Write;
@@ -24,7 +28,9 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use zeroize::Zeroizing;
 
+use crate::identity::IdentityFiles;
 use crate::userns::{UserNamespace, UsernsError};
+use swarmd_certs::workload::IDENTITY_DIR;
 
 /// The statfs magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -126,6 +132,10 @@ pub const DEFAULT_MAX_SIZE: u64 = 64 << 20;
 /// Slack kept above the pages the files need.
 const MARGIN: u64 = 64 << 10;
 
+/// Room for the workload identity: two sets of three files (the old and the
+/// new side by side while it is renewed), each well under a page.
+const IDENTITY_ROOM: u64 = 32 << 10;
+
 fn pages(len: u64) -> u64 {
     len.div_ceil(4096) * 4096
 }
@@ -216,7 +226,31 @@ impl SecretMount {
             .filter_map(|e| e.metadata().ok())
             .map(|m| pages(m.len()))
             .sum();
-        present + files.iter().map(|f| pages(f.data.len() as u64)).sum::<u64>() + MARGIN
+        present + files.iter().map(|f| pages(f.data.len() as u64)).sum::<u64>() + MARGIN + IDENTITY_ROOM
+    }
+
+    /// Grows the tmpfs if `need` calls for it (up to its maximum), makes it
+    /// writable, runs `f`, and makes it read-only again.
+    fn writable<T>(&mut self, need: u64, f: impl FnOnce(&Self) -> Result<T, MountError>) -> Result<T, MountError> {
+        require_tmpfs(&self.root)?;
+        let grow = (need > self.size).then(|| need.min(self.max_size)).filter(|s| *s > self.size);
+        self.remount_with(false, grow)?;
+        if let Some(s) = grow {
+            self.size = s;
+        }
+        let result = f(self);
+        let ro = self.remount(true);
+        result.and_then(|v| ro.map(|()| v))
+    }
+
+    /// Installs (or atomically replaces) the task's workload identity below
+    /// `secrets/identity/`: `key.pem` owned by `user` (the container's uid and
+    /// gid, mapped like the secrets' owners), the rest by the task's root.
+    pub fn write_identity(&mut self, files: &IdentityFiles, user: (u32, u32)) -> Result<(), MountError> {
+        let root = self.userns.host_id(0, "uid")?;
+        let owner = (self.userns.host_id(user.0, "task uid")?, self.userns.host_id(user.1, "task gid")?);
+        let need = self.needed_for(&[]);
+        self.writable(need, |m| crate::identity::install(&m.dir, files, root, owner).map_err(io(&m.dir)))
     }
 
     /// Writes (or atomically replaces) `files`, then makes the tmpfs read-only
@@ -224,24 +258,16 @@ impl SecretMount {
     /// side (up to its maximum size); a file that cannot be written is removed
     /// again, the old version stays, and the error is returned.
     pub fn write(&mut self, files: &[SecretFile]) -> Result<(), MountError> {
-        require_tmpfs(&self.root)?;
         let need = self.needed_for(files);
-        let grow = (need > self.size).then(|| need.min(self.max_size)).filter(|s| *s > self.size);
-        self.remount_with(false, grow)?;
-        if let Some(s) = grow {
-            self.size = s;
-        }
-        let result = files.iter().try_for_each(|f| self.write_one(f));
-        let result = result.map_err(|e| match e {
-            MountError::Io { source, .. }
-                if source.raw_os_error() == Some(nix::libc::ENOSPC) && need > self.max_size =>
-            {
-                MountError::TooLarge { need, max: self.max_size }
-            }
-            e => e,
-        });
-        let ro = self.remount(true);
-        result.and(ro)
+        let max = self.max_size;
+        self.writable(need, |m| {
+            files.iter().try_for_each(|f| m.write_one(f)).map_err(|e| match e {
+                MountError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) && need > max => {
+                    MountError::TooLarge { need, max }
+                }
+                e => e,
+            })
+        })
     }
 
     fn write_one(&self, f: &SecretFile) -> Result<(), MountError> {
@@ -278,7 +304,7 @@ impl SecretMount {
         if let Ok(entries) = fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name) {
+                if !keep.contains(&name) && name != IDENTITY_DIR {
                     wipe(&e.path());
                     if let Err(err) = fs::remove_file(e.path()) {
                         result = Err(MountError::Io { path: e.path(), source: err });
@@ -296,6 +322,7 @@ impl SecretMount {
             return;
         }
         if self.remount(false).is_ok() {
+            crate::identity::remove(&self.dir);
             if let Ok(entries) = fs::read_dir(&self.dir) {
                 for e in entries.flatten() {
                     wipe(&e.path());
@@ -349,6 +376,11 @@ pub trait TaskSecrets: Send {
     /// the previous content of a file that could not be written stays.
     fn replace(&mut self, files: &[SecretFile]) -> Result<(), MountError>;
 
+    /// Installs or atomically replaces the task's workload identity
+    /// (`identity/` in [`TaskSecrets::dir`]), `key.pem` owned by `user` (the
+    /// container's uid and gid). On error the previous identity stays.
+    fn write_identity(&mut self, files: &IdentityFiles, user: (u32, u32)) -> Result<(), MountError>;
+
     /// Wipes every file, unmounts and removes the filesystem.
     fn destroy(&mut self);
 }
@@ -387,6 +419,10 @@ impl TaskSecrets for SecretMount {
         let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
         self.write(files)?;
         self.retain(&names)
+    }
+
+    fn write_identity(&mut self, files: &IdentityFiles, user: (u32, u32)) -> Result<(), MountError> {
+        SecretMount::write_identity(self, files, user)
     }
 
     fn destroy(&mut self) {

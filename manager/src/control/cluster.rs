@@ -82,12 +82,20 @@ pub(super) async fn get_unlock_key(
 }
 
 /// Administrator only. Turning autolock on returns the new unlock key.
+/// INVALID_ARGUMENT (nothing changed) for a workload identity lifetime
+/// outside 30 s to 30 days.
 pub(super) async fn update_cluster(
     ctl: &ControlService,
     req: Request<UpdateClusterRequest>,
 ) -> Result<Response<UpdateClusterResponse>, Status> {
     let record = ctl.secrets.record()?;
     let mut out = UpdateClusterResponse::default();
+    // Checked before anything is written, so a bad value changes nothing.
+    let identity_ttl = req
+        .get_ref()
+        .identity_ttl_secs
+        .map(|s| swarmd_certs::workload::IdentityTtl::from_secs(s).map_err(Status::invalid_argument))
+        .transpose()?;
     if let Some(secs) = req.get_ref().cert_recovery_window_secs {
         ctl.store.propose(Command::SetCertRecoveryWindow { secs }).await?;
         tracing::info!(secs, "certificate recovery window changed");
@@ -107,6 +115,10 @@ pub(super) async fn update_cluster(
             tracing::info!("autolock turned off");
         }
         Some(false) => {}
+    }
+    if let Some(ttl) = identity_ttl {
+        ctl.store.propose(Command::SetIdentityTtl { secs: ttl.duration().as_secs() }).await?;
+        tracing::info!(%ttl, "workload identity lifetime set");
     }
     Ok(Response::new(out))
 }

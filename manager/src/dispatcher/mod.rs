@@ -9,10 +9,13 @@
 //! cut and its node marked down. After a manager restart, nodes the store lists
 //! as ready get the same grace period to come back before they are marked down.
 //!
+//! Tasks' workload identities are issued here too (`identity`).
+//!
 //! A worker is a potential attacker (invariant 12): what it reports is checked
 //! against the store (its own tasks only), coalesced, cut to size and paid for
 //! from its budget in [`crate::limits`] before anything reaches raft or memory.
 
+mod identity;
 mod liveness;
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,8 +25,8 @@ use std::time::{Duration, Instant};
 use swarmd_certs::{NodeId, Role, TaskId};
 use swarmd_proto::dispatcher::dispatcher_server::{self, DispatcherServer};
 use swarmd_proto::dispatcher::{
-    HeartbeatRequest, HeartbeatResponse, PushLogsRequest, PushLogsResponse, SessionMessage, SessionRequest,
-    UpdateTaskStatusRequest, UpdateTaskStatusResponse,
+    HeartbeatRequest, HeartbeatResponse, IssueTaskIdentityRequest, IssueTaskIdentityResponse, PushLogsRequest,
+    PushLogsResponse, SessionMessage, SessionRequest, UpdateTaskStatusRequest, UpdateTaskStatusResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -112,6 +115,8 @@ struct Inner {
     /// Nodes believed ready at startup that have not reconnected yet.
     expected: Mutex<HashMap<NodeId, Instant>>,
     status: mpsc::UnboundedSender<StatusChange>,
+    /// Where workload certificates are signed (off the async workers).
+    work: crate::limits::CaWork,
 }
 
 /// Session bookkeeping shared by the gRPC service, the control API and the
@@ -152,6 +157,7 @@ impl Dispatcher {
             sessions: Mutex::default(),
             expected: Mutex::new(expected),
             status: tx,
+            work: Default::default(),
         };
         (Self(Arc::new(inner)), writer)
     }
@@ -400,6 +406,15 @@ impl dispatcher_server::Dispatcher for Dispatcher {
             }
             _ => Err(Status::permission_denied("not a task of this node")),
         }
+    }
+
+    /// See [`identity`]: a workload certificate for one of the caller's own live tasks.
+    #[tracing::instrument(skip_all)]
+    async fn issue_task_identity(
+        &self,
+        req: Request<IssueTaskIdentityRequest>,
+    ) -> Result<Response<IssueTaskIdentityResponse>, Status> {
+        self.issue_identity(req).await
     }
 }
 

@@ -222,6 +222,9 @@ impl Manager {
             if !chain.is_empty() {
                 store.propose(Command::SetCaChain { chain_pem: chain }).await?;
             }
+            if let Some(ttl) = opts.identity_ttl {
+                store.propose(Command::SetIdentityTtl { secs: ttl.duration().as_secs() }).await?;
+            }
             manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };

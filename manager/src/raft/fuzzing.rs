@@ -223,6 +223,7 @@ pub fn sample_commands() -> Vec<crate::state::Command> {
         },
         Command::RetireDataKeys { below: 2 },
         Command::SetAutolock { unlock_key: Some(sealed(2, 10)) },
+        Command::SetIdentityTtl { secs: 600 },
         Command::RecordAdminCert(AdminCertRecord {
             serial: "bb".into(),
             id: id(50),

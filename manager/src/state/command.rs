@@ -110,6 +110,9 @@ pub enum Command {
     /// What the cluster CA appends to every certificate it signs: itself and
     /// the chain to an organisation's root (set once, at init).
     SetCaChain { chain_pem: String },
+    /// Sets the lifetime of tasks' workload identities (seconds, within
+    /// `IdentityTtl`'s bounds).
+    SetIdentityTtl { secs: u64 },
 }
 
 /// The outcome of applying one command.

@@ -18,6 +18,7 @@
 //! | `services`    | `service/…`, `servicename/…` | `CreateService`, `UpdateService`, `RemoveService` |
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
 //! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain` |
+//! | `workload`    | `workload/identity` | `SetIdentityTtl` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -41,6 +42,7 @@ mod rejection;
 mod secrets;
 pub(crate) mod services;
 pub(crate) mod tasks;
+mod workload;
 
 pub use ca_rotation::*;
 pub use certs::*;
@@ -52,6 +54,7 @@ pub use rejection::*;
 pub use secrets::*;
 pub use services::*;
 pub use tasks::*;
+pub use workload::*;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("bincode serialization of in-memory state cannot fail")
@@ -233,6 +236,7 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::FinishCaRotation { .. }
         | Command::SetCertRecoveryWindow { .. }
         | Command::SetCaChain { .. } => ca_rotation::plan_ca_rotation(view, cmd),
+        Command::SetIdentityTtl { .. } => workload::plan_workload(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

@@ -34,7 +34,8 @@ struct Running {
 fn start(host: Host) -> Running {
     let host = Arc::new(host);
     let dir = tempfile::tempdir().unwrap();
-    let seams = Seams { runtime: host.clone(), secret_fs: host.clone(), reporter: host.clone() };
+    let seams =
+        Seams { runtime: host.clone(), secret_fs: host.clone(), reporter: host.clone(), identity: host.clone() };
     let shutdown = CancellationToken::new();
     let agent = Agent::with_seams(seams, dir.path().to_owned(), shutdown.clone());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -85,7 +86,13 @@ impl Running {
         self.events()
             .into_iter()
             .filter(|e| match e {
-                Mounted(t, ..) | Replaced(t, _) | Wiped(t) | Started(t, ..) | Stopped(t) | Reported(t, ..) => t == task,
+                Mounted(t, ..)
+                | Replaced(t, _)
+                | Identity(t, _)
+                | Wiped(t)
+                | Started(t, ..)
+                | Stopped(t)
+                | Reported(t, ..) => t == task,
                 ClearedContainers | ClearedMounts => false,
             })
             .collect()
@@ -182,14 +189,16 @@ async fn leftovers_are_cleared_and_secrets_mounted_before_the_container_starts()
         [
             reported("t1", "preparing", ""),
             t1[1].clone(),
+            Identity("t1".into(), "cert t1 1".into()),
             Started("t1".into(), Some(mount), *userns),
             reported("t1", "running", ""),
         ]
     );
-    // A task without secrets gets no secret filesystem at all.
+    // A task without secrets gets a tmpfs all the same, for its identity.
     let t2 = a.of("t2");
-    assert!(matches!(&t2[1], Started(_, None, UserNamespace::Private(_))), "{t2:#?}");
-    assert!(!t2.iter().any(|e| matches!(e, Mounted(..))), "{t2:#?}");
+    assert!(matches!(&t2[1], Mounted(_, files, UserNamespace::Private(_)) if files.is_empty()), "{t2:#?}");
+    assert!(matches!(&t2[2], Identity(_, cert) if cert.starts_with("cert t2 ")), "{t2:#?}");
+    assert!(matches!(&t2[3], Started(_, Some(_), UserNamespace::Private(_))), "{t2:#?}");
     a.stop().await;
 }
 
@@ -414,6 +423,45 @@ async fn a_block_of_host_ids_stays_held_while_its_container_may_still_be_there()
     a.send(Assignments { removed_tasks: vec!["t2".into()], ..Default::default() });
     a.until_released("t2").await;
     assert!(a.holds_block("t1"), "a block given back while its container may still be there");
+    a.until_state(&[], &[]).await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_refused_an_identity_fails_before_its_container_starts_and_is_wiped() {
+    let host = Host::default();
+    host.refused_identities.lock().unwrap().insert("t1".into());
+    let mut a = start(host);
+    a.send(full(vec![task("t1", &[("s1", 1, "db")])], vec![value("s1", 1, "hunter2")]));
+    let failed = Reported(
+        "t1".into(),
+        "failed".into(),
+        "workload identity: the manager refused a workload identity: task t1 is not a live task of this node".into(),
+    );
+    a.until(&failed).await;
+    a.until(&Wiped("t1".into())).await;
+    assert_eq!(a.starts("t1"), 0, "{:#?}", a.of("t1"));
+    assert!(!a.of("t1").iter().any(|e| matches!(e, Identity(..))));
+    // (Its secret stays in memory until the next complete assignments, as for any failed task.)
+    a.until_state(&[], &["s1@1"]).await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_identity_is_renewed_in_place_at_half_its_life_and_wiped_with_the_task() {
+    let host = Host::default();
+    *host.identity_ttl.lock().unwrap() = Some(Duration::from_millis(200));
+    let mut a = start(host);
+    a.send(full(vec![task("t1", &[])], vec![]));
+    a.until(&reported("t1", "running", "")).await;
+    // Every 100 ms a new certificate, in the same mount, the container untouched.
+    a.until(&Identity("t1".into(), "cert t1 4".into())).await;
+    assert_eq!(a.starts("t1"), 1);
+    assert_eq!(a.count(&Wiped("t1".into())), 0);
+    a.send(full(vec![], vec![]));
+    let wiped = a.until(&Wiped("t1".into())).await;
+    let stopped = a.until(&Stopped("t1".into())).await;
+    assert!(stopped < wiped, "the identity is wiped once the container is gone");
     a.until_state(&[], &[]).await;
     a.stop().await;
 }

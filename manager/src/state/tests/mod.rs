@@ -20,6 +20,7 @@ mod nodes;
 mod secrets;
 mod services;
 mod tasks;
+mod workload;
 
 /// A fresh, empty state (the database lives as long as the view).
 pub(crate) fn empty() -> StateView {

@@ -1,5 +1,5 @@
 //! Recording fakes of the task agent's seams: one [`Host`] plays the container
-//! runtime, the secret filesystem and the managers, and writes down everything
+//! runtime, the secret filesystem and the managers (reports and identities), and writes down everything
 //! asked of it as [`Event`]s, in order; it fails the calls it is told to.
 
 use std::collections::{HashMap, HashSet};
@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::agent::report::{LogCursor, Reporter};
 use crate::executor::{BoxFuture, Container, ContainerRuntime, ContainerSpec, ExecError, LogRing};
+use crate::identity::{IdentityError, IdentityFiles, IdentitySource, Issued};
 use crate::secret_mount::{MountError, SecretFile, SecretFs, TaskSecrets};
 use crate::userns::UserNamespace;
 
@@ -26,6 +27,8 @@ pub(super) enum Event {
     Mounted(String, Vec<(String, Vec<u8>)>, UserNamespace),
     /// Its whole content was replaced in place.
     Replaced(String, Vec<(String, Vec<u8>)>),
+    /// A workload identity was installed in it: task, certificate.
+    Identity(String, String),
     /// It was wiped and removed.
     Wiped(String),
     /// A container start was asked for, with this `/run/secrets` source.
@@ -66,6 +69,12 @@ pub(super) struct Host {
     pub(super) sticky: Mutex<HashSet<String>>,
     /// Task ID → its container's exit code, once it has one.
     pub(super) exits: Mutex<HashMap<String, watch::Sender<Option<i32>>>>,
+    /// Tasks whose identity the managers refuse.
+    pub(super) refused_identities: Mutex<HashSet<String>>,
+    /// The lifetime of the identities issued (default 1 h).
+    pub(super) identity_ttl: Mutex<Option<Duration>>,
+    /// Identities issued so far (each certificate says which it is).
+    pub(super) issued: Mutex<u32>,
 }
 
 impl Host {
@@ -165,7 +174,7 @@ impl SecretFs for Host {
         }
         self.record(Mounted(task.clone(), contents(files), userns));
         Ok(Box::new(FakeMount {
-            task,
+            task: task.clone(),
             dir: root.join("secrets"),
             log: self.log.clone(),
             failing: self.failing_replaces.clone(),
@@ -201,6 +210,11 @@ impl TaskSecrets for FakeMount {
         Ok(())
     }
 
+    fn write_identity(&mut self, files: &IdentityFiles, _user: (u32, u32)) -> Result<(), MountError> {
+        self.log.lock().unwrap().push(Identity(self.task.clone(), files.cert_pem.clone()));
+        Ok(())
+    }
+
     fn destroy(&mut self) {
         if !std::mem::replace(&mut self.wiped, true) {
             self.log.lock().unwrap().push(Wiped(self.task.clone()));
@@ -228,5 +242,24 @@ impl Reporter for Host {
         _cursor: &'a mut LogCursor,
     ) -> BoxFuture<'a, usize> {
         Box::pin(async move { lines.len() })
+    }
+}
+
+impl IdentitySource for Host {
+    fn issue(&self, task: &str) -> BoxFuture<'static, Result<Issued, IdentityError>> {
+        let r = if self.refused_identities.lock().unwrap().contains(task) {
+            Err(IdentityError::Refused(format!("task {task} is not a live task of this node")))
+        } else {
+            let mut n = self.issued.lock().unwrap();
+            *n += 1;
+            let files = IdentityFiles {
+                cert_pem: format!("cert {task} {n}"),
+                key_pem: zeroize::Zeroizing::new(format!("key {n}")),
+                bundle_pem: "bundle".into(),
+            };
+            let ttl = self.identity_ttl.lock().unwrap().unwrap_or(Duration::from_secs(3600));
+            Ok(Issued { files, spiffe_id: "spiffe://c/service/s".into(), ttl })
+        };
+        Box::pin(async move { r })
     }
 }
