@@ -55,6 +55,15 @@ fn a_worker_whose_certificate_expired_offline_comes_back_without_a_token() {
     }
     m.ctl_ok(&["node", "rm", "--force", &id2]);
     let (_, old_serial) = cert_of(&w1.data);
+    // Review finding: the first address a node asks answered unauthenticated,
+    // and a server with another root was fatal (or, vouching for itself,
+    // adopted). Now a manager of another cluster there is skipped.
+    let foreign = env.start_manager("foreign", &[]);
+    let cfg_path = w1.data.join("worker.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["remotes"] = serde_json::json!([foreign.addr, m.addr]);
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    let ca_before = std::fs::read_to_string(w1.data.join("certs/ca.crt")).unwrap();
     wait_expired(&[&w1.data, &w2.data]);
 
     let back = env.run_node("w1-back", &w1.data);
@@ -65,6 +74,7 @@ fn a_worker_whose_certificate_expired_offline_comes_back_without_a_token() {
     assert_ne!(serial, old_serial, "the certificate was not replaced");
     assert!(not_after > now(), "the new certificate is expired");
     assert!(env.proc(back).log_text().contains("recovered"), "{}", env.proc(back).log_text());
+    assert_eq!(std::fs::read_to_string(w1.data.join("certs/ca.crt")).unwrap(), ca_before);
 
     let removed = env.run_node("w2-back", &w2.data);
     let line = exit_line(&mut env, removed);

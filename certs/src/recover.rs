@@ -20,7 +20,7 @@ use swarmd_proto::ca::{GetRecoveryNonceRequest, GetRootCaRequest, RecoverNodeCer
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::join::{refused_or_unreachable, JoinError};
-use crate::tls::{anonymous_client_config, chain_from_pem, danger, roots_from_pem};
+use crate::tls::{anonymous_client_config, chain_from_pem, roots_from_pem};
 use crate::{dial, generate_key_and_csr, CertError, CertInfo, NodeIdentity};
 
 /// What a proof signs: a context string, the nonce and the CSR, with lengths.
@@ -74,8 +74,20 @@ pub fn verify_chain_ignoring_expiry(chain_pem: &str, roots_pem: &str) -> Result<
     Ok((info, chain[0].to_vec()))
 }
 
-/// Whether `cross_signed_pem` vouches for `anchor_pem`: the same subject and
-/// key, signed by one of the roots in `trusted_pem`.
+/// Whether `cert` may sign certificates: basicConstraints CA:TRUE, and
+/// keyCertSign if it has a key usage; valid now.
+fn is_ca(cert: &X509Certificate<'_>) -> bool {
+    let signs = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.key_cert_sign(),
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    cert.is_ca() && signs && cert.validity().is_valid()
+}
+
+/// Whether `cross_signed_pem` vouches for `anchor_pem`: both CA certificates
+/// (a node's leaf vouches for nothing), the anchor self-signed, the same
+/// subject and key, and the cross-signature by one of the roots in `trusted_pem`.
 pub fn vouches_for(trusted_pem: &str, cross_signed_pem: &str, anchor_pem: &str) -> bool {
     let parse = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).ok();
     let (Some(cross), Some(anchor)) = (parse(cross_signed_pem), parse(anchor_pem)) else { return false };
@@ -83,6 +95,9 @@ pub fn vouches_for(trusted_pem: &str, cross_signed_pem: &str, anchor_pem: &str) 
     else {
         return false;
     };
+    if !is_ca(&cross) || !is_ca(&anchor) || anchor.verify_signature(None).is_err() {
+        return false;
+    }
     if cross.public_key().raw != anchor.public_key().raw || cross.subject().as_raw() != anchor.subject().as_raw() {
         return false;
     }
@@ -115,11 +130,19 @@ pub struct Recovered {
 /// own, or — if the cluster rotated to a root it does not know — the new root,
 /// once a cross-signature by a root it trusts vouches for it. `None` when the
 /// node's own roots include the cluster's.
+///
+/// Asked over TLS verified against the node's own roots: after a rotation
+/// managers keep the cross-signed certificate in their chains, so a node that
+/// trusts only the old root still authenticates them (as managers: the
+/// `swarm-manager` name, which no worker certificate carries). A manager this
+/// node cannot authenticate, or whose answer vouches for nothing, is
+/// `Unreachable`: the caller tries the next one, and never gives up a
+/// certificate that is still good.
 pub async fn rotated_root(addr: &str, trusted_pem: &str) -> Result<Option<String>, JoinError> {
-    let boot = dial::connect(addr, Arc::new(danger::bootstrap_client_config()))
-        .await
-        .map_err(|e| JoinError::Unreachable { detail: format!("{addr}: {e}") })?;
-    let r = CaClient::new(boot)
+    let unreachable = |detail: String| JoinError::Unreachable { detail: format!("{addr}: {detail}") };
+    let cfg = anonymous_client_config(trusted_pem).map_err(|e| JoinError::BadCertificate(e.to_string()))?;
+    let chan = dial::connect(addr, Arc::new(cfg)).await.map_err(|e| unreachable(e.to_string()))?;
+    let r = CaClient::new(chan)
         .get_root_ca(GetRootCaRequest {})
         .await
         .map_err(|s| refused_or_unreachable(addr, s))?
@@ -133,10 +156,7 @@ pub async fn rotated_root(addr: &str, trusted_pem: &str) -> Result<Option<String
     if !r.cross_signed_pem.is_empty() && vouches_for(trusted_pem, &r.cross_signed_pem, &anchor) {
         return Ok(Some(anchor));
     }
-    Err(JoinError::Refused {
-        addr: addr.to_owned(),
-        reason: "the cluster's root CA is not one this node trusts, and no root it trusts vouches for it".into(),
-    })
+    Err(unreachable("serves a root CA that no root this node trusts vouches for".into()))
 }
 
 /// What a node checks as it starts: if its certificate expired, or the
@@ -151,11 +171,12 @@ pub async fn refresh(current: &NodeIdentity, remotes: &[String]) -> Result<Optio
         match rotated_root(addr, &current.ca_pem).await {
             Ok(None) if !expired => return Ok(None),
             Ok(rotated) => match recover_via(addr, current, rotated).await {
+                // A refusal by an authenticated manager is the cluster's word.
                 Ok(r) => return Ok(Some(r)),
                 Err(e @ JoinError::Refused { .. }) => return Err(e),
                 Err(e) => last = e,
             },
-            Err(e @ JoinError::Refused { .. }) => return Err(e),
+            // Nothing a server says before it is authenticated is final.
             Err(e) => last = e,
         }
     }
@@ -201,7 +222,15 @@ async fn recover_via(addr: &str, current: &NodeIdentity, rotated: Option<String>
             }
         })?
         .into_inner();
-    let bundle = if resp.ca_bundle_pem.is_empty() { trust } else { resp.ca_bundle_pem };
+    // The roots to trust next must include the one the manager was
+    // authenticated with, and the new certificate must chain to them.
+    let bundle = if resp.ca_bundle_pem.is_empty() { trust.clone() } else { resp.ca_bundle_pem };
+    let roots = |pem: &str| CertificateDer::pem_slice_iter(pem.as_bytes()).flatten().collect::<Vec<_>>();
+    let kept = roots(&bundle);
+    if !roots(&trust).iter().any(|r| kept.contains(r)) {
+        return Err(JoinError::BadCertificate("the manager answered with roots this node does not trust".into()));
+    }
+    verify_chain_ignoring_expiry(&resp.certificate_pem, &bundle).map_err(bad)?;
     let identity = NodeIdentity::new(bundle, resp.certificate_pem, key).map_err(bad)?;
     if identity.info.node_id != current.info.node_id || identity.info.cluster_id != current.info.cluster_id {
         return Err(JoinError::BadCertificate("the recovered certificate names another node or cluster".into()));
@@ -252,5 +281,22 @@ mod tests {
         assert!(!vouches_for(old.cert_pem(), &cross, stranger.cert_pem()));
         let forged = stranger.cross_sign(&new).unwrap();
         assert!(!vouches_for(old.cert_pem(), &forged, new.cert_pem()));
+    }
+
+    /// Review finding: a node's own certificate, signed by the trusted root,
+    /// vouched for itself as a "new root" (same subject and key as itself), so
+    /// a restarting node adopted a worker's certificate as its only root.
+    #[test]
+    fn a_leaf_vouches_for_nothing_not_even_itself() {
+        let root = RootCa::generate(&ClusterId::random()).unwrap();
+        let leaf = node(&root).cert_pem;
+        let leaf_only = leaf.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap().to_owned();
+        assert!(!vouches_for(root.cert_pem(), &leaf_only, &leaf_only));
+        // Nor a leaf for a real new root, nor a real cross-signature for a leaf.
+        let new = root.generate_successor().unwrap();
+        let cross = root.cross_sign(&new).unwrap();
+        assert!(!vouches_for(root.cert_pem(), &leaf_only, new.cert_pem()));
+        assert!(!vouches_for(root.cert_pem(), &cross, &leaf_only));
+        assert!(vouches_for(root.cert_pem(), &cross, new.cert_pem()));
     }
 }

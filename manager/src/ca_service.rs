@@ -264,6 +264,12 @@ impl ca_server::Ca for CaService {
                 "the recovery request is larger than a certificate chain and a signature",
             ));
         }
+        // Anonymous: the join budget and the signing pool's admission come
+        // before any chain is parsed or signature checked.
+        if let Some(r) = remote {
+            self.joins.spend(crate::conn::source_key(r.ip()))?;
+        }
+        let _working = self.work.admit(CaRequest::Join)?;
         // Roots that may have signed the old certificate: today's, and the one
         // the last rotation replaced.
         let view = self.store.view();
@@ -272,12 +278,19 @@ impl ca_server::Ca for CaService {
         if let Some(p) = view.previous_root().map_err(crate::status::internal)? {
             roots.push_str(&p.cert_pem);
         }
+        // At debug: anyone can ask, and a refusal must not cost a log line each.
         let refused = |why: String| {
-            tracing::warn!(reason = %why, "certificate recovery refused");
+            tracing::debug!(reason = %why, "certificate recovery refused");
             Status::permission_denied(why)
         };
         let (old, leaf) = swarmd_certs::recover::verify_chain_ignoring_expiry(&req.certificate_pem, &roots)
             .map_err(|e| refused(format!("the certificate to recover: {e}")))?;
+        // A good certificate of the current roots renews (within its node's
+        // budget); recovery is for one that expired or whose root was rotated away.
+        let current = || swarmd_certs::recover::verify_chain_ignoring_expiry(&req.certificate_pem, &secrets.trust_pem);
+        if old.not_after > now && current().is_ok() {
+            return Err(refused("the certificate is still valid: it renews, it is not recovered".into()));
+        }
         swarmd_certs::recover::verify_proof(
             &leaf,
             &swarmd_certs::recover::proof_message(&req.nonce, &req.csr_pem),
@@ -291,7 +304,7 @@ impl ca_server::Ca for CaService {
             return Err(refused("the certificate belongs to another cluster".into()));
         }
         if self.auth.is_removed(&old.node_id) {
-            tracing::warn!(node.id = %old.node_id, "certificate recovery refused: the node was removed");
+            tracing::debug!(node.id = %old.node_id, "certificate recovery refused: the node was removed");
             return Err(crate::auth::removed_status(&old.node_id));
         }
         let record = self.store.member(&old.node_id)?;
@@ -308,10 +321,6 @@ impl ca_server::Ca for CaService {
                 window
             )));
         }
-        if let Some(r) = remote {
-            self.joins.spend(crate::conn::source_key(r.ip()))?;
-        }
-        let _working = self.work.admit(CaRequest::Join)?;
         let (issued, rotation) = self.sign(req.csr_pem, &old.node_id, record.role).await?;
         self.store
             .propose(Command::RecordCert {

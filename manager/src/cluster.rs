@@ -205,7 +205,7 @@ impl SecretsCache {
         if let Some(r) = &rotation {
             raw.extend_from_slice(&crate::state::encode(r));
         }
-        let chain = self.view.ca_chain()?;
+        let chain = self.view.leaf_chain()?;
         raw.extend_from_slice(chain.as_bytes());
         if let Some((old, _)) = self.current.read().expect("secrets lock").as_ref() {
             if *old == raw {

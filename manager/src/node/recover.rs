@@ -67,7 +67,7 @@ impl Manager {
             )));
         }
         let rotation = self.view.ca_rotation()?;
-        let chain = self.view.ca_chain()?;
+        let chain = self.view.leaf_chain()?;
         let secrets = ClusterSecrets::open(&record, rotation.as_ref(), &chain, &self.keyring)
             .map_err(|e| ManagerError::Invalid(format!("cannot open the cluster's CA: {e}")))?;
         let (key, csr) = generate_key_and_csr()?;

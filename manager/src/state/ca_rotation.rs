@@ -83,6 +83,18 @@ impl StateView {
         Ok(self.get::<String>(CHAIN_KEY)?.unwrap_or_default())
     }
 
+    /// What every leaf carries after itself: an organisation's chain, and —
+    /// after a rotation — the new root cross-signed by the one it replaced, so
+    /// a node that was off and trusts only that root still authenticates the
+    /// managers before it recovers.
+    pub fn leaf_chain(&self) -> Result<String, StateError> {
+        let mut chain = self.ca_chain()?;
+        if let Some(p) = self.previous_root()? {
+            chain.push_str(&p.cross_signed_pem);
+        }
+        Ok(chain)
+    }
+
     /// How long after expiry a node's certificate may still be recovered, seconds.
     pub fn cert_recovery_window(&self) -> Result<u64, StateError> {
         Ok(self.get::<u64>(RECOVERY_KEY)?.unwrap_or(DEFAULT_RECOVERY_WINDOW))
