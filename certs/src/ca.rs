@@ -6,7 +6,6 @@
 //! ignored, so a joiner cannot name itself or pick its role.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
@@ -55,32 +54,43 @@ impl CertValidity {
         }
         Ok(Self(d))
     }
-
-    /// The lifetime.
-    pub fn duration(self) -> Duration {
-        self.0
-    }
 }
 
-impl Default for CertValidity {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
+/// What a bounded lifetime setting (a newtype over `Duration` with `new`
+/// and `DEFAULT`) shares: `duration()`, `Default`, parsing `30s`, `90m`,
+/// `24h` or `7d` through `new`, and printing in seconds.
+macro_rules! lifetime_setting {
+    ($t:ty) => {
+        impl $t {
+            /// The lifetime.
+            pub fn duration(self) -> std::time::Duration {
+                self.0
+            }
+        }
 
-impl FromStr for CertValidity {
-    type Err = String;
-    /// Parses `30s`, `90m`, `24h` or `7d`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::new(parse_duration(s)?)
-    }
-}
+        impl Default for $t {
+            fn default() -> Self {
+                Self::DEFAULT
+            }
+        }
 
-impl fmt::Display for CertValidity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}s", self.0.as_secs())
-    }
+        impl std::str::FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::new($crate::parse_duration(s)?)
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}s", self.0.as_secs())
+            }
+        }
+    };
 }
+pub(crate) use lifetime_setting;
+
+lifetime_setting!(CertValidity);
 
 /// Parses a duration written as a number and a unit: `ms`, `s`, `m`, `h` or `d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

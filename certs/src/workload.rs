@@ -16,8 +16,6 @@
 //! The key is generated where the task runs and never leaves that worker; the
 //! worker renews at half the lifetime ([`renew_after`]).
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
@@ -31,7 +29,7 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::x509::AttributeTypeAndValue;
 
-use crate::ca::{check_csr_key, parse_duration, random_serial};
+use crate::ca::{check_csr_key, random_serial};
 use crate::{CertError, ClusterId, IssuedCert, RootCa, TaskId};
 
 /// The OU of every workload certificate: not a role.
@@ -79,32 +77,9 @@ impl IdentityTtl {
     pub fn from_secs(secs: u64) -> Result<Self, String> {
         Self::new(Duration::from_secs(secs))
     }
-
-    /// The lifetime.
-    pub fn duration(self) -> Duration {
-        self.0
-    }
 }
 
-impl Default for IdentityTtl {
-    fn default() -> Self {
-        Self::DEFAULT
-    }
-}
-
-impl FromStr for IdentityTtl {
-    type Err = String;
-    /// Parses `30s`, `90m`, `1h` or `7d`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::new(parse_duration(s)?)
-    }
-}
-
-impl fmt::Display for IdentityTtl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}s", self.0.as_secs())
-    }
-}
+crate::ca::lifetime_setting!(IdentityTtl);
 
 /// When a workload certificate of lifetime `ttl`, received now, is renewed:
 /// at half its life (SPIRE's default), so that a manager unreachable for a
