@@ -264,3 +264,28 @@ fn invariant_9_an_endless_output_line_does_not_grow_the_worker() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// A worker killed while the watchdog that replaces a dead one is still
+/// starting (before it says it is ready: its pipe is broken) still has its
+/// run dir cleared. Seen in CI under load: the new watchdog exited on EPIPE
+/// and left the container and the secret mount behind.
+#[test]
+fn invariant_4_a_watchdog_whose_worker_died_before_it_was_ready_still_clears() {
+    let env = Env::new();
+    let run_dir = env.path("run").join("node");
+    std::fs::create_dir_all(run_dir.join("tasks")).unwrap();
+    std::fs::write(run_dir.join("state.json"), b"{}").unwrap();
+    let mut child = Command::new(swarmd_bin())
+        .args(["worker", "watchdog", "--run-dir", run_dir.to_str().unwrap(), "--runtime", "runc"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The worker is gone: neither end of the pipes is held any more.
+    drop(child.stdout.take());
+    drop(child.stdin.take());
+    let status = wait_for("the watchdog to exit", Duration::from_secs(30), || child.try_wait().unwrap());
+    assert!(status.success(), "the watchdog failed: {status:?}");
+    assert!(!run_dir.exists(), "the run dir of a dead worker is left");
+}

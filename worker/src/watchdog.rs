@@ -230,8 +230,11 @@ pub async fn run(run_dir: &Path, runtime: &str) -> Result<(), WatchdogError> {
     tokio::task::spawn_blocking(|| -> std::io::Result<()> {
         use std::io::{Read, Write};
         let mut out = std::io::stdout().lock();
-        out.write_all(format!("{READY}\n").as_bytes())?;
-        out.flush()?;
+        // A worker killed before it heard this (EPIPE) still needs its
+        // tasks cleared: the end of file on standard input follows at once.
+        if let Err(e) = out.write_all(format!("{READY}\n").as_bytes()).and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "the worker is gone before the watchdog was ready; clearing its tasks");
+        }
         let mut stdin = std::io::stdin().lock();
         let mut buf = [0u8; 64];
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
