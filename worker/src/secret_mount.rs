@@ -210,11 +210,22 @@ impl SecretMount {
             flags |= MsFlags::MS_RDONLY;
         }
         let data = size.map(|s| format!("size={s}"));
-        mount(None::<&str>, &self.root, None::<&str>, flags, data.as_deref()).map_err(|errno| MountError::Mount {
-            what: "remount",
-            path: self.root.clone(),
-            errno,
-        })
+        // Making it read-only fails with EBUSY while a file on it is open for
+        // writing anywhere — also in a child this process forked (to start a
+        // container for another task) that has not exec'd yet and so still
+        // holds a copy of the descriptor (close-on-exec closes it only at
+        // exec). That lasts moments: try again for up to a second.
+        let mut tries = 0;
+        loop {
+            match mount(None::<&str>, &self.root, None::<&str>, flags, data.as_deref()) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EBUSY) if read_only && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(errno) => return Err(MountError::Mount { what: "remount", path: self.root.clone(), errno }),
+            }
+        }
     }
 
     /// The tmpfs size that holds what is there now plus `files` beside it.
