@@ -51,6 +51,18 @@ async fn main() {
     // Workers spread over the three managers, as their joins spread them.
     let t = Instant::now();
     let nodes = sim::join_many(&worker_token, &addrs[leader], n, 64).await;
+    // Sessions go to every manager: each must have applied the joins first.
+    for m in &managers {
+        let ctl = connect(&Host::Unix(m.socket())).await.unwrap();
+        loop {
+            let listed = ControlClient::new(ctl.clone()).list_nodes(ListNodesRequest {}).await;
+            if listed.is_ok_and(|r| r.into_inner().nodes.iter().filter(|x| x.role == "worker").count() >= n) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(600), "{} has not applied the joins", m.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let sessions: Vec<_> = {
         use futures::StreamExt;
         futures::stream::iter(nodes.iter().enumerate())
