@@ -220,11 +220,6 @@ impl RootCa {
         &self.cluster_id
     }
 
-    /// What signs this CA's leaves (the workload signer in `crate::workload`).
-    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
-        &self.issuer
-    }
-
     /// The CA's private key as PKCS#8 PEM. Handle it as a secret: encrypt before storing.
     pub fn key_pem(&self) -> Zeroizing<String> {
         Zeroizing::new(self.issuer.key().serialize_pem())
@@ -238,17 +233,9 @@ impl RootCa {
         role: Role,
         validity: CertValidity,
     ) -> Result<IssuedCert, CertError> {
-        if csr_pem.len() > 16 * 1024 {
-            return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
-        }
-        // One PEM parse, whose DER both checks below and rcgen read.
-        let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-            .map_err(|e| CertError::InvalidCsr { reason: format!("not a PEM certificate request: {e}") })?;
-        check_csr_key(&der)?;
-        let csr = CertificateSigningRequestParams::from_der(&der)
-            .map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-            return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
+        let key = csr_public_key(csr_pem)?;
+        if validity.duration() > CertValidity::MAX {
+            return Err(CertError::InvalidLifetime { secs: validity.duration().as_secs() });
         }
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -262,6 +249,20 @@ impl RootCa {
         }
         params.subject_alt_names =
             sans.into_iter().map(|s| s.try_into().map(SanType::DnsName)).collect::<Result<_, _>>()?;
+        // `validity` may come from a file or the store rather than `new`.
+        self.sign_leaf(params, &key, validity.duration(), BACKDATE)
+    }
+
+    /// Signs a leaf (digital signature, server and client auth) for `key`
+    /// with `params`' subject and SANs: a fresh serial, NotBefore backdated by
+    /// `backdate`, `lifetime` from now; the CA's chain appended.
+    pub(crate) fn sign_leaf(
+        &self,
+        mut params: CertificateParams,
+        key: &rcgen::PublicKey,
+        lifetime: Duration,
+        backdate: Duration,
+    ) -> Result<IssuedCert, CertError> {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
@@ -269,18 +270,34 @@ impl RootCa {
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        // `validity` may come from a file or the store rather than `new`.
-        params.not_after = ::time::Duration::try_from(validity.duration())
+        params.not_before = now - backdate;
+        params.not_after = ::time::Duration::try_from(lifetime)
             .ok()
             .and_then(|d| now.checked_add(d))
-            .filter(|_| validity.duration() <= CertValidity::MAX)
-            .ok_or(CertError::InvalidLifetime { secs: validity.duration().as_secs() })?;
-        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+            .ok_or(CertError::InvalidLifetime { secs: lifetime.as_secs() })?;
+        let cert = params.signed_by(key, &self.issuer)?;
         let mut pem = cert.pem();
         pem.push_str(&self.chain_pem);
         Ok(IssuedCert { pem, serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
+}
+
+/// The public key of a CSR, the only thing the CA takes from one: at most
+/// 16 KiB, one PEM parse, an ECDSA P-256 key, a signature that verifies
+/// (rcgen's parse checks it: proof of possession).
+pub(crate) fn csr_public_key(csr_pem: &str) -> Result<rcgen::PublicKey, CertError> {
+    if csr_pem.len() > 16 * 1024 {
+        return Err(CertError::InvalidCsr { reason: "larger than 16 KiB".into() });
+    }
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CertError::InvalidCsr { reason: format!("not a PEM certificate request: {e}") })?;
+    check_csr_key(&der)?;
+    let csr =
+        CertificateSigningRequestParams::from_der(&der).map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
+    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
+    }
+    Ok(csr.public_key)
 }
 
 fn root_subject(cluster_id: &ClusterId, unit: Option<&str>) -> DistinguishedName {
@@ -363,7 +380,7 @@ fn ca_subject_and_validity(cert_pem: &str) -> Result<(DistinguishedName, OffsetD
 /// is signed with ECDSA-SHA256. rcgen names a CSR's key by the *signature*
 /// algorithm alone, so without this a P-384 key signed with SHA-256 passed as
 /// P-256 and got a certificate whose key no verifier could use.
-pub(crate) fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
+fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
     use x509_parser::certification_request::X509CertificationRequest;
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256};
     use x509_parser::prelude::FromDer;
@@ -384,7 +401,7 @@ pub(crate) fn check_csr_key(der: &[u8]) -> Result<(), CertError> {
     Ok(())
 }
 
-pub(crate) fn random_serial() -> SerialNumber {
+fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
     crate::random_bytes(&mut b);
     b[0] &= 0x7f; // keep the DER integer positive

@@ -18,18 +18,14 @@
 
 use std::time::Duration;
 
-use ::time::OffsetDateTime;
 use rcgen::string::Ia5String;
-use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256,
-};
+use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, PublicKeyData, SanType};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::x509::AttributeTypeAndValue;
 
-use crate::ca::{check_csr_key, random_serial};
+use crate::ca::csr_public_key;
 use crate::{CertError, ClusterId, IssuedCert, RootCa, TaskId};
 
 /// The OU of every workload certificate: not a role.
@@ -133,15 +129,7 @@ pub fn sign_workload(ca: &RootCa, csr_pem: &str, id: &WorkloadId, ttl: IdentityT
     if IdentityTtl::new(ttl.duration()).is_err() {
         return Err(CertError::InvalidLifetime { secs: ttl.duration().as_secs() });
     }
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-        .map_err(|e| CertError::InvalidCsr { reason: format!("not a PEM certificate request: {e}") })?;
-    check_csr_key(&der)?;
-    // Parsing verifies the CSR's signature (proof of possession of the key).
-    let csr =
-        CertificateSigningRequestParams::from_der(&der).map_err(|e| CertError::InvalidCsr { reason: e.to_string() })?;
-    if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
-        return Err(CertError::InvalidCsr { reason: "key must be ECDSA P-256".into() });
-    }
+    let key = csr_public_key(csr_pem)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, id.task.as_str());
@@ -150,24 +138,9 @@ pub fn sign_workload(ca: &RootCa, csr_pem: &str, id: &WorkloadId, ttl: IdentityT
     let uri = Ia5String::try_from(id.spiffe_id())?;
     params.subject_alt_names = vec![SanType::URI(uri)];
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
-    let serial = random_serial();
-    let serial_hex = hex::encode(serial.to_bytes());
-    params.serial_number = Some(serial);
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
-    params.not_after = ::time::Duration::try_from(ttl.duration())
-        .ok()
-        .and_then(|d| now.checked_add(d))
-        .ok_or(CertError::InvalidLifetime { secs: ttl.duration().as_secs() })?;
-    let cert = params.signed_by(&csr.public_key, ca.issuer())?;
-    // The chain the CA's node certificates carry (a cross-signature during a
-    // root rotation, an organisation's chain), so peers that trust either root verify it.
-    let mut pem = cert.pem();
-    pem.push_str(ca.chain_pem());
-    Ok(IssuedCert { pem, serial: serial_hex, not_after: params.not_after.unix_timestamp() })
+    // With the CA's chain (a cross-signature during a root rotation, an
+    // organisation's chain), so peers that trust either root verify it.
+    ca.sign_leaf(params, &key, ttl.duration(), BACKDATE)
 }
 
 /// What a workload certificate says, as its worker checks it before use.

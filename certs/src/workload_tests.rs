@@ -5,6 +5,9 @@
 use super::*;
 use crate::tls::PeerIdentity;
 use crate::{generate_key_and_csr, CertInfo};
+use ::time::OffsetDateTime;
+use rcgen::PKCS_ECDSA_P256_SHA256;
+use rustls_pki_types::CertificateSigningRequestDer;
 use x509_parser::extensions::ParsedExtension;
 
 fn ca() -> RootCa {
