@@ -149,3 +149,58 @@ fn a_lone_manager_whose_certificate_expired_offline_signs_itself_a_new_one_withi
     let line = exit_line(&mut env, late);
     assert!(line.contains("recovery window") && line.contains("rejoin"), "{line}");
 }
+
+/// Anonymous recovery requests that must get nothing, and change nothing: a
+/// made-up nonce, another node's certificate with the asker's own key, an
+/// admin certificate, and a certificate that is still good (it renews; it is
+/// not recovered outside its node's renewal budget).
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_recovery_requests_are_refused_and_change_nothing() {
+    use swarmd_certs::recover::{proof_message, sign_proof};
+    use swarmd_proto::ca::ca_client::CaClient;
+    use swarmd_proto::ca::{GetRecoveryNonceRequest, RecoverNodeCertificateRequest};
+    use tonic::Code;
+    swarmd_certs::install_crypto_provider();
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &[]);
+    let w = env.join_worker("w1", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let admin_dir = env.path("admin");
+    m.ctl_ok(&["admin-cert", "--out", admin_dir.to_str().unwrap()]);
+    let victim = swarmd_certs::NodeIdentity::load(&w.data.join("certs")).unwrap();
+    let ca_pem = std::fs::read_to_string(m.data.join("certs/ca.crt")).unwrap();
+    let cfg = std::sync::Arc::new(swarmd_certs::tls::anonymous_client_config(&ca_pem).unwrap());
+    let ch = swarmd_certs::dial::connect(&m.addr, cfg).await.unwrap();
+    let nonce = || async {
+        CaClient::new(ch.clone()).get_recovery_nonce(GetRecoveryNonceRequest {}).await.unwrap().into_inner().nonce
+    };
+    let ask = |cert: String, nonce: Vec<u8>, key: String| {
+        let ch = ch.clone();
+        async move {
+            let (_k, csr) = swarmd_certs::generate_key_and_csr().unwrap();
+            let signature = sign_proof(&key, &proof_message(&nonce, &csr)).unwrap();
+            let req = RecoverNodeCertificateRequest { certificate_pem: cert, csr_pem: csr, nonce, signature };
+            CaClient::new(ch).recover_node_certificate(req).await.map(|_| ()).unwrap_err()
+        }
+    };
+    let before = m.ctl_ok(&["--format", "json", "node", "inspect", &w.node_id()]);
+    let (attacker_key, _) = swarmd_certs::generate_key_and_csr().unwrap();
+    let attacker_key = attacker_key.to_string();
+    // A made-up nonce.
+    let s = ask(victim.cert_pem.clone(), vec![7; 56], victim.key_pem.to_string()).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // The victim's certificate, signed with another key.
+    let s = ask(victim.cert_pem.clone(), nonce().await, attacker_key).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("proof"), "{s:?}");
+    // An admin certificate, with its own key.
+    let read = |f: &str| std::fs::read_to_string(admin_dir.join(f)).unwrap();
+    let s = ask(read("admin.crt"), nonce().await, read("admin.key")).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // The victim's own, still good certificate with its own key.
+    let s = ask(victim.cert_pem.clone(), nonce().await, victim.key_pem.to_string()).await;
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("still valid"), "{s:?}");
+    // Nothing was issued: the node's latest certificate is the one it holds.
+    assert_eq!(m.ctl_ok(&["--format", "json", "node", "inspect", &w.node_id()]), before);
+}

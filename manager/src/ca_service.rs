@@ -285,18 +285,18 @@ impl ca_server::Ca for CaService {
         };
         let (old, leaf) = swarmd_certs::recover::verify_chain_ignoring_expiry(&req.certificate_pem, &roots)
             .map_err(|e| refused(format!("the certificate to recover: {e}")))?;
-        // A good certificate of the current roots renews (within its node's
-        // budget); recovery is for one that expired or whose root was rotated away.
-        let current = || swarmd_certs::recover::verify_chain_ignoring_expiry(&req.certificate_pem, &secrets.trust_pem);
-        if old.not_after > now && current().is_ok() {
-            return Err(refused("the certificate is still valid: it renews, it is not recovered".into()));
-        }
         swarmd_certs::recover::verify_proof(
             &leaf,
             &swarmd_certs::recover::proof_message(&req.nonce, &req.csr_pem),
             &req.signature,
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A good certificate of the current roots renews (within its node's
+        // budget); recovery is for one that expired or whose root was rotated away.
+        let current = || swarmd_certs::recover::verify_chain_ignoring_expiry(&req.certificate_pem, &secrets.trust_pem);
+        if old.not_after > now && current().is_ok() {
+            return Err(refused("the certificate is still valid: it renews, it is not recovered".into()));
+        }
         if old.role == Role::Admin {
             return Err(refused("admin certificates are not recovered: issue a new one (secretctl admin-cert)".into()));
         }
