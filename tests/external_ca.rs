@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -162,4 +163,255 @@ fn a_cluster_under_an_organisations_root_issues_certificates_that_chain_to_it() 
         assert!(err.contains(why) && err.lines().count() == 1, "{err}");
         assert!(is_absent_or_empty(&dir) || files_below(&dir).is_empty(), "{:?}", files_below(&dir));
     }
+}
+
+/// `cfssl serve` on 127.0.0.1, stopped on drop (even when the test fails).
+struct Cfssl {
+    child: std::process::Child,
+}
+
+impl Cfssl {
+    /// Serves signing with `dir/ca.pem` and `ca.key` (profile in `config.json`)
+    /// over TLS with `tls.pem`/`tls.key`, on `port`; returns once it accepts
+    /// connections.
+    fn start(dir: &Path, port: u16) -> Self {
+        let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+        let log = std::fs::File::create(dir.join(format!(
+            "cfssl-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        )))
+        .unwrap();
+        let child = Command::new("cfssl")
+            .args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
+            .args(["-ca", &p("ca.pem"), "-ca-key", &p("ca.sec1"), "-config", &p("config.json")])
+            .args(["-tls-cert", &p("tls.pem"), "-tls-key", &p("tls.sec1")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run cfssl ({e}): install Debian's golang-cfssl (scripts/setup does)"));
+        let me = Self { child };
+        wait_for("cfssl to listen", DEADLINE, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        me
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Cfssl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The external signer's PKI, made with openssl: its CA (the cluster's trust
+/// anchor; cfssl holds the key) and the TLS certificate of its HTTPS
+/// endpoint, for 127.0.0.1, issued by that CA. cfssl's profile: node
+/// certificates live `expiry`.
+fn signer_pki(dir: &Path, expiry: &str) {
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let ca_key = key(dir, "ca");
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &ca_key,
+        "-subj",
+        "/CN=Example signing CA/O=Example",
+        "-days",
+        "30",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        &p("ca.pem"),
+    ]);
+    let tls_key = key(dir, "tls");
+    std::fs::write(
+        dir.join("tls.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&["req", "-new", "-key", &tls_key, "-subj", "/CN=127.0.0.1", "-out", &p("tls.csr")]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("tls.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &p("tls.ext"),
+        "-out",
+        &p("tls.pem"),
+    ]);
+    let config = serde_json::json!({"signing": {"default": {
+        "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+        "expiry": expiry,
+    }}});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+/// `--external-ca protocol=cfssl,url=https://…`: a real `cfssl serve` holds
+/// the CA key and signs every certificate — the first manager's at init, a
+/// worker's join, renewals — after the managers checked what it returns. The
+/// cluster never has the key (`ca rotate` is refused, saying why). While the
+/// signer is down, a join and a renewal fail saying so, nothing is recorded,
+/// and nodes keep their certificates; when it is back the waiting join goes
+/// through.
+#[test]
+fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothing() {
+    let mut env = Env::new();
+    let pki = env.path("signer");
+    std::fs::create_dir_all(&pki).unwrap();
+    // cfssl's profile: node certificates live 10 minutes (the cluster's
+    // default would be 24 h).
+    signer_pki(&pki, "10m");
+    let p = |f: &str| pki.join(f).to_str().unwrap().to_owned();
+    let port = free_port();
+    let mut cfssl = Cfssl::start(&pki, port);
+    let url = format!("https://127.0.0.1:{port}");
+
+    // A bad --external-ca is refused at init with one line, nothing written.
+    for (spec, why) in [
+        (format!("protocol=acme,url={url}"), "only cfssl"),
+        (format!("protocol=cfssl,url=http://127.0.0.1:{port}"), "https"),
+        ("protocol=cfssl".to_owned(), "url="),
+    ] {
+        let dir = env.path(&format!("refused-{}", why.replace(' ', "-").replace('=', "")));
+        let o = env.swarmd(&[
+            "manager",
+            "init",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--ca-cert",
+            &p("ca.pem"),
+            "--external-ca",
+            &spec,
+        ]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{spec}: {err}");
+        assert!(is_absent_or_empty(&dir) || files_below(&dir).is_empty(), "{:?}", files_below(&dir));
+    }
+
+    let spec = format!("protocol=cfssl,url={url}");
+    let m = env.start_manager("m1", &["--ca-cert", &p("ca.pem"), "--external-ca", &spec]);
+    let w = env.join_worker("w1", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let ca_pem = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let show: serde_json::Value = serde_json::from_str(&m.ctl_ok(&["ca", "show", "--format", "json"])).unwrap();
+    assert_eq!(show["external_signer"], true, "{show}");
+    assert_eq!(m.ctl_ok(&["ca", "show"]), ca_pem);
+
+    // Every node's certificate is cfssl's: it verifies against the signer's
+    // CA, and lives as cfssl's profile says, not the cluster's 24 h.
+    let leaf_of = |data: &Path| {
+        let text = std::fs::read_to_string(data.join("certs/node.crt")).unwrap();
+        let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----\n".len();
+        text[..end].to_owned()
+    };
+    for (name, data) in [("m1", &m.data), ("w1", &w.data)] {
+        let leaf = pki.join(format!("{name}-leaf.pem"));
+        std::fs::write(&leaf, leaf_of(data)).unwrap();
+        let o =
+            Command::new("openssl").args(["verify", "-CAfile", &p("ca.pem"), leaf.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let info = swarmd_certs::CertInfo::parse(&leaf_of(data)).unwrap();
+        assert!(info.not_after - swarmd_certs::now_unix() <= 600, "{name}: not cfssl's 10 min profile: {info:?}");
+    }
+    let serial = |data: &Path| swarmd_certs::CertInfo::parse(&leaf_of(data)).unwrap().serial;
+
+    // The cluster holds no CA key: no rotation from here.
+    let o = m.ctl(&["ca", "rotate", "--detach"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("external CA") && err.contains(&url), "{err}");
+
+    // Tasks run, with their secrets but without a workload identity: cfssl
+    // signs node certificates only, and the cluster has no key to sign one.
+    let test = "external_ca::an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothing";
+    if can_run_containers(test) {
+        let image = busybox_rootfs(&env.path("image"));
+        assert!(m.ctl_stdin(&["create", "token"], b"s3cret").status.success());
+        let w1 = w.node_id();
+        m.ctl_ok(&[
+            "service",
+            "create",
+            "app",
+            "--image",
+            image.to_str().unwrap(),
+            "--secret",
+            "token",
+            "--constraint",
+            &format!("node.id=={w1}"),
+            "--",
+            "sleep",
+            "300",
+        ]);
+        let task = wait_for("the task to run", Duration::from_secs(60), || {
+            let o = m.ctl(&["--format", "json", "service", "ps", "app"]);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            v.as_array()?.iter().find(|t| t["state"] == "running").cloned()
+        });
+        let run = std::path::PathBuf::from(std::env::var("SWARMD_RUN_DIR").unwrap_or_else(|_| "/run/swarmd".into()));
+        let secrets = run.join(&w1).join("tasks").join(task["id"].as_str().unwrap()).join("secrets");
+        assert_eq!(std::fs::read(secrets.join("token")).unwrap(), b"s3cret");
+        assert!(!secrets.join("identity").exists(), "an identity without a CA key to sign it");
+        m.ctl_ok(&["service", "rm", "app"]);
+    }
+
+    // The signer goes away.
+    cfssl.stop();
+    let before_nodes = m.nodes().len();
+    // A renewal fails saying why; nothing is recorded, the worker keeps its certificate.
+    let w1_serial = serial(&w.data);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        use swarmd_proto::ca::{ca_client::CaClient, RenewNodeCertificateRequest};
+        let id = swarmd_certs::NodeIdentity::load(&w.data.join("certs")).unwrap();
+        let cfg = std::sync::Arc::new(swarmd_certs::tls::client_config(&id).unwrap());
+        let ch = swarmd_certs::dial::connect(&m.addr, cfg).await.unwrap();
+        let (_, csr_pem) = swarmd_certs::generate_key_and_csr().unwrap();
+        CaClient::new(ch).renew_node_certificate(RenewNodeCertificateRequest { csr_pem }).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let msg = status.message();
+    assert!(
+        msg.contains("external CA") && msg.contains(&url) && msg.contains("keep their current certificates"),
+        "{msg}"
+    );
+    let w1_id = w.node_id();
+    assert_eq!(m.node(&w1_id).unwrap()["cert_serial"], serde_json::json!(w1_serial), "a failed renewal was recorded");
+    assert_eq!(serial(&w.data), w1_serial);
+    // A join waits, saying why, and adds nothing.
+    let w2_data = env.path("w2");
+    let token = m.token("worker");
+    let w2 = env.spawn_with(
+        "w2",
+        &["worker", "join", "--remote", &m.addr, "--data-dir", w2_data.to_str().unwrap()],
+        &[],
+        Some(format!("{token}\n").as_bytes()),
+    );
+    wait_for("the join to say the external CA is unreachable", DEADLINE, || {
+        let log = env.proc(w2).log_text();
+        (log.contains("external CA") && log.contains(&url) && log.contains("keep their current certificates"))
+            .then_some(())
+    });
+    assert_eq!(m.nodes().len(), before_nodes, "a join the signer did not sign recorded a node");
+
+    // The signer is back: the waiting join goes through.
+    let _cfssl = Cfssl::start(&pki, port);
+    m.wait_ready(3);
 }

@@ -126,11 +126,47 @@ pub struct IssuedCert {
 /// every leaf it signs (during a root rotation, its own certificate
 /// cross-signed by the previous root, so nodes that trust only that root
 /// still verify the new leaves).
+///
+/// The key is absent for a CA whose key an external signer holds
+/// ([`RootCa::without_key`]): such a CA signs nothing itself, and checks
+/// what the signer returns ([`RootCa::accept_signed_node`]).
 pub struct RootCa {
     cert_pem: String,
     chain_pem: String,
     cluster_id: ClusterId,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Option<Issuer<'static, KeyPair>>,
+}
+
+/// What the CA puts in a node certificate besides the key: the subject
+/// (CN = node ID, OU = role, O = cluster ID) and the DNS SANs (the role and
+/// the node ID, plus `swarm-ca` for managers). Local signing and an external
+/// signer's request are both made from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSubject {
+    /// CN: the node ID.
+    pub common_name: String,
+    /// OU: the role.
+    pub org_unit: &'static str,
+    /// O: the cluster ID.
+    pub organization: String,
+    /// The DNS SANs.
+    pub dns_names: Vec<String>,
+}
+
+impl NodeSubject {
+    /// The subject of `node_id`'s certificate in `role` in cluster `cluster_id`.
+    pub fn new(node_id: &NodeId, role: Role, cluster_id: &ClusterId) -> Self {
+        let mut dns_names = vec![role.org_unit().to_owned(), node_id.to_string()];
+        if role == Role::Manager {
+            dns_names.push("swarm-ca".to_owned());
+        }
+        Self {
+            common_name: node_id.to_string(),
+            org_unit: role.org_unit(),
+            organization: cluster_id.to_string(),
+            dns_names,
+        }
+    }
 }
 
 impl fmt::Debug for RootCa {
@@ -177,9 +213,36 @@ impl RootCa {
     /// not a CA, whose key is not `key_pem`'s, or that is not valid now.
     pub fn from_pem_for(cluster_id: &ClusterId, cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CertError::InvalidKey { reason: e.to_string() })?;
-        check_ca_cert(cert_pem, &key)?;
+        check_ca_cert(cert_pem, Some(&key))?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), chain_pem: String::new(), cluster_id: cluster_id.clone(), issuer })
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            chain_pem: String::new(),
+            cluster_id: cluster_id.clone(),
+            issuer: Some(issuer),
+        })
+    }
+
+    /// A CA of `cluster_id` whose key is held elsewhere (an external signer):
+    /// its certificate only, refused unless it is a CA valid now. It signs
+    /// nothing ([`CertError::NoSigningKey`]).
+    pub fn without_key(cluster_id: &ClusterId, cert_pem: &str) -> Result<Self, CertError> {
+        check_ca_cert(cert_pem, None)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            chain_pem: String::new(),
+            cluster_id: cluster_id.clone(),
+            issuer: None,
+        })
+    }
+
+    /// Whether this CA holds its signing key.
+    pub fn has_key(&self) -> bool {
+        self.issuer.is_some()
+    }
+
+    fn issuer(&self) -> Result<&Issuer<'static, KeyPair>, CertError> {
+        self.issuer.as_ref().ok_or(CertError::NoSigningKey)
     }
 
     /// This CA appending `chain_pem` to every certificate it signs.
@@ -191,12 +254,13 @@ impl RootCa {
     /// `successor`'s certificate signed by this CA: the same subject, key and
     /// lifetime, so that a leaf `successor` signs chains to this root through it.
     pub fn cross_sign(&self, successor: &RootCa) -> Result<String, CertError> {
+        let (issuer, successor_key) = (self.issuer()?, successor.issuer()?.key());
         let (subject, not_before, not_after) = ca_subject_and_validity(&successor.cert_pem)?;
         let mut params = root_params(subject);
         params.not_before = not_before;
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
-        Ok(params.signed_by(successor.issuer.key(), &self.issuer)?.pem())
+        Ok(params.signed_by(successor_key, issuer)?.pem())
     }
 
     /// This CA's own certificate, PEM.
@@ -220,9 +284,10 @@ impl RootCa {
         &self.cluster_id
     }
 
-    /// The CA's private key as PKCS#8 PEM. Handle it as a secret: encrypt before storing.
-    pub fn key_pem(&self) -> Zeroizing<String> {
-        Zeroizing::new(self.issuer.key().serialize_pem())
+    /// The CA's private key as PKCS#8 PEM (`None` when an external signer
+    /// holds it). Handle it as a secret: encrypt before storing.
+    pub fn key_pem(&self) -> Option<Zeroizing<String>> {
+        self.issuer.as_ref().map(|i| Zeroizing::new(i.key().serialize_pem()))
     }
 
     /// Signs a node certificate for `node_id` in `role`, taking only the public key from `csr_pem`.
@@ -237,20 +302,69 @@ impl RootCa {
         if validity.duration() > CertValidity::MAX {
             return Err(CertError::InvalidLifetime { secs: validity.duration().as_secs() });
         }
+        let subject = NodeSubject::new(node_id, role, &self.cluster_id);
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node_id.as_str());
-        dn.push(DnType::OrganizationalUnitName, role.org_unit());
-        dn.push(DnType::OrganizationName, self.cluster_id.as_str());
+        dn.push(DnType::CommonName, subject.common_name);
+        dn.push(DnType::OrganizationalUnitName, subject.org_unit);
+        dn.push(DnType::OrganizationName, subject.organization);
         params.distinguished_name = dn;
-        let mut sans = vec![role.org_unit().to_owned(), node_id.to_string()];
-        if role == Role::Manager {
-            sans.push("swarm-ca".to_owned());
-        }
         params.subject_alt_names =
-            sans.into_iter().map(|s| s.try_into().map(SanType::DnsName)).collect::<Result<_, _>>()?;
+            subject.dns_names.into_iter().map(|s| s.try_into().map(SanType::DnsName)).collect::<Result<_, _>>()?;
         // `validity` may come from a file or the store rather than `new`.
         self.sign_leaf(params, &key, validity.duration(), BACKDATE)
+    }
+
+    /// Checks a node certificate an external signer returned for `csr_pem`
+    /// (the first certificate of `answer_pem`; at most 64 KiB): the subject
+    /// and SANs of [`NodeSubject`] for `node_id` in `role`, the CSR's key, not
+    /// a CA, server and client auth, valid now, and issued by this CA. Returns
+    /// it with this CA's chain appended, as [`RootCa::sign_node`] would.
+    pub fn accept_signed_node(
+        &self,
+        answer_pem: &str,
+        csr_pem: &str,
+        node_id: &NodeId,
+        role: Role,
+    ) -> Result<IssuedCert, CertError> {
+        use rcgen::PublicKeyData;
+        use x509_parser::prelude::FromDer;
+        let bad = |reason: String| CertError::BadExternalCert { reason };
+        if answer_pem.len() > 64 * 1024 {
+            return Err(bad("larger than 64 KiB".into()));
+        }
+        let key = csr_public_key(csr_pem)?;
+        const END: &str = "-----END CERTIFICATE-----";
+        let leaf_pem = match answer_pem.find(END) {
+            Some(end) => format!("{}\n", answer_pem[..end + END.len()].trim_start()),
+            None => return Err(bad("no PEM certificate".into())),
+        };
+        let der = parse_cert(&leaf_pem).map_err(|e| bad(e.to_string()))?;
+        let info = crate::CertInfo::from_der(&der).map_err(|e| bad(e.to_string()))?;
+        let want = NodeSubject::new(node_id, role, &self.cluster_id);
+        if info.node_id != *node_id || info.role != role || info.cluster_id != self.cluster_id {
+            return Err(bad(format!(
+                "it names node {} ({}) of cluster {}, not {} ({}) of {}",
+                info.node_id, info.role, info.cluster_id, node_id, role, self.cluster_id
+            )));
+        }
+        if let Some(missing) = want.dns_names.iter().find(|n| !info.dns_names.contains(n)) {
+            return Err(bad(format!("it lacks the DNS name {missing}")));
+        }
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| bad(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(bad("its key is not the one in the request".into()));
+        }
+        if cert.is_ca() {
+            return Err(bad("it is a CA certificate".into()));
+        }
+        match cert.extended_key_usage() {
+            Ok(Some(eku)) if eku.value.server_auth && eku.value.client_auth => {}
+            _ => return Err(bad("it is not for both server and client authentication".into())),
+        }
+        crate::tls::verify_chain_at(std::slice::from_ref(&der), &self.cert_pem, crate::now_unix())
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(IssuedCert { pem: leaf_pem + &self.chain_pem, serial: info.serial, not_after: info.not_after })
     }
 
     /// Signs a leaf (digital signature, server and client auth) for `key`
@@ -275,11 +389,16 @@ impl RootCa {
             .ok()
             .and_then(|d| now.checked_add(d))
             .ok_or(CertError::InvalidLifetime { secs: lifetime.as_secs() })?;
-        let cert = params.signed_by(key, &self.issuer)?;
+        let cert = params.signed_by(key, self.issuer()?)?;
         let mut pem = cert.pem();
         pem.push_str(&self.chain_pem);
         Ok(IssuedCert { pem, serial: serial_hex, not_after: params.not_after.unix_timestamp() })
     }
+}
+
+/// Refuses a CSR the CA would refuse to sign (see [`csr_public_key`]).
+pub fn check_csr(csr_pem: &str) -> Result<(), CertError> {
+    csr_public_key(csr_pem).map(drop)
 }
 
 /// The public key of a CSR, the only thing the CA takes from one: at most
@@ -325,8 +444,8 @@ fn parse_cert(pem: &str) -> Result<rustls_pki_types::CertificateDer<'static>, Ce
 }
 
 /// Refuses a CA certificate that is not a CA (basic constraints), whose public
-/// key is not `key`'s, or that is outside its validity now.
-fn check_ca_cert(cert_pem: &str, key: &KeyPair) -> Result<(), CertError> {
+/// key is not `key`'s (when given), or that is outside its validity now.
+fn check_ca_cert(cert_pem: &str, key: Option<&KeyPair>) -> Result<(), CertError> {
     use rcgen::PublicKeyData;
     use x509_parser::prelude::FromDer;
     let der = parse_cert(cert_pem)?;
@@ -335,7 +454,7 @@ fn check_ca_cert(cert_pem: &str, key: &KeyPair) -> Result<(), CertError> {
     if !cert.is_ca() {
         return Err(bad("the CA certificate is not a CA (no basicConstraints CA:TRUE)"));
     }
-    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+    if key.is_some_and(|key| cert.public_key().raw != key.subject_public_key_info().as_slice()) {
         return Err(CertError::InvalidKey { reason: "the CA key does not belong to the CA certificate".into() });
     }
     if !cert.validity().is_valid() {
@@ -510,8 +629,87 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
     #[test]
     fn ca_reloads_from_pem() {
         let ca = RootCa::generate(&ClusterId::random()).unwrap();
-        let again = RootCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        let again = RootCa::from_pem(ca.cert_pem(), &ca.key_pem().unwrap()).unwrap();
         assert_eq!(again.digest(), ca.digest());
         assert_eq!(again.cluster_id(), ca.cluster_id());
+    }
+
+    #[test]
+    fn a_ca_without_its_key_signs_nothing() {
+        let ca = RootCa::generate(&ClusterId::random()).unwrap();
+        let keyless = RootCa::without_key(ca.cluster_id(), ca.cert_pem()).unwrap();
+        assert!(!keyless.has_key() && keyless.key_pem().is_none());
+        let (_, csr) = generate_key_and_csr().unwrap();
+        let err = keyless.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap_err();
+        assert!(matches!(err, CertError::NoSigningKey), "{err}");
+        assert!(matches!(keyless.cross_sign(&ca).unwrap_err(), CertError::NoSigningKey));
+        // A leaf is not a CA.
+        let issued = ca.sign_node(&csr, &NodeId::random(), Role::Worker, CertValidity::DEFAULT).unwrap();
+        assert!(RootCa::without_key(ca.cluster_id(), &issued.pem).is_err());
+    }
+
+    /// What an external signer returns is taken only if it is exactly the
+    /// certificate the cluster's own CA would have issued: that node, role
+    /// and cluster, those names, the CSR's key, not a CA, both usages,
+    /// issued by the cluster's root.
+    #[test]
+    fn an_external_signers_answer_is_checked_before_it_is_used() {
+        let signer = RootCa::generate(&ClusterId::random()).unwrap();
+        let keyless = RootCa::without_key(signer.cluster_id(), signer.cert_pem()).unwrap().with_chain("CHAIN\n".into());
+        let (node, role) = (NodeId::random(), Role::Manager);
+        let (_, csr) = generate_key_and_csr().unwrap();
+        let good = signer.sign_node(&csr, &node, role, CertValidity::DEFAULT).unwrap();
+        let taken = keyless.accept_signed_node(&good.pem, &csr, &node, role).unwrap();
+        assert_eq!((taken.serial.as_str(), taken.not_after), (good.serial.as_str(), good.not_after));
+        assert!(taken.pem.ends_with("-----END CERTIFICATE-----\nCHAIN\n"), "{}", taken.pem);
+
+        let refused = |answer: &str, csr: &str, node: &NodeId, role: Role| {
+            let e = keyless.accept_signed_node(answer, csr, node, role).unwrap_err();
+            assert!(matches!(e, CertError::BadExternalCert { .. } | CertError::InvalidCsr { .. }), "{e}");
+            e.to_string()
+        };
+        // For another node, or another role.
+        assert!(refused(&good.pem, &csr, &NodeId::random(), role).contains("names node"));
+        assert!(refused(&good.pem, &csr, &node, Role::Worker).contains("names node"));
+        // For another key than the CSR's.
+        let (_, other_csr) = generate_key_and_csr().unwrap();
+        assert!(refused(&good.pem, &other_csr, &node, role).contains("key"));
+        // By another CA (the same cluster ID in its subject).
+        let stranger = RootCa::generate(signer.cluster_id()).unwrap();
+        let foreign = stranger.sign_node(&csr, &node, role, CertValidity::DEFAULT).unwrap();
+        assert!(refused(&foreign.pem, &csr, &node, role).contains("chain"));
+        // Of another cluster.
+        let other_cluster = RootCa::generate(&ClusterId::random()).unwrap();
+        let foreign = other_cluster.sign_node(&csr, &node, role, CertValidity::DEFAULT).unwrap();
+        assert!(refused(&foreign.pem, &csr, &node, role).contains("of cluster"));
+        // Without the names the cluster's CA writes.
+        let mut params = CertificateParams::default();
+        let subject = NodeSubject::new(&node, role, signer.cluster_id());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, subject.common_name);
+        dn.push(DnType::OrganizationalUnitName, subject.org_unit);
+        dn.push(DnType::OrganizationName, subject.organization);
+        params.distinguished_name = dn;
+        let key = csr_public_key(&csr).unwrap();
+        let nameless = signer.sign_leaf(params.clone(), &key, Duration::from_secs(3600), BACKDATE).unwrap();
+        assert!(refused(&nameless.pem, &csr, &node, role).contains("DNS name"));
+        // A CA certificate for the right subject and key.
+        params.subject_alt_names = vec![
+            SanType::DnsName("swarm-manager".try_into().unwrap()),
+            SanType::DnsName(node.as_str().try_into().unwrap()),
+            SanType::DnsName("swarm-ca".try_into().unwrap()),
+        ];
+        let mut ca_params = params.clone();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = signer.issuer().unwrap();
+        let as_ca = ca_params.signed_by(&key, issuer).unwrap().pem();
+        assert!(refused(&as_ca, &csr, &node, role).contains("CA certificate"));
+        // Only client auth.
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_only = params.signed_by(&key, issuer).unwrap().pem();
+        assert!(refused(&client_only, &csr, &node, role).contains("server and client"));
+        // Garbage, and too much of it.
+        assert!(refused("no certificate here", &csr, &node, role).contains("no PEM"));
+        assert!(refused(&"A".repeat(70 << 10), &csr, &node, role).contains("64 KiB"));
     }
 }

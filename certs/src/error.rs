@@ -28,6 +28,12 @@ pub enum CertError {
     /// rustls refused a configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The CA's key is held by an external signer: this cluster signs nothing itself.
+    #[error("the cluster CA's key is held by an external signer, not by this cluster")]
+    NoSigningKey,
+    /// What an external signer returned is not the certificate asked for.
+    #[error("the external CA's certificate is unusable: {reason}")]
+    BadExternalCert { reason: String },
     /// The node key is sealed (an autolocked manager) and no key to open it was given.
     #[error("locked: the node key is sealed; run swarmd unlock")]
     Locked,

@@ -22,7 +22,7 @@ pub mod tls;
 mod token;
 pub mod workload;
 
-pub use ca::{parse_duration, CertValidity, IssuedCert, RootCa};
+pub use ca::{check_csr, parse_duration, CertValidity, IssuedCert, NodeSubject, RootCa};
 pub use error::CertError;
 pub use identity::{
     create_private_dir, erase_file, generate_key_and_csr, is_sealed_key, replace_secret_file, restrict_tree,

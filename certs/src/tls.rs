@@ -68,6 +68,24 @@ pub fn chain_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertErr
     Ok(chain)
 }
 
+/// Verifies `chain` (leaf first) for client authentication against the roots
+/// in `roots_pem`, as of unix second `at`.
+pub fn verify_chain_at(chain: &[CertificateDer<'_>], roots_pem: &str, at: i64) -> Result<(), CertError> {
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| CertError::InvalidCertificate { reason: "an empty certificate chain".into() })?;
+    let roots = Arc::new(roots_from_pem(roots_pem)?);
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots, Arc::new(rustls::crypto::ring::default_provider()))
+            .build()
+            .map_err(|e| CertError::InvalidCertificate { reason: e.to_string() })?;
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(at.max(0) as u64));
+    verifier
+        .verify_client_cert(leaf, intermediates, at)
+        .map_err(|e| CertError::InvalidCertificate { reason: format!("does not chain to a trusted root: {e}") })?;
+    Ok(())
+}
+
 /// Who is on the other end of a connection, from its verified certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {

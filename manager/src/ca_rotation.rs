@@ -44,6 +44,12 @@ pub async fn start(
     given: Option<(String, Zeroizing<String>)>,
 ) -> Result<CaRotation, Status> {
     let s = secrets.get()?;
+    if let Some(x) = &s.external {
+        return Err(Status::failed_precondition(format!(
+            "this cluster's CA key is held by the external CA {}: rotate the root there, not with `ca rotate`",
+            x.url()
+        )));
+    }
     let cid = s.anchor.cluster_id().clone();
     let target = match &given {
         None => s.anchor.generate_successor().map_err(crate::status::internal)?,
@@ -54,7 +60,8 @@ pub async fn start(
         return Err(Status::invalid_argument("the new root CA is the current one"));
     }
     let cross_signed_pem = s.anchor.cross_sign(&target).map_err(crate::status::internal)?;
-    let target_key = secrets.seal(&purpose::ca_key(cid.as_str()), target.key_pem().as_bytes())?;
+    let target_key = target.key_pem().ok_or_else(|| Status::internal("the new root has no key"))?;
+    let target_key = secrets.seal(&purpose::ca_key(cid.as_str()), target_key.as_bytes())?;
     let now = now_unix();
     let previous = store.view().ca_rotation().map_err(crate::status::internal)?;
     // IDs grow: by the clock, and past the rotation it replaces.
@@ -102,7 +109,13 @@ pub fn describe(view: &StateView) -> Result<CaInfo, StateError> {
             Some(WireRotation { target_sha256, converged, unconverged })
         }
     };
-    Ok(CaInfo { root_pem: cluster.ca_cert_pem, sha256, not_after, external_signer: false, rotation })
+    Ok(CaInfo {
+        root_pem: cluster.ca_cert_pem,
+        sha256,
+        not_after,
+        external_signer: view.external_ca()?.is_some(),
+        rotation,
+    })
 }
 
 /// The leader's next step in a rotation.

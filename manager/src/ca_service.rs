@@ -107,11 +107,15 @@ impl CaService {
         let s = self.secrets.get()?;
         let node = node.clone();
         let rotation = s.rotation;
-        let issued = self
-            .work
-            .sign(move || s.ca.sign_node(&csr, &node, role, s.validity))
-            .await?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let issued = match &s.external {
+            // Waiting on the network: no signing thread held meanwhile.
+            Some(_) => s.sign_node(&csr, &node, role).await?,
+            None => self
+                .work
+                .sign(move || s.ca.sign_node(&csr, &node, role, s.validity))
+                .await?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        };
         Ok((issued, rotation))
     }
 }

@@ -7,10 +7,11 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use swarmd_certs::{CertValidity, JoinToken, Role, RootCa};
+use swarmd_certs::{CertValidity, IssuedCert, JoinToken, NodeId, Role, RootCa};
 
+use crate::external_ca::{ExternalCa, SignError};
 use crate::keys::{purpose, KeyDir, KeyError, Keyring, Sealed, SymmetricKey};
-use crate::state::{CaRotation, ClusterRecord, StateError, StateView};
+use crate::state::{CaRotation, ClusterRecord, ExternalCaRecord, StateError, StateView};
 
 /// Errors opening the cluster's secrets.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,11 @@ pub struct ClusterSecrets {
     /// certificate).
     pub ca: RootCa,
     /// The cluster's root with its key: what join tokens pin and `GetRootCa`
-    /// serves, and what cross-signs a new root.
+    /// serves, and what cross-signs a new root. Without its key when an
+    /// external CA holds it.
     pub anchor: RootCa,
+    /// The external CA that signs instead of `ca`, if the cluster holds no CA key.
+    pub external: Option<Arc<ExternalCa>>,
     /// The roots nodes trust, PEM: the anchor, and the new root during a rotation.
     pub trust_pem: String,
     /// The rotation in progress: its ID.
@@ -53,14 +57,24 @@ pub struct ClusterSecrets {
 }
 
 impl ClusterSecrets {
-    /// Opens `record` (and `rotation`, if one runs) with the keys of `dek`.
+    /// Opens `record` (and `rotation`, if one runs) with the keys of `dek`;
+    /// with an external CA, the record's CA key is not opened (it is empty).
     pub fn open(
         record: &ClusterRecord,
         rotation: Option<&CaRotation>,
         chain_pem: &str,
+        external: Option<&ExternalCaRecord>,
         dek: &Keyring,
     ) -> Result<Self, ClusterError> {
         let cid = record.id.as_str();
+        if let Some(ext) = external {
+            let keyless = || {
+                RootCa::without_key(&record.id, &record.ca_cert_pem).map_err(|e| ClusterError::Invalid(e.to_string()))
+            };
+            let (ca, anchor) = (keyless()?.with_chain(chain_pem.to_owned()), keyless()?);
+            let signer = ExternalCa::new(ext, &record.ca_cert_pem).map_err(ClusterError::Invalid)?;
+            return Self::with_cas(record, dek, (ca, anchor, Some(Arc::new(signer))), record.ca_cert_pem.clone(), None);
+        }
         let open_ca = |cert: &str, sealed: &Sealed| -> Result<RootCa, ClusterError> {
             let key_pem = dek.open(&purpose::ca_key(cid), sealed)?;
             let key_pem =
@@ -76,6 +90,17 @@ impl ClusterSecrets {
             }
             None => open_ca(&record.ca_cert_pem, &record.ca_key)?.with_chain(chain_pem.to_owned()),
         };
+        Self::with_cas(record, dek, (ca, anchor, None), trust_pem, rotation.map(|r| r.id))
+    }
+
+    fn with_cas(
+        record: &ClusterRecord,
+        dek: &Keyring,
+        (ca, anchor, external): (RootCa, RootCa, Option<Arc<ExternalCa>>),
+        trust_pem: String,
+        rotation: Option<u64>,
+    ) -> Result<Self, ClusterError> {
+        let cid = record.id.as_str();
         let token = |role: Role, sealed| -> Result<JoinToken, ClusterError> {
             let raw = dek.open(&purpose::join_token(cid, role), sealed)?;
             let text = std::str::from_utf8(&raw).map_err(|_| ClusterError::Invalid("token is not UTF-8".into()))?;
@@ -86,12 +111,22 @@ impl ClusterSecrets {
             manager_token: token(Role::Manager, &record.manager_token)?,
             ca,
             anchor,
+            external,
             trust_pem,
-            rotation: rotation.map(|r| r.id),
+            rotation,
             validity: CertValidity::new(Duration::from_secs(record.cert_validity_secs))
                 .map_err(ClusterError::Invalid)?,
             heartbeat: Duration::from_millis(record.heartbeat_ms),
         })
+    }
+
+    /// Signs a certificate for `node` in `role`: with the cluster's CA, or
+    /// through the external CA that holds its key.
+    pub async fn sign_node(&self, csr_pem: &str, node: &NodeId, role: Role) -> Result<IssuedCert, SignError> {
+        match &self.external {
+            Some(x) => x.sign(&self.ca, csr_pem, node, role).await,
+            None => Ok(self.ca.sign_node(csr_pem, node, role, self.validity)?),
+        }
     }
 
     /// The root join tokens pin and `GetRootCa` serves, PEM.
@@ -207,13 +242,17 @@ impl SecretsCache {
         }
         let chain = self.view.leaf_chain()?;
         raw.extend_from_slice(chain.as_bytes());
+        let external = self.view.external_ca()?;
+        if let Some(x) = &external {
+            raw.extend_from_slice(&crate::state::encode(x));
+        }
         if let Some((old, _)) = self.current.read().expect("secrets lock").as_ref() {
             if *old == raw {
                 return Ok(());
             }
         }
         let record = self.view.cluster()?.ok_or(ClusterError::NotInitialised)?;
-        let s = ClusterSecrets::open(&record, rotation.as_ref(), &chain, &self.keyring())?;
+        let s = ClusterSecrets::open(&record, rotation.as_ref(), &chain, external.as_ref(), &self.keyring())?;
         *self.current.write().expect("secrets lock") = Some((raw, Arc::new(s)));
         Ok(())
     }

@@ -90,6 +90,7 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::CaRotationBatch { .. }
         | Command::FinishCaRotation { .. }
         | Command::SetCaChain { .. }
+        | Command::SetExternalCa(_)
         | Command::Batch(_) => Err("this command is the leader's own and cannot be forwarded".into()),
     }
 }

@@ -83,6 +83,8 @@ pub struct InitOptions {
     pub autolock: bool,
     /// The cluster CA to use instead of a generated root.
     pub ca: Option<OwnCa>,
+    /// An external CA that holds the cluster CA's key and signs for it.
+    pub external_ca: Option<ExternalCaOptions>,
     /// Lifetime of tasks' workload identities (`None`: the default).
     pub identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
 }
@@ -96,6 +98,20 @@ pub struct OwnCa {
     /// Its PKCS#8 key, PEM.
     pub key_pem: zeroize::Zeroizing<String>,
     /// The certificates from it up to the organisation's root, PEM (may be empty).
+    pub chain_pem: String,
+}
+
+/// An external CA for a new cluster: a cfssl signer and the CA certificate
+/// it signs with (the cluster's trust anchor).
+#[derive(Clone, Debug)]
+pub struct ExternalCaOptions {
+    /// Its signing endpoint, `https://host:port[/path]`.
+    pub url: String,
+    /// The roots its TLS certificate must chain to, PEM (empty: `ca_cert_pem`).
+    pub tls_roots_pem: String,
+    /// The CA certificate it signs with, PEM.
+    pub ca_cert_pem: String,
+    /// The certificates from it up to an organisation's root, PEM (may be empty).
     pub chain_pem: String,
 }
 
@@ -118,6 +134,7 @@ impl InitOptions {
             raft: RaftSettings::default(),
             autolock: false,
             ca: None,
+            external_ca: None,
             identity_ttl: None,
         }
     }

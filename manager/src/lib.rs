@@ -22,6 +22,7 @@ mod conn;
 mod control;
 mod dispatcher;
 mod error;
+mod external_ca;
 pub mod keys;
 pub mod limits;
 mod membership;
@@ -49,7 +50,7 @@ pub mod fuzzing {
 }
 
 pub use auth::{Authorizer, Caller, ConnInfo};
-pub use config::{InitOptions, JoinOptions, ManagerConfig, OwnCa, CONFIG_FILE};
+pub use config::{ExternalCaOptions, InitOptions, JoinOptions, ManagerConfig, OwnCa, CONFIG_FILE};
 pub use conn::{ConnLimits, ConnRegistry};
 pub use error::ManagerError;
 pub use membership::{erase_manager_state, erase_removed, Demotion, RunOutcome};
@@ -63,6 +64,6 @@ pub fn open_ca_key_offline(data_dir: &std::path::Path) -> Result<zeroize::Zeroiz
     let dek = keys::KeyDir::new(data_dir).load_keyring()?;
     let storage = raft::open_storage(&data_dir.join("raft"))?;
     let record = storage.sm.view().cluster()?.ok_or(ManagerError::NotInitialised)?;
-    let secrets = cluster::ClusterSecrets::open(&record, None, "", &dek)?;
-    Ok(secrets.anchor.key_pem())
+    let secrets = cluster::ClusterSecrets::open(&record, None, "", None, &dek)?;
+    secrets.anchor.key_pem().ok_or_else(|| ManagerError::Invalid("this cluster holds no CA key".into()))
 }

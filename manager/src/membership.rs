@@ -207,7 +207,7 @@ pub(crate) async fn watch_demotion(
         if !released && !refused {
             continue;
         }
-        let d = match prepare_demotion(&store, &secrets, &cfg) {
+        let d = match prepare_demotion(&store, &secrets, &cfg).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot prepare the demotion; retrying");
@@ -354,10 +354,10 @@ async fn standing(store: &Store, cfg: &ManagerConfig, probe: &Probe, identity: &
     answer
 }
 
-fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) -> Result<Demotion, String> {
+async fn prepare_demotion(store: &Store, secrets: &SecretsCache, cfg: &ManagerConfig) -> Result<Demotion, String> {
     let s = secrets.get().map_err(|e| e.to_string())?;
     let (key, csr) = generate_key_and_csr().map_err(|e| e.to_string())?;
-    let issued = s.ca.sign_node(&csr, &cfg.node_id, Role::Worker, s.validity).map_err(|e| e.to_string())?;
+    let issued = s.sign_node(&csr, &cfg.node_id, Role::Worker).await.map_err(|e| e.to_string())?;
     let identity = NodeIdentity::new(s.trust_pem.clone(), issued.pem, key).map_err(|e| e.to_string())?;
     let me = store.view().node(&cfg.node_id).map_err(|e| e.to_string())?.map(|n| n.addr);
     let remotes: Vec<String> = store

@@ -147,18 +147,60 @@ struct InitArgs {
     #[arg(long)]
     autolock: bool,
     /// The cluster CA is this certificate (PEM, a CA: typically an
-    /// intermediate of your organisation's root) instead of a generated root.
-    #[arg(long, value_name = "F", requires = "ca_key")]
+    /// intermediate of your organisation's root) instead of a generated root;
+    /// with --ca-key, or with --external-ca (the signer's CA certificate).
+    #[arg(long, value_name = "F")]
     ca_cert: Option<PathBuf>,
     /// Its private key (PKCS#8 PEM), with --ca-cert.
     #[arg(long, value_name = "F", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// A cfssl signer holds the CA key and signs node certificates:
+    /// `protocol=cfssl,url=https://HOST:PORT[/PATH][,cacert=F]` (cacert: the
+    /// roots its TLS certificate chains to; default --ca-cert). Needs --ca-cert.
+    #[arg(long, value_name = "SPEC", requires = "ca_cert", conflicts_with = "ca_key")]
+    external_ca: Option<ExternalCaArg>,
     /// The certificates between --ca-cert and your root (PEM), appended to
     /// every node certificate after the cluster CA.
     #[arg(long, value_name = "F", requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
     #[command(flatten)]
     raft: RaftArgs,
+}
+
+/// `--external-ca protocol=cfssl,url=…[,cacert=F]`, as Docker's `swarm init` takes it.
+#[derive(Clone, Debug)]
+struct ExternalCaArg {
+    url: String,
+    cacert: Option<PathBuf>,
+}
+
+impl std::str::FromStr for ExternalCaArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut protocol, mut url, mut cacert) = (None, None, None);
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
+            let slot = match k.trim().to_ascii_lowercase().as_str() {
+                "protocol" => &mut protocol,
+                "url" => &mut url,
+                "cacert" => &mut cacert,
+                other => return Err(format!("unknown key {other:?}: expected protocol, url or cacert")),
+            };
+            if slot.replace(v.trim().to_owned()).is_some() {
+                return Err(format!("{k} given twice"));
+            }
+        }
+        match protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            Some("cfssl") => {}
+            Some(p) => return Err(format!("protocol {p:?}: only cfssl is supported")),
+            None => return Err("protocol=cfssl is required".into()),
+        }
+        let url = url.ok_or("url=https://… is required")?;
+        if !url.starts_with("https://") {
+            return Err(format!("url {url:?}: must be https://"));
+        }
+        Ok(Self { url, cacert: cacert.map(PathBuf::from) })
+    }
 }
 
 /// Reads a PEM file of at most 64 KiB.
@@ -321,6 +363,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             opts.heartbeat = a.heartbeat;
             opts.raft = a.raft.settings()?;
             opts.autolock = a.autolock;
+            if a.ca_cert.is_some() && a.ca_key.is_none() && a.external_ca.is_none() {
+                anyhow::bail!("--ca-cert needs --ca-key, or --external-ca when a signer holds the key");
+            }
+            if let (Some(cert), Some(ext)) = (&a.ca_cert, &a.external_ca) {
+                opts.external_ca = Some(swarmd_manager::ExternalCaOptions {
+                    url: ext.url.clone(),
+                    tls_roots_pem: match &ext.cacert {
+                        Some(f) => read_pem_file(f)?.to_string(),
+                        None => String::new(),
+                    },
+                    ca_cert_pem: read_pem_file(cert)?.to_string(),
+                    chain_pem: match &a.ca_chain {
+                        Some(c) => read_pem_file(c)?.to_string(),
+                        None => String::new(),
+                    },
+                });
+            }
             if let (Some(cert), Some(key)) = (&a.ca_cert, &a.ca_key) {
                 opts.ca = Some(swarmd_manager::OwnCa {
                     cert_pem: read_pem_file(cert)?.to_string(),

@@ -356,6 +356,8 @@ fn secrets_max() -> u64 {
 /// Where a task's first identity stands while it prepares.
 enum FirstIdentity {
     Ready(Issued),
+    /// The cluster issues none: the task runs without.
+    NotIssued,
     Stopped,
     Failed(String),
 }
@@ -379,6 +381,7 @@ async fn first_identity(
                 attempt = None;
                 match r {
                     Ok(issued) => return FirstIdentity::Ready(issued),
+                    Err(IdentityError::NotIssued) => return FirstIdentity::NotIssued,
                     Err(e) if e.is_final() || tokio::time::Instant::now() >= deadline => {
                         return FirstIdentity::Failed(e.to_string())
                     }
@@ -395,6 +398,14 @@ async fn first_identity(
                 Some(Control::Stop) | None => return FirstIdentity::Stopped,
             },
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -427,8 +438,9 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
     let mut pending: Option<Vec<SecretFile>> = None;
     let identity = match first_identity(ctx.seams.identity.as_ref(), &id, &mut ctl, &mut pending).await {
         FirstIdentity::Ready(issued) => {
-            mount.write_identity(&issued.files, user).map(|()| issued).map_err(|e| e.to_string())
+            mount.write_identity(&issued.files, user).map(|()| Some(issued)).map_err(|e| e.to_string())
         }
+        FirstIdentity::NotIssued => Ok(None),
         FirstIdentity::Failed(e) => Err(e),
         FirstIdentity::Stopped => {
             mount.destroy();
@@ -437,10 +449,15 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
             return;
         }
     };
+    // When the identity is renewed next; never without one.
     let mut renew_at = match identity {
-        Ok(issued) => {
+        Ok(Some(issued)) => {
             tracing::info!(task.id = %id, spiffe.id = %issued.spiffe_id, "workload identity installed");
-            tokio::time::Instant::now() + issued.renew_after()
+            Some(tokio::time::Instant::now() + issued.renew_after())
+        }
+        Ok(None) => {
+            tracing::info!(task.id = %id, "this cluster issues no workload identities: the task runs without one");
+            None
         }
         Err(e) => {
             rep(TaskState::Failed, format!("workload identity: {e}"));
@@ -501,7 +518,7 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                 let taken = ctx.seams.reporter.push_logs(&id, &lines, &mut cursor).await;
                 cursor.seen = total - (lines.len() - taken) as u64;
             }
-            _ = tokio::time::sleep_until(renew_at), if renewal.is_none() => {
+            _ = sleep_until_some(renew_at), if renewal.is_none() && renew_at.is_some() => {
                 renewal = Some(ctx.seams.identity.issue(&id));
             }
             r = async { renewal.as_mut().expect("a renewal").await }, if renewal.is_some() => {
@@ -513,14 +530,14 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
                     Ok(issued) => {
                         tracing::info!(task.id = %id, "workload identity renewed in place");
                         renew_backoff.reset(Duration::from_secs(1));
-                        renew_at = tokio::time::Instant::now() + issued.renew_after();
+                        renew_at = Some(tokio::time::Instant::now() + issued.renew_after());
                     }
                     Err(e) => {
                         // The current certificate stays until it expires; it
                         // has half its life left when the first try fails.
                         let wait = renew_backoff.next_delay();
                         tracing::error!(task.id = %id, error = %e, retry_in = wait.as_secs_f64(), "cannot renew the workload identity");
-                        renew_at = tokio::time::Instant::now() + wait;
+                        renew_at = Some(tokio::time::Instant::now() + wait);
                     }
                 }
             }

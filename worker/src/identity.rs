@@ -88,6 +88,10 @@ pub enum IdentityError {
     /// The answer is unusable (not for this key or this task).
     #[error("the workload identity the manager sent is unusable: {0}")]
     Invalid(String),
+    /// The cluster issues no workload identities (an external CA holds its
+    /// key): the task runs without one.
+    #[error("this cluster issues no workload identities (its CA is external)")]
+    NotIssued,
 }
 
 impl IdentityError {
@@ -141,6 +145,9 @@ impl IdentitySource for DispatcherIdentity {
                 .await
                 .map_err(|_| IdentityError::Unavailable("no answer within 10 s".into()))??
                 .into_inner();
+            if r.not_issued {
+                return Err(IdentityError::NotIssued);
+            }
             let invalid = |e: String| IdentityError::Invalid(e);
             let cert =
                 workload::check_issued(&r.certificate_pem, &key_pem, &task).map_err(|e| invalid(e.to_string()))?;

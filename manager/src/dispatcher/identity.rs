@@ -84,6 +84,9 @@ impl Dispatcher {
         })?;
         let ttl = view.identity_settings().map_err(crate::status::internal)?.ttl();
         let secrets = self.0.secrets.get()?;
+        if secrets.external.is_some() {
+            return Ok(Response::new(IssueTaskIdentityResponse { not_issued: true, ..Default::default() }));
+        }
         let id = WorkloadId::new(secrets.ca.cluster_id().clone(), &service.name, task.clone())
             .map_err(crate::status::internal)?;
         let spiffe_id = id.spiffe_id();
@@ -105,6 +108,7 @@ impl Dispatcher {
             spiffe_id,
             not_after: issued.not_after,
             ttl_secs: ttl.duration().as_secs(),
+            not_issued: false,
         }))
     }
 }

@@ -24,10 +24,11 @@ use crate::config::{default_advertise, InitOptions, ManagerConfig, CONFIG_FILE};
 use crate::conn::{tls_incoming, unix_incoming, ConnLimits, ConnRegistry};
 use crate::control::ControlService;
 use crate::dispatcher::Dispatcher;
+use crate::external_ca::ExternalCa;
 use crate::keys::{purpose, KeyDir, Keyring, SymmetricKey, UnlockKey};
 use crate::membership::{follow_deny_list, forget_other_managers, watch_demotion, RunOutcome};
 use crate::raft::{self, Network, Raft, RaftService, RaftSettings};
-use crate::state::{ClusterRecord, Command, NodeRecord, NodeStatus, StateView};
+use crate::state::{ClusterRecord, Command, ExternalCaRecord, NodeRecord, NodeStatus, StateView};
 use crate::store::{Peers, Store};
 use crate::ManagerError;
 use swarmd_certs::now_unix;
@@ -146,24 +147,51 @@ impl Manager {
         let node_id = NodeId::random();
         let raft_id = random_raft_id();
         // The organisation's CA (checked: a CA valid now, the key its own),
-        // whose leaves carry it and the chain to the organisation's root; or
-        // a generated root.
-        let (ca, chain) = match &opts.ca {
-            Some(own) => {
-                let chain = format!("{}{}", own.cert_pem, own.chain_pem);
-                let certs = swarmd_certs::tls::chain_from_pem(&chain)
-                    .map_err(|e| ManagerError::Invalid(format!("--ca-cert and --ca-chain: {e}")))?;
-                if certs.len() > 5 {
-                    return Err(ManagerError::Invalid("--ca-chain holds more than four certificates".into()));
-                }
+        // whose leaves carry it and the chain to the organisation's root; an
+        // external CA's certificate (checked: a CA valid now), whose key
+        // stays with the signer; or a generated root.
+        let own_chain = |cert_pem: &str, chain_pem: &str| -> Result<String, ManagerError> {
+            let chain = format!("{cert_pem}{chain_pem}");
+            let certs = swarmd_certs::tls::chain_from_pem(&chain)
+                .map_err(|e| ManagerError::Invalid(format!("--ca-cert and --ca-chain: {e}")))?;
+            if certs.len() > 5 {
+                return Err(ManagerError::Invalid("--ca-chain holds more than four certificates".into()));
+            }
+            Ok(chain)
+        };
+        let (ca, chain, external) = match (&opts.ca, &opts.external_ca) {
+            (Some(_), Some(_)) => {
+                return Err(ManagerError::Invalid("--ca-key and --external-ca exclude each other".into()));
+            }
+            (Some(own), None) => {
+                let chain = own_chain(&own.cert_pem, &own.chain_pem)?;
                 let ca = RootCa::from_pem_for(&cluster_id, &own.cert_pem, &own.key_pem)
                     .map_err(|e| ManagerError::Invalid(format!("--ca-cert and --ca-key: {e}")))?;
-                (ca.with_chain(chain.clone()), chain)
+                (ca.with_chain(chain.clone()), chain, None)
             }
-            None => (RootCa::generate(&cluster_id)?, String::new()),
+            (None, Some(ext)) => {
+                let chain = own_chain(&ext.ca_cert_pem, &ext.chain_pem)?;
+                let ca = RootCa::without_key(&cluster_id, &ext.ca_cert_pem)
+                    .map_err(|e| ManagerError::Invalid(format!("--ca-cert: {e}")))?;
+                let record = ExternalCaRecord {
+                    protocol: "cfssl".into(),
+                    url: ext.url.clone(),
+                    tls_roots_pem: ext.tls_roots_pem.clone(),
+                };
+                let signer = ExternalCa::new(&record, &ext.ca_cert_pem)
+                    .map_err(|e| ManagerError::Invalid(format!("--external-ca: {e}")))?;
+                (ca.with_chain(chain.clone()), chain, Some((record, signer)))
+            }
+            (None, None) => (RootCa::generate(&cluster_id)?, String::new(), None),
         };
         let (key, csr) = generate_key_and_csr()?;
-        let issued = ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?;
+        let issued = match &external {
+            Some((_, signer)) => signer
+                .sign(&ca, &csr, &node_id, Role::Manager)
+                .await
+                .map_err(|e| ManagerError::Invalid(format!("--external-ca: {e}")))?,
+            None => ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?,
+        };
         let identity = NodeIdentity::new(ca.cert_pem().to_owned(), issued.pem.clone(), key)?;
         identity.save_with(&NodeIdentity::dir(data_dir), Some(&*wrap))?;
 
@@ -175,7 +203,12 @@ impl Manager {
         let cluster = ClusterRecord {
             id: cluster_id.clone(),
             ca_cert_pem: ca.cert_pem().to_owned(),
-            ca_key: keyring.seal(FIRST_DATA_KEY, &purpose::ca_key(cid), ca.key_pem().as_bytes())?,
+            // Sealed empty when an external CA holds the key.
+            ca_key: keyring.seal(
+                FIRST_DATA_KEY,
+                &purpose::ca_key(cid),
+                ca.key_pem().as_ref().map_or(&b""[..], |k| k.as_bytes()),
+            )?,
             worker_token: seal_token(Role::Worker)?,
             manager_token: seal_token(Role::Manager)?,
             data_key_id: FIRST_DATA_KEY,
@@ -219,6 +252,9 @@ impl Manager {
             manager.wait_leader(Duration::from_secs(10)).await?;
             let store = Store::new(manager.raft.clone(), manager.view.clone(), manager.applied.clone());
             store.propose(Command::InitCluster { cluster: Box::new(cluster), manager: me }).await?;
+            if let Some((record, _)) = external {
+                store.propose(Command::SetExternalCa(Box::new(record))).await?;
+            }
             if !chain.is_empty() {
                 store.propose(Command::SetCaChain { chain_pem: chain }).await?;
             }
@@ -514,7 +550,7 @@ struct LocalIssuer {
 impl CertIssuer for LocalIssuer {
     async fn issue(&self, csr_pem: String) -> Result<Renewed, String> {
         let s = self.secrets.get().map_err(|e| e.to_string())?;
-        let issued = s.ca.sign_node(&csr_pem, &self.node, Role::Manager, s.validity).map_err(|e| e.to_string())?;
+        let issued = s.sign_node(&csr_pem, &self.node, Role::Manager).await.map_err(|e| e.to_string())?;
         self.store
             .propose(Command::RecordCert {
                 node: self.node.clone(),

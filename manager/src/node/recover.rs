@@ -68,10 +68,14 @@ impl Manager {
         }
         let rotation = self.view.ca_rotation()?;
         let chain = self.view.leaf_chain()?;
-        let secrets = ClusterSecrets::open(&record, rotation.as_ref(), &chain, &self.keyring)
+        let external = self.view.external_ca()?;
+        let secrets = ClusterSecrets::open(&record, rotation.as_ref(), &chain, external.as_ref(), &self.keyring)
             .map_err(|e| ManagerError::Invalid(format!("cannot open the cluster's CA: {e}")))?;
         let (key, csr) = generate_key_and_csr()?;
-        let issued = secrets.ca.sign_node(&csr, &me, Role::Manager, secrets.validity)?;
+        let issued = secrets
+            .sign_node(&csr, &me, Role::Manager)
+            .await
+            .map_err(|e| ManagerError::Invalid(format!("cannot sign this manager's certificate: {e}")))?;
         let identity = NodeIdentity::new(secrets.trust_pem.clone(), issued.pem, key)?;
         self.adopt(identity)?;
         self.unrecorded = Some((issued.serial, issued.not_after));

@@ -7,6 +7,7 @@
 //! | `caprevious`         | [`PreviousRoot`]: the root the last rotation replaced |
 //! | `certrecovery`       | the recovery window, seconds (absent: [`DEFAULT_RECOVERY_WINDOW`]) |
 //! | `cachain`            | what an organisation's CA appends to leaves: itself and its chain, PEM |
+//! | `externalca`         | [`ExternalCaRecord`]: the signer that holds the CA key, if the cluster does not |
 //!
 //! The cluster record's root stays the trust anchor (what join tokens pin and
 //! `GetRootCa` serves) until `FinishCaRotation` swaps in the new one, its key
@@ -51,6 +52,23 @@ pub struct PreviousRoot {
     pub replaced_at: i64,
 }
 
+/// An external signer that holds the cluster CA's key: managers forward node
+/// CSRs to it instead of signing them (the cluster record's CA key is then
+/// sealed empty).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalCaRecord {
+    /// Its protocol: `cfssl`.
+    pub protocol: String,
+    /// Its signing endpoint, `https://…`.
+    pub url: String,
+    /// The roots its TLS server certificate must chain to, PEM (empty: the
+    /// cluster's root).
+    pub tls_roots_pem: String,
+}
+
+/// The protocols an external CA may speak.
+pub const EXTERNAL_CA_PROTOCOLS: &[&str] = &["cfssl"];
+
 /// How long after its certificate expired a node may still recover: 7 days.
 pub const DEFAULT_RECOVERY_WINDOW: u64 = 7 * 86400;
 /// The longest recovery window accepted: a year.
@@ -59,6 +77,7 @@ pub const MAX_RECOVERY_WINDOW: u64 = 365 * 86400;
 const ROTATION_KEY: &[u8] = b"carotation";
 const RECOVERY_KEY: &[u8] = b"certrecovery";
 const CHAIN_KEY: &[u8] = b"cachain";
+const EXTERNAL_KEY: &[u8] = b"externalca";
 const CONVERGED_PREFIX: &str = "caconv/";
 const PREVIOUS_KEY: &[u8] = b"caprevious";
 
@@ -75,6 +94,11 @@ impl StateView {
     /// The root the last finished rotation replaced.
     pub fn previous_root(&self) -> Result<Option<PreviousRoot>, StateError> {
         self.get(PREVIOUS_KEY)
+    }
+
+    /// The external signer holding the CA key, if the cluster does not hold it.
+    pub fn external_ca(&self) -> Result<Option<ExternalCaRecord>, StateError> {
+        self.get(EXTERNAL_KEY)
     }
 
     /// What the cluster CA appends to the leaves it signs (empty for a
@@ -118,7 +142,7 @@ impl StateView {
 }
 
 /// The CA lifecycle commands of [`super::plan`]: `StartCaRotation`,
-/// `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`.
+/// `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`.
 pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, Rejection>, StateError> {
     let mut batch = WriteBatch::default();
     let Some(mut cluster) = view.cluster()? else {
@@ -128,6 +152,12 @@ pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result
     let is_current = |id: u64| current.as_ref().is_some_and(|r| r.id == id);
     match cmd {
         Command::StartCaRotation(r) => {
+            if view.external_ca()?.is_some() {
+                return Ok(Err(Rejection::Invalid(
+                    "this cluster's CA key is held by an external CA: rotate the root there and rejoin the nodes"
+                        .into(),
+                )));
+            }
             if r.target_key.key_id() != cluster.data_key_id {
                 return Ok(Err(Rejection::StaleDataKey));
             }
@@ -190,9 +220,33 @@ pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result
             }
             batch.insert(CHAIN_KEY, encode(chain_pem));
         }
+        Command::SetExternalCa(r) => {
+            if let Err(e) = check_external_ca(r) {
+                return Ok(Err(Rejection::Invalid(e)));
+            }
+            if current.is_some() {
+                return Ok(Err(Rejection::Invalid("a CA rotation is running".into())));
+            }
+            batch.insert(EXTERNAL_KEY, encode(r.as_ref()));
+        }
         _ => unreachable!("not a CA rotation command"),
     }
     Ok(Ok(batch))
+}
+
+/// Refuses an external CA of an unknown protocol, with a URL that is not
+/// `https://` or longer than 2 KiB, or roots larger than 64 KiB.
+fn check_external_ca(r: &ExternalCaRecord) -> Result<(), String> {
+    if !EXTERNAL_CA_PROTOCOLS.contains(&r.protocol.as_str()) {
+        return Err(format!("external CA protocol {:?}: only cfssl is supported", r.protocol));
+    }
+    if !r.url.starts_with("https://") || r.url.len() > 2048 {
+        return Err("an external CA's URL must be https:// and at most 2 KiB".into());
+    }
+    if r.tls_roots_pem.len() > 64 << 10 {
+        return Err("an external CA's TLS roots larger than 64 KiB".into());
+    }
+    Ok(())
 }
 
 fn clear_converged(view: &StateView, batch: &mut WriteBatch) -> Result<(), StateError> {

@@ -24,8 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use swarmd_certs::{NodeId, Role, SecretId, ServiceId, TaskId};
 
 use super::{
-    AdminCertRecord, Availability, CaRotation, ClusterRecord, NodeRecord, Rejection, ResealField, ResealSecret,
-    ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
+    AdminCertRecord, Availability, CaRotation, ClusterRecord, ExternalCaRecord, NodeRecord, Rejection, ResealField,
+    ResealSecret, ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
 };
 use crate::keys::Sealed;
 
@@ -113,6 +113,8 @@ pub enum Command {
     /// Sets the lifetime of tasks' workload identities (seconds, within
     /// `IdentityTtl`'s bounds).
     SetIdentityTtl { secs: u64 },
+    /// The external signer that holds the cluster CA's key (set once, at init).
+    SetExternalCa(Box<ExternalCaRecord>),
 }
 
 /// The outcome of applying one command.
