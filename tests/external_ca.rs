@@ -75,6 +75,18 @@ fn org_pki(dir: &Path) {
     }
 }
 
+/// Runs `manager init` in `<name>/` with `extra`, which must fail leaving
+/// the data dir empty; returns its standard error.
+fn refused_init(env: &Env, name: &str, extra: &[&str]) -> String {
+    let dir = env.path(name);
+    let mut args = vec!["manager", "init", "--data-dir", dir.to_str().unwrap(), "--listen-addr", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let o = env.swarmd(&args);
+    assert!(!o.status.success(), "{extra:?} was accepted");
+    assert!(is_absent_or_empty(&dir) || files_below(&dir).is_empty(), "{:?}", files_below(&dir));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// The certificates of `node.crt` after the leaf, and the leaf, as files.
 fn split_chain(cert: &Path, out: &Path) -> (String, String) {
     let text = std::fs::read_to_string(cert).unwrap();
@@ -145,23 +157,12 @@ fn a_cluster_under_an_organisations_root_issues_certificates_that_chain_to_it() 
         &p("leaf.pem"),
     ]);
     for (cert, key, why) in [("leaf.pem", "leaf.key", "not a CA"), ("cluster.pem", "inter.key", "does not belong")] {
-        let dir = env.path(&format!("refused-{why}").replace(' ', "-"));
-        let o = env.swarmd(&[
-            "manager",
-            "init",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen-addr",
-            "127.0.0.1:0",
-            "--ca-cert",
-            &p(cert),
-            "--ca-key",
-            &p(key),
-        ]);
-        assert!(!o.status.success());
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = refused_init(
+            &env,
+            &format!("refused-{why}").replace(' ', "-"),
+            &["--ca-cert", &p(cert), "--ca-key", &p(key)],
+        );
         assert!(err.contains(why) && err.lines().count() == 1, "{err}");
-        assert!(is_absent_or_empty(&dir) || files_below(&dir).is_empty(), "{:?}", files_below(&dir));
     }
 }
 
@@ -281,29 +282,33 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     let mut cfssl = Cfssl::start(&pki, port);
     let url = format!("https://127.0.0.1:{port}");
 
-    // A bad --external-ca is refused at init with one line, nothing written.
+    let other_key = key(&pki, "other");
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &other_key,
+        "-subj",
+        "/CN=Other",
+        "-days",
+        "1",
+        "-out",
+        &p("root-other.pem"),
+    ]);
+    // A bad --external-ca, or a signer that cannot be reached or
+    // authenticated, is refused at init, nothing written.
     for (spec, why) in [
         (format!("protocol=acme,url={url}"), "only cfssl"),
         (format!("protocol=cfssl,url=http://127.0.0.1:{port}"), "https"),
         ("protocol=cfssl".to_owned(), "url="),
+        (format!("protocol=cfssl,url=https://127.0.0.1:{}", free_port()), "unreachable"),
+        // The signer's TLS certificate must chain to `cacert` (here: a CA that did not issue it).
+        (format!("protocol=cfssl,url={url},cacert={}", p("root-other.pem")), "TLS"),
     ] {
-        let dir = env.path(&format!("refused-{}", why.replace(' ', "-").replace('=', "")));
-        let o = env.swarmd(&[
-            "manager",
-            "init",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen-addr",
-            "127.0.0.1:0",
-            "--ca-cert",
-            &p("ca.pem"),
-            "--external-ca",
-            &spec,
-        ]);
-        assert!(!o.status.success());
-        let err = String::from_utf8_lossy(&o.stderr);
+        let name = format!("refused-{}", why.replace(' ', "-").replace('=', ""));
+        let err = refused_init(&env, &name, &["--ca-cert", &p("ca.pem"), "--external-ca", &spec]);
         assert!(err.contains(why), "{spec}: {err}");
-        assert!(is_absent_or_empty(&dir) || files_below(&dir).is_empty(), "{:?}", files_below(&dir));
     }
 
     let spec = format!("protocol=cfssl,url={url}");

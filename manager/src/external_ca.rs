@@ -37,7 +37,7 @@ pub enum SignError {
     Local(#[from] CertError),
     /// The external CA could not be reached, refused, or answered with
     /// something unusable.
-    #[error("external CA {url}: {reason}; nodes keep their current certificates")]
+    #[error("external CA {url}: {reason}")]
     External { url: String, reason: String },
 }
 
@@ -45,7 +45,9 @@ impl From<SignError> for tonic::Status {
     fn from(e: SignError) -> Self {
         match e {
             SignError::Local(e) => tonic::Status::invalid_argument(e.to_string()),
-            e @ SignError::External { .. } => tonic::Status::unavailable(e.to_string()),
+            e @ SignError::External { .. } => {
+                tonic::Status::unavailable(format!("{e}; nodes keep their current certificates"))
+            }
         }
     }
 }
