@@ -351,7 +351,17 @@ impl RootCa {
         if let Some(missing) = want.dns_names.iter().find(|n| !info.dns_names.contains(n)) {
             return Err(bad(format!("it lacks the DNS name {missing}")));
         }
+        // Names beyond ours could pass a worker off as a manager (`swarm-ca`)
+        // or as something outside the cluster.
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| bad(e.to_string()))?;
+        let names = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san.value.general_names.len(),
+            Ok(None) => 0,
+            Err(e) => return Err(bad(format!("its subject alternative names: {e}"))),
+        };
+        if names != want.dns_names.len() || info.dns_names.len() != want.dns_names.len() {
+            return Err(bad(format!("it names more than {}", want.dns_names.join(", "))));
+        }
         if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
             return Err(bad("its key is not the one in the request".into()));
         }
@@ -704,6 +714,31 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
         let issuer = signer.issuer().unwrap();
         let as_ca = ca_params.signed_by(&key, issuer).unwrap().pem();
         assert!(refused(&as_ca, &csr, &node, role).contains("CA certificate"));
+        // More names than ours: a worker that is also `swarm-ca`, or an IP.
+        let role_w = Role::Worker;
+        let mut worker = params.clone();
+        worker.distinguished_name = {
+            let subject = NodeSubject::new(&node, role_w, signer.cluster_id());
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, subject.common_name);
+            dn.push(DnType::OrganizationalUnitName, subject.org_unit);
+            dn.push(DnType::OrganizationName, subject.organization);
+            dn
+        };
+        worker.subject_alt_names = vec![
+            SanType::DnsName("swarm-worker".try_into().unwrap()),
+            SanType::DnsName(node.as_str().try_into().unwrap()),
+            SanType::DnsName("swarm-ca".try_into().unwrap()),
+        ];
+        let extra = signer.sign_leaf(worker.clone(), &key, Duration::from_secs(3600), BACKDATE).unwrap();
+        assert!(refused(&extra.pem, &csr, &node, role_w).contains("names more"));
+        worker.subject_alt_names.pop();
+        worker.subject_alt_names.push(SanType::IpAddress("10.0.0.1".parse().unwrap()));
+        let extra = signer.sign_leaf(worker.clone(), &key, Duration::from_secs(3600), BACKDATE).unwrap();
+        assert!(refused(&extra.pem, &csr, &node, role_w).contains("names more"));
+        worker.subject_alt_names.pop();
+        let exact = signer.sign_leaf(worker, &key, Duration::from_secs(3600), BACKDATE).unwrap();
+        keyless.accept_signed_node(&exact.pem, &csr, &node, role_w).unwrap();
         // Only client auth.
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let client_only = params.signed_by(&key, issuer).unwrap().pem();

@@ -108,3 +108,25 @@ fn the_leader_asks_in_batches_and_finishes_when_every_live_node_converged() {
     }
     assert_eq!(next_step(&view, &r, 103).unwrap(), Some(Step::Finish));
 }
+
+#[test]
+fn an_external_ca_is_https_cfssl_and_rules_out_a_rotation() {
+    let (view, _) = initialised();
+    let ext = |protocol: &str, url: &str| {
+        Command::SetExternalCa(Box::new(ExternalCaRecord {
+            protocol: protocol.into(),
+            url: url.into(),
+            tls_roots_pem: String::new(),
+        }))
+    };
+    for bad in [ext("acme", "https://ca:8888"), ext("cfssl", "http://ca:8888"), ext("cfssl", &"https://".repeat(400))] {
+        assert!(matches!(refused(&view, &bad), Rejection::Invalid(_)));
+        assert!(view.external_ca().unwrap().is_none());
+    }
+    apply(&view, &ext("cfssl", "https://ca:8888")).unwrap();
+    assert_eq!(view.external_ca().unwrap().unwrap().url, "https://ca:8888");
+    // No key to rotate from: refused by the state itself, whoever proposes it.
+    let e = refused(&view, &Command::StartCaRotation(Box::new(rotation(5))));
+    assert!(matches!(&e, Rejection::Invalid(m) if m.contains("external CA")), "{e}");
+    assert!(view.ca_rotation().unwrap().is_none());
+}
