@@ -255,11 +255,25 @@ fn signer_pki(dir: &Path, expiry: &str) {
         "-out",
         &p("tls.pem"),
     ]);
-    let config = serde_json::json!({"signing": {"default": {
-        "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
-        "expiry": expiry,
-    }}});
+    // Signing needs the auth key: cfssl then serves only authsign.
+    let auth_key = hex::encode(random32());
+    std::fs::write(dir.join("auth.hex"), format!("{auth_key}\n")).unwrap();
+    let config = serde_json::json!({
+        "signing": {"default": {
+            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+            "expiry": expiry,
+            "auth_key": "managers",
+        }},
+        "auth_keys": {"managers": {"type": "standard", "key": auth_key}},
+    });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+fn random32() -> Vec<u8> {
+    use std::io::Read;
+    let mut b = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    b
 }
 
 /// `--external-ca protocol=cfssl,url=https://…`: a real `cfssl serve` holds
@@ -282,6 +296,8 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     let mut cfssl = Cfssl::start(&pki, port);
     let url = format!("https://127.0.0.1:{port}");
 
+    let auth = p("auth.hex");
+    std::fs::write(pki.join("wrong.hex"), hex::encode(random32())).unwrap();
     let other_key = key(&pki, "other");
     openssl(&[
         "req",
@@ -299,19 +315,24 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     // A bad --external-ca, or a signer that cannot be reached or
     // authenticated, is refused at init, nothing written.
     for (spec, why) in [
-        (format!("protocol=acme,url={url}"), "only cfssl"),
-        (format!("protocol=cfssl,url=http://127.0.0.1:{port}"), "https"),
-        ("protocol=cfssl".to_owned(), "url="),
-        (format!("protocol=cfssl,url=https://127.0.0.1:{}", free_port()), "unreachable"),
+        (format!("protocol=acme,url={url},authkey={auth}"), "only cfssl"),
+        (format!("protocol=cfssl,url=http://127.0.0.1:{port},authkey={auth}"), "https"),
+        (format!("protocol=cfssl,authkey={auth}"), "url="),
+        // Without the auth key anyone reaching the signer could mint a manager.
+        (format!("protocol=cfssl,url={url}"), "authkey"),
+        (format!("protocol=cfssl,url={url},authkey={}", p("ca.pem")), "hex"),
+        (format!("protocol=cfssl,url=https://127.0.0.1:{},authkey={auth}", free_port()), "unreachable"),
         // The signer's TLS certificate must chain to `cacert` (here: a CA that did not issue it).
-        (format!("protocol=cfssl,url={url},cacert={}", p("root-other.pem")), "TLS"),
+        (format!("protocol=cfssl,url={url},authkey={auth},cacert={}", p("root-other.pem")), "TLS"),
+        // The signer refuses a request made with another key.
+        (format!("protocol=cfssl,url={url},authkey={}", p("wrong.hex")), "invalid token"),
     ] {
         let name = format!("refused-{}", why.replace(' ', "-").replace('=', ""));
         let err = refused_init(&env, &name, &["--ca-cert", &p("ca.pem"), "--external-ca", &spec]);
         assert!(err.contains(why), "{spec}: {err}");
     }
 
-    let spec = format!("protocol=cfssl,url={url}");
+    let spec = format!("protocol=cfssl,url={url},authkey={auth}");
     let m = env.start_manager("m1", &["--ca-cert", &p("ca.pem"), "--external-ca", &spec]);
     let w = env.join_worker("w1", &m.token("worker"), &m.addr);
     m.wait_ready(2);
@@ -337,6 +358,14 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
         assert!(info.not_after - swarmd_certs::now_unix() <= 600, "{name}: not cfssl's 10 min profile: {info:?}");
     }
     let serial = |data: &Path| swarmd_certs::CertInfo::parse(&leaf_of(data)).unwrap().serial;
+
+    // An admin certificate may not live longer than asked: cfssl's profile
+    // (10 min) is longer than 60 s.
+    let o = m.ctl(&["admin-cert", "--out", env.path("admin").to_str().unwrap(), "--expiry", "60s"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("past what was asked"), "{err}");
+    m.ctl_ok(&["admin-cert", "--out", env.path("admin").to_str().unwrap(), "--expiry", "1h"]);
 
     // The cluster holds no CA key: no rotation from here.
     let o = m.ctl(&["ca", "rotate", "--detach"]);

@@ -318,14 +318,16 @@ impl RootCa {
     /// Checks a node certificate an external signer returned for `csr_pem`
     /// (the first certificate of `answer_pem`; at most 64 KiB): the subject
     /// and SANs of [`NodeSubject`] for `node_id` in `role`, the CSR's key, not
-    /// a CA, server and client auth, valid now, and issued by this CA. Returns
-    /// it with this CA's chain appended, as [`RootCa::sign_node`] would.
+    /// a CA, server and client auth, valid now, expiring by `latest` (unix
+    /// seconds, plus a minute for clock skew), and issued by this CA.
+    /// Returns it with this CA's chain appended, as [`RootCa::sign_node`] would.
     pub fn accept_signed_node(
         &self,
         answer_pem: &str,
         csr_pem: &str,
         node_id: &NodeId,
         role: Role,
+        latest: i64,
     ) -> Result<IssuedCert, CertError> {
         use rcgen::PublicKeyData;
         use x509_parser::prelude::FromDer;
@@ -371,6 +373,12 @@ impl RootCa {
         match cert.extended_key_usage() {
             Ok(Some(eku)) if eku.value.server_auth && eku.value.client_auth => {}
             _ => return Err(bad("it is not for both server and client authentication".into())),
+        }
+        if info.not_after > latest.saturating_add(60) {
+            return Err(bad(format!(
+                "it lives {}s past what was asked for: the signer's profile is longer than the certificate may live",
+                info.not_after - latest
+            )));
         }
         crate::tls::verify_chain_at(std::slice::from_ref(&der), &self.cert_pem, crate::now_unix())
             .map_err(|e| bad(e.to_string()))?;
@@ -669,12 +677,16 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
         let (node, role) = (NodeId::random(), Role::Manager);
         let (_, csr) = generate_key_and_csr().unwrap();
         let good = signer.sign_node(&csr, &node, role, CertValidity::DEFAULT).unwrap();
-        let taken = keyless.accept_signed_node(&good.pem, &csr, &node, role).unwrap();
+        let far = crate::now_unix() + 86400;
+        // Longer than asked for (a minute of skew allowed).
+        let e = keyless.accept_signed_node(&good.pem, &csr, &node, role, crate::now_unix() + 3600).unwrap_err();
+        assert!(e.to_string().contains("past what was asked"), "{e}");
+        let taken = keyless.accept_signed_node(&good.pem, &csr, &node, role, far).unwrap();
         assert_eq!((taken.serial.as_str(), taken.not_after), (good.serial.as_str(), good.not_after));
         assert!(taken.pem.ends_with("-----END CERTIFICATE-----\nCHAIN\n"), "{}", taken.pem);
 
         let refused = |answer: &str, csr: &str, node: &NodeId, role: Role| {
-            let e = keyless.accept_signed_node(answer, csr, node, role).unwrap_err();
+            let e = keyless.accept_signed_node(answer, csr, node, role, far).unwrap_err();
             assert!(matches!(e, CertError::BadExternalCert { .. } | CertError::InvalidCsr { .. }), "{e}");
             e.to_string()
         };
@@ -738,7 +750,7 @@ jzeAMUrtOet7iOhnB/Sm1xnJ+QiY9BdEVjvL\n\
         assert!(refused(&extra.pem, &csr, &node, role_w).contains("names more"));
         worker.subject_alt_names.pop();
         let exact = signer.sign_leaf(worker, &key, Duration::from_secs(3600), BACKDATE).unwrap();
-        keyless.accept_signed_node(&exact.pem, &csr, &node, role_w).unwrap();
+        keyless.accept_signed_node(&exact.pem, &csr, &node, role_w, far).unwrap();
         // Only client auth.
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let client_only = params.signed_by(&key, issuer).unwrap().pem();

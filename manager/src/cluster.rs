@@ -72,7 +72,10 @@ impl ClusterSecrets {
                 RootCa::without_key(&record.id, &record.ca_cert_pem).map_err(|e| ClusterError::Invalid(e.to_string()))
             };
             let (ca, anchor) = (keyless()?.with_chain(chain_pem.to_owned()), keyless()?);
-            let signer = ExternalCa::new(ext, &record.ca_cert_pem).map_err(ClusterError::Invalid)?;
+            // With an external CA the record's CA key field holds the
+            // signer's auth key.
+            let auth_key = dek.open(&purpose::ca_key(cid), &record.ca_key)?;
+            let signer = ExternalCa::new(ext, &record.ca_cert_pem, &auth_key).map_err(ClusterError::Invalid)?;
             return Self::with_cas(record, dek, (ca, anchor, Some(Arc::new(signer))), record.ca_cert_pem.clone(), None);
         }
         let open_ca = |cert: &str, sealed: &Sealed| -> Result<RootCa, ClusterError> {
@@ -120,12 +123,24 @@ impl ClusterSecrets {
         })
     }
 
-    /// Signs a certificate for `node` in `role`: with the cluster's CA, or
-    /// through the external CA that holds its key.
+    /// Signs a certificate for `node` in `role` for the cluster's
+    /// certificate lifetime: with the cluster's CA, or through the external
+    /// CA that holds its key (whose profile decides, within that lifetime).
     pub async fn sign_node(&self, csr_pem: &str, node: &NodeId, role: Role) -> Result<IssuedCert, SignError> {
+        self.sign_for(csr_pem, node, role, self.validity).await
+    }
+
+    /// As [`ClusterSecrets::sign_node`], for `validity`.
+    pub async fn sign_for(
+        &self,
+        csr_pem: &str,
+        node: &NodeId,
+        role: Role,
+        validity: CertValidity,
+    ) -> Result<IssuedCert, SignError> {
         match &self.external {
-            Some(x) => x.sign(&self.ca, csr_pem, node, role).await,
-            None => Ok(self.ca.sign_node(csr_pem, node, role, self.validity)?),
+            Some(x) => x.sign(&self.ca, csr_pem, node, role, validity.duration()).await,
+            None => Ok(self.ca.sign_node(csr_pem, node, role, validity)?),
         }
     }
 

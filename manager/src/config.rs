@@ -103,16 +103,28 @@ pub struct OwnCa {
 
 /// An external CA for a new cluster: a cfssl signer and the CA certificate
 /// it signs with (the cluster's trust anchor).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ExternalCaOptions {
     /// Its signing endpoint, `https://host:port[/path]`.
     pub url: String,
+    /// The key its `authsign` endpoint checks requests with (cfssl's
+    /// `auth_keys`, type `standard`): only managers hold it.
+    pub auth_key: zeroize::Zeroizing<Vec<u8>>,
     /// The roots its TLS certificate must chain to, PEM (empty: `ca_cert_pem`).
     pub tls_roots_pem: String,
     /// The CA certificate it signs with, PEM.
     pub ca_cert_pem: String,
     /// The certificates from it up to an organisation's root, PEM (may be empty).
     pub chain_pem: String,
+}
+
+impl std::fmt::Debug for ExternalCaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalCaOptions")
+            .field("url", &self.url)
+            .field("auth_key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for OwnCa {

@@ -2,14 +2,20 @@
 //! instead of signing them, so the CA key never exists in the cluster
 //! (`swarmd manager init --external-ca protocol=cfssl,url=https://…`).
 //!
-//! The request is cfssl's `POST /api/v1/cfssl/sign`: the CSR, the subject
-//! (CN node ID, OU role, O cluster ID) and the DNS SANs the cluster's own CA
-//! would write ([`NodeSubject`]). The answer is trusted for nothing until
-//! [`RootCa::accept_signed_node`] has checked it: that subject and those
-//! names, the CSR's key, server and client auth, issued by the cluster's root.
-//! The signer's TLS certificate must chain to the configured roots (by
-//! default the cluster's root); the answer is bounded in size and time.
-//! The signer decides the certificates' lifetime (its profile's `expiry`).
+//! The request is cfssl's authenticated `POST /api/v1/cfssl/authsign`: the
+//! CSR, the subject (CN node ID, OU role, O cluster ID) and the DNS SANs the
+//! cluster's own CA would write ([`NodeSubject`]), with an HMAC-SHA256 token
+//! over it made with the signer's auth key (cfssl's `auth_keys`, type
+//! `standard`) — so that only managers, which hold that key sealed in the
+//! replicated state (in the cluster record's CA key field), can have it
+//! sign; without it, anyone who reaches the signer could mint a manager.
+//! The answer is trusted for nothing until [`RootCa::accept_signed_node`]
+//! has checked it: that subject and those names, the CSR's key, server and
+//! client auth, issued by the cluster's root, and a lifetime within the
+//! bound asked for. The signer's TLS certificate must chain to the
+//! configured roots (by default the cluster's root); the answer is bounded
+//! in size and time. The signer's profile decides the lifetime, within
+//! that bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +32,10 @@ use crate::state::ExternalCaRecord;
 const MAX_ANSWER: usize = 256 << 10;
 /// How long one signing request may take, connection included.
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// cfssl's signing endpoint, when the URL names no path.
-const CFSSL_SIGN_PATH: &str = "/api/v1/cfssl/sign";
+/// cfssl's authenticated signing endpoint, when the URL names no path.
+const CFSSL_SIGN_PATH: &str = "/api/v1/cfssl/authsign";
+/// The shortest auth key accepted, bytes.
+pub const MIN_AUTH_KEY: usize = 16;
 
 /// Why a certificate was not signed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +69,7 @@ pub struct ExternalCa {
     path: String,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
+    auth: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for ExternalCa {
@@ -90,9 +99,14 @@ pub fn parse_url(url: &str) -> Result<(String, u16, String, String), String> {
 }
 
 impl ExternalCa {
-    /// The signer `record` names; its TLS certificate is checked against
-    /// the record's roots, or `cluster_root_pem` if it has none.
-    pub fn new(record: &ExternalCaRecord, cluster_root_pem: &str) -> Result<Self, String> {
+    /// The signer `record` names, authenticated to with `auth_key`; its TLS
+    /// certificate is checked against the record's roots, or
+    /// `cluster_root_pem` if it has none.
+    pub fn new(record: &ExternalCaRecord, cluster_root_pem: &str, auth_key: &[u8]) -> Result<Self, String> {
+        if auth_key.len() < MIN_AUTH_KEY {
+            return Err(format!("the external CA's auth key must be at least {MIN_AUTH_KEY} bytes (32 hex digits)"));
+        }
+        let auth = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, auth_key);
         let (host, port, authority, path) = parse_url(&record.url)?;
         let server_name =
             ServerName::try_from(host.clone()).map_err(|e| format!("external CA URL {:?}: {e}", record.url))?;
@@ -104,7 +118,7 @@ impl ExternalCa {
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { url: record.url.clone(), host, port, authority, path, server_name, tls: Arc::new(tls) })
+        Ok(Self { url: record.url.clone(), host, port, authority, path, server_name, tls: Arc::new(tls), auth })
     }
 
     /// The signer's URL.
@@ -113,8 +127,16 @@ impl ExternalCa {
     }
 
     /// Has the signer sign `csr_pem` for `node` in `role`, and checks the
-    /// answer against `ca` (the cluster's CA, without its key).
-    pub async fn sign(&self, ca: &RootCa, csr_pem: &str, node: &NodeId, role: Role) -> Result<IssuedCert, SignError> {
+    /// answer against `ca` (the cluster's CA, without its key), refusing a
+    /// certificate that lives longer than `longest` from now.
+    pub async fn sign(
+        &self,
+        ca: &RootCa,
+        csr_pem: &str,
+        node: &NodeId,
+        role: Role,
+        longest: Duration,
+    ) -> Result<IssuedCert, SignError> {
         // The CSR is checked here first (size, key type, signature): the
         // signer gets nothing the cluster's own CA would refuse.
         swarmd_certs::check_csr(csr_pem)?;
@@ -128,12 +150,17 @@ impl ExternalCa {
             },
         });
         let fail = |reason: String| SignError::External { url: self.url.clone(), reason };
-        let body = tokio::time::timeout(TIMEOUT, self.post(request.to_string()))
+        let request = request.to_string();
+        let token = ring::hmac::sign(&self.auth, request.as_bytes());
+        let b64 = |b: &[u8]| base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+        let authenticated = serde_json::json!({ "token": b64(token.as_ref()), "request": b64(request.as_bytes()) });
+        let body = tokio::time::timeout(TIMEOUT, self.post(authenticated.to_string()))
             .await
             .map_err(|_| fail(format!("no answer within {} s", TIMEOUT.as_secs())))?
             .map_err(fail)?;
         let answer = parse_answer(&body).map_err(fail)?;
-        ca.accept_signed_node(&answer, csr_pem, node, role).map_err(|e| fail(e.to_string()))
+        let latest = swarmd_certs::now_unix().saturating_add(longest.as_secs().min(i64::MAX as u64) as i64);
+        ca.accept_signed_node(&answer, csr_pem, node, role, latest).map_err(|e| fail(e.to_string()))
     }
 
     /// POSTs `body` and returns the answer's body, whatever its status

@@ -155,8 +155,10 @@ struct InitArgs {
     #[arg(long, value_name = "F", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// A cfssl signer holds the CA key and signs node certificates:
-    /// `protocol=cfssl,url=https://HOST:PORT[/PATH][,cacert=F]` (cacert: the
-    /// roots its TLS certificate chains to; default --ca-cert). Needs --ca-cert.
+    /// `protocol=cfssl,url=https://HOST:PORT[/PATH],authkey=F[,cacert=F]`
+    /// (authkey: the hex key of the signer's `auth_keys` entry, which only
+    /// managers hold; cacert: the roots its TLS certificate chains to;
+    /// default --ca-cert). Needs --ca-cert.
     #[arg(long, value_name = "SPEC", requires = "ca_cert", conflicts_with = "ca_key")]
     external_ca: Option<ExternalCaArg>,
     /// The certificates between --ca-cert and your root (PEM), appended to
@@ -171,20 +173,22 @@ struct InitArgs {
 #[derive(Clone, Debug)]
 struct ExternalCaArg {
     url: String,
+    authkey: PathBuf,
     cacert: Option<PathBuf>,
 }
 
 impl std::str::FromStr for ExternalCaArg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut protocol, mut url, mut cacert) = (None, None, None);
+        let (mut protocol, mut url, mut cacert, mut authkey) = (None, None, None, None);
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected KEY=VALUE"))?;
             let slot = match k.trim().to_ascii_lowercase().as_str() {
                 "protocol" => &mut protocol,
                 "url" => &mut url,
                 "cacert" => &mut cacert,
-                other => return Err(format!("unknown key {other:?}: expected protocol, url or cacert")),
+                "authkey" => &mut authkey,
+                other => return Err(format!("unknown key {other:?}: expected protocol, url, authkey or cacert")),
             };
             if slot.replace(v.trim().to_owned()).is_some() {
                 return Err(format!("{k} given twice"));
@@ -199,8 +203,25 @@ impl std::str::FromStr for ExternalCaArg {
         if !url.starts_with("https://") {
             return Err(format!("url {url:?}: must be https://"));
         }
-        Ok(Self { url, cacert: cacert.map(PathBuf::from) })
+        // Without it anyone who reaches the signer could have it sign a
+        // manager certificate.
+        let authkey = authkey.ok_or(
+            "authkey=FILE is required: the hex key of the signer's auth_keys entry, so that only managers can have it sign",
+        )?;
+        Ok(Self { url, authkey: PathBuf::from(authkey), cacert: cacert.map(PathBuf::from) })
     }
+}
+
+/// Reads a cfssl auth key: a file holding its hex digits (at most 1 KiB).
+fn read_auth_key(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(1024).read_to_string(&mut text))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let key = hex::decode(text.trim())
+        .map_err(|_| anyhow::anyhow!("{}: an auth key is hex digits (as in cfssl's auth_keys)", path.display()))?;
+    Ok(zeroize::Zeroizing::new(key))
 }
 
 /// Reads a PEM file of at most 64 KiB.
@@ -369,6 +390,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if let (Some(cert), Some(ext)) = (&a.ca_cert, &a.external_ca) {
                 opts.external_ca = Some(swarmd_manager::ExternalCaOptions {
                     url: ext.url.clone(),
+                    auth_key: read_auth_key(&ext.authkey)?,
                     tls_roots_pem: match &ext.cacert {
                         Some(f) => read_pem_file(f)?.to_string(),
                         None => String::new(),

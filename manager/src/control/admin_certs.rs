@@ -38,9 +38,9 @@ pub(super) async fn issue_admin_certificate(
     let r = req.get_ref();
     let validity = validate::validate_issue_admin_certificate(r, s.validity)?;
     let id = NodeId::random();
-    // An external CA decides the lifetime itself (its profile's expiry).
+    // An external CA's profile decides the lifetime: refused if longer than asked.
     let issued = match &s.external {
-        Some(_) => s.sign_node(&r.csr_pem, &id, Role::Admin).await?,
+        Some(_) => s.sign_for(&r.csr_pem, &id, Role::Admin, validity).await?,
         None => {
             s.ca.sign_node(&r.csr_pem, &id, Role::Admin, validity)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?

@@ -178,7 +178,7 @@ impl Manager {
                     url: ext.url.clone(),
                     tls_roots_pem: ext.tls_roots_pem.clone(),
                 };
-                let signer = ExternalCa::new(&record, &ext.ca_cert_pem)
+                let signer = ExternalCa::new(&record, &ext.ca_cert_pem, &ext.auth_key)
                     .map_err(|e| ManagerError::Invalid(format!("--external-ca: {e}")))?;
                 (ca.with_chain(chain.clone()), chain, Some((record, signer)))
             }
@@ -187,7 +187,7 @@ impl Manager {
         let (key, csr) = generate_key_and_csr()?;
         let issued = match &external {
             Some((_, signer)) => signer
-                .sign(&ca, &csr, &node_id, Role::Manager)
+                .sign(&ca, &csr, &node_id, Role::Manager, opts.cert_expiry.duration())
                 .await
                 .map_err(|e| ManagerError::Invalid(format!("--external-ca: {e}")))?,
             None => ca.sign_node(&csr, &node_id, Role::Manager, opts.cert_expiry)?,
@@ -203,12 +203,12 @@ impl Manager {
         let cluster = ClusterRecord {
             id: cluster_id.clone(),
             ca_cert_pem: ca.cert_pem().to_owned(),
-            // Sealed empty when an external CA holds the key.
-            ca_key: keyring.seal(
-                FIRST_DATA_KEY,
-                &purpose::ca_key(cid),
-                ca.key_pem().as_ref().map_or(&b""[..], |k| k.as_bytes()),
-            )?,
+            // With an external CA: the signer's auth key instead.
+            ca_key: match (ca.key_pem(), &opts.external_ca) {
+                (Some(k), _) => keyring.seal(FIRST_DATA_KEY, &purpose::ca_key(cid), k.as_bytes())?,
+                (None, Some(ext)) => keyring.seal(FIRST_DATA_KEY, &purpose::ca_key(cid), &ext.auth_key)?,
+                (None, None) => return Err(ManagerError::Invalid("the cluster CA has no key".into())),
+            },
             worker_token: seal_token(Role::Worker)?,
             manager_token: seal_token(Role::Manager)?,
             data_key_id: FIRST_DATA_KEY,
