@@ -4,6 +4,12 @@
 //! Nothing here talks to the network; the callers (secretctl, the managers'
 //! blob store, the workers' rootfs cache) bring the bytes.
 
+pub mod build;
+pub mod digest;
+pub mod layout;
 pub mod unpack;
 
+pub use build::build_layout;
+pub use digest::Digest;
+pub use layout::{load, Compression, Image, Layer, LayoutError, Platform, Source};
 pub use unpack::{apply_layer, Budget, LayerStats, Owners, UnpackError};
