@@ -7,9 +7,11 @@
 pub mod build;
 pub mod digest;
 pub mod layout;
+pub mod store;
 pub mod unpack;
 
 pub use build::build_layout;
 pub use digest::Digest;
 pub use layout::{load, Compression, Image, Layer, LayoutError, Platform, Source};
+pub use store::{BlobStore, BlobWriter, StoreError};
 pub use unpack::{apply_layer, Budget, LayerStats, Owners, UnpackError};
