@@ -5,12 +5,14 @@
 //! blob store, the workers' rootfs cache) bring the bytes.
 
 pub mod build;
+pub mod cache;
 pub mod digest;
 pub mod layout;
 pub mod store;
 pub mod unpack;
 
 pub use build::build_layout;
+pub use cache::{chain_id, CacheError, LayerRef, Rootfs, RootfsCache};
 pub use digest::Digest;
 pub use layout::{load, Compression, Image, Layer, LayoutError, Platform, Source};
 pub use store::{BlobStore, BlobWriter, StoreError};

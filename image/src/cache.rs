@@ -1,0 +1,314 @@
+//! The workers' root filesystem cache: one unpacked tree per layer chain
+//! (and owner shift), shared read-only by every task of the image,
+//! reference-counted and garbage-collected when no task uses it.
+//!
+//! A tree is unpacked into `tmp/<random>` — each layer fetched, its blob
+//! checked against its digest and size and its tar against its DiffID while
+//! it is applied ([`crate::apply_layer`]) — and renamed to
+//! `rootfs/<chain ID>-<shift>` only once every layer checked out; a tree
+//! that is there is complete. What a crash left in `tmp/` is removed at open.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::{Digest, Hashing};
+use crate::layout::Compression;
+use crate::unpack::{apply_layer, Budget, Owners, UnpackError};
+
+/// One layer, as the manifest and config name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRef {
+    /// The blob's digest.
+    pub digest: Digest,
+    /// The blob's size.
+    pub size: u64,
+    /// How the blob is compressed.
+    pub compression: Compression,
+    /// The uncompressed tar's digest.
+    pub diff_id: Digest,
+}
+
+/// The OCI chain ID of `diff_ids`: the first DiffID, then
+/// `sha256(previous + " " + next)` for each next one.
+pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
+    let mut it = diff_ids.iter();
+    let mut id = it.next()?.clone();
+    for d in it {
+        let next = hex::encode(Sha256::digest(format!("{id} {d}").as_bytes()));
+        id = format!("sha256:{next}").parse().expect("a sha256 digest");
+    }
+    Some(id)
+}
+
+/// Why a tree could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Fetching a blob failed.
+    #[error("layer {digest}: {reason}")]
+    Fetch { digest: Digest, reason: String },
+    /// A blob or its tar is not what the image says.
+    #[error("layer {digest}: {reason}")]
+    Mismatch { digest: Digest, reason: String },
+    /// The layer was refused while applied.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+    /// The cache directory failed.
+    #[error("rootfs cache {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An image without layers.
+    #[error("an image without layers")]
+    NoLayers,
+}
+
+fn io_at(path: &Path) -> impl Fn(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io { path: path.display().to_string(), source }
+}
+
+/// The cache in one directory.
+#[derive(Clone)]
+pub struct RootfsCache {
+    dir: PathBuf,
+    refs: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A tree in use by one task; released on drop.
+pub struct Rootfs {
+    path: PathBuf,
+    key: String,
+    refs: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Rootfs {
+    /// The tree's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let mut refs = self.refs.lock().expect("cache lock");
+        if let Some(n) = refs.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                refs.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Rootfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rootfs").field("path", &self.path).finish()
+    }
+}
+
+impl RootfsCache {
+    /// Opens (creating, 0700) the cache in `dir`, removing unfinished trees.
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        for d in [dir.to_owned(), dir.join("rootfs"), dir.join("tmp")] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(io_at(&d))?;
+        }
+        let tmp = dir.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io_at(&tmp))? {
+            let p = e.map_err(io_at(&tmp))?.path();
+            let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
+        }
+        Ok(Self { dir: dir.to_owned(), refs: Arc::default() })
+    }
+
+    fn key(layers: &[LayerRef], owners: Owners) -> Result<String, CacheError> {
+        let ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+        let chain = chain_id(&ids).ok_or(CacheError::NoLayers)?;
+        let shift = match owners {
+            Owners::Shift(off) => off.to_string(),
+            Owners::Ignore => "asis".to_owned(),
+        };
+        Ok(format!("{}-{shift}", chain.hex()))
+    }
+
+    /// Whether the tree of `layers` is unpacked already.
+    pub fn has(&self, layers: &[LayerRef], owners: Owners) -> bool {
+        Self::key(layers, owners).is_ok_and(|k| self.dir.join("rootfs").join(k).is_dir())
+    }
+
+    /// The tree of `layers` (owned as `owners` says), unpacked now if it is
+    /// not yet, each blob from `fetch`; held until the [`Rootfs`] drops.
+    pub fn acquire(
+        &self,
+        layers: &[LayerRef],
+        owners: Owners,
+        mut fetch: impl FnMut(&LayerRef) -> io::Result<Box<dyn Read>>,
+    ) -> Result<Rootfs, CacheError> {
+        let key = Self::key(layers, owners)?;
+        let path = self.dir.join("rootfs").join(&key);
+        if !path.is_dir() {
+            // Two tasks of one image may unpack at once: each in its own place.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = self.dir.join("tmp").join(format!("{key}.{}.{n}", std::process::id()));
+            fs::DirBuilder::new().mode(0o755).create(&tmp).map_err(io_at(&tmp))?;
+            let unpacked = unpack_all(&tmp, layers, owners, &mut fetch);
+            if let Err(e) = unpacked {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+            if let Err(e) = fs::rename(&tmp, &path) {
+                let _ = fs::remove_dir_all(&tmp);
+                // Another task of the image finished first: use its tree.
+                if !path.is_dir() {
+                    return Err(io_at(&path)(e));
+                }
+            }
+        }
+        *self.refs.lock().expect("cache lock").entry(key.clone()).or_default() += 1;
+        Ok(Rootfs { path, key, refs: self.refs.clone() })
+    }
+
+    /// Removes every tree no task holds; returns how many.
+    pub fn collect_garbage(&self) -> Result<usize, CacheError> {
+        let refs = self.refs.lock().expect("cache lock");
+        let root = self.dir.join("rootfs");
+        let mut removed = 0;
+        for e in fs::read_dir(&root).map_err(io_at(&root))? {
+            let e = e.map_err(io_at(&root))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !refs.contains_key(&name) {
+                fs::remove_dir_all(e.path()).map_err(io_at(&e.path()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn unpack_all(
+    root: &Path,
+    layers: &[LayerRef],
+    owners: Owners,
+    fetch: &mut impl FnMut(&LayerRef) -> io::Result<Box<dyn Read>>,
+) -> Result<(), CacheError> {
+    let dir = fs::File::open(root).map_err(io_at(root))?;
+    let mut budget = Budget::default();
+    for l in layers {
+        let blob = fetch(l).map_err(|e| CacheError::Fetch { digest: l.digest.clone(), reason: e.to_string() })?;
+        let mismatch = |reason: String| CacheError::Mismatch { digest: l.digest.clone(), reason };
+        let mut outer = Hashing::new(blob.take(l.size.saturating_add(1)));
+        {
+            let tar = l.compression.reader(&mut outer).map_err(|e| mismatch(format!("cannot decompress: {e}")))?;
+            let mut inner = Hashing::new(tar);
+            apply_layer(dir.as_fd(), &mut inner, &mut budget, owners)?;
+            // The tar's end: padding after its last blocks counts toward its digest.
+            io::copy(&mut inner, &mut io::sink()).map_err(|e| mismatch(format!("cannot decompress: {e}")))?;
+            let (diff, _) = inner.finish();
+            if diff != l.diff_id {
+                return Err(mismatch(format!("its tar hashes to {diff}, the image's DiffID is {}", l.diff_id)));
+            }
+        }
+        io::copy(&mut outer, &mut io::sink()).map_err(|e| mismatch(e.to_string()))?;
+        let (digest, size) = outer.finish();
+        if size != l.size || digest != l.digest {
+            return Err(mismatch(format!("{size} bytes hashing to {digest}, not {} bytes", l.size)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::build_layout;
+    use crate::layout::{blob_path, load, Platform, Source};
+
+    fn image(dir: &Path) -> (PathBuf, Vec<LayerRef>) {
+        let root = dir.join("src");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/motd"), b"hi\n").unwrap();
+        let out = dir.join("layout");
+        build_layout(&root, &out, "x").unwrap();
+        let img = load(&Source::open(&out).unwrap(), &Platform::default(), None).unwrap();
+        let layers = img
+            .layers
+            .iter()
+            .map(|l| LayerRef {
+                digest: l.digest.clone(),
+                size: l.size,
+                compression: Compression::of_media_type(&l.media_type).unwrap(),
+                diff_id: l.diff_id.clone(),
+            })
+            .collect();
+        (out, layers)
+    }
+
+    fn from(out: &Path) -> impl FnMut(&LayerRef) -> io::Result<Box<dyn Read>> + '_ {
+        move |l| Ok(Box::new(fs::File::open(out.join(blob_path(&l.digest)))?) as Box<dyn Read>)
+    }
+
+    #[test]
+    fn a_tree_is_unpacked_once_shared_and_collected_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, layers) = image(dir.path());
+        let cache = RootfsCache::open(&dir.path().join("cache")).unwrap();
+        let mut fetches = 0;
+        let a = cache
+            .acquire(&layers, Owners::Ignore, |l| {
+                fetches += 1;
+                from(&out)(l)
+            })
+            .unwrap();
+        assert_eq!(fs::read(a.path().join("etc/motd")).unwrap(), b"hi\n");
+        // A second task of the image: no fetch.
+        let b = cache.acquire(&layers, Owners::Ignore, |_| panic!("fetched again")).unwrap();
+        assert_eq!((a.path(), fetches), (b.path(), 1));
+        drop(a);
+        assert_eq!(cache.collect_garbage().unwrap(), 0, "a tree in use was collected");
+        drop(b);
+        assert_eq!(cache.collect_garbage().unwrap(), 1);
+        assert!(!cache.has(&layers, Owners::Ignore));
+    }
+
+    #[test]
+    fn a_blob_or_tar_that_is_not_the_images_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, layers) = image(dir.path());
+        let cache = RootfsCache::open(&dir.path().join("cache")).unwrap();
+        // The right tar under another DiffID.
+        let mut wrong = layers.clone();
+        wrong[0].diff_id = Digest::of(b"another tar");
+        let e = cache.acquire(&wrong, Owners::Ignore, from(&out)).unwrap_err();
+        assert!(e.to_string().contains("DiffID"), "{e}");
+        // A blob whose digest is not the manifest's.
+        let mut wrong = layers.clone();
+        wrong[0].digest = Digest::of(b"another blob");
+        let mut blob = Some(fs::read(out.join(blob_path(&layers[0].digest))).unwrap());
+        let e = cache
+            .acquire(&wrong, Owners::Ignore, |_| Ok(Box::new(io::Cursor::new(blob.take().unwrap())) as Box<dyn Read>))
+            .unwrap_err();
+        assert!(e.to_string().contains("hashing to"), "{e}");
+        // A fetch that fails.
+        let e = cache.acquire(&layers, Owners::Ignore, |_| Err(io::Error::other("refused"))).unwrap_err();
+        assert!(matches!(e, CacheError::Fetch { .. }), "{e}");
+        assert_eq!(fs::read_dir(dir.path().join("cache/rootfs")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert_eq!(chain_id(std::slice::from_ref(&a)), Some(a.clone()));
+        let want = format!("sha256:{}", hex::encode(Sha256::digest(format!("{a} {b}").as_bytes())));
+        assert_eq!(chain_id(&[a, b]).unwrap().as_str(), want);
+        assert_eq!(chain_id(&[]), None);
+    }
+}
