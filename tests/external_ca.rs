@@ -166,32 +166,60 @@ fn a_cluster_under_an_organisations_root_issues_certificates_that_chain_to_it() 
     }
 }
 
-/// `cfssl serve` on 127.0.0.1, stopped on drop (even when the test fails).
+/// A cfssl signer on 127.0.0.1, stopped on drop (even when the test fails).
 struct Cfssl {
     child: std::process::Child,
 }
 
+/// Which cfssl server signs.
+#[derive(Clone, Copy, PartialEq)]
+enum Signer {
+    /// `multirootca`: serves only authsign.
+    MultiRoot,
+    /// `cfssl serve`: also serves newcert, whatever the auth key (cfssl#250).
+    Serve,
+}
+
 impl Cfssl {
-    /// Serves signing with `dir/ca.pem` and `ca.key` (profile in `config.json`)
-    /// over TLS with `tls.pem`/`tls.key`, on `port`; returns once it accepts
+    /// Serves signing with `dir/ca.pem` and `ca.sec1` (profile in `config.json`)
+    /// over TLS with `tls.pem`/`tls.sec1`, on `port`; returns once it accepts
     /// connections.
-    fn start(dir: &Path, port: u16) -> Self {
+    fn start(dir: &Path, port: u16, signer: Signer) -> Self {
         let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-        let log = std::fs::File::create(dir.join(format!(
-            "cfssl-{}.log",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        )))
-        .unwrap();
-        let child = Command::new("cfssl")
-            .args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
-            .args(["-ca", &p("ca.pem"), "-ca-key", &p("ca.sec1"), "-config", &p("config.json")])
-            .args(["-tls-cert", &p("tls.pem"), "-tls-key", &p("tls.sec1")])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run cfssl ({e}): install Debian's golang-cfssl (scripts/setup does)"));
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let log = std::fs::File::create(dir.join(format!("cfssl-{stamp}.log"))).unwrap();
+        let mut cmd = match signer {
+            Signer::Serve => {
+                let mut c = Command::new("cfssl");
+                c.args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
+                    .args(["-ca", &p("ca.pem"), "-ca-key", &p("ca.sec1"), "-config", &p("config.json")])
+                    .args(["-tls-cert", &p("tls.pem"), "-tls-key", &p("tls.sec1")]);
+                c
+            }
+            Signer::MultiRoot => {
+                let roots = format!(
+                    "[ primary ]\nprivate = file://{}\ncertificate = {}\nconfig = {}\n",
+                    p("ca.sec1"),
+                    p("ca.pem"),
+                    p("config.json")
+                );
+                std::fs::write(dir.join("roots.conf"), roots).unwrap();
+                let mut c = Command::new("multirootca");
+                c.args(["-a", &format!("127.0.0.1:{port}"), "-roots", &p("roots.conf"), "-l", "primary"]).args([
+                    "-tls-cert",
+                    &p("tls.pem"),
+                    "-tls-key",
+                    &p("tls.sec1"),
+                ]);
+                c
+            }
+        };
+        let child =
+            cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap_or_else(|e| {
+                panic!("cannot run cfssl ({e}): install Debian's golang-cfssl (scripts/setup does)")
+            });
         let me = Self { child };
-        wait_for("cfssl to listen", DEADLINE, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        wait_for("the signer to listen", DEADLINE, || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
         me
     }
 
@@ -257,7 +285,7 @@ fn signer_pki(dir: &Path, expiry: &str) {
     ]);
     // Signing needs the auth key: cfssl then serves only authsign.
     let auth_key = hex::encode(random32());
-    std::fs::write(dir.join("auth.hex"), format!("{auth_key}\n")).unwrap();
+    write_key_file(&dir.join("auth.hex"), &format!("{auth_key}\n"), 0o600);
     let config = serde_json::json!({
         "signing": {"default": {
             "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
@@ -267,6 +295,12 @@ fn signer_pki(dir: &Path, expiry: &str) {
         "auth_keys": {"managers": {"type": "standard", "key": auth_key}},
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+fn write_key_file(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn random32() -> Vec<u8> {
@@ -293,11 +327,17 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     signer_pki(&pki, "10m");
     let p = |f: &str| pki.join(f).to_str().unwrap().to_owned();
     let port = free_port();
-    let mut cfssl = Cfssl::start(&pki, port);
+    let mut cfssl = Cfssl::start(&pki, port, Signer::MultiRoot);
     let url = format!("https://127.0.0.1:{port}");
+    // `cfssl serve` with the same auth key still signs through newcert,
+    // unauthenticated: refused at init.
+    let open_port = free_port();
+    let open_signer = Cfssl::start(&pki, open_port, Signer::Serve);
 
     let auth = p("auth.hex");
-    std::fs::write(pki.join("wrong.hex"), hex::encode(random32())).unwrap();
+    write_key_file(&pki.join("wrong.hex"), &hex::encode(random32()), 0o600);
+    write_key_file(&pki.join("nonhex.key"), "not hex digits\n", 0o600);
+    write_key_file(&pki.join("auth-0644.hex"), &std::fs::read_to_string(&auth).unwrap(), 0o644);
     let other_key = key(&pki, "other");
     openssl(&[
         "req",
@@ -320,12 +360,18 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
         (format!("protocol=cfssl,authkey={auth}"), "url="),
         // Without the auth key anyone reaching the signer could mint a manager.
         (format!("protocol=cfssl,url={url}"), "authkey"),
-        (format!("protocol=cfssl,url={url},authkey={}", p("ca.pem")), "hex"),
+        (format!("protocol=cfssl,url={url},authkey={}", p("nonhex.key")), "hex"),
         (format!("protocol=cfssl,url=https://127.0.0.1:{},authkey={auth}", free_port()), "unreachable"),
         // The signer's TLS certificate must chain to `cacert` (here: a CA that did not issue it).
         (format!("protocol=cfssl,url={url},authkey={auth},cacert={}", p("root-other.pem")), "TLS"),
         // The signer refuses a request made with another key.
         (format!("protocol=cfssl,url={url},authkey={}", p("wrong.hex")), "invalid token"),
+        // A signer that would sign for anyone.
+        (
+            format!("protocol=cfssl,url=https://127.0.0.1:{open_port},authkey={auth}"),
+            "also serves /api/v1/cfssl/newcert",
+        ),
+        (format!("protocol=cfssl,url={url},authkey={}", p("auth-0644.hex")), "mode 0644"),
     ] {
         let name = format!("refused-{}", why.replace(' ', "-").replace('=', ""));
         let err = refused_init(&env, &name, &["--ca-cert", &p("ca.pem"), "--external-ca", &spec]);
@@ -445,7 +491,8 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     });
     assert_eq!(m.nodes().len(), before_nodes, "a join the signer did not sign recorded a node");
 
+    drop(open_signer);
     // The signer is back: the waiting join goes through.
-    let _cfssl = Cfssl::start(&pki, port);
+    let _cfssl = Cfssl::start(&pki, port, Signer::MultiRoot);
     m.wait_ready(3);
 }

@@ -163,9 +163,37 @@ impl ExternalCa {
         ca.accept_signed_node(&answer, csr_pem, node, role, latest).map_err(|e| fail(e.to_string()))
     }
 
-    /// POSTs `body` and returns the answer's body, whatever its status
-    /// (cfssl explains refusals in the JSON of a 4xx answer).
+    /// Refuses a signer that would also sign without the auth key: beside
+    /// `authsign`, its `newcert` (which `cfssl serve` keeps open whatever the
+    /// profile's auth key, cfssl#250) and `sign` endpoints must answer 404.
+    /// `multirootca` serves only `authsign`.
+    pub async fn check_only_authenticated(&self) -> Result<(), SignError> {
+        let fail = |reason: String| SignError::External { url: self.url.clone(), reason };
+        let base = self.path.rsplit_once('/').map_or("", |(b, _)| b);
+        for endpoint in ["newcert", "sign"] {
+            let path = format!("{base}/{endpoint}");
+            let (status, _) = tokio::time::timeout(TIMEOUT, self.post_to(&path, "{}".into()))
+                .await
+                .map_err(|_| fail(format!("no answer within {} s", TIMEOUT.as_secs())))?
+                .map_err(fail)?;
+            if status != http::StatusCode::NOT_FOUND {
+                return Err(fail(format!(
+                    "it also serves {path} without the auth key (HTTP {status}): anyone who reaches it could have \
+                     it sign a certificate; serve only authsign (multirootca does)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// POSTs `body` to the signing endpoint.
     async fn post(&self, body: String) -> Result<(http::StatusCode, Bytes), String> {
+        self.post_to(&self.path, body).await
+    }
+
+    /// POSTs `body` to `path` and returns the answer's body, whatever its
+    /// status (cfssl explains refusals in the JSON of a 4xx answer).
+    async fn post_to(&self, path: &str, body: String) -> Result<(http::StatusCode, Bytes), String> {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("unreachable: {e}"))?;
@@ -177,7 +205,7 @@ impl ExternalCa {
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
         let conn = tokio::spawn(conn);
         let _stop = AbortOnDrop(conn);
-        let req = http::Request::post(self.path.as_str())
+        let req = http::Request::post(path)
             .header(http::header::HOST, self.authority.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))

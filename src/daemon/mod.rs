@@ -212,13 +212,15 @@ impl std::str::FromStr for ExternalCaArg {
     }
 }
 
-/// Reads a cfssl auth key: a file holding its hex digits (at most 1 KiB).
+/// Reads a cfssl auth key: a file of mode 0600 or stricter holding its hex
+/// digits (at most 1 KiB).
 fn read_auth_key(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
     use std::io::Read;
-    let mut text = zeroize::Zeroizing::new(String::new());
-    std::fs::File::open(path)
-        .and_then(|f| f.take(1024).read_to_string(&mut text))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(1025));
+    token::open_owner_only(path, "authkey", "the external CA's auth key")?
+        .take(1024)
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow::anyhow!("authkey {}: {e}", path.display()))?;
     let key = hex::decode(text.trim())
         .map_err(|_| anyhow::anyhow!("{}: an auth key is hex digits (as in cfssl's auth_keys)", path.display()))?;
     Ok(zeroize::Zeroizing::new(key))

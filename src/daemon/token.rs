@@ -223,25 +223,32 @@ fn read_bounded(r: impl Read, what: &str) -> anyhow::Result<Zeroizing<Vec<u8>>> 
 /// Reads a token file, refused unless it is a regular file that only its
 /// owner can read or write.
 fn read_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let f = open_owner_only(path, "--token-file", "the join token")?;
+    read_bounded(f, &format!("--token-file {}", path.display()))
+}
+
+/// Opens a file holding a secret given as `flag`, refused unless it is a
+/// regular file that only its owner can read or write (mode 0600 or stricter).
+pub(crate) fn open_owner_only(path: &Path, flag: &str, what: &str) -> anyhow::Result<fs::File> {
     let shown = path.display();
     // O_NONBLOCK: a FIFO is refused below instead of blocking open(2).
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_flags::O_NONBLOCK)
         .open(path)
-        .with_context(|| format!("--token-file {shown}: cannot open it"))?;
-    let meta = f.metadata().with_context(|| format!("--token-file {shown}"))?;
+        .with_context(|| format!("{flag} {shown}: cannot open it"))?;
+    let meta = f.metadata().with_context(|| format!("{flag} {shown}"))?;
     if !meta.is_file() {
-        bail!("--token-file {shown}: not a regular file; write the token to a file of mode 0600");
+        bail!("{flag} {shown}: not a regular file; write {what} to a file of mode 0600");
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         bail!(
-            "--token-file {shown}: mode {mode:04o} lets other users read the join token; \
-             run `chmod 600 {shown}` (a token file must be mode 0600 or stricter)"
+            "{flag} {shown}: mode {mode:04o} lets other users read {what}; \
+             run `chmod 600 {shown}` (such a file must be mode 0600 or stricter)"
         );
     }
-    read_bounded(f, &format!("--token-file {shown}"))
+    Ok(f)
 }
 
 /// One line of standard input.

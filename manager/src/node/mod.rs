@@ -185,6 +185,12 @@ impl Manager {
             (None, None) => (RootCa::generate(&cluster_id)?, String::new(), None),
         };
         let (key, csr) = generate_key_and_csr()?;
+        if let Some((_, signer)) = &external {
+            signer
+                .check_only_authenticated()
+                .await
+                .map_err(|e| ManagerError::Invalid(format!("--external-ca: {e}")))?;
+        }
         let issued = match &external {
             Some((_, signer)) => signer
                 .sign(&ca, &csr, &node_id, Role::Manager, opts.cert_expiry.duration())
