@@ -283,7 +283,12 @@ fn signer_pki(dir: &Path, expiry: &str) {
         "-out",
         &p("tls.pem"),
     ]);
-    // Signing needs the auth key: cfssl then serves only authsign.
+    signer_config(dir, expiry);
+}
+
+/// cfssl's profile in `dir/config.json`, with a new auth key (also in
+/// `dir/auth.hex`, mode 0600): signing needs it.
+fn signer_config(dir: &Path, expiry: &str) {
     let auth_key = hex::encode(random32());
     write_key_file(&dir.join("auth.hex"), &format!("{auth_key}\n"), 0o600);
     let config = serde_json::json!({
@@ -495,4 +500,26 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     // The signer is back: the waiting join goes through.
     let _cfssl = Cfssl::start(&pki, port, Signer::MultiRoot);
     m.wait_ready(3);
+
+    // The signer moves, with a new auth key: `cluster update --external-ca`
+    // checks the new settings against it before keeping them.
+    let moved = env.path("signer2");
+    std::fs::create_dir_all(&moved).unwrap();
+    for f in ["ca.pem", "ca.sec1", "tls.pem", "tls.sec1"] {
+        std::fs::copy(pki.join(f), moved.join(f)).unwrap();
+    }
+    signer_config(&moved, "10m");
+    let port2 = free_port();
+    let _moved = Cfssl::start(&moved, port2, Signer::MultiRoot);
+    let url2 = format!("https://127.0.0.1:{port2}");
+    let new_key = moved.join("auth.hex");
+    let o = m.ctl(&["cluster", "update", "--external-ca", &format!("protocol=cfssl,url={url2},authkey={auth}")]);
+    assert!(!o.status.success(), "the old key was taken for the new signer");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid token"), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec2 = format!("protocol=cfssl,url={url2},authkey={}", new_key.display());
+    m.ctl_ok(&["cluster", "update", "--external-ca", &spec2]);
+    // Only the new signer is left: a worker joins through it.
+    drop(_cfssl);
+    let _w3 = env.join_worker("w3", &m.token("worker"), &m.addr);
+    m.wait_ready(4);
 }

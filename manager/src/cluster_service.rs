@@ -70,6 +70,7 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::RecordAdminCert(_)
         | Command::RevokeAdminCert { .. }
         | Command::StartCaRotation(_)
+        | Command::UpdateExternalCa { .. }
         | Command::SetCertRecoveryWindow { .. } => Ok(()),
         // Joins, renewals and task reports of the nodes a follower serves.
         Command::AddNode(_) | Command::RecordCert { .. } | Command::CaConverged { .. } | Command::TaskStatus { .. } => {

@@ -171,10 +171,21 @@ struct InitArgs {
 
 /// `--external-ca protocol=cfssl,url=…[,cacert=F]`, as Docker's `swarm init` takes it.
 #[derive(Clone, Debug)]
-struct ExternalCaArg {
-    url: String,
-    authkey: PathBuf,
-    cacert: Option<PathBuf>,
+pub(crate) struct ExternalCaArg {
+    pub(crate) url: String,
+    pub(crate) authkey: PathBuf,
+    pub(crate) cacert: Option<PathBuf>,
+}
+
+impl ExternalCaArg {
+    /// The auth key, and the TLS roots (empty: the cluster's root), read from their files.
+    pub(crate) fn read(&self) -> anyhow::Result<(zeroize::Zeroizing<Vec<u8>>, String)> {
+        let roots = match &self.cacert {
+            Some(f) => read_pem_file(f)?.to_string(),
+            None => String::new(),
+        };
+        Ok((read_auth_key(&self.authkey)?, roots))
+    }
 }
 
 impl std::str::FromStr for ExternalCaArg {
@@ -390,13 +401,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--ca-cert needs --ca-key, or --external-ca when a signer holds the key");
             }
             if let (Some(cert), Some(ext)) = (&a.ca_cert, &a.external_ca) {
+                let (auth_key, tls_roots_pem) = ext.read()?;
                 opts.external_ca = Some(swarmd_manager::ExternalCaOptions {
                     url: ext.url.clone(),
-                    auth_key: read_auth_key(&ext.authkey)?,
-                    tls_roots_pem: match &ext.cacert {
-                        Some(f) => read_pem_file(f)?.to_string(),
-                        None => String::new(),
-                    },
+                    auth_key,
+                    tls_roots_pem,
                     ca_cert_pem: read_pem_file(cert)?.to_string(),
                     chain_pem: match &a.ca_chain {
                         Some(c) => read_pem_file(c)?.to_string(),

@@ -1,5 +1,5 @@
 //! `secretctl unlock-key [-q] [--rotate]` and `cluster update` (`--autolock`,
-//! `--identity-ttl`, `--cert-recovery-window`).
+//! `--identity-ttl`, `--cert-recovery-window`, `--external-ca`).
 
 use clap::{Args, Subcommand};
 use swarmd_proto::control::{GetUnlockKeyRequest, UpdateClusterRequest};
@@ -34,6 +34,11 @@ pub(super) enum ClusterCmd {
         /// to certificates issued from now on, renewals included.
         #[arg(long)]
         identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
+        /// Another URL, auth key or TLS roots for the external CA, as at init:
+        /// `protocol=cfssl,url=https://HOST:PORT[/PATH],authkey=F[,cacert=F]`;
+        /// checked against the signer before it is kept.
+        #[arg(long, value_name = "SPEC")]
+        external_ca: Option<crate::daemon::ExternalCaArg>,
     },
 }
 
@@ -64,16 +69,29 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
 
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window } => {
-            if autolock.is_none() && identity_ttl.is_none() && cert_recovery_window.is_none() {
+        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window, external_ca } => {
+            if autolock.is_none() && identity_ttl.is_none() && cert_recovery_window.is_none() && external_ca.is_none() {
                 anyhow::bail!(
-                    "nothing to update: give --autolock=true|false, --identity-ttl DUR or --cert-recovery-window DUR"
+                    "nothing to update: give --autolock=true|false, --identity-ttl DUR, --cert-recovery-window DUR \
+                     or --external-ca SPEC"
                 );
             }
+            let external = match &external_ca {
+                Some(ext) => {
+                    let (auth_key, tls_roots_pem) = ext.read()?;
+                    Some(swarmd_proto::control::ExternalCaUpdate {
+                        url: ext.url.clone(),
+                        auth_key: auth_key.to_vec(),
+                        tls_roots_pem,
+                    })
+                }
+                None => None,
+            };
             let req = UpdateClusterRequest {
                 autolock,
                 identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()),
                 cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
+                external_ca: external,
             };
             let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             if let Some(w) = cert_recovery_window {
@@ -91,6 +109,9 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
             }
             if let Some(ttl) = identity_ttl {
                 println!("Workload identities now live {ttl} (renewed at half of it).");
+            }
+            if let Some(ext) = external_ca {
+                println!("The external CA is now {} (checked: it signed with the new settings).", ext.url);
             }
             Ok(())
         }

@@ -1,14 +1,15 @@
 //! Control RPCs on the cluster: the root CA, data key rotation, autolock and
 //! its unlock key, join tokens, this manager's raft view.
 
-use swarmd_certs::JoinToken;
+use swarmd_certs::{JoinToken, NodeId, Role};
 use swarmd_proto::control::{
     CaInfo, GetCaRequest, GetJoinTokenRequest, GetJoinTokenResponse, InfoRequest, InfoResponse, RotateCaRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::external_ca::ExternalCa;
 use crate::keys::{purpose, UnlockKey};
-use crate::state::Command;
+use crate::state::{Command, ExternalCaRecord};
 use swarmd_proto::control::{
     GetUnlockKeyRequest, GetUnlockKeyResponse, RotateDataKeyRequest, RotateDataKeyResponse, UpdateClusterRequest,
     UpdateClusterResponse,
@@ -90,6 +91,9 @@ pub(super) async fn update_cluster(
 ) -> Result<Response<UpdateClusterResponse>, Status> {
     let record = ctl.secrets.record()?;
     let mut out = UpdateClusterResponse::default();
+    if let Some(ext) = &req.get_ref().external_ca {
+        update_external_ca(ctl, ext).await?;
+    }
     // Checked before anything is written, so a bad value changes nothing.
     let identity_ttl = req
         .get_ref()
@@ -121,6 +125,34 @@ pub(super) async fn update_cluster(
         tracing::info!(%ttl, "workload identity lifetime set");
     }
     Ok(Response::new(out))
+}
+
+/// A new URL, auth key or TLS roots for the external CA: checked against the
+/// signer — only authenticated signing served, and a signature with the new
+/// key verified like any other — before the key is sealed and kept.
+async fn update_external_ca(ctl: &ControlService, ext: &swarmd_proto::control::ExternalCaUpdate) -> Result<(), Status> {
+    let s = ctl.secrets.get()?;
+    if s.external.is_none() {
+        return Err(Status::failed_precondition("this cluster holds its CA key: an external CA is chosen at init"));
+    }
+    let auth_key = zeroize::Zeroizing::new(ext.auth_key.clone());
+    let record =
+        ExternalCaRecord { protocol: "cfssl".into(), url: ext.url.clone(), tls_roots_pem: ext.tls_roots_pem.clone() };
+    let signer = ExternalCa::new(&record, s.anchor.cert_pem(), &auth_key).map_err(Status::invalid_argument)?;
+    signer.check_only_authenticated().await.map_err(|e| Status::failed_precondition(e.to_string()))?;
+    // A throwaway certificate (its key is dropped here) proves the key, the
+    // TLS roots and the CA all fit.
+    let (_, csr) = swarmd_certs::generate_key_and_csr().map_err(crate::status::internal)?;
+    signer
+        .sign(&s.ca, &csr, &NodeId::random(), Role::Worker, s.validity.duration())
+        .await
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let cid = s.anchor.cluster_id().as_str().to_owned();
+    let sealed = ctl.secrets.seal(&purpose::ca_key(&cid), &auth_key)?;
+    ctl.store.propose(Command::UpdateExternalCa { record: Box::new(record), auth_key: sealed }).await?;
+    let _ = ctl.secrets.reload();
+    tracing::info!(url = %ext.url, "external CA updated");
+    Ok(())
 }
 
 /// Administrator only. This manager's view of raft and a digest of its state.

@@ -142,7 +142,7 @@ impl StateView {
 }
 
 /// The CA lifecycle commands of [`super::plan`]: `StartCaRotation`,
-/// `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`.
+/// `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`, `UpdateExternalCa`.
 pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch, Rejection>, StateError> {
     let mut batch = WriteBatch::default();
     let Some(mut cluster) = view.cluster()? else {
@@ -228,6 +228,22 @@ pub(super) fn plan_ca_rotation(view: &StateView, cmd: &Command) -> Result<Result
                 return Ok(Err(Rejection::Invalid("a CA rotation is running".into())));
             }
             batch.insert(EXTERNAL_KEY, encode(r.as_ref()));
+        }
+        Command::UpdateExternalCa { record, auth_key } => {
+            if view.external_ca()?.is_none() {
+                return Ok(Err(Rejection::Invalid(
+                    "this cluster holds its CA key: an external CA is chosen at init".into(),
+                )));
+            }
+            if let Err(e) = check_external_ca(record) {
+                return Ok(Err(Rejection::Invalid(e)));
+            }
+            if auth_key.key_id() != cluster.data_key_id {
+                return Ok(Err(Rejection::StaleDataKey));
+            }
+            cluster.ca_key = auth_key.clone();
+            batch.insert(CLUSTER_KEY, encode(&cluster));
+            batch.insert(EXTERNAL_KEY, encode(record.as_ref()));
         }
         _ => unreachable!("not a CA rotation command"),
     }

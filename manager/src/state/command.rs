@@ -115,6 +115,9 @@ pub enum Command {
     SetIdentityTtl { secs: u64 },
     /// The external signer that holds the cluster CA's key (set once, at init).
     SetExternalCa(Box<ExternalCaRecord>),
+    /// Another URL, TLS roots or auth key (sealed, in the cluster record's CA
+    /// key field) for the external signer of a cluster that has one.
+    UpdateExternalCa { record: Box<ExternalCaRecord>, auth_key: Sealed },
 }
 
 /// The outcome of applying one command.

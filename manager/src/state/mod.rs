@@ -17,7 +17,7 @@
 //! | `secrets`     | `secret/…`, `secretname/…`, `secretdata/…` | `CreateSecret`, `AddSecretVersion`, `RemoveSecret` |
 //! | `services`    | `service/…`, `servicename/…` | `CreateService`, `UpdateService`, `RemoveService` |
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
-//! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain`, `externalca` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa` |
+//! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain`, `externalca` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`, `UpdateExternalCa` |
 //! | `workload`    | `workload/identity` | `SetIdentityTtl` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
@@ -236,7 +236,8 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::FinishCaRotation { .. }
         | Command::SetCertRecoveryWindow { .. }
         | Command::SetCaChain { .. }
-        | Command::SetExternalCa(_) => ca_rotation::plan_ca_rotation(view, cmd),
+        | Command::SetExternalCa(_)
+        | Command::UpdateExternalCa { .. } => ca_rotation::plan_ca_rotation(view, cmd),
         Command::SetIdentityTtl { .. } => workload::plan_workload(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.

@@ -123,8 +123,18 @@ fn an_external_ca_is_https_cfssl_and_rules_out_a_rotation() {
         assert!(matches!(refused(&view, &bad), Rejection::Invalid(_)));
         assert!(view.external_ca().unwrap().is_none());
     }
+    let record = |url: &str| ExternalCaRecord { protocol: "cfssl".into(), url: url.into(), tls_roots_pem: String::new() };
+    let update = |url: &str, key| Command::UpdateExternalCa { record: Box::new(record(url)), auth_key: key };
+    // Only a cluster made with an external CA changes it.
+    assert!(matches!(refused(&view, &update("https://ca2:8888", sealed(1, 5))), Rejection::Invalid(_)));
     apply(&view, &ext("cfssl", "https://ca:8888")).unwrap();
     assert_eq!(view.external_ca().unwrap().unwrap().url, "https://ca:8888");
+    assert_eq!(refused(&view, &update("https://ca2:8888", sealed(0, 5))), Rejection::StaleDataKey);
+    assert!(matches!(refused(&view, &update("http://ca2:8888", sealed(1, 5))), Rejection::Invalid(_)));
+    assert_eq!(view.external_ca().unwrap().unwrap().url, "https://ca:8888");
+    apply(&view, &update("https://ca2:8888", sealed(1, 5))).unwrap();
+    assert_eq!(view.external_ca().unwrap().unwrap().url, "https://ca2:8888");
+    assert_eq!(view.cluster().unwrap().unwrap().ca_key, sealed(1, 5));
     // No key to rotate from: refused by the state itself, whoever proposes it.
     let e = refused(&view, &Command::StartCaRotation(Box::new(rotation(5))));
     assert!(matches!(&e, Rejection::Invalid(m) if m.contains("external CA")), "{e}");
