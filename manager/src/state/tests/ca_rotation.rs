@@ -123,7 +123,8 @@ fn an_external_ca_is_https_cfssl_and_rules_out_a_rotation() {
         assert!(matches!(refused(&view, &bad), Rejection::Invalid(_)));
         assert!(view.external_ca().unwrap().is_none());
     }
-    let record = |url: &str| ExternalCaRecord { protocol: "cfssl".into(), url: url.into(), tls_roots_pem: String::new() };
+    let record =
+        |url: &str| ExternalCaRecord { protocol: "cfssl".into(), url: url.into(), tls_roots_pem: String::new() };
     let update = |url: &str, key| Command::UpdateExternalCa { record: Box::new(record(url)), auth_key: key };
     // Only a cluster made with an external CA changes it.
     assert!(matches!(refused(&view, &update("https://ca2:8888", sealed(1, 5))), Rejection::Invalid(_)));
