@@ -4,6 +4,7 @@ mod admin_cert;
 mod autolock;
 mod ca;
 mod client;
+mod image;
 mod info;
 mod join_token;
 mod node;
@@ -91,13 +92,21 @@ enum Command {
     Ca(ca::CaCmd),
     /// This manager's view of raft (leader, term, log) and a digest of its state.
     Info,
+    /// Workload images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
 }
 
 /// Runs `secretctl` with parsed arguments.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Commands that need no manager run before connecting to one.
+    let command = match cli.command {
+        Command::Image(c) if c.is_offline() => return image::run_offline(c),
+        c => c,
+    };
     let host = Host::parse(&cli.host, cli.tls_cert, cli.tls_key, cli.tls_ca)?;
     let channel = connect(&host).await?;
-    match cli.command {
+    match command {
         Command::Create(a) => secret::create(channel, a).await,
         Command::Update(a) => secret::update(channel, a).await,
         Command::Ls(a) => secret::ls(channel, a, cli.format).await,
@@ -112,5 +121,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::JoinToken(a) => join_token::run(channel, a).await,
         Command::Ca(c) => ca::run(channel, c, cli.format).await,
         Command::Info => info::run(channel, cli.format).await,
+        Command::Image(_) => unreachable!("every image command so far needs no manager"),
     }
 }
