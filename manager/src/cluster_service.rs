@@ -71,7 +71,12 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::RevokeAdminCert { .. }
         | Command::StartCaRotation(_)
         | Command::UpdateExternalCa { .. }
+        | Command::PutImage { .. }
+        | Command::RemoveImage { .. }
         | Command::SetCertRecoveryWindow { .. } => Ok(()),
+        // A manager says only that it holds an image itself.
+        Command::ImageHeld { node, .. } if node == from => Ok(()),
+        Command::ImageHeld { node, .. } => Err(format!("manager {from} cannot say that {node} holds an image")),
         // Joins, renewals and task reports of the nodes a follower serves.
         Command::AddNode(_) | Command::RecordCert { .. } | Command::CaConverged { .. } | Command::TaskStatus { .. } => {
             Ok(())

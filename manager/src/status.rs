@@ -80,6 +80,7 @@ pub(crate) const REJECTION_METADATA: &str = "swarmd-rejection-bin";
 pub(crate) fn rejection_message(r: &Rejection) -> String {
     match r {
         Rejection::SecretInUse { .. } => format!("{r}: remove it from them first (service update --secret-rm)"),
+        Rejection::ImageInUse { .. } => format!("{r}: update or remove them first"),
         Rejection::NotFound(Missing::AdminCert { .. }) => format!("{r}: see secretctl admin-cert ls"),
         Rejection::InvalidSerial { .. } => {
             format!("{r}: give the lowercase hex serial `secretctl admin-cert ls` shows")

@@ -24,8 +24,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use swarmd_certs::{NodeId, Role, SecretId, ServiceId, TaskId};
 
 use super::{
-    AdminCertRecord, Availability, CaRotation, ClusterRecord, ExternalCaRecord, NodeRecord, Rejection, ResealField,
-    ResealSecret, ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
+    AdminCertRecord, Availability, CaRotation, ClusterRecord, ExternalCaRecord, ImageRecord, NodeRecord, Rejection,
+    ResealField, ResealSecret, ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
 };
 use crate::keys::Sealed;
 
@@ -118,6 +118,13 @@ pub enum Command {
     /// Another URL, TLS roots or auth key (sealed, in the cluster record's CA
     /// key field) for the external signer of a cluster that has one.
     UpdateExternalCa { record: Box<ExternalCaRecord>, auth_key: Sealed },
+    /// Records an image whose blobs a majority of the managers hold (its
+    /// `holders`), and points `name` at it.
+    PutImage { image: Box<ImageRecord>, name: Option<String> },
+    /// Manager `node` now holds every blob of image `digest`.
+    ImageHeld { digest: String, node: NodeId },
+    /// Forgets image `digest` and its names (refused while a service uses it).
+    RemoveImage { digest: String },
 }
 
 /// The outcome of applying one command.

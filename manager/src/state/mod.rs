@@ -19,6 +19,7 @@
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
 //! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain`, `externalca` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`, `UpdateExternalCa` |
 //! | `workload`    | `workload/identity` | `SetIdentityTtl` |
+//! | `images`      | `image/…`, `imagename/…` | `PutImage`, `ImageHeld`, `RemoveImage` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -36,6 +37,7 @@ mod ca_rotation;
 mod certs;
 mod cluster;
 mod command;
+mod images;
 mod labels;
 mod nodes;
 mod rejection;
@@ -48,6 +50,7 @@ pub use ca_rotation::*;
 pub use certs::*;
 pub use cluster::*;
 pub use command::*;
+pub use images::*;
 pub use labels::*;
 pub use nodes::*;
 pub use rejection::*;
@@ -239,6 +242,9 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::SetExternalCa(_)
         | Command::UpdateExternalCa { .. } => ca_rotation::plan_ca_rotation(view, cmd),
         Command::SetIdentityTtl { .. } => workload::plan_workload(view, cmd),
+        Command::PutImage { .. } | Command::ImageHeld { .. } | Command::RemoveImage { .. } => {
+            images::plan_images(view, cmd)
+        }
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

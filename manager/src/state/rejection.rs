@@ -131,6 +131,9 @@ pub enum Rejection {
     /// A command for a root CA rotation that is no longer the current one.
     #[error("that root CA rotation was superseded or has finished")]
     CaRotationSuperseded,
+    /// Removing an image that services still run.
+    #[error("image {image} is in use by service(s) {}", services.join(", "))]
+    ImageInUse { image: String, services: Vec<String> },
 }
 
 impl From<Missing> for Rejection {

@@ -185,7 +185,7 @@ pub struct ServiceRecord {
 const SERVICE_PREFIX: &str = "service/";
 const SERVICE_NAME_PREFIX: &str = "servicename/";
 
-fn service_key(id: &ServiceId) -> Vec<u8> {
+pub(crate) fn service_key(id: &ServiceId) -> Vec<u8> {
     format!("{SERVICE_PREFIX}{id}").into_bytes()
 }
 fn service_name_key(name: &str) -> Vec<u8> {

@@ -15,6 +15,7 @@ mod ca_rotation;
 mod certs;
 mod cluster;
 mod format;
+mod images;
 mod labels;
 mod nodes;
 mod secrets;
