@@ -522,4 +522,23 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     drop(_cfssl);
     let _w3 = env.join_worker("w3", &m.token("worker"), &m.addr);
     m.wait_ready(4);
+
+    // Invariant 5: neither auth key is anywhere in the nodes' data dirs or
+    // logs in the clear (hex or raw), though the cluster holds the new one.
+    for key_file in [pki.join("auth.hex"), new_key.clone()] {
+        let text = std::fs::read_to_string(&key_file).unwrap();
+        let hex_key = text.trim().to_owned();
+        let raw = hex::decode(&hex_key).unwrap();
+        for (what, needle) in
+            [("hex", hex_key.as_bytes().to_vec()), ("HEX", hex_key.to_uppercase().into_bytes()), ("raw", raw)]
+        {
+            for dir in [&m.data, &w.data, &env.path("w2"), &env.path("w3")] {
+                let hits = grep_dir(dir, &needle);
+                assert!(hits.is_empty(), "the auth key ({what}) in the clear in {hits:?}");
+            }
+            for idx in [m.proc_idx, w.proc_idx] {
+                assert!(!env.proc(idx).log_text().as_bytes().windows(needle.len()).any(|w| w == needle));
+            }
+        }
+    }
 }

@@ -39,8 +39,7 @@ impl<W> HashingWriter<W> {
     }
 
     fn finish(self) -> (W, Digest, u64) {
-        let d = format!("sha256:{}", hex::encode(self.hasher.finalize())).parse().expect("a sha256 digest");
-        (self.inner, d, self.count)
+        (self.inner, Digest::from_hasher(self.hasher), self.count)
     }
 }
 

@@ -16,8 +16,6 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::digest::{Digest, Hashing};
 use crate::layout::Compression;
 use crate::unpack::{apply_layer, Budget, Owners, UnpackError};
@@ -41,8 +39,7 @@ pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
     let mut it = diff_ids.iter();
     let mut id = it.next()?.clone();
     for d in it {
-        let next = hex::encode(Sha256::digest(format!("{id} {d}").as_bytes()));
-        id = format!("sha256:{next}").parse().expect("a sha256 digest");
+        id = Digest::of(format!("{id} {d}").as_bytes());
     }
     Some(id)
 }
@@ -227,6 +224,8 @@ fn unpack_all(
 
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest as _, Sha256};
+
     use super::*;
     use crate::build::build_layout;
     use crate::layout::{blob_path, load, Platform, Source};

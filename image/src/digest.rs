@@ -14,7 +14,14 @@ pub struct Digest(String);
 impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        Self(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+        let mut h = Sha256::new();
+        h.update(bytes);
+        Self::from_hasher(h)
+    }
+
+    /// What `hasher` (a SHA-256 over some content) says of it.
+    pub(crate) fn from_hasher(hasher: Sha256) -> Self {
+        Self(format!("sha256:{}", hex::encode(hasher.finalize())))
     }
 
     /// The 64 hex digits.
@@ -65,7 +72,7 @@ impl<R: Read> Hashing<R> {
 
     /// The digest and size of what was read.
     pub fn finish(self) -> (Digest, u64) {
-        (Digest(format!("sha256:{}", hex::encode(self.hasher.finalize()))), self.count)
+        (Digest::from_hasher(self.hasher), self.count)
     }
 }
 

@@ -79,9 +79,7 @@ impl BlobStore {
 
     /// Starts writing blob `digest` of `size` bytes.
     pub fn writer(&self, digest: &Digest, size: u64) -> Result<BlobWriter, StoreError> {
-        let mut suffix = [0u8; 8];
-        getrandom_into(&mut suffix);
-        let tmp = self.tmp.join(format!("{}.{}", digest.hex(), hex::encode(suffix)));
+        let tmp = self.tmp.join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
         let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io_at(&tmp))?;
         Ok(BlobWriter {
             file: Some(file),
@@ -175,8 +173,8 @@ impl BlobWriter {
         if self.written != self.size {
             return Err(mismatch(format!("{} bytes, {} announced", self.written, self.size)));
         }
-        let actual = format!("sha256:{}", hex::encode(std::mem::take(&mut self.hasher).finalize()));
-        if actual != self.digest.as_str() {
+        let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        if actual != self.digest {
             return Err(mismatch(format!("its content hashes to {actual}")));
         }
         let f = self.file.take().expect("an open blob file");
@@ -192,17 +190,6 @@ impl Drop for BlobWriter {
     fn drop(&mut self) {
         if self.file.is_some() || self.tmp.exists() {
             let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Fills `buf` from the OS's random source (a temporary file's suffix).
-fn getrandom_into(buf: &mut [u8]) {
-    use std::io::Read;
-    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (t >> (i * 8)) as u8;
         }
     }
 }

@@ -293,16 +293,7 @@ pub fn apply_layer(
                 }
                 remove_all(dir, name, 0).map_err(io)?;
                 rustix::fs::symlinkat(&*target, dir, name).map_err(|e| io(e.into()))?;
-                if let Some((u, g)) = owner {
-                    rustix::fs::chownat(
-                        dir,
-                        name,
-                        Some(rustix::fs::Uid::from_raw(u)),
-                        Some(rustix::fs::Gid::from_raw(g)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io(e.into()))?;
-                }
+                chown_nofollow(dir, name, owner).map_err(|e| io(e.into()))?;
             }
             tar::EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| refuse("a hardlink without a target".into()))?;
@@ -323,16 +314,7 @@ pub fn apply_layer(
             tar::EntryType::Fifo => {
                 remove_all(dir, name, 0).map_err(io)?;
                 rustix::fs::mknodat(dir, name, FileType::Fifo, mode, 0).map_err(|e| io(e.into()))?;
-                if let Some((u, g)) = owner {
-                    rustix::fs::chownat(
-                        dir,
-                        name,
-                        Some(rustix::fs::Uid::from_raw(u)),
-                        Some(rustix::fs::Gid::from_raw(g)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io(e.into()))?;
-                }
+                chown_nofollow(dir, name, owner).map_err(|e| io(e.into()))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(refuse("a device node is refused".into()));
@@ -395,6 +377,18 @@ fn ensure_dir(root: BorrowedFd<'_>, path: &RelPath, owners: Owners) -> Result<Ow
         }
     }
     Ok(at)
+}
+
+/// Gives `name` in `dir` (a symlink itself, never what it points to) `owner`, if any.
+fn chown_nofollow(dir: BorrowedFd<'_>, name: &[u8], owner: Option<(u32, u32)>) -> Result<(), Errno> {
+    let Some((u, g)) = owner else { return Ok(()) };
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(u)),
+        Some(rustix::fs::Gid::from_raw(g)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
 }
 
 /// Owner (before the mode: chown clears set-ID bits), mode and mtime of an open entry.

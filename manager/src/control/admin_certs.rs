@@ -38,14 +38,8 @@ pub(super) async fn issue_admin_certificate(
     let r = req.get_ref();
     let validity = validate::validate_issue_admin_certificate(r, s.validity)?;
     let id = NodeId::random();
-    // An external CA's profile decides the lifetime: refused if longer than asked.
-    let issued = match &s.external {
-        Some(_) => s.sign_for(&r.csr_pem, &id, Role::Admin, validity).await?,
-        None => {
-            s.ca.sign_node(&r.csr_pem, &id, Role::Admin, validity)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
-        }
-    };
+    // (An external CA's profile decides the lifetime: refused if longer than asked.)
+    let issued = s.sign_for(&r.csr_pem, &id, Role::Admin, validity).await?;
     // Recorded before it is handed out: an admin certificate the store does
     // not know is refused, and a recorded one can be revoked.
     let record = AdminCertRecord {
