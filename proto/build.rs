@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".swarmd.dispatcher.SecretValue.data")
         .bytes(".swarmd.control.CreateSecretRequest.data")
         .bytes(".swarmd.control.UpdateSecretRequest.data")
+        // Image blobs pass through in chunks without a copy.
+        .bytes(".swarmd.cluster.BlobChunk.data")
+        .bytes(".swarmd.dispatcher.TaskBlobChunk.data")
+        .bytes(".swarmd.control.LoadImageChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -13,23 +13,6 @@ use swarmd_proto::control::UpdateNodeRequest;
 /// they take turns instead of starving each other's deadlines.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Waits until `m`'s latest snapshot covers log index `index`. openraft checks
-/// its snapshot policy only as entries are applied, and skips the check while a
-/// build is running: small writes keep it checking.
-fn wait_snapshot_covering(m: &Manager, index: u64) -> serde_json::Value {
-    let mut tick = 0;
-    wait_for("a snapshot covering the writes", std::time::Duration::from_secs(180), || {
-        let i = info(m)?;
-        if i["snapshot_index"].as_u64()? >= index {
-            return Some(i);
-        }
-        tick += 1;
-        m.ctl(&["node", "update", &m.node_id(), "--label-add", &format!("tick={tick}")]);
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        None
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_manager_catches_up_through_a_snapshot() {
     let _turn = HEAVY.lock().await;

@@ -72,18 +72,26 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> CacheError + '_ {
     move |source| CacheError::Io { path: path.display().to_string(), source }
 }
 
+/// Which trees tasks hold, and since when the others are unused.
+#[derive(Debug, Default)]
+struct Refs {
+    held: HashMap<String, usize>,
+    idle_since: HashMap<String, std::time::Instant>,
+}
+
 /// The cache in one directory.
 #[derive(Clone)]
 pub struct RootfsCache {
     dir: PathBuf,
-    refs: Arc<Mutex<HashMap<String, usize>>>,
+    refs: Arc<Mutex<Refs>>,
+    opened: std::time::Instant,
 }
 
 /// A tree in use by one task; released on drop.
 pub struct Rootfs {
     path: PathBuf,
     key: String,
-    refs: Arc<Mutex<HashMap<String, usize>>>,
+    refs: Arc<Mutex<Refs>>,
 }
 
 impl Rootfs {
@@ -96,10 +104,11 @@ impl Rootfs {
 impl Drop for Rootfs {
     fn drop(&mut self) {
         let mut refs = self.refs.lock().expect("cache lock");
-        if let Some(n) = refs.get_mut(&self.key) {
+        if let Some(n) = refs.held.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                refs.remove(&self.key);
+                refs.held.remove(&self.key);
+                refs.idle_since.insert(self.key.clone(), std::time::Instant::now());
             }
         }
     }
@@ -122,7 +131,7 @@ impl RootfsCache {
             let p = e.map_err(io_at(&tmp))?.path();
             let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
         }
-        Ok(Self { dir: dir.to_owned(), refs: Arc::default() })
+        Ok(Self { dir: dir.to_owned(), refs: Arc::default(), opened: std::time::Instant::now() })
     }
 
     fn key(layers: &[LayerRef], owners: Owners) -> Result<String, CacheError> {
@@ -150,6 +159,13 @@ impl RootfsCache {
     ) -> Result<Rootfs, CacheError> {
         let key = Self::key(layers, owners)?;
         let path = self.dir.join("rootfs").join(&key);
+        // Held before it is looked for, so that garbage collection cannot
+        // take it between the look and the use.
+        let mut refs = self.refs.lock().expect("cache lock");
+        *refs.held.entry(key.clone()).or_default() += 1;
+        refs.idle_since.remove(&key);
+        drop(refs);
+        let held = Rootfs { path: path.clone(), key: key.clone(), refs: self.refs.clone() };
         if !path.is_dir() {
             // Two tasks of one image may unpack at once: each in its own place.
             static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -169,19 +185,29 @@ impl RootfsCache {
                 }
             }
         }
-        *self.refs.lock().expect("cache lock").entry(key.clone()).or_default() += 1;
-        Ok(Rootfs { path, key, refs: self.refs.clone() })
+        Ok(held)
     }
 
-    /// Removes every tree no task holds; returns how many.
-    pub fn collect_garbage(&self) -> Result<usize, CacheError> {
-        let refs = self.refs.lock().expect("cache lock");
+    /// Where a caller may keep files for a tree being made (emptied at open).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Removes every tree no task holds nor has released within `grace`
+    /// (a tree found at open counts as released then); returns how many.
+    pub fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, CacheError> {
+        let mut refs = self.refs.lock().expect("cache lock");
         let root = self.dir.join("rootfs");
         let mut removed = 0;
         for e in fs::read_dir(&root).map_err(io_at(&root))? {
             let e = e.map_err(io_at(&root))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if !refs.contains_key(&name) {
+            if refs.held.contains_key(&name) {
+                continue;
+            }
+            let since = *refs.idle_since.entry(name.clone()).or_insert(self.opened);
+            if since.elapsed() >= grace {
+                refs.idle_since.remove(&name);
                 fs::remove_dir_all(e.path()).map_err(io_at(&e.path()))?;
                 removed += 1;
             }
@@ -271,9 +297,9 @@ mod tests {
         let b = cache.acquire(&layers, Owners::Ignore, |_| panic!("fetched again")).unwrap();
         assert_eq!((a.path(), fetches), (b.path(), 1));
         drop(a);
-        assert_eq!(cache.collect_garbage().unwrap(), 0, "a tree in use was collected");
+        assert_eq!(cache.collect_garbage(std::time::Duration::ZERO).unwrap(), 0, "a tree in use was collected");
         drop(b);
-        assert_eq!(cache.collect_garbage().unwrap(), 1);
+        assert_eq!(cache.collect_garbage(std::time::Duration::ZERO).unwrap(), 1);
         assert!(!cache.has(&layers, Owners::Ignore));
     }
 

@@ -305,13 +305,79 @@ pub struct Image {
     /// The name the layout gives it (`org.opencontainers.image.ref.name`,
     /// or a `docker save` tag), if any.
     pub name: Option<String>,
+    /// Where in the source the blobs are that are not at
+    /// `blobs/sha256/<hex>` (a legacy `docker save`'s layers).
+    pub blob_files: HashMap<Digest, String>,
 }
 
 impl Image {
+    /// Where blob `d` is in the source it was read from.
+    pub fn blob_file(&self, d: &Digest) -> String {
+        self.blob_files.get(d).cloned().unwrap_or_else(|| blob_path(d))
+    }
+
     /// Compressed bytes of all its layers.
     pub fn size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum::<u64>() + self.config.len() as u64 + self.manifest.len() as u64
     }
+}
+
+/// An image's manifest and config, parsed and checked against each other
+/// (no layer read): what a manager receiving an image, and a worker about
+/// to unpack one, start from.
+#[derive(Clone, Debug)]
+pub struct Parsed {
+    /// The config's digest (checked against the manifest's descriptor).
+    pub config_digest: Digest,
+    /// The layers, bottom first, with their DiffIDs from the config.
+    pub layers: Vec<Layer>,
+    /// The platform the config says.
+    pub platform: Platform,
+    /// The config.
+    pub config: ImageConfiguration,
+}
+
+/// Parses `manifest` and `config`: the config must be the blob the manifest
+/// names (sha256 and size), every layer of a media type this reads, at most
+/// [`MAX_LAYERS`] of them, and one DiffID per layer.
+pub fn parse(manifest: &[u8], config: &[u8]) -> Result<Parsed, LayoutError> {
+    if manifest.len() as u64 > MAX_DOCUMENT || config.len() as u64 > MAX_DOCUMENT {
+        return Err(invalid(format!("a manifest or config larger than {} MiB", MAX_DOCUMENT >> 20)));
+    }
+    let digest = Digest::of(manifest);
+    let m: ImageManifest = serde_json::from_slice(manifest).map_err(|e| invalid(format!("manifest {digest}: {e}")))?;
+    let config_desc = m.config();
+    let config_digest = descriptor_digest(config_desc)?;
+    check_bytes(&config_digest, config_desc.size(), config)?;
+    let parsed: ImageConfiguration =
+        serde_json::from_slice(config).map_err(|e| invalid(format!("config {config_digest}: {e}")))?;
+    let platform = Platform {
+        os: parsed.os().to_string(),
+        arch: parsed.architecture().to_string(),
+        variant: parsed.variant().clone(),
+    };
+    let diff_ids = parsed.rootfs().diff_ids();
+    let descs = m.layers();
+    if descs.is_empty() {
+        return Err(invalid("an image without layers"));
+    }
+    if descs.len() > MAX_LAYERS {
+        return Err(invalid(format!("{} layers: at most {MAX_LAYERS}", descs.len())));
+    }
+    if diff_ids.len() != descs.len() {
+        return Err(invalid(format!("the config lists {} layers, the manifest {}", diff_ids.len(), descs.len())));
+    }
+    let mut layers = Vec::with_capacity(descs.len());
+    for (d, diff_id) in descs.iter().zip(diff_ids) {
+        let digest = descriptor_digest(d)?;
+        let diff_id: Digest = diff_id.parse().map_err(invalid)?;
+        let media_type = d.media_type().to_string();
+        if Compression::of_media_type(&media_type).is_none() {
+            return Err(invalid(format!("layer {digest}: media type {media_type:?} is not a layer this reads")));
+        }
+        layers.push(Layer { digest, size: d.size(), media_type, diff_id });
+    }
+    Ok(Parsed { config_digest, layers, platform, config: parsed })
 }
 
 /// A manifest picked from the layout: its digest, bytes and name, and where
@@ -341,45 +407,25 @@ pub fn load(source: &Source, platform: &Platform, name: Option<&str>) -> Result<
     } else {
         return Err(invalid("not an image layout: no index.json (nor a docker save manifest.json)"));
     };
-    let manifest: ImageManifest =
-        serde_json::from_slice(&picked.bytes).map_err(|e| invalid(format!("manifest {}: {e}", picked.digest)))?;
-    let config_desc = manifest.config();
+    let manifest_desc = serde_json::from_slice::<ImageManifest>(&picked.bytes)
+        .map_err(|e| invalid(format!("manifest {}: {e}", picked.digest)))?;
+    let config_desc = manifest_desc.config();
     let config_digest = descriptor_digest(config_desc)?;
     if config_desc.size() > MAX_DOCUMENT {
         return Err(invalid(format!("config {config_digest} is larger than {} MiB", MAX_DOCUMENT >> 20)));
     }
     let config = source.document(&picked.blob_file(&config_digest))?;
-    check_bytes(&config_digest, config_desc.size(), &config)?;
-    let parsed: ImageConfiguration =
-        serde_json::from_slice(&config).map_err(|e| invalid(format!("config {config_digest}: {e}")))?;
-    let actual = Platform {
-        os: parsed.os().to_string(),
-        arch: parsed.architecture().to_string(),
-        variant: parsed.variant().clone(),
-    };
-    if actual.os != platform.os || actual.arch != platform.arch {
-        return Err(invalid(format!("the image is for {actual}, not {platform}")));
-    }
-    let diff_ids = parsed.rootfs().diff_ids();
-    let descs = manifest.layers();
-    if descs.len() > MAX_LAYERS {
-        return Err(invalid(format!("{} layers: at most {MAX_LAYERS}", descs.len())));
-    }
-    if diff_ids.len() != descs.len() {
-        return Err(invalid(format!("the config lists {} layers, the manifest {}", diff_ids.len(), descs.len())));
+    let parsed = parse(&picked.bytes, &config)?;
+    if parsed.platform.os != platform.os || parsed.platform.arch != platform.arch {
+        return Err(invalid(format!("the image is for {}, not {platform}", parsed.platform)));
     }
     let mut budget = MAX_UNCOMPRESSED;
-    let mut layers = Vec::with_capacity(descs.len());
-    for (d, diff_id) in descs.iter().zip(diff_ids) {
-        let digest = descriptor_digest(d)?;
-        let diff_id: Digest = diff_id.parse().map_err(invalid)?;
-        let media_type = d.media_type().to_string();
-        let compression = Compression::of_media_type(&media_type)
-            .ok_or_else(|| invalid(format!("layer {digest}: media type {media_type:?} is not a layer this reads")))?;
-        let (blob, _) = source.file(&picked.blob_file(&digest))?;
-        budget -= verify_layer(blob, &digest, d.size(), compression, &diff_id, budget)?;
-        layers.push(Layer { digest, size: d.size(), media_type, diff_id });
+    for l in &parsed.layers {
+        let compression = Compression::of_media_type(&l.media_type).expect("checked by parse");
+        let (blob, _) = source.file(&picked.blob_file(&l.digest))?;
+        budget -= verify_layer(blob, &l.digest, l.size, compression, &l.diff_id, budget)?;
     }
+    let Parsed { config_digest, layers, platform: actual, .. } = parsed;
     Ok(Image {
         digest: picked.digest,
         manifest: picked.bytes,
@@ -388,6 +434,7 @@ pub fn load(source: &Source, platform: &Platform, name: Option<&str>) -> Result<
         layers,
         platform: actual,
         name: picked.name,
+        blob_files: picked.files,
     })
 }
 

@@ -14,6 +14,6 @@ pub mod unpack;
 pub use build::build_layout;
 pub use cache::{chain_id, CacheError, LayerRef, Rootfs, RootfsCache};
 pub use digest::Digest;
-pub use layout::{load, Compression, Image, Layer, LayoutError, Platform, Source};
+pub use layout::{load, parse, Compression, Image, Layer, LayoutError, Parsed, Platform, Source};
 pub use store::{BlobStore, BlobWriter, StoreError};
 pub use unpack::{apply_layer, Budget, LayerStats, Owners, UnpackError};

@@ -111,6 +111,12 @@ impl BlobStore {
         Ok(size)
     }
 
+    /// How long ago blob `d` was written, if it is here.
+    pub fn age(&self, d: &Digest) -> Option<std::time::Duration> {
+        let modified = fs::metadata(self.path(d)).and_then(|m| m.modified()).ok()?;
+        Some(modified.elapsed().unwrap_or_default())
+    }
+
     /// Removes blob `d` (nothing if absent).
     pub fn remove(&self, d: &Digest) -> Result<(), StoreError> {
         let p = self.path(d);

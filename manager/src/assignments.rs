@@ -70,6 +70,7 @@ fn to_wire(t: &TaskRecord, service: &str, view: &StateView) -> Result<(Task, Vec
         pids: t.spec.pids.unwrap_or(0),
         host_network: t.spec.network == Network::Host,
         host_userns: t.spec.userns == Userns::Host,
+        image_digest: crate::state::pinned_digest(&t.spec.image).unwrap_or_default().to_owned(),
     };
     let task = Task {
         id: t.id.to_string(),

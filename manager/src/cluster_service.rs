@@ -14,7 +14,8 @@ use swarmd_certs::{NodeId, Role};
 use swarmd_proto::cluster::cluster_client::ClusterClient;
 use swarmd_proto::cluster::cluster_server::{self, ClusterServer};
 use swarmd_proto::cluster::{
-    GetDataKeyRequest, GetDataKeyResponse, JoinRaftRequest, JoinRaftResponse, ProposeRequest, ProposeResponse,
+    BlobChunk, FetchBlobRequest, GetDataKeyRequest, GetDataKeyResponse, HoldImageRequest, HoldImageResponse,
+    JoinRaftRequest, JoinRaftResponse, ProposeRequest, ProposeResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -32,13 +33,20 @@ pub struct ClusterService {
     secrets: SecretsCache,
     auth: Authorizer,
     peers: Peers,
+    images: crate::images::Images,
 }
 
 impl ClusterService {
     /// The service, ready to mount.
-    pub fn new(store: Store, secrets: SecretsCache, auth: Authorizer, peers: Peers) -> ClusterServer<Self> {
-        // Forwarded commands are bounded by the control API's 4 MiB requests.
-        ClusterServer::new(Self { store, secrets, auth, peers }).max_decoding_message_size(16 << 20)
+    pub(crate) fn new(
+        store: Store,
+        secrets: SecretsCache,
+        auth: Authorizer,
+        peers: Peers,
+        images: crate::images::Images,
+    ) -> ClusterServer<Self> {
+        // Forwarded commands are bounded by the control API's requests.
+        ClusterServer::new(Self { store, secrets, auth, peers, images }).max_decoding_message_size(16 << 20)
     }
 }
 
@@ -73,6 +81,7 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::UpdateExternalCa { .. }
         | Command::PutImage { .. }
         | Command::RemoveImage { .. }
+        | Command::SetHostRootfs { .. }
         | Command::SetCertRecoveryWindow { .. } => Ok(()),
         // A manager says only that it holds an image itself.
         Command::ImageHeld { node, .. } if node == from => Ok(()),
@@ -200,6 +209,25 @@ impl cluster_server::Cluster for ClusterService {
             Err(e) => return Err(e.into()),
         };
         Ok(Response::new(ProposeResponse { result: encode(&result), log_index }))
+    }
+
+    type FetchBlobStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+    /// Manager certificate (a manager catching up may not be a raft member
+    /// yet). Any blob of this manager's store.
+    async fn fetch_blob(&self, req: Request<FetchBlobRequest>) -> Result<Response<Self::FetchBlobStream>, Status> {
+        self.auth.require_manager(&req)?;
+        let d = req.get_ref().digest.parse().map_err(|e| Status::invalid_argument(format!("digest: {e}")))?;
+        let stream = self.images.serve(&d).await?;
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(stream, |r| r.map(|data| BlobChunk { data })))))
+    }
+
+    /// Raft member's certificate: the manager loading an image.
+    async fn hold_image(&self, req: Request<HoldImageRequest>) -> Result<Response<HoldImageResponse>, Status> {
+        self.auth.require_raft_member(&req)?;
+        let r = req.into_inner();
+        self.images.hold(&r.source, &r.record).await?;
+        Ok(Response::new(HoldImageResponse {}))
     }
 }
 

@@ -23,6 +23,7 @@ mod control;
 mod dispatcher;
 mod error;
 mod external_ca;
+mod images;
 pub mod keys;
 pub mod limits;
 mod membership;

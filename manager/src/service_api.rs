@@ -19,7 +19,7 @@ use crate::status::internal;
 pub(crate) fn spec_message(e: &SpecError) -> String {
     match e {
         SpecError::Image(image) => {
-            format!("--image {image:?}: give the absolute path of a root filesystem on the workers")
+            format!("--image {image:?}: give an image loaded into the cluster (NAME[:TAG], NAME@sha256:… or sha256:…)")
         }
         SpecError::NoCommand => "no command: give it after --, e.g. -- sh -c 'cat /run/secrets/db_pass'".into(),
         SpecError::Replicas(n) => format!("--replicas {n}: at most {MAX_REPLICAS}"),
@@ -128,7 +128,7 @@ pub(crate) fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<Serv
         .map(|c| c.parse::<Constraint>().map_err(Status::invalid_argument))
         .collect::<Result<Vec<_>, _>>()?;
     let spec = ServiceSpec {
-        image: r.image.clone(),
+        image: pin_image(view, &r.image)?,
         args: r.args.clone(),
         env: r.env.clone(),
         user: parse_user(&r.user)?,
@@ -142,6 +142,35 @@ pub(crate) fn spec_of(view: &StateView, r: &CreateServiceRequest) -> Result<Serv
     };
     check_spec_status(&spec)?;
     Ok(spec)
+}
+
+/// What a service stores for the image reference `reference`: pinned to the
+/// manifest digest the cluster has for it now (`NAME[:TAG]@sha256:…`, or
+/// the digest alone when it was given alone), so that every task of this
+/// version runs the same bytes whatever the name points to later. A host
+/// directory (an absolute path) is kept as it is: the state machine decides
+/// whether the cluster allows it.
+pub(crate) fn pin_image(view: &StateView, reference: &str) -> Result<String, Status> {
+    if reference.is_empty() {
+        return Err(Status::invalid_argument("--image: give an image (NAME[:TAG], NAME@sha256:… or sha256:…)"));
+    }
+    if reference.starts_with('/') {
+        return Ok(reference.to_owned());
+    }
+    if reference.len() > 300 {
+        return Err(Status::invalid_argument("--image: a reference longer than 300 bytes"));
+    }
+    let Some(image) = view.resolve_image(reference).map_err(internal)? else {
+        return Err(Status::invalid_argument(format!(
+            "--image {reference:?}: no such image in this cluster (`secretctl image ls` lists them; \
+             `secretctl image load` adds one)"
+        )));
+    };
+    Ok(match reference.rsplit_once('@') {
+        Some((name, _)) => format!("{}@{}", crate::state::normalize_image_name(name), image.digest),
+        None if reference.starts_with("sha256:") => image.digest,
+        None => format!("{}@{}", crate::state::normalize_image_name(reference), image.digest),
+    })
 }
 
 /// The service `key` names: ID, name or unique ID prefix.
@@ -178,6 +207,7 @@ pub(crate) fn to_wire(s: ServiceRecord, running: u32) -> Service {
     Service {
         id: s.id.to_string(),
         name: s.name,
+        image_digest: crate::state::pinned_digest(&s.spec.image).unwrap_or_default().to_owned(),
         image: s.spec.image,
         args: s.spec.args,
         env: s.spec.env,

@@ -224,6 +224,9 @@ pub fn validate_update_service(
     if let Some(n) = req.replicas {
         spec.replicas = n;
     }
+    if let Some(image) = &req.image {
+        spec.image = crate::service_api::pin_image(view, image)?;
+    }
     crate::service_api::check_spec_status(&spec)?;
     Ok((cur, spec))
 }

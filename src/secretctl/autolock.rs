@@ -39,6 +39,11 @@ pub(super) enum ClusterCmd {
         /// checked against the signer before it is kept.
         #[arg(long, value_name = "SPEC")]
         external_ca: Option<crate::daemon::ExternalCaArg>,
+        /// Let services run a root filesystem directory on the workers as
+        /// their image (true), or only images loaded into the cluster (false,
+        /// the default). A development setting: a directory has no digest.
+        #[arg(long, action = clap::ArgAction::Set)]
+        allow_host_rootfs: Option<bool>,
     },
 }
 
@@ -69,11 +74,16 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
 
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window, external_ca } => {
-            if autolock.is_none() && identity_ttl.is_none() && cert_recovery_window.is_none() && external_ca.is_none() {
+        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window, external_ca, allow_host_rootfs } => {
+            if autolock.is_none()
+                && identity_ttl.is_none()
+                && cert_recovery_window.is_none()
+                && external_ca.is_none()
+                && allow_host_rootfs.is_none()
+            {
                 anyhow::bail!(
-                    "nothing to update: give --autolock=true|false, --identity-ttl DUR, --cert-recovery-window DUR \
-                     or --external-ca SPEC"
+                    "nothing to update: give --autolock=true|false, --identity-ttl DUR, --cert-recovery-window DUR, \
+                     --external-ca SPEC or --allow-host-rootfs=true|false"
                 );
             }
             let external = match &external_ca {
@@ -92,6 +102,7 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
                 identity_ttl_secs: identity_ttl.map(|t| t.duration().as_secs()),
                 cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
                 external_ca: external,
+                allow_host_rootfs,
             };
             let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             if let Some(w) = cert_recovery_window {
@@ -109,6 +120,13 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
             }
             if let Some(ttl) = identity_ttl {
                 println!("Workload identities now live {ttl} (renewed at half of it).");
+            }
+            match allow_host_rootfs {
+                Some(true) => {
+                    println!("Services may now run a directory on the workers as their image (development only).")
+                }
+                Some(false) => println!("Services run images loaded into the cluster only."),
+                None => {}
             }
             if let Some(ext) = external_ca {
                 println!("The external CA is now {} (checked: it signed with the new settings).", ext.url);

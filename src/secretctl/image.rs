@@ -1,12 +1,54 @@
-//! `secretctl image build-rootfs`: an OCI image layout from a root
-//! filesystem directory, made here without a registry or a container engine.
+//! `secretctl image load | ls | inspect | rm | build-rootfs`.
+//!
+//! `load` reads an OCI image layout (a directory, an OCI archive tar, or a
+//! `docker save` tar), verifies every blob here first (sha256, size, DiffID),
+//! then streams the manifest, the config and the layers to the manager, which
+//! verifies them all again. `build-rootfs` makes a layout from a root
+//! filesystem directory, without a registry or a container engine.
 
+use std::io::Read;
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use serde::Serialize;
+use swarmd_proto::control::load_image_chunk::Part;
+use swarmd_proto::control::{GetImageRequest, Image, ListImagesRequest, LoadImageChunk, LoadImageHeader};
+use tonic::transport::Channel;
+
+use super::client::explain;
+use super::output::{json, table, timestamp};
+use super::Format;
 
 #[derive(Subcommand, Debug)]
 pub(super) enum ImageCmd {
+    /// Load an image into the cluster from an OCI image layout directory, an
+    /// OCI archive tar or a `docker save` tar; prints its digest.
+    Load {
+        /// The layout or archive.
+        source: PathBuf,
+        /// REPO[:TAG] to give it (default: the name the layout gives it, if any).
+        #[arg(long)]
+        name: Option<String>,
+        /// OS/ARCH[/VARIANT] to pick from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+    },
+    /// List the cluster's images.
+    Ls {
+        /// Only digests.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show images: NAME[:TAG], NAME@sha256:… or sha256:….
+    Inspect {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove images (refused while a service uses one).
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
     /// Write an OCI image layout of DIR (one gzip layer, linux/amd64) into
     /// --out (created, or a layout to add to) named --name; prints the
     /// manifest digest. Files, directories and symlinks are taken with their
@@ -44,5 +86,190 @@ pub(super) fn run_offline(cmd: ImageCmd) -> anyhow::Result<()> {
             println!("{digest}");
             Ok(())
         }
+        _ => unreachable!("needs a manager"),
     }
+}
+
+#[derive(Serialize)]
+struct ImageView {
+    digest: String,
+    names: Vec<String>,
+    platform: String,
+    size: u64,
+    created_at: String,
+    config_digest: String,
+    layers: Vec<LayerView>,
+    holders: Vec<String>,
+    services: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct LayerView {
+    digest: String,
+    size: u64,
+    media_type: String,
+    diff_id: String,
+}
+
+impl From<Image> for ImageView {
+    fn from(i: Image) -> Self {
+        Self {
+            created_at: timestamp(i.created_at),
+            digest: i.digest,
+            names: i.names,
+            platform: i.platform,
+            size: i.size,
+            config_digest: i.config_digest,
+            layers: i
+                .layers
+                .into_iter()
+                .map(|l| LayerView { digest: l.digest, size: l.size, media_type: l.media_type, diff_id: l.diff_id })
+                .collect(),
+            holders: i.holders,
+            services: i.services,
+        }
+    }
+}
+
+/// Bytes in a human unit.
+fn size_text(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// Reads and verifies the image at `source`, then streams it: header first,
+/// then each layer's bytes in order.
+fn load_stream(
+    source: PathBuf,
+    name: Option<String>,
+    platform: String,
+) -> anyhow::Result<(swarmd_image::Image, tokio::sync::mpsc::Receiver<LoadImageChunk>)> {
+    let want: swarmd_image::Platform = platform.parse().map_err(|e| anyhow::anyhow!("--platform {platform:?}: {e}"))?;
+    let src = swarmd_image::Source::open(&source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    // Verified here first: a broken or tampered layout fails before a byte is sent.
+    let image = swarmd_image::load(&src, &want, None).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let name = name.or_else(|| image.name.clone()).unwrap_or_default();
+    let header = LoadImageHeader {
+        manifest: image.manifest.clone(),
+        config: image.config.clone(),
+        name,
+        platform: image.platform.to_string(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let layers: Vec<_> = image.layers.iter().map(|l| (image.blob_file(&l.digest), l.size)).collect();
+    std::thread::spawn(move || {
+        if tx.blocking_send(LoadImageChunk { part: Some(Part::Header(header)) }).is_err() {
+            return;
+        }
+        for (path, size) in layers {
+            let Ok((mut r, _)) = src.file(&path) else { return };
+            let mut left = size;
+            while left > 0 {
+                let mut buf = vec![0u8; (1usize << 20).min(left as usize)];
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        left -= n as u64;
+                        if tx.blocking_send(LoadImageChunk { part: Some(Part::Data(buf.into())) }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok((image, rx))
+}
+
+pub(super) async fn run(channel: Channel, cmd: ImageCmd, format: Format) -> anyhow::Result<()> {
+    let mut client = super::client::control(channel);
+    match cmd {
+        ImageCmd::Load { source, name, platform } => {
+            let (image, rx) = tokio::task::spawn_blocking(move || load_stream(source, name, platform)).await??;
+            let r =
+                client.load_image(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(explain)?.into_inner();
+            if r.digest != image.digest.as_str() {
+                anyhow::bail!("the manager recorded {}, not {}", r.digest, image.digest);
+            }
+            println!("{}", r.digest);
+        }
+        ImageCmd::Ls { quiet } => {
+            let images = client.list_images(ListImagesRequest {}).await.map_err(explain)?.into_inner().images;
+            if quiet {
+                for i in &images {
+                    println!("{}", i.digest);
+                }
+            } else if format == Format::Json {
+                json(&images.into_iter().map(ImageView::from).collect::<Vec<_>>())?;
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.digest.clone(),
+                            i.names.join(","),
+                            i.platform.clone(),
+                            size_text(i.size),
+                            format!("{}", i.holders.len()),
+                            timestamp(i.created_at),
+                        ]
+                    })
+                    .collect();
+                table(&["DIGEST", "NAMES", "PLATFORM", "SIZE", "MANAGERS", "CREATED"], &rows);
+            }
+        }
+        ImageCmd::Inspect { images } => {
+            let mut out = Vec::new();
+            for reference in images {
+                let i = client.get_image(GetImageRequest { reference }).await.map_err(explain)?.into_inner();
+                out.push(ImageView::from(i));
+            }
+            if format == Format::Json {
+                if out.len() == 1 {
+                    json(&out[0])?;
+                } else {
+                    json(&out)?;
+                }
+            } else {
+                for i in out {
+                    let mut rows = vec![
+                        vec!["Digest".into(), i.digest.clone()],
+                        vec!["Names".into(), i.names.join(" ")],
+                        vec!["Platform".into(), i.platform.clone()],
+                        vec!["Size".into(), size_text(i.size)],
+                        vec!["Created".into(), i.created_at.clone()],
+                        vec!["Config".into(), i.config_digest.clone()],
+                        vec!["Held by".into(), i.holders.join(" ")],
+                        vec!["Services".into(), i.services.join(" ")],
+                    ];
+                    for (n, l) in i.layers.iter().enumerate() {
+                        rows.push(vec![format!("Layer {n}"), format!("{} ({})", l.digest, size_text(l.size))]);
+                    }
+                    table(&["FIELD", "VALUE"], &rows);
+                }
+            }
+        }
+        ImageCmd::Rm { images } => {
+            let mut failed = 0;
+            for reference in images {
+                match client.remove_image(GetImageRequest { reference: reference.clone() }).await {
+                    Ok(r) => println!("{}", r.into_inner().digest),
+                    Err(e) => {
+                        eprintln!("error: {reference}: {}", explain(e));
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} image(s) not removed");
+            }
+        }
+        ImageCmd::BuildRootfs { .. } => unreachable!("offline"),
+    }
+    Ok(())
 }

@@ -121,6 +121,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::JoinToken(a) => join_token::run(channel, a).await,
         Command::Ca(c) => ca::run(channel, c, cli.format).await,
         Command::Info => info::run(channel, cli.format).await,
-        Command::Image(_) => unreachable!("every image command so far needs no manager"),
+        Command::Image(c) => image::run(channel, c, cli.format).await,
     }
 }

@@ -18,7 +18,9 @@ pub(super) enum ServiceCmd {
     Create {
         /// The service's name.
         name: String,
-        /// Root filesystem directory present on every worker (no registry).
+        /// An image loaded into the cluster: NAME[:TAG], NAME@sha256:… or
+        /// sha256:… (pinned to its digest now). A root filesystem directory
+        /// on the workers only where the cluster allows it (development).
         #[arg(long)]
         image: String,
         /// A secret: SRC[@VERSION][,target=T][,uid=U][,gid=G][,mode=M] (repeatable).
@@ -56,8 +58,9 @@ pub(super) enum ServiceCmd {
         /// Add a capability (refused by this cluster's policy).
         #[arg(long = "cap-add")]
         cap_add: Vec<String>,
-        /// The command and its arguments, after --.
-        #[arg(last = true, required = true)]
+        /// The command and its arguments, after -- (default: the image's
+        /// entrypoint and cmd; required with a directory).
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// List services.
@@ -77,9 +80,12 @@ pub(super) enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Change a service's secrets or replica count.
+    /// Change a service's image, secrets or replica count.
     Update {
         service: String,
+        /// A new image (pinned to its digest now); its tasks are replaced.
+        #[arg(long)]
+        image: Option<String>,
         /// Add a secret reference (same syntax as create; repeatable).
         #[arg(long = "secret-add", value_parser = super::secret_ref::parse)]
         secret_add: Vec<SecretReference>,
@@ -97,6 +103,7 @@ struct ServiceView {
     id: String,
     name: String,
     image: String,
+    image_digest: String,
     command: Vec<String>,
     env: Vec<String>,
     user: String,
@@ -121,6 +128,7 @@ impl From<Service> for ServiceView {
             id: s.id,
             name: s.name,
             image: s.image,
+            image_digest: s.image_digest,
             command: s.args,
             env: s.env,
             user: if s.user.is_empty() { "65534:65534".into() } else { s.user },
@@ -265,6 +273,7 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
                         vec!["ID".into(), s.id.clone()],
                         vec!["Name".into(), s.name.clone()],
                         vec!["Image".into(), s.image.clone()],
+                        vec!["Image digest".into(), s.image_digest.clone()],
                         vec!["Command".into(), s.command.join(" ")],
                         vec!["User".into(), s.user.clone()],
                         vec!["Secrets".into(), s.secrets.join(" ")],
@@ -304,9 +313,15 @@ pub(super) async fn run(channel: Channel, cmd: ServiceCmd, format: Format) -> an
                 anyhow::bail!("{failed} service(s) not removed");
             }
         }
-        ServiceCmd::Update { service, secret_add, secret_rm, replicas } => {
-            let req =
-                UpdateServiceRequest { name_or_id: service, secret_add, secret_rm, replicas, ..Default::default() };
+        ServiceCmd::Update { service, image, secret_add, secret_rm, replicas } => {
+            let req = UpdateServiceRequest {
+                name_or_id: service,
+                secret_add,
+                secret_rm,
+                replicas,
+                image,
+                ..Default::default()
+            };
             let s = client.update_service(req).await.map_err(explain)?.into_inner();
             println!("{}", s.id);
         }

@@ -148,6 +148,7 @@ impl Env {
             else {
                 continue;
             };
+            let _ = fs::remove_dir_all(image_dir(&id));
             let dir = run.join(&id);
             if !dir.exists() {
                 continue;
@@ -602,6 +603,90 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
     }
     fs::write(dir.join("etc/passwd"), "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n").unwrap();
     dir.to_owned()
+}
+
+/// Writes an OCI image layout of `rootfs` at `layout` (`secretctl image
+/// build-rootfs`, offline) named `name`; returns the manifest digest.
+pub fn build_image(rootfs: &Path, layout: &Path, name: &str) -> String {
+    let o = Command::new(secretctl_bin())
+        .args(["image", "build-rootfs"])
+        .arg(rootfs)
+        .arg("--out")
+        .arg(layout)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "build-rootfs: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+/// The test image every container test runs: [`busybox_rootfs`] built as an
+/// image and loaded into `m`'s cluster as `busybox:1` (once per environment);
+/// returns the name.
+pub fn busybox_image(env: &Env, m: &Manager) -> String {
+    let layout = env.path("busybox-oci");
+    if !layout.exists() {
+        let rootfs = busybox_rootfs(&env.path("busybox-rootfs"));
+        build_image(&rootfs, &layout, "busybox:1");
+    }
+    m.ctl_ok(&["image", "load", layout.to_str().unwrap(), "--name", "busybox:1"]);
+    "busybox:1".into()
+}
+
+/// Writes label updates to `m` from 16 concurrent clients until its raft
+/// log holds more than `entries` entries.
+pub async fn fill_log(m: &Manager, entries: u64) {
+    use swarmd_proto::control::control_client::ControlClient;
+    use swarmd_proto::control::UpdateNodeRequest;
+    let channel = swarmd::secretctl::connect(&swarmd::secretctl::Host::Unix(m.socket())).await.unwrap();
+    let me = m.node_id();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let mut client = ControlClient::new(channel.clone());
+        let (me, stop) = (me.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = UpdateNodeRequest {
+                    id_or_prefix: me.clone(),
+                    labels_add: [(format!("fill{c}"), i.to_string())].into(),
+                    ..Default::default()
+                };
+                client.update_node(req).await.unwrap();
+                i += 1;
+            }
+        }));
+    }
+    tokio::task::block_in_place(|| {
+        wait_for("the log to fill", DEADLINE, || (info(m)?["last_log_index"].as_u64()? > entries).then_some(()))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Waits until `m`'s latest snapshot covers log index `index`. openraft checks
+/// its snapshot policy only as entries are applied, and skips the check while a
+/// build is running: small writes keep it checking.
+pub fn wait_snapshot_covering(m: &Manager, index: u64) -> serde_json::Value {
+    let mut tick = 0;
+    wait_for("a snapshot covering the writes", std::time::Duration::from_secs(180), || {
+        let i = info(m)?;
+        if i["snapshot_index"].as_u64()? >= index {
+            return Some(i);
+        }
+        tick += 1;
+        m.ctl(&["node", "update", &m.node_id(), "--label-add", &format!("tick={tick}")]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        None
+    })
+}
+
+/// Where a worker keeps its images: `$SWARMD_IMAGE_DIR/<node ID>`.
+pub fn image_dir(node_id: &str) -> PathBuf {
+    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/swarmd/images".into())).join(node_id)
 }
 
 /// A process's resident set size, in KiB (0 if it is gone).

@@ -41,6 +41,7 @@ use zeroize::Zeroizing;
 
 use crate::executor::{BoxFuture, ContainerRuntime, ContainerSpec, ExecError, Runtime};
 use crate::identity::{DispatcherIdentity, IdentityError, IdentitySource, Issued};
+use crate::images::{ImageDefaults, ImageSource};
 use crate::secret_mount::{SecretFile, SecretFs, Tmpfs};
 use crate::userns::{IdAllocator, UserNamespace, ALLOCATION_FILE, MAX_BLOCKS};
 use report::{LogCursor, Reporter};
@@ -75,6 +76,8 @@ pub(crate) struct Seams {
     pub(crate) reporter: Arc<dyn Reporter>,
     /// Issues the tasks' workload identities.
     pub(crate) identity: Arc<dyn IdentitySource>,
+    /// Fetches and unpacks the tasks' images.
+    pub(crate) images: Arc<dyn ImageSource>,
 }
 
 /// Applies assignments; one per worker process.
@@ -116,6 +119,7 @@ impl Agent {
         session: watch::Receiver<String>,
         runtime_bin: &str,
         run_dir: PathBuf,
+        images: Arc<dyn ImageSource>,
         shutdown: CancellationToken,
     ) -> Self {
         let runtime = Runtime::new(runtime_bin, &run_dir.join("runtime"), &run_dir.join("bundles"));
@@ -124,6 +128,7 @@ impl Agent {
             secret_fs: Arc::new(Tmpfs),
             reporter: Arc::new(report::Dispatcher::new(channel.clone(), session)),
             identity: Arc::new(DispatcherIdentity::new(channel)),
+            images,
         };
         Self::with_seams(seams, run_dir, shutdown)
     }
@@ -401,6 +406,17 @@ async fn first_identity(
     }
 }
 
+/// Waits until the task is told to stop, keeping the newest secret files
+/// sent meanwhile in `newer`.
+async fn wait_for_stop(ctl: &mut mpsc::UnboundedReceiver<Control>, newer: &mut Option<Vec<SecretFile>>) {
+    loop {
+        match ctl.recv().await {
+            Some(Control::Stop) | None => return,
+            Some(Control::Secrets(files)) => *newer = Some(files),
+        }
+    }
+}
+
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -414,11 +430,45 @@ fn task_user(spec: &crate::assignment::TaskSpec) -> (u32, u32) {
     spec.user.unwrap_or((65534, 65534))
 }
 
-async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
+async fn run_task(ctx: TaskCtx, t: Task, mut files: Vec<SecretFile>, mut ctl: mpsc::UnboundedReceiver<Control>) {
     let id = t.id.clone();
     let rep = |state: TaskState, msg: String| ctx.seams.reporter.report(&id, state, &msg);
     rep(TaskState::Preparing, String::new());
     let spec = &t.spec;
+    // The image first: checked digest by digest, unpacked (or found) in the
+    // node's cache, and held until the task ends.
+    let (rootfs, defaults, _image) = if spec.image_digest.is_empty() {
+        (PathBuf::from(&spec.image), ImageDefaults::default(), None)
+    } else {
+        let mut newer = None;
+        let prepared = tokio::select! {
+            p = ctx.seams.images.prepare(&id, &spec.image_digest) => p,
+            _ = wait_for_stop(&mut ctl, &mut newer) => {
+                rep(TaskState::Shutdown, "stopped before it started".into());
+                let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+                return;
+            }
+        };
+        if let Some(f) = newer {
+            files = f;
+        }
+        match prepared {
+            Ok(p) => (p.rootfs.path().to_owned(), p.defaults.clone(), Some(p)),
+            Err(e) => {
+                tracing::warn!(task.id = %id, image = %spec.image_digest, error = %e, "image refused");
+                rep(TaskState::Rejected, format!("image: {e}"));
+                let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+                return;
+            }
+        }
+    };
+    let Some(args) =
+        (if spec.image_digest.is_empty() { Some(spec.args.clone()) } else { defaults.command(&spec.args) })
+    else {
+        rep(TaskState::Rejected, "the image has no command (Entrypoint or Cmd) and the service gives none".into());
+        let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+        return;
+    };
     let user = task_user(spec);
     let size: u64 = files.iter().map(|f| f.data.len() as u64 + 4096).sum::<u64>().max(1 << 20);
     // Every task has a tmpfs: its identity lives there, secrets or not.
@@ -467,9 +517,10 @@ async fn run_task(ctx: TaskCtx, t: Task, files: Vec<SecretFile>, mut ctl: mpsc::
         }
     };
     let c = ContainerSpec {
-        rootfs: PathBuf::from(&spec.image),
-        args: spec.args.clone(),
-        env: spec.env.clone(),
+        rootfs,
+        args,
+        env: defaults.env(&spec.env),
+        cwd: defaults.cwd.clone(),
         user: spec.user,
         memory: spec.memory,
         pids: spec.pids,

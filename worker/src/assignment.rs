@@ -40,8 +40,11 @@ pub struct WorkTask {
 /// the runtime refuses it, and the task is reported rejected).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TaskSpec {
-    /// Root filesystem directory.
+    /// Root filesystem directory (a development setting), or the image's
+    /// reference when `image_digest` is set.
     pub image: String,
+    /// The image's manifest digest; empty for a root filesystem directory.
+    pub image_digest: String,
     /// The command and its arguments.
     pub args: Vec<String>,
     /// `KEY=VALUE` entries.
@@ -104,6 +107,7 @@ impl From<wire::TaskSpec> for TaskSpec {
     fn from(s: wire::TaskSpec) -> Self {
         Self {
             image: s.image,
+            image_digest: s.image_digest,
             args: s.args,
             env: s.env,
             user: s.has_user.then_some((s.uid, s.gid)),

@@ -11,6 +11,7 @@ pub mod assignment;
 mod config;
 pub mod executor;
 pub mod identity;
+pub mod images;
 mod join;
 pub mod seccomp;
 pub mod secret_mount;
@@ -125,7 +126,18 @@ impl Worker {
         tracing::info!(node.id = %self.cfg.node_id, remotes = ?self.cfg.remotes, "worker running");
         let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
         let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
-        let agent = agent::Agent::new(channel.clone(), session_rx, &runtime, run_dir.clone(), tasks.clone());
+        let images = images::DispatcherImages::new(channel.clone(), &images::image_dir(&self.cfg.node_id));
+        if let Some(cache) = images.cache() {
+            swarmd_certs::spawn_loop("image-gc", images::DispatcherImages::collect_garbage(cache, tasks.clone()));
+        }
+        let agent = agent::Agent::new(
+            channel.clone(),
+            session_rx,
+            &runtime,
+            run_dir.clone(),
+            std::sync::Arc::new(images),
+            tasks.clone(),
+        );
         let (state_tx, mut state_rx) = tokio::sync::watch::channel(agent::AgentState::default());
         let agent_done = swarmd_certs::spawn_loop("agent", agent.run(assign_rx, state_tx));
         // What the agent holds (task and secret IDs, never values), for `swarmd worker status`.
@@ -158,6 +170,10 @@ impl Worker {
         // Nothing is left running: the runtime state, bundles and status go too.
         let _ = writer.await;
         let _ = std::fs::remove_dir_all(crate::run_dir(&self.cfg.node_id));
+        if end == session::SessionEnd::Removed {
+            // Out of the cluster: its images go too.
+            let _ = std::fs::remove_dir_all(images::image_dir(&self.cfg.node_id));
+        }
         // Nothing left for the watchdog to do: it sees its pipe close and exits.
         let _ = watchdog_stop.send(());
         let _ = watchdog.await;

@@ -100,6 +100,10 @@ pub(super) async fn update_cluster(
         .identity_ttl_secs
         .map(|s| swarmd_certs::workload::IdentityTtl::from_secs(s).map_err(Status::invalid_argument))
         .transpose()?;
+    if let Some(allowed) = req.get_ref().allow_host_rootfs {
+        ctl.store.propose(Command::SetHostRootfs { allowed }).await?;
+        tracing::warn!(allowed, "services running host directories as images: setting changed");
+    }
     if let Some(secs) = req.get_ref().cert_recovery_window_secs {
         ctl.store.propose(Command::SetCertRecoveryWindow { secs }).await?;
         tracing::info!(secs, "certificate recovery window changed");

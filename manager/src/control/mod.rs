@@ -43,6 +43,7 @@ use swarmd_proto::control::{
 
 mod admin_certs;
 mod cluster;
+mod images;
 mod nodes;
 mod secrets;
 mod services;
@@ -53,6 +54,7 @@ pub struct ControlService {
     secrets: SecretsCache,
     dispatcher: Dispatcher,
     peers: Peers,
+    images: crate::images::Images,
     /// One data key rotation at a time.
     rotating: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -69,10 +71,13 @@ impl ControlService {
         dispatcher: Dispatcher,
         auth: Authorizer,
         peers: Peers,
+        images: crate::images::Images,
     ) -> InterceptedService<ControlServer<Self>, Gate> {
         let gate = Gate::new(auth, Admits::Admins);
-        let service = Self { store, secrets, dispatcher, peers, rotating: Default::default() };
-        InterceptedService::new(ControlServer::new(service), gate)
+        let service = Self { store, secrets, dispatcher, peers, images, rotating: Default::default() };
+        // An image load's header carries a manifest and a config of up to 4 MiB each.
+        let server = ControlServer::new(service).max_decoding_message_size(10 << 20);
+        InterceptedService::new(server, gate)
     }
 
     fn reply(&self, id: &NodeId) -> Result<Response<Node>, Status> {
@@ -257,6 +262,34 @@ impl control_server::Control for ControlService {
 
     async fn rotate_ca(&self, req: Request<RotateCaRequest>) -> Result<Response<CaInfo>, Status> {
         cluster::rotate_ca(self, req).await
+    }
+
+    async fn load_image(
+        &self,
+        req: Request<tonic::Streaming<swarmd_proto::control::LoadImageChunk>>,
+    ) -> Result<Response<swarmd_proto::control::Image>, Status> {
+        images::load_image(self, req).await
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<swarmd_proto::control::ListImagesRequest>,
+    ) -> Result<Response<swarmd_proto::control::ListImagesResponse>, Status> {
+        images::list_images(self, req).await
+    }
+
+    async fn get_image(
+        &self,
+        req: Request<swarmd_proto::control::GetImageRequest>,
+    ) -> Result<Response<swarmd_proto::control::Image>, Status> {
+        images::get_image(self, req).await
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<swarmd_proto::control::GetImageRequest>,
+    ) -> Result<Response<swarmd_proto::control::RemoveImageResponse>, Status> {
+        images::remove_image(self, req).await
     }
 
     async fn get_join_token(

@@ -117,6 +117,8 @@ struct Inner {
     status: mpsc::UnboundedSender<StatusChange>,
     /// Where workload certificates are signed (off the async workers).
     work: crate::limits::CaWork,
+    /// Serves the blobs of the nodes' tasks' images.
+    images: crate::images::Images,
 }
 
 /// Session bookkeeping shared by the gRPC service, the control API and the
@@ -133,6 +135,7 @@ impl Dispatcher {
         secrets: SecretsCache,
         limits: NodeLimits,
         me: NodeId,
+        images: crate::images::Images,
     ) -> (Self, StatusWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
         let now = Instant::now();
@@ -158,6 +161,7 @@ impl Dispatcher {
             expected: Mutex::new(expected),
             status: tx,
             work: Default::default(),
+            images,
         };
         (Self(Arc::new(inner)), writer)
     }
@@ -415,6 +419,26 @@ impl dispatcher_server::Dispatcher for Dispatcher {
         req: Request<IssueTaskIdentityRequest>,
     ) -> Result<Response<IssueTaskIdentityResponse>, Status> {
         self.issue_identity(req).await
+    }
+
+    type FetchBlobStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<swarmd_proto::dispatcher::TaskBlobChunk, Status>> + Send>,
+    >;
+
+    /// A blob of the image of one of the caller's own live tasks (see
+    /// [`crate::images::authorize_task_blob`]); PERMISSION_DENIED for any
+    /// other, whoever's it is.
+    #[tracing::instrument(skip_all)]
+    async fn fetch_blob(
+        &self,
+        req: Request<swarmd_proto::dispatcher::FetchTaskBlobRequest>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let peer = self.0.auth.require(&req, &[Role::Worker, Role::Manager])?;
+        let r = req.into_inner();
+        let stream = self.0.images.serve_task_blob(&peer.node_id, &r.task_id, &r.digest).await?;
+        let chunks =
+            tokio_stream::StreamExt::map(stream, |r| r.map(|data| swarmd_proto::dispatcher::TaskBlobChunk { data }));
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
 

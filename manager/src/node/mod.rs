@@ -440,9 +440,14 @@ impl Manager {
             "scheduler",
             crate::scheduler::run(store.clone(), self.applied.clone(), tasks.clone()),
         );
+        let blob_dir = self.data_dir.join("blobs");
+        let blobs = swarmd_image::BlobStore::open(&blob_dir)
+            .map_err(|e| ManagerError::Invalid(format!("blob store {}: {e}", blob_dir.display())))?;
+        let images = crate::images::Images::new(store.clone(), blobs, peers.clone(), me.clone());
+        swarmd_certs::spawn_loop("images", images.clone().run(tasks.clone()));
         let limits = crate::limits::NodeLimits::from_env();
         let (dispatcher, writer) =
-            Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), limits.clone(), me.clone());
+            Dispatcher::new(store.clone(), auth.clone(), secrets.clone(), limits.clone(), me.clone(), images.clone());
         swarmd_certs::spawn_loop("status-writer", writer.run(tasks.clone()));
         swarmd_certs::spawn_loop("liveness", dispatcher.clone().run_checker(tasks.clone()));
         swarmd_certs::spawn_loop(
@@ -479,10 +484,16 @@ impl Manager {
 
         let server_tls = self.creds.server().expect("managers have server credentials");
         let ca = CaService::new(store.clone(), secrets.clone(), auth.clone(), limits, advertise);
-        let control =
-            ControlService::new(store.clone(), secrets.clone(), dispatcher.clone(), auth.clone(), peers.clone());
+        let control = ControlService::new(
+            store.clone(),
+            secrets.clone(),
+            dispatcher.clone(),
+            auth.clone(),
+            peers.clone(),
+            images.clone(),
+        );
         let raft_service = RaftService::new(self.raft.clone(), auth.clone());
-        let cluster = ClusterService::new(store.clone(), secrets, auth.clone(), peers);
+        let cluster = ClusterService::new(store.clone(), secrets, auth.clone(), peers, images);
         // Every service but the CA's is gated before a request's body is read
         // (see `auth::Gate`); anonymous clients meet the same gates, on a server
         // of their own that allows them few streams and small windows.

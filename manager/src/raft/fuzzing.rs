@@ -194,6 +194,7 @@ pub fn sample_commands() -> Vec<crate::state::Command> {
             data: sealed(1, 4),
         },
         Command::AddSecretVersion { id: id(20), version: 2, created_at: 170, data: sealed(1, 5) },
+        Command::SetHostRootfs { allowed: true },
         Command::CreateService(Box::new(ServiceRecord {
             id: id(30),
             name: "web".into(),

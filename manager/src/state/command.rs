@@ -125,6 +125,9 @@ pub enum Command {
     ImageHeld { digest: String, node: NodeId },
     /// Forgets image `digest` and its names (refused while a service uses it).
     RemoveImage { digest: String },
+    /// Whether a service's image may be a root filesystem directory on the
+    /// workers (a development setting, off by default).
+    SetHostRootfs { allowed: bool },
 }
 
 /// The outcome of applying one command.

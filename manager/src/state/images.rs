@@ -66,6 +66,7 @@ impl ImageRecord {
 pub const MAX_IMAGE_LAYERS: usize = 128;
 
 const IMAGE_PREFIX: &str = "image/";
+const HOST_ROOTFS_KEY: &[u8] = b"hostrootfs";
 const NAME_PREFIX: &str = "imagename/";
 
 fn image_key(digest: &str) -> Vec<u8> {
@@ -74,6 +75,23 @@ fn image_key(digest: &str) -> Vec<u8> {
 
 fn name_key(name: &str) -> Vec<u8> {
     format!("{NAME_PREFIX}{name}").into_bytes()
+}
+
+/// `name` with `:latest` added when it has no tag (a `:` after its last `/`).
+pub fn normalize_image_name(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+/// Whether `image` (a service spec's) is pinned to an image: `sha256:<hex>`
+/// or `NAME@sha256:<hex>`. Returns the manifest digest.
+pub fn pinned_digest(image: &str) -> Option<&str> {
+    let d = image.rsplit_once('@').map_or(image, |(_, d)| d);
+    d.parse::<swarmd_image::Digest>().ok().map(|_| d)
 }
 
 /// Refuses a name that is empty, longer than 255 bytes, holds whitespace or
@@ -141,9 +159,34 @@ impl StateView {
         if by_digest.starts_with("sha256:") {
             return self.image(by_digest);
         }
-        match self.get::<String>(&name_key(reference))? {
+        match self.get::<String>(&name_key(&normalize_image_name(reference)))? {
             Some(d) => self.image(&d),
             None => Ok(None),
+        }
+    }
+
+    /// Whether services may run a root filesystem directory on the workers.
+    pub fn host_rootfs_allowed(&self) -> Result<bool, StateError> {
+        Ok(self.get::<bool>(HOST_ROOTFS_KEY)?.unwrap_or(false))
+    }
+
+    /// Checks a service's (new) image: a host directory only where the
+    /// cluster allows it; a pinned image only if the cluster holds it.
+    pub fn check_service_image(&self, image: &str) -> Result<Result<(), Rejection>, StateError> {
+        if image.starts_with('/') {
+            if !self.host_rootfs_allowed()? {
+                return Ok(Err(Rejection::Invalid(format!(
+                    "image {image:?} is a directory on the workers, which this cluster does not allow: load an image \
+                     (`secretctl image load`), or allow it for development (`secretctl cluster update \
+                     --allow-host-rootfs=true`)"
+                ))));
+            }
+            return Ok(Ok(()));
+        }
+        match pinned_digest(image) {
+            Some(d) if self.image(d)?.is_some() => Ok(Ok(())),
+            Some(d) => Ok(Err(Rejection::Invalid(format!("no image {d} in this cluster")))),
+            None => Ok(Err(Rejection::Invalid(format!("image {image:?} is not pinned to a digest")))),
         }
     }
 
@@ -194,7 +237,7 @@ pub(super) fn plan_images(view: &StateView, cmd: &Command) -> Result<Result<Writ
             record.holders.sort();
             batch.insert(image_key(&record.digest), encode(&record));
             if let Some(n) = name {
-                batch.insert(name_key(n), encode(&record.digest));
+                batch.insert(name_key(&normalize_image_name(n)), encode(&record.digest));
             }
         }
         Command::ImageHeld { digest, node } => {
@@ -221,8 +264,8 @@ pub(super) fn plan_images(view: &StateView, cmd: &Command) -> Result<Result<Writ
                 .filter(|s| {
                     let image = s.spec.image.as_str();
                     image == record.digest
-                        || image.rsplit_once('@').is_some_and(|(_, d)| d == record.digest)
-                        || names.iter().any(|n| n == image)
+                        || pinned_digest(image) == Some(record.digest.as_str())
+                        || names.iter().any(|n| *n == normalize_image_name(image))
                 })
                 .map(|s| s.name)
                 .collect();
@@ -234,6 +277,9 @@ pub(super) fn plan_images(view: &StateView, cmd: &Command) -> Result<Result<Writ
             for n in names {
                 batch.remove(name_key(&n));
             }
+        }
+        Command::SetHostRootfs { allowed } => {
+            batch.insert(HOST_ROOTFS_KEY.to_vec(), encode(allowed));
         }
         _ => unreachable!("not an image command"),
     }

@@ -19,7 +19,7 @@
 //! | `tasks`       | `task/…`, `nodetask/…` | `Schedule`, `TaskStatus` |
 //! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain`, `externalca` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`, `UpdateExternalCa` |
 //! | `workload`    | `workload/identity` | `SetIdentityTtl` |
-//! | `images`      | `image/…`, `imagename/…` | `PutImage`, `ImageHeld`, `RemoveImage` |
+//! | `images`      | `image/…`, `imagename/…`, `hostrootfs` | `PutImage`, `ImageHeld`, `RemoveImage`, `SetHostRootfs` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -242,9 +242,10 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::SetExternalCa(_)
         | Command::UpdateExternalCa { .. } => ca_rotation::plan_ca_rotation(view, cmd),
         Command::SetIdentityTtl { .. } => workload::plan_workload(view, cmd),
-        Command::PutImage { .. } | Command::ImageHeld { .. } | Command::RemoveImage { .. } => {
-            images::plan_images(view, cmd)
-        }
+        Command::PutImage { .. }
+        | Command::ImageHeld { .. }
+        | Command::RemoveImage { .. }
+        | Command::SetHostRootfs { .. } => images::plan_images(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

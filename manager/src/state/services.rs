@@ -201,8 +201,8 @@ pub const MIN_MEMORY: i64 = 4 << 20;
 /// control API phrases them for its users (see `service_api::spec_message`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SpecError {
-    /// The image is not an absolute path.
-    #[error("image {0:?}: give the absolute path of a root filesystem on the workers")]
+    /// The image is neither pinned to a digest nor an absolute path.
+    #[error("image {0:?}: an image digest (NAME@sha256:…) or the absolute path of a root filesystem on the workers")]
     Image(String),
     /// No command to run.
     #[error("no command to run")]
@@ -232,10 +232,12 @@ pub enum SpecError {
 
 /// Checks a spec's own rules (not the references to secrets).
 pub fn check_spec(spec: &ServiceSpec) -> Result<(), SpecError> {
-    if spec.image.is_empty() || !spec.image.starts_with('/') {
+    let pinned = super::images::pinned_digest(&spec.image).is_some();
+    if spec.image.len() > 512 || !(pinned || spec.image.starts_with('/')) {
         return Err(SpecError::Image(spec.image.clone()));
     }
-    if spec.args.is_empty() {
+    // An image brings its own command (its entrypoint and cmd); a directory does not.
+    if spec.args.is_empty() && !pinned {
         return Err(SpecError::NoCommand);
     }
     if spec.replicas > MAX_REPLICAS {
@@ -345,6 +347,9 @@ pub(super) fn plan_services(view: &StateView, cmd: &Command) -> Result<Result<Wr
             if let Err(r) = check_references(view, &rec.spec)? {
                 return Ok(Err(r));
             }
+            if let Err(r) = view.check_service_image(&rec.spec.image)? {
+                return Ok(Err(r));
+            }
             batch.insert(service_key(&rec.id), encode(rec.as_ref()));
             batch.insert(service_name_key(&rec.name), encode(&rec.id));
         }
@@ -360,6 +365,12 @@ pub(super) fn plan_services(view: &StateView, cmd: &Command) -> Result<Result<Wr
             }
             if let Err(r) = check_references(view, spec)? {
                 return Ok(Err(r));
+            }
+            // A service that ran a host directory before it was disallowed keeps it.
+            if spec.image != rec.spec.image {
+                if let Err(r) = view.check_service_image(&spec.image)? {
+                    return Ok(Err(r));
+                }
             }
             // A change of replicas alone keeps the running tasks.
             let mut same_but_replicas = rec.spec.clone();

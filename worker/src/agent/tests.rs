@@ -34,8 +34,13 @@ struct Running {
 fn start(host: Host) -> Running {
     let host = Arc::new(host);
     let dir = tempfile::tempdir().unwrap();
-    let seams =
-        Seams { runtime: host.clone(), secret_fs: host.clone(), reporter: host.clone(), identity: host.clone() };
+    let seams = Seams {
+        runtime: host.clone(),
+        secret_fs: host.clone(),
+        reporter: host.clone(),
+        identity: host.clone(),
+        images: Arc::new(NoImages),
+    };
     let shutdown = CancellationToken::new();
     let agent = Agent::with_seams(seams, dir.path().to_owned(), shutdown.clone());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -464,4 +469,17 @@ async fn an_identity_is_renewed_in_place_at_half_its_life_and_wiped_with_the_tas
     assert!(stopped < wiped, "the identity is wiped once the container is gone");
     a.until_state(&[], &[]).await;
     a.stop().await;
+}
+
+/// Unit tests run host directories only.
+struct NoImages;
+
+impl crate::images::ImageSource for NoImages {
+    fn prepare(
+        &self,
+        _task: &str,
+        _digest: &str,
+    ) -> crate::executor::BoxFuture<'static, Result<crate::images::Prepared, String>> {
+        Box::pin(async { Err("no images in unit tests".to_owned()) })
+    }
 }

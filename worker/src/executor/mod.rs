@@ -93,6 +93,8 @@ pub struct ContainerSpec {
     pub cap_add: Vec<String>,
     /// The user namespace to run in; [`UserNamespace::Unset`] is refused.
     pub userns: UserNamespace,
+    /// The working directory; `None`: `/`.
+    pub cwd: Option<String>,
 }
 
 /// A boxed `Send` future: how [`ContainerRuntime`] and [`Container`] return

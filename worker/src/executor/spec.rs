@@ -57,7 +57,7 @@ pub fn build_spec(c: &ContainerSpec, hostname: &str) -> Result<Spec, ExecError> 
     let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()];
     env.extend(c.env.iter().cloned());
     process.set_env(Some(env));
-    process.set_cwd("/".into());
+    process.set_cwd(c.cwd.clone().filter(|d| d.starts_with('/')).unwrap_or_else(|| "/".into()).into());
     process.set_no_new_privileges(Some(true));
     let none = oci_spec::runtime::Capabilities::default();
     let mut caps = LinuxCapabilities::default();

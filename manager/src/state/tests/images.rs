@@ -102,16 +102,13 @@ fn an_image_a_service_runs_is_not_removed() {
     let (view, [m1, m2, _]) = three_managers();
     let img = image("a", &[&m1, &m2]);
     apply(&view, &put(&img, Some("app:1"))).unwrap();
-    // Services that name it (written as records: specs naming images by
-    // reference are not admitted yet).
+    // Services that name it, pinned as admission pins them.
     let mut web = service("web", 1);
-    web.spec.image = "app:1".into();
+    web.spec.image = format!("app:1@{}", img.digest);
     let mut api = service("api", 1);
     api.spec.image = img.digest.clone();
     for s in [&web, &api] {
-        let mut b = WriteBatch::default();
-        b.insert(crate::state::services::service_key(&s.id), encode(s));
-        view.tree.apply_batch(b.into_sled()).unwrap();
+        apply(&view, &Command::CreateService(Box::new(s.clone()))).unwrap();
     }
     let rm = Command::RemoveImage { digest: img.digest.clone() };
     assert_eq!(
@@ -124,4 +121,57 @@ fn an_image_a_service_runs_is_not_removed() {
     assert!(view.image(&img.digest).unwrap().is_none());
     assert!(view.resolve_image("app:1").unwrap().is_none());
     assert!(matches!(refused(&view, &rm), Rejection::Invalid(_)));
+}
+
+#[test]
+fn a_service_runs_a_host_directory_only_where_the_cluster_allows_it() {
+    let view = empty();
+    let m = node(Role::Manager);
+    apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m }).unwrap();
+    assert!(!view.host_rootfs_allowed().unwrap(), "allowed by default");
+    let web = service("web", 1);
+    let e = refused(&view, &Command::CreateService(Box::new(web.clone())));
+    assert!(matches!(&e, Rejection::Invalid(m) if m.contains("--allow-host-rootfs")), "{e}");
+    apply(&view, &Command::SetHostRootfs { allowed: true }).unwrap();
+    apply(&view, &Command::CreateService(Box::new(web.clone()))).unwrap();
+    // Turned off again: the service keeps its directory through updates that
+    // leave the image alone, and cannot move to another directory.
+    apply(&view, &Command::SetHostRootfs { allowed: false }).unwrap();
+    let mut spec = web.spec.clone();
+    spec.replicas = 3;
+    apply(
+        &view,
+        &Command::UpdateService { id: web.id.clone(), spec: Box::new(spec.clone()), expected_version: 1, at: 2 },
+    )
+    .unwrap();
+    spec.image = "/srv/other".into();
+    let e = refused(
+        &view,
+        &Command::UpdateService { id: web.id.clone(), spec: Box::new(spec), expected_version: 1, at: 3 },
+    );
+    assert!(matches!(&e, Rejection::Invalid(m) if m.contains("does not allow")), "{e}");
+}
+
+#[test]
+fn a_service_s_image_must_be_pinned_to_an_image_the_cluster_holds() {
+    let (view, [m1, m2, _]) = three_managers();
+    let img = image("a", &[&m1, &m2]);
+    let mut web = service("web", 1);
+    web.spec.image = format!("app:1@{}", img.digest);
+    let e = refused(&view, &Command::CreateService(Box::new(web.clone())));
+    assert!(matches!(&e, Rejection::Invalid(m) if m.contains("no image")), "{e}");
+    // A name alone is not pinned: admission resolves names, the log never holds one.
+    let mut named = service("named", 1);
+    named.spec.image = "app:1".into();
+    assert!(matches!(refused(&view, &Command::CreateService(Box::new(named))), Rejection::InvalidSpec(_)));
+    apply(&view, &put(&img, Some("app:1"))).unwrap();
+    // An image brings its own command.
+    web.spec.args.clear();
+    apply(&view, &Command::CreateService(Box::new(web))).unwrap();
+    // Names are written with a tag: "app" is "app:latest".
+    apply(&view, &put(&image("b", &[&m1, &m2]), Some("app"))).unwrap();
+    assert!(view.resolve_image("app").unwrap().is_some());
+    assert!(view.resolve_image("app:latest").unwrap().is_some());
+    assert_eq!(normalize_image_name("registry:5000/app"), "registry:5000/app:latest");
+    assert_eq!(normalize_image_name("registry:5000/app:2"), "registry:5000/app:2");
 }

@@ -34,6 +34,8 @@ pub(crate) fn initialised() -> (StateView, NodeRecord) {
     let view = empty();
     let m = node(Role::Manager);
     apply(&view, &Command::InitCluster { cluster: Box::new(sample_cluster()), manager: m.clone() }).unwrap();
+    // The services of these tests run a directory ([`spec`]).
+    apply(&view, &Command::SetHostRootfs { allowed: true }).unwrap();
     (view, m)
 }
 

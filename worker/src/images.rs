@@ -1,0 +1,293 @@
+//! A worker's images: a task's image fetched from the managers, blob by
+//! blob, over the node's mTLS identity (`Dispatcher.FetchBlob`, which hands
+//! out only the blobs of the image of one of this node's live tasks), and
+//! unpacked into the node's root filesystem cache ([`RootfsCache`]).
+//!
+//! Nothing the managers send is taken on trust: the manifest must hash to the
+//! digest the task's spec pins, the config to the manifest's descriptor, and
+//! each layer to its descriptor (sha256 and size) and, uncompressed, to the
+//! config's DiffID — checked while it is unpacked, by the unpacker that
+//! confines every entry to the tree ([`swarmd_image::apply_layer`]).
+//!
+//! The cache lives in `$SWARMD_IMAGE_DIR/<node ID>` (default
+//! `/var/lib/swarmd/images`), not in the data dir: a task in its own user
+//! namespace must be able to reach its root filesystem, so the directories
+//! down to each tree are searchable (0711), never listable. Trees are shared
+//! read-only by every task of the image on this node, owned as the image
+//! says (without idmapped mounts one tree cannot be shifted into every task's
+//! own block of IDs: a task in a user namespace reads the image's files
+//! through their permission bits for others, as with a host directory).
+//! A tree no task has used for [`TREE_GRACE`] is removed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use swarmd_image::{Digest, LayerRef, Owners, Rootfs, RootfsCache};
+use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
+use swarmd_proto::dispatcher::FetchTaskBlobRequest;
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
+
+use crate::executor::BoxFuture;
+
+/// How long an unused tree is kept for the next task of its image.
+pub const TREE_GRACE: Duration = Duration::from_secs(10 * 60);
+
+/// How long a manager may leave a blob stream silent.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What an image brings to a task that does not say otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ImageDefaults {
+    /// `Entrypoint`.
+    pub(crate) entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub(crate) cmd: Vec<String>,
+    /// `Env`, `KEY=VALUE`.
+    pub(crate) env: Vec<String>,
+    /// `WorkingDir`.
+    pub(crate) cwd: Option<String>,
+}
+
+impl ImageDefaults {
+    /// The command a task runs: its own args replace the image's `Cmd`
+    /// (after the `Entrypoint`), as Docker does; `None` if there is none.
+    pub(crate) fn command(&self, args: &[String]) -> Option<Vec<String>> {
+        let mut c = self.entrypoint.clone();
+        c.extend(if args.is_empty() { self.cmd.iter() } else { args.iter() }.cloned());
+        (!c.is_empty()).then_some(c)
+    }
+
+    /// The image's environment, then the task's (which wins).
+    pub(crate) fn env(&self, task_env: &[String]) -> Vec<String> {
+        let key = |e: &String| e.split('=').next().unwrap_or_default().to_owned();
+        let mine: std::collections::HashSet<String> = task_env.iter().map(key).collect();
+        let mut out: Vec<String> = self.env.iter().filter(|e| !mine.contains(&key(e))).cloned().collect();
+        out.extend(task_env.iter().cloned());
+        out
+    }
+}
+
+/// A task's image, ready: its tree (held until dropped) and its defaults.
+pub(crate) struct Prepared {
+    /// The tree, held for the task's life.
+    pub(crate) rootfs: Rootfs,
+    /// What the image brings.
+    pub(crate) defaults: ImageDefaults,
+}
+
+/// Where the task agent gets images: the managers, or a fake in unit tests.
+pub(crate) trait ImageSource: Send + Sync {
+    /// The image `digest` of task `task`, unpacked.
+    fn prepare(&self, task: &str, digest: &str) -> BoxFuture<'static, Result<Prepared, String>>;
+}
+
+/// This node's image cache directory.
+pub fn image_dir(node: &swarmd_certs::NodeId) -> PathBuf {
+    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/swarmd/images".into()))
+        .join(node.as_str())
+}
+
+/// The real [`ImageSource`].
+pub(crate) struct DispatcherImages {
+    channel: Channel,
+    cache: Result<RootfsCache, String>,
+}
+
+impl DispatcherImages {
+    /// Fetches over `channel`; caches in `dir` (created, searchable only).
+    pub(crate) fn new(channel: Channel, dir: &Path) -> Self {
+        let cache = open_cache(dir).map_err(|e| format!("image cache {}: {e}", dir.display()));
+        if let Err(e) = &cache {
+            tracing::warn!(error = %e, "no image cache: tasks of images will fail");
+        }
+        Self { channel, cache }
+    }
+
+    /// Removes trees no task has used for [`TREE_GRACE`], every minute, until `stop`.
+    pub(crate) async fn collect_garbage(cache: RootfsCache, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            }
+            let c = cache.clone();
+            match tokio::task::spawn_blocking(move || c.collect_garbage(TREE_GRACE)).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(trees = n, "unused image trees removed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot remove unused image trees"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The cache, if it opened.
+    pub(crate) fn cache(&self) -> Option<RootfsCache> {
+        self.cache.as_ref().ok().cloned()
+    }
+}
+
+fn open_cache(dir: &Path) -> Result<RootfsCache, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        if !parent.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o711).create(parent).map_err(|e| e.to_string())?;
+        }
+    }
+    let cache = RootfsCache::open(dir).map_err(|e| e.to_string())?;
+    for d in [dir.to_owned(), dir.join("rootfs")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).map_err(|e| e.to_string())?;
+    }
+    Ok(cache)
+}
+
+impl ImageSource for DispatcherImages {
+    fn prepare(&self, task: &str, digest: &str) -> BoxFuture<'static, Result<Prepared, String>> {
+        let (channel, cache, task, digest) =
+            (self.channel.clone(), self.cache.clone(), task.to_owned(), digest.to_owned());
+        Box::pin(async move {
+            let cache = cache?;
+            let fetcher = Fetcher { client: DispatcherClient::new(channel), task };
+            prepare(&fetcher, &cache, &digest).await
+        })
+    }
+}
+
+struct Fetcher {
+    client: DispatcherClient<Channel>,
+    task: String,
+}
+
+impl Fetcher {
+    /// Streams blob `digest` to `sink`, at most `max` bytes.
+    async fn fetch<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        digest: &str,
+        max: u64,
+        sink: &mut W,
+    ) -> Result<u64, String> {
+        let mut client = self.client.clone();
+        let req = FetchTaskBlobRequest { task_id: self.task.clone(), digest: digest.to_owned() };
+        let mut stream = client
+            .fetch_blob(req)
+            .await
+            .map_err(|s| format!("blob {digest}: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut n = 0u64;
+        loop {
+            let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message())
+                .await
+                .map_err(|_| format!("blob {digest}: the manager stopped sending"))?
+                .map_err(|s| format!("blob {digest}: {}: {}", s.code(), s.message()))?;
+            let Some(chunk) = next else { break };
+            n += chunk.data.len() as u64;
+            if n > max {
+                return Err(format!("blob {digest}: more than the {max} bytes its descriptor says"));
+            }
+            sink.write_all(&chunk.data).await.map_err(|e| format!("blob {digest}: {e}"))?;
+        }
+        sink.flush().await.map_err(|e| format!("blob {digest}: {e}"))?;
+        Ok(n)
+    }
+
+    async fn document(&self, digest: &Digest, max: u64) -> Result<Vec<u8>, String> {
+        let mut buf = Vec::new();
+        self.fetch(digest.as_str(), max, &mut buf).await?;
+        let actual = Digest::of(&buf);
+        if actual != *digest {
+            return Err(format!("blob {digest}: the manager sent bytes that hash to {actual}"));
+        }
+        Ok(buf)
+    }
+}
+
+async fn prepare(fetcher: &Fetcher, cache: &RootfsCache, digest: &str) -> Result<Prepared, String> {
+    let digest: Digest = digest.parse().map_err(|e| format!("image digest {digest:?}: {e}"))?;
+    let max_doc = swarmd_image::layout::MAX_DOCUMENT;
+    let manifest = fetcher.document(&digest, max_doc).await?;
+    let parsed_manifest: oci_spec::image::ImageManifest =
+        serde_json::from_slice(&manifest).map_err(|e| format!("manifest {digest}: {e}"))?;
+    let config_digest: Digest =
+        parsed_manifest.config().digest().to_string().parse().map_err(|e| format!("manifest {digest}: {e}"))?;
+    let config = fetcher.document(&config_digest, max_doc.min(parsed_manifest.config().size())).await?;
+    let parsed = swarmd_image::parse(&manifest, &config).map_err(|e| format!("image {digest}: {e}"))?;
+    if parsed.platform.os != "linux" {
+        return Err(format!("image {digest} is for {}, not linux", parsed.platform));
+    }
+    let layers: Vec<LayerRef> = parsed
+        .layers
+        .iter()
+        .map(|l| LayerRef {
+            digest: l.digest.clone(),
+            size: l.size,
+            compression: swarmd_image::Compression::of_media_type(&l.media_type).expect("checked by parse"),
+            diff_id: l.diff_id.clone(),
+        })
+        .collect();
+    let owners = Owners::Shift(0);
+    // Downloaded first (the gRPC stream is async, the unpacker is not), then
+    // checked and unpacked from the files, which go at the end.
+    let mut files: Vec<(Digest, PathBuf)> = Vec::new();
+    let result = async {
+        if !cache.has(&layers, owners) {
+            for l in &layers {
+                let path = cache.scratch_dir().join(format!("blob-{}-{:016x}", l.digest.hex(), rand::random::<u64>()));
+                let mut f = tokio::fs::File::create(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+                files.push((l.digest.clone(), path));
+                fetcher.fetch(l.digest.as_str(), l.size, &mut f).await?;
+            }
+        }
+        let (cache, layers, paths) = (cache.clone(), layers.clone(), files.clone());
+        tokio::task::spawn_blocking(move || {
+            cache.acquire(&layers, owners, |l| {
+                let p =
+                    paths.iter().find(|(d, _)| *d == l.digest).map(|(_, p)| p.clone()).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "the blob was not downloaded")
+                    })?;
+                Ok(Box::new(std::io::BufReader::new(std::fs::File::open(p)?)) as Box<dyn std::io::Read>)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("image {digest}: {e}"))
+    }
+    .await;
+    for (_, p) in &files {
+        let _ = std::fs::remove_file(p);
+    }
+    let rootfs = result?;
+    let defaults = parsed
+        .config
+        .config()
+        .as_ref()
+        .map(|c| ImageDefaults {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            cwd: c.working_dir().clone().filter(|w| !w.is_empty()),
+        })
+        .unwrap_or_default();
+    Ok(Prepared { rootfs, defaults })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn a_task_s_args_replace_the_image_s_cmd_after_its_entrypoint() {
+        let d = ImageDefaults { entrypoint: s(&["/init"]), cmd: s(&["serve"]), ..Default::default() };
+        assert_eq!(d.command(&[]), Some(s(&["/init", "serve"])));
+        assert_eq!(d.command(&s(&["check"])), Some(s(&["/init", "check"])));
+        assert_eq!(ImageDefaults::default().command(&[]), None);
+    }
+
+    #[test]
+    fn a_task_s_environment_wins_over_the_image_s() {
+        let d = ImageDefaults { env: s(&["PATH=/bin", "MODE=image"]), ..Default::default() };
+        assert_eq!(d.env(&s(&["MODE=task"])), s(&["PATH=/bin", "MODE=task"]));
+    }
+}
