@@ -27,8 +27,8 @@ fn main() {
     let updates = env_or("UPDATES", if smoke() { 3 } else { 100 });
     let swarm_trials = env_or("SWARM_TRIALS", 10);
     let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(&env, &m);
     let w = env.join_worker("w1", &m.token("worker"), &m.addr);
     m.wait_ready(2);
     assert!(m.ctl_stdin(&["create", "db_pass"], b"v0").status.success());
@@ -37,7 +37,7 @@ fn main() {
         "create",
         "web",
         "--image",
-        image.to_str().unwrap(),
+        image.as_str(),
         "--secret",
         "db_pass",
         "--",

@@ -57,9 +57,12 @@ for c in manager1 manager2 manager3 worker1 worker2; do
 done
 echo "no join token in any container's /proc/*/cmdline or environ"
 
+step "load the workload's image (an OCI layout built into the manager's container image)"
+ctl manager1 image load /opt/images/busybox-oci
+ctl manager1 image ls
 step "create a secret and a one-replica service that uses it"
 printf 'v1-compose-secret' | ctl manager1 create db_pass - >/dev/null
-ctl manager1 service create web --image /opt/images/busybox --secret db_pass -- sh -c \
+ctl manager1 service create web --image busybox:1 --secret db_pass -- sh -c \
   'last=; while true; do v=$(cat /run/secrets/db_pass); [ "$v" != "$last" ] && echo "uid $(id -u) read: $v" && last=$v; sleep 0.2; done' >/dev/null
 running() { ctl manager1 service ps web | grep -q ' running .* running'; }
 wait_for 60 "the task to run" running

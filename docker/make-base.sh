@@ -40,11 +40,16 @@ swarmd:x:10001:
 nogroup:x:65534:
 G
 echo "hosts: files dns" >"$root/etc/nsswitch.conf"
-# A workload root filesystem for the demo's services (--image /opt/images/busybox).
-img=$root/opt/images/busybox
+# The demo's workload image, busybox:1, as an OCI layout (secretctl image
+# load reads it; workers get it from the managers, never from this path).
+img=$(mktemp -d /tmp/swarmd-busybox.XXXXXX)
 mkdir -p "$img"/{bin,dev,proc,sys,run,etc}; install -d -m 1777 "$img/tmp"
 install -m 0755 "$bb" "$img/bin/busybox"
 for t in sh cat id sha256sum sleep echo; do ln -sf busybox "$img/bin/$t"; done
+mkdir -p "$root/opt/images"
+"$bins/secretctl" image build-rootfs "$img" --out "$root/opt/images/busybox-oci" --name busybox:1 >/dev/null
+rm -rf "$img"
+chmod -R a+rX "$root/opt/images"
 cp docker/worker-entry.sh "$root/usr/local/bin/worker-entry" 2>/dev/null || cp "$(dirname "$0")/worker-entry.sh" "$root/usr/local/bin/worker-entry"
 cp "$(dirname "$0")/manager-entry.sh" "$root/usr/local/bin/manager-entry"
 chmod 0755 "$root/usr/local/bin/worker-entry" "$root/usr/local/bin/manager-entry"

@@ -428,7 +428,7 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
     // signs node certificates only, and the cluster has no key to sign one.
     let test = "external_ca::an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothing";
     if can_run_containers(test) {
-        let image = busybox_rootfs(&env.path("image"));
+        let image = busybox_image(&env, &m);
         assert!(m.ctl_stdin(&["create", "token"], b"s3cret").status.success());
         let w1 = w.node_id();
         m.ctl_ok(&[
@@ -436,7 +436,7 @@ fn an_external_cfssl_signer_signs_for_the_cluster_and_its_absence_changes_nothin
             "create",
             "app",
             "--image",
-            image.to_str().unwrap(),
+            image.as_str(),
             "--secret",
             "token",
             "--constraint",

@@ -106,15 +106,15 @@ fn invariant_11_node_state_and_run_dirs_are_private() {
     let mut env = Env::new();
     // Open the test's own directory up: only swarmd's own modes may protect its files.
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(&env, &m);
     let w = env.join_worker("w1", &m.token("worker"), &m.addr);
     m.wait_ready(2);
     let canary = format!("env-canary-{}-{}", std::process::id(), free_port());
     let o = m.ctl_stdin(&["create", "db_pass"], format!("secret-canary-{}", std::process::id()).as_bytes());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let env_arg = format!("SECRET_ENV={canary}");
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     let spec = ["service", "create", "web", "--image", img, "--secret", "db_pass", "--env", &env_arg];
     m.ctl_ok(&[&spec[..], &["--", "sh", "-c", "sleep 3600"]].concat());
     let running = wait_for("the task to run", Duration::from_secs(60), || {

@@ -45,7 +45,7 @@ fn secret_mounts(nodes: &[&str]) -> Vec<String> {
 /// One manager (1 s heartbeats), workers A and B, a busybox image.
 struct Cluster {
     env: Env,
-    image: std::path::PathBuf,
+    image: String,
     m: Manager,
     a: Worker,
     b: Worker,
@@ -53,8 +53,8 @@ struct Cluster {
 
 fn cluster() -> Cluster {
     let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(&env, &m);
     let token = m.token("worker");
     let a = env.join_worker("wa", &token, &m.addr);
     let b = env.join_worker("wb", &token, &m.addr);
@@ -83,7 +83,7 @@ async fn secrets_reach_only_the_worker_running_the_task_and_follow_updates_and_r
     assert!(o.status.success());
 
     // Policy refusals change nothing.
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     for extra in [vec!["--privileged"], vec!["--cap-add", "NET_ADMIN"]] {
         let mut args = vec!["service", "create", "bad", "--image", img];
         args.extend(extra);
@@ -294,7 +294,7 @@ fn a_task_of_a_dead_worker_moves_after_the_grace_period() {
         "create",
         "job",
         "--image",
-        image.to_str().unwrap(),
+        image.as_str(),
         "--secret",
         "s",
         "--",
@@ -342,7 +342,7 @@ fn invariant_6_a_large_secret_update_reaches_the_running_task_in_place() {
         "create",
         "tls",
         "--image",
-        image.to_str().unwrap(),
+        image.as_str(),
         "--secret",
         "cert,target=one",
         "--secret",
@@ -408,8 +408,8 @@ fn invariant_6_a_secret_update_that_cannot_fit_is_reported_and_retried() {
         return;
     }
     let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(&env, &m);
     let token = m.token("worker");
     let w = join_worker_with_env(&mut env, "wc", &token, &m.addr, &[("SWARMD_TASK_SECRETS_MAX", "300000")]);
     m.wait_ready(2);
@@ -418,19 +418,7 @@ fn invariant_6_a_secret_update_that_cannot_fit_is_reported_and_retried() {
     assert!(m.ctl_stdin(&["create", "key"], &v1).status.success());
     let script = "last=; while true; do h=$(sha256sum /run/secrets/key); \
                   if [ \"$h\" != \"$last\" ]; then echo \"$h\"; last=$h; fi; sleep 0.2; done";
-    m.ctl_ok(&[
-        "service",
-        "create",
-        "capped",
-        "--image",
-        image.to_str().unwrap(),
-        "--secret",
-        "key",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    m.ctl_ok(&["service", "create", "capped", "--image", image.as_str(), "--secret", "key", "--", "sh", "-c", script]);
     let first = wait_for("the task to run", Duration::from_secs(60), || running_task(&m, "capped"));
     let seen = |v: &[u8]| format!("{}  /run/secrets/key", sha256_hex(v));
     wait_for("the first value", Duration::from_secs(30), || logs(&m, "capped").contains(&seen(&v1)).then_some(()));

@@ -86,9 +86,9 @@ fn prerequisites(test: &str) -> bool {
 }
 
 /// One manager, one worker with `runtime`, a busybox image.
-fn cluster(env: &mut Env, runtime: &str) -> (Manager, std::path::PathBuf) {
-    let image = busybox_rootfs(&env.path("image"));
+fn cluster(env: &mut Env, runtime: &str) -> (Manager, String) {
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(env, &m);
     let token = m.token("worker");
     let data = env.path("w1");
     let data = data.to_str().unwrap();
@@ -132,7 +132,7 @@ fn nobody_reads_nothing(runtime: &str, first_marker: u32) {
     let value = format!("userns-secret-{}-{nanos}", std::process::id());
     let env_value = format!("userns-env-{nanos}");
     assert!(m.ctl_stdin(&["create", "db_pass"], value.as_bytes()).status.success());
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     let mut pids = Vec::new();
     for (n, (service, network)) in [("private-net", "none"), ("host-net", "host")].into_iter().enumerate() {
         let sleep = marker(first_marker + n as u32);
@@ -205,7 +205,7 @@ fn a_service_created_with_userns_host_runs_in_the_hosts_user_namespace() {
     let (m, image) = cluster(&mut env, "runc");
     let sleep = marker(7);
     let script = format!("echo started; exec {sleep}");
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     m.ctl_ok(&["service", "create", "shared", "--image", img, "--userns", "host", "--", "sh", "-c", &script]);
     let inspect: Value =
         serde_json::from_str(&m.ctl_ok(&["--format", "json", "service", "inspect", "shared"])).unwrap();

@@ -74,15 +74,15 @@ fn logs(m: &Manager, service: &str) -> String {
 /// One manager (1 s heartbeats), one worker, a busybox image.
 struct Cluster {
     env: Env,
-    image: PathBuf,
+    image: String,
     m: Manager,
     w: Worker,
 }
 
 fn cluster(runtime: &str) -> Cluster {
     let mut env = Env::new();
-    let image = busybox_rootfs(&env.path("image"));
     let m = env.start_manager("m1", &["--heartbeat", "1s"]);
+    let image = busybox_image(&env, &m);
     let token = m.token("worker");
     let data = env.path("w1");
     let args =
@@ -136,7 +136,7 @@ fn stopped_worker_leaves_nothing(runtime: &str, n: u32) {
     assert!(m.ctl_stdin(&["create", "s"], b"a value for the shutdown test").status.success());
     let sleep = marker(n);
     let script = format!("trap '' TERM; echo started; {sleep}");
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     m.ctl_ok(&["service", "create", "stubborn", "--image", img, "--secret", "s", "--", "sh", "-c", &script]);
     wait_for("the task to run", Duration::from_secs(60), || running_task(&m, "stubborn"));
     wait_for("its output", Duration::from_secs(30), || logs(&m, "stubborn").contains("started").then_some(()));
@@ -182,19 +182,7 @@ fn killed_worker_leaves_nothing(runtime: &str, n: u32) {
     assert!(m.ctl_stdin(&["create", "s"], b"a value for the watchdog test").status.success());
     let sleep = marker(n);
     let script = format!("echo started; {sleep}");
-    m.ctl_ok(&[
-        "service",
-        "create",
-        "job",
-        "--image",
-        image.to_str().unwrap(),
-        "--secret",
-        "s",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    m.ctl_ok(&["service", "create", "job", "--image", image.as_str(), "--secret", "s", "--", "sh", "-c", &script]);
     wait_for("the task to run", Duration::from_secs(60), || running_task(&m, "job"));
     wait_for("its output", Duration::from_secs(30), || logs(&m, "job").contains("started").then_some(()));
     assert_eq!(containers(&node, runtime).len(), 1);
@@ -232,7 +220,7 @@ fn invariant_9_an_endless_output_line_does_not_grow_the_worker() {
     }
     let Cluster { env, image, m, w } = cluster("runc");
     let script = "echo begin; head -c 300000000 /dev/zero; echo; echo end-of-flood; while true; do sleep 1; done";
-    m.ctl_ok(&["service", "create", "flood", "--image", image.to_str().unwrap(), "--", "sh", "-c", script]);
+    m.ctl_ok(&["service", "create", "flood", "--image", image.as_str(), "--", "sh", "-c", script]);
     let pid = env.procs[w.proc_idx].pid();
     // Sample the worker's resident memory often, on a thread of its own.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

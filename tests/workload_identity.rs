@@ -63,7 +63,7 @@ fn openssl(args: &[&str]) -> std::process::Output {
 /// A busybox image with the host's `openssl` and the libraries it loads,
 /// at the same paths (so the dynamic loader finds them).
 fn image_with_openssl(env: &Env) -> Result<PathBuf, String> {
-    let image = busybox_rootfs(&env.path("image"));
+    let image = busybox_rootfs(&env.path("openssl-rootfs"));
     let bin = String::from_utf8_lossy(&Command::new("sh").args(["-c", "command -v openssl"]).output().unwrap().stdout)
         .trim()
         .to_owned();
@@ -111,10 +111,9 @@ fn cluster(extra: &[&str]) -> (Env, Manager, Worker, Worker) {
 }
 
 /// Creates service `name` with one task on `node`, host network, running `script`.
-fn service_on(m: &Manager, name: &str, image: &Path, node: &str, script: &str) -> Value {
+fn service_on(m: &Manager, name: &str, image: &str, node: &str, script: &str) -> Value {
     let constraint = format!("node.id=={node}");
-    let img = image.to_str().unwrap();
-    let args = ["service", "create", name, "--image", img, "--network", "host", "--constraint", &constraint];
+    let args = ["service", "create", name, "--image", image, "--network", "host", "--constraint", &constraint];
     let mut args = args.to_vec();
     args.extend(["--", "sh", "-c", script]);
     m.ctl_ok(&args);
@@ -138,7 +137,7 @@ fn two_services_do_mutual_tls_with_their_identities_only_and_lose_them_when_they
     }
     let (env, m, a, b) = cluster(&[]);
     let image = match image_with_openssl(&env) {
-        Ok(i) => i,
+        Ok(rootfs) => load_rootfs(&env, &m, &rootfs, "openssl:1"),
         Err(why) => return skip(test, &why),
     };
     let (a_id, b_id) = (a.node_id(), b.node_id());
@@ -236,7 +235,7 @@ async fn a_worker_gets_identities_for_its_own_live_tasks_only() {
     }
     swarmd_certs::install_crypto_provider();
     let (env, m, a, b) = cluster(&[]);
-    let image = busybox_rootfs(&env.path("image"));
+    let image = busybox_image(&env, &m);
     let (a_id, b_id) = (a.node_id(), b.node_id());
     let mine = service_on(&m, "mine", &image, &a_id, "while true; do sleep 1; done");
     let theirs = service_on(&m, "theirs", &image, &b_id, "while true; do sleep 1; done");
@@ -291,7 +290,7 @@ async fn a_worker_gets_identities_for_its_own_live_tasks_only() {
 
     // `identity` is reserved below /run/secrets: a secret cannot take it.
     assert!(m.ctl_stdin(&["create", "identity"], b"v").status.success());
-    let img = image.to_str().unwrap();
+    let img = image.as_str();
     for spec in ["identity", "identity,target=/run/secrets/identity"] {
         let o = m.ctl(&["service", "create", "clash", "--image", img, "--secret", spec, "--", "true"]);
         assert!(!o.status.success(), "{spec} was accepted");
@@ -357,7 +356,7 @@ fn a_short_lived_identity_is_renewed_in_place_while_its_task_runs() {
     let (env, m, a, _b) = cluster(&["--identity-ttl", "30s"]);
     let o = m.ctl(&["cluster", "update", "--identity-ttl", "31d"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("30s to 30d"));
-    let image = busybox_rootfs(&env.path("image"));
+    let image = busybox_image(&env, &m);
     let a_id = a.node_id();
     // The task prints the certificate's hash whenever it changes.
     let script = "last=; while true; do h=$(cat /run/secrets/identity/cert.pem | sha256sum); \

@@ -172,6 +172,11 @@ impl RootfsCache {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tmp = self.dir.join("tmp").join(format!("{key}.{}.{n}", std::process::id()));
             fs::DirBuilder::new().mode(0o755).create(&tmp).map_err(io_at(&tmp))?;
+            // Whatever the umask: tasks in user namespaces of their own reach the tree as others.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(io_at(&tmp))?;
+            }
             let unpacked = unpack_all(&tmp, layers, owners, &mut fetch);
             if let Err(e) = unpacked {
                 let _ = fs::remove_dir_all(&tmp);

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod digest;
 pub mod layout;
 pub mod store;
+pub mod trust;
 pub mod unpack;
 
 pub use build::build_layout;

@@ -71,7 +71,24 @@ fn to_wire(t: &TaskRecord, service: &str, view: &StateView) -> Result<(Task, Vec
         host_network: t.spec.network == Network::Host,
         host_userns: t.spec.userns == Userns::Host,
         image_digest: crate::state::pinned_digest(&t.spec.image).unwrap_or_default().to_owned(),
+        content_trust: false,
+        trusted_signatures: Vec::new(),
     };
+    let mut spec = spec;
+    if view.content_trust_required()? {
+        spec.content_trust = true;
+        if let Some(d) = crate::state::pinned_digest(&t.spec.image) {
+            spec.trusted_signatures = view
+                .vouches(d)?
+                .into_iter()
+                .map(|(_, s, k)| swarmd_proto::dispatcher::TrustedSignature {
+                    payload: s.payload,
+                    signature: s.signature,
+                    public_key: k.public_key,
+                })
+                .collect();
+        }
+    }
     let task = Task {
         id: t.id.to_string(),
         service: service.to_owned(),

@@ -82,6 +82,10 @@ pub(crate) fn check_forwarded(cmd: &Command, from: &NodeId) -> Result<(), String
         | Command::PutImage { .. }
         | Command::RemoveImage { .. }
         | Command::SetHostRootfs { .. }
+        | Command::AddTrustKey(_)
+        | Command::RemoveTrustKey { .. }
+        | Command::AddImageSignature { .. }
+        | Command::SetContentTrust { .. }
         | Command::SetCertRecoveryWindow { .. } => Ok(()),
         // A manager says only that it holds an image itself.
         Command::ImageHeld { node, .. } if node == from => Ok(()),

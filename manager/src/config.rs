@@ -87,6 +87,8 @@ pub struct InitOptions {
     pub external_ca: Option<ExternalCaOptions>,
     /// Lifetime of tasks' workload identities (`None`: the default).
     pub identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
+    /// Only signed images run.
+    pub content_trust: bool,
 }
 
 /// An organisation's CA for a new cluster: typically an intermediate of its
@@ -148,6 +150,7 @@ impl InitOptions {
             ca: None,
             external_ca: None,
             identity_ttl: None,
+            content_trust: false,
         }
     }
 }

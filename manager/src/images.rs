@@ -427,6 +427,14 @@ impl Images {
             )));
         }
         let image = image.expect("authorized");
+        // Content trust: the image must be vouched for now (a key removed
+        // since the task was placed stops its blobs).
+        if view.content_trust_required().map_err(internal)? {
+            if let Err(why) = view.trust_verdict(&image.digest).map_err(internal)? {
+                tracing::warn!(node.id = %node, task.id = %task_id, image = %image.digest, "image refused: content trust");
+                return Err(Status::permission_denied(format!("content trust: {why}")));
+            }
+        }
         let size = blob_sizes(&image)?.into_iter().find(|(b, _)| *b == d).map(|(_, s)| s).unwrap_or(0);
         self.fetch_from_holders(&image, &d, size).await?;
         self.serve(&d).await

@@ -25,6 +25,15 @@ pub struct Cli {
     command: Command,
 }
 
+/// `--content-trust`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ContentTrust {
+    /// Only images signed by a trusted key run.
+    Required,
+    /// Any image the cluster holds runs.
+    Off,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Manager commands.
@@ -142,6 +151,10 @@ struct InitArgs {
     /// at half of it: 30s to 30d [default: 1h]
     #[arg(long)]
     identity_ttl: Option<swarmd_certs::workload::IdentityTtl>,
+    /// required: only images signed by a key the cluster trusts run
+    /// (`secretctl trust key add`); off [default].
+    #[arg(long, value_enum)]
+    content_trust: Option<ContentTrust>,
     /// Seal the managers' keys under an unlock key that is printed once; after a
     /// restart a manager serves nothing until `swarmd unlock`.
     #[arg(long)]
@@ -424,6 +437,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
             opts.identity_ttl = a.identity_ttl;
+            opts.content_trust = a.content_trust == Some(ContentTrust::Required);
             let created = new_node_dir(&data_dir)?;
             let _lock = lock_new_node_dir(&data_dir, created)?;
             let manager = forget_new_node_dir(&data_dir, created, Manager::init(opts).await.map_err(Into::into))?;

@@ -44,6 +44,11 @@ pub(super) enum ClusterCmd {
         /// the default). A development setting: a directory has no digest.
         #[arg(long, action = clap::ArgAction::Set)]
         allow_host_rootfs: Option<bool>,
+        /// required: only images signed by a trusted key run (checked at
+        /// service create/update, by the managers handing out images, and
+        /// by the workers); off (the default).
+        #[arg(long, value_parser = ["required", "off"])]
+        content_trust: Option<String>,
     },
 }
 
@@ -74,16 +79,24 @@ fn parse_window(s: &str) -> Result<std::time::Duration, String> {
 
 pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result<()> {
     match cmd {
-        ClusterCmd::Update { autolock, identity_ttl, cert_recovery_window, external_ca, allow_host_rootfs } => {
+        ClusterCmd::Update {
+            autolock,
+            identity_ttl,
+            cert_recovery_window,
+            external_ca,
+            allow_host_rootfs,
+            content_trust,
+        } => {
             if autolock.is_none()
                 && identity_ttl.is_none()
                 && cert_recovery_window.is_none()
                 && external_ca.is_none()
                 && allow_host_rootfs.is_none()
+                && content_trust.is_none()
             {
                 anyhow::bail!(
                     "nothing to update: give --autolock=true|false, --identity-ttl DUR, --cert-recovery-window DUR, \
-                     --external-ca SPEC or --allow-host-rootfs=true|false"
+                     --external-ca SPEC, --allow-host-rootfs=true|false or --content-trust required|off"
                 );
             }
             let external = match &external_ca {
@@ -103,6 +116,7 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
                 cert_recovery_window_secs: cert_recovery_window.map(|d| d.as_secs()),
                 external_ca: external,
                 allow_host_rootfs,
+                content_trust: content_trust.clone(),
             };
             let r = super::client::control(channel).update_cluster(req).await.map_err(explain)?.into_inner();
             if let Some(w) = cert_recovery_window {
@@ -120,6 +134,11 @@ pub(super) async fn cluster(channel: Channel, cmd: ClusterCmd) -> anyhow::Result
             }
             if let Some(ttl) = identity_ttl {
                 println!("Workload identities now live {ttl} (renewed at half of it).");
+            }
+            match content_trust.as_deref() {
+                Some("required") => println!("Content trust is required: only images signed by a trusted key run."),
+                Some(_) => println!("Content trust is off."),
+                None => {}
             }
             match allow_host_rootfs {
                 Some(true) => {

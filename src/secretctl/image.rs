@@ -49,6 +49,19 @@ pub(super) enum ImageCmd {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Sign an image with a P-256 private key (PKCS#8 PEM, as `openssl
+    /// genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256` writes): a
+    /// cosign simple signing payload for its digest, kept by the cluster.
+    Sign {
+        /// NAME[:TAG], NAME@sha256:… or sha256:….
+        image: String,
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        /// The repository the signature vouches for (default: the image's
+        /// name without its tag).
+        #[arg(long)]
+        repository: Option<String>,
+    },
     /// Write an OCI image layout of DIR (one gzip layer, linux/amd64) into
     /// --out (created, or a layout to add to) named --name; prints the
     /// manifest digest. Files, directories and symlinks are taken with their
@@ -101,6 +114,14 @@ struct ImageView {
     layers: Vec<LayerView>,
     holders: Vec<String>,
     services: Vec<String>,
+    signatures: Vec<SignatureView>,
+    untrusted_signatures: u32,
+}
+
+#[derive(Serialize)]
+struct SignatureView {
+    key: String,
+    repository: String,
 }
 
 #[derive(Serialize)]
@@ -127,6 +148,12 @@ impl From<Image> for ImageView {
                 .collect(),
             holders: i.holders,
             services: i.services,
+            signatures: i
+                .signatures
+                .into_iter()
+                .map(|s| SignatureView { key: s.key, repository: s.repository })
+                .collect(),
+            untrusted_signatures: i.untrusted_signatures,
         }
     }
 }
@@ -246,6 +273,14 @@ pub(super) async fn run(channel: Channel, cmd: ImageCmd, format: Format) -> anyh
                         vec!["Config".into(), i.config_digest.clone()],
                         vec!["Held by".into(), i.holders.join(" ")],
                         vec!["Services".into(), i.services.join(" ")],
+                        vec![
+                            "Signed by".into(),
+                            i.signatures
+                                .iter()
+                                .map(|s| format!("{} ({})", s.key, s.repository))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        ],
                     ];
                     for (n, l) in i.layers.iter().enumerate() {
                         rows.push(vec![format!("Layer {n}"), format!("{} ({})", l.digest, size_text(l.size))]);
@@ -268,6 +303,28 @@ pub(super) async fn run(channel: Channel, cmd: ImageCmd, format: Format) -> anyh
             if failed > 0 {
                 anyhow::bail!("{failed} image(s) not removed");
             }
+        }
+        ImageCmd::Sign { image, key, repository } => {
+            let i = client.get_image(GetImageRequest { reference: image.clone() }).await.map_err(explain)?.into_inner();
+            let repository = match repository {
+                Some(r) => r,
+                None if !image.starts_with("sha256:") => swarmd_image::trust::repository_of(&image).to_owned(),
+                None => match i.names.first() {
+                    Some(n) => swarmd_image::trust::repository_of(n).to_owned(),
+                    None => anyhow::bail!("{image} has no name: give --repository"),
+                },
+            };
+            let digest: swarmd_image::Digest = i.digest.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let pem = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?,
+            );
+            let payload = swarmd_image::trust::payload(&digest, &repository);
+            let (signature, _) =
+                swarmd_image::trust::sign(&pem, &payload).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+            let req =
+                swarmd_proto::control::AddImageSignatureRequest { reference: i.digest.clone(), payload, signature };
+            client.add_image_signature(req).await.map_err(explain)?;
+            println!("{} signed as {repository}", i.digest);
         }
         ImageCmd::BuildRootfs { .. } => unreachable!("offline"),
     }

@@ -12,6 +12,7 @@ mod output;
 mod secret;
 mod secret_ref;
 mod service;
+mod trust;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -95,6 +96,9 @@ enum Command {
     /// Workload images.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Content trust: keys trusted to sign images, and images' signatures.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
 }
 
 /// Runs `secretctl` with parsed arguments.
@@ -122,5 +126,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(channel, c, cli.format).await,
         Command::Info => info::run(channel, cli.format).await,
         Command::Image(c) => image::run(channel, c, cli.format).await,
+        Command::Trust(c) => trust::run(channel, c, cli.format).await,
     }
 }

@@ -624,13 +624,22 @@ pub fn build_image(rootfs: &Path, layout: &Path, name: &str) -> String {
 /// image and loaded into `m`'s cluster as `busybox:1` (once per environment);
 /// returns the name.
 pub fn busybox_image(env: &Env, m: &Manager) -> String {
-    let layout = env.path("busybox-oci");
-    if !layout.exists() {
-        let rootfs = busybox_rootfs(&env.path("busybox-rootfs"));
-        build_image(&rootfs, &layout, "busybox:1");
+    let rootfs = env.path("busybox-rootfs");
+    if !rootfs.exists() {
+        busybox_rootfs(&rootfs);
     }
-    m.ctl_ok(&["image", "load", layout.to_str().unwrap(), "--name", "busybox:1"]);
-    "busybox:1".into()
+    load_rootfs(env, m, &rootfs, "busybox:1")
+}
+
+/// Builds `rootfs` as an image (once per environment and name) and loads it
+/// into `m`'s cluster as `name`; returns the name.
+pub fn load_rootfs(env: &Env, m: &Manager, rootfs: &Path, name: &str) -> String {
+    let layout = env.path(&format!("{}-oci", name.replace([':', '/'], "-")));
+    if !layout.exists() {
+        build_image(rootfs, &layout, name);
+    }
+    m.ctl_ok(&["image", "load", layout.to_str().unwrap(), "--name", name]);
+    name.to_owned()
 }
 
 /// Writes label updates to `m` from 16 concurrent clients until its raft
@@ -686,7 +695,7 @@ pub fn wait_snapshot_covering(m: &Manager, index: u64) -> serde_json::Value {
 
 /// Where a worker keeps its images: `$SWARMD_IMAGE_DIR/<node ID>`.
 pub fn image_dir(node_id: &str) -> PathBuf {
-    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/swarmd/images".into())).join(node_id)
+    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| "/var/cache/swarmd/images".into())).join(node_id)
 }
 
 /// A process's resident set size, in KiB (0 if it is gone).

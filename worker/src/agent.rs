@@ -442,7 +442,7 @@ async fn run_task(ctx: TaskCtx, t: Task, mut files: Vec<SecretFile>, mut ctl: mp
     } else {
         let mut newer = None;
         let prepared = tokio::select! {
-            p = ctx.seams.images.prepare(&id, &spec.image_digest) => p,
+            p = ctx.seams.images.prepare(&id, &spec.image_digest, spec.trust.clone()) => p,
             _ = wait_for_stop(&mut ctl, &mut newer) => {
                 rep(TaskState::Shutdown, "stopped before it started".into());
                 let _ = ctx.ended.send(Ended { task: id, container_gone: true });

@@ -45,6 +45,9 @@ pub struct TaskSpec {
     pub image: String,
     /// The image's manifest digest; empty for a root filesystem directory.
     pub image_digest: String,
+    /// Content trust: `Some` (the signatures the managers vouch for) when
+    /// only a signed image may run.
+    pub trust: Option<Vec<wire::TrustedSignature>>,
     /// The command and its arguments.
     pub args: Vec<String>,
     /// `KEY=VALUE` entries.
@@ -108,6 +111,7 @@ impl From<wire::TaskSpec> for TaskSpec {
         Self {
             image: s.image,
             image_digest: s.image_digest,
+            trust: s.content_trust.then_some(s.trusted_signatures),
             args: s.args,
             env: s.env,
             user: s.has_user.then_some((s.uid, s.gid)),

@@ -10,7 +10,7 @@
 //! confines every entry to the tree ([`swarmd_image::apply_layer`]).
 //!
 //! The cache lives in `$SWARMD_IMAGE_DIR/<node ID>` (default
-//! `/var/lib/swarmd/images`), not in the data dir: a task in its own user
+//! `/var/cache/swarmd/images`), not in the data dir: a task in its own user
 //! namespace must be able to reach its root filesystem, so the directories
 //! down to each tree are searchable (0711), never listable. Trees are shared
 //! read-only by every task of the image on this node, owned as the image
@@ -79,13 +79,36 @@ pub(crate) struct Prepared {
 /// Where the task agent gets images: the managers, or a fake in unit tests.
 pub(crate) trait ImageSource: Send + Sync {
     /// The image `digest` of task `task`, unpacked.
-    fn prepare(&self, task: &str, digest: &str) -> BoxFuture<'static, Result<Prepared, String>>;
+    fn prepare(&self, task: &str, digest: &str, trust: Option<Trust>) -> BoxFuture<'static, Result<Prepared, String>>;
 }
+
+/// The signatures a task's image must be vouched for by, under content trust.
+pub(crate) type Trust = Vec<swarmd_proto::dispatcher::TrustedSignature>;
+
+/// Whether one of `sigs` verifies under its key and its payload names
+/// `manifest` (the bytes fetched, hashed here).
+pub(crate) fn check_trust(sigs: &Trust, manifest: &Digest) -> Result<(), String> {
+    use swarmd_image::trust::{parse_payload, PublicKey};
+    let ok = sigs.iter().any(|s| {
+        PublicKey::from_spki_der(&s.public_key).is_ok_and(|k| k.verifies(&s.payload, &s.signature))
+            && parse_payload(&s.payload).is_ok_and(|c| c.digest == *manifest)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "content trust: none of the {} signature(s) sent verifies and names manifest {manifest}",
+            sigs.len()
+        ))
+    }
+}
+
+/// Where the caches are when `SWARMD_IMAGE_DIR` does not say.
+const DEFAULT_IMAGE_DIR: &str = "/var/cache/swarmd/images";
 
 /// This node's image cache directory.
 pub fn image_dir(node: &swarmd_certs::NodeId) -> PathBuf {
-    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/swarmd/images".into()))
-        .join(node.as_str())
+    PathBuf::from(std::env::var("SWARMD_IMAGE_DIR").unwrap_or_else(|_| DEFAULT_IMAGE_DIR.into())).join(node.as_str())
 }
 
 /// The real [`ImageSource`].
@@ -127,27 +150,33 @@ impl DispatcherImages {
 }
 
 fn open_cache(dir: &Path) -> Result<RootfsCache, String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if let Some(parent) = dir.parent() {
-        if !parent.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o711).create(parent).map_err(|e| e.to_string())?;
-        }
+    use std::os::unix::fs::PermissionsExt;
+    // Directories made here are 0711 whatever the umask (swarmd runs with
+    // 077); so are the default parents, which are ours even if they existed.
+    // Parents of a SWARMD_IMAGE_DIR that existed are left as the operator made them.
+    let mut open_up: Vec<PathBuf> = dir.ancestors().skip(1).take_while(|d| !d.exists()).map(Path::to_owned).collect();
+    std::fs::create_dir_all(dir.parent().unwrap_or(dir)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if std::env::var_os("SWARMD_IMAGE_DIR").is_none() {
+        let default = Path::new(DEFAULT_IMAGE_DIR);
+        open_up.extend(default.ancestors().take(2).map(Path::to_owned));
     }
     let cache = RootfsCache::open(dir).map_err(|e| e.to_string())?;
-    for d in [dir.to_owned(), dir.join("rootfs")] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).map_err(|e| e.to_string())?;
+    open_up.extend([dir.to_owned(), dir.join("rootfs")]);
+    for d in open_up {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("{}: {e}", d.display()))?;
     }
     Ok(cache)
 }
 
 impl ImageSource for DispatcherImages {
-    fn prepare(&self, task: &str, digest: &str) -> BoxFuture<'static, Result<Prepared, String>> {
+    fn prepare(&self, task: &str, digest: &str, trust: Option<Trust>) -> BoxFuture<'static, Result<Prepared, String>> {
         let (channel, cache, task, digest) =
             (self.channel.clone(), self.cache.clone(), task.to_owned(), digest.to_owned());
         Box::pin(async move {
             let cache = cache?;
             let fetcher = Fetcher { client: DispatcherClient::new(channel), task };
-            prepare(&fetcher, &cache, &digest).await
+            prepare(&fetcher, &cache, &digest, trust.as_ref()).await
         })
     }
 }
@@ -200,10 +229,20 @@ impl Fetcher {
     }
 }
 
-async fn prepare(fetcher: &Fetcher, cache: &RootfsCache, digest: &str) -> Result<Prepared, String> {
+async fn prepare(
+    fetcher: &Fetcher,
+    cache: &RootfsCache,
+    digest: &str,
+    trust: Option<&Trust>,
+) -> Result<Prepared, String> {
     let digest: Digest = digest.parse().map_err(|e| format!("image digest {digest:?}: {e}"))?;
     let max_doc = swarmd_image::layout::MAX_DOCUMENT;
     let manifest = fetcher.document(&digest, max_doc).await?;
+    // `document` checked that these bytes hash to `digest`: the signed
+    // payload must name exactly them.
+    if let Some(sigs) = trust {
+        check_trust(sigs, &Digest::of(&manifest))?;
+    }
     let parsed_manifest: oci_spec::image::ImageManifest =
         serde_json::from_slice(&manifest).map_err(|e| format!("manifest {digest}: {e}"))?;
     let config_digest: Digest =
@@ -283,6 +322,29 @@ mod tests {
         assert_eq!(d.command(&[]), Some(s(&["/init", "serve"])));
         assert_eq!(d.command(&s(&["check"])), Some(s(&["/init", "check"])));
         assert_eq!(ImageDefaults::default().command(&[]), None);
+    }
+
+    #[test]
+    fn under_content_trust_the_signed_payload_must_name_the_manifest_fetched() {
+        use swarmd_image::trust::{payload, sign};
+        use swarmd_proto::dispatcher::TrustedSignature;
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+            .unwrap();
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, doc.as_ref());
+        let pem = format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n");
+        let (good, other) = (Digest::of(b"manifest"), Digest::of(b"another manifest"));
+        let p = payload(&good, "app");
+        let (sig, key) = sign(&pem, &p).unwrap();
+        let s = TrustedSignature { payload: p, signature: sig.clone(), public_key: key.spki_der() };
+        assert!(check_trust(&vec![s.clone()], &good).is_ok());
+        // A manager that hands out another manifest with this signature is refused.
+        assert!(check_trust(&vec![s.clone()], &other).is_err());
+        // So is a signature that does not verify, or none at all.
+        let mut bad = s.clone();
+        bad.payload = payload(&other, "app");
+        assert!(check_trust(&vec![bad], &other).is_err());
+        assert!(check_trust(&vec![], &good).is_err());
     }
 
     #[test]

@@ -100,6 +100,15 @@ pub(super) async fn update_cluster(
         .identity_ttl_secs
         .map(|s| swarmd_certs::workload::IdentityTtl::from_secs(s).map_err(Status::invalid_argument))
         .transpose()?;
+    if let Some(mode) = &req.get_ref().content_trust {
+        let required = match mode.as_str() {
+            "required" => true,
+            "off" => false,
+            m => return Err(Status::invalid_argument(format!("--content-trust {m:?}: required or off"))),
+        };
+        ctl.store.propose(Command::SetContentTrust { required }).await?;
+        tracing::warn!(required, "content trust changed");
+    }
     if let Some(allowed) = req.get_ref().allow_host_rootfs {
         ctl.store.propose(Command::SetHostRootfs { allowed }).await?;
         tracing::warn!(allowed, "services running host directories as images: setting changed");

@@ -28,7 +28,16 @@ fn users(view: &StateView, record: &ImageRecord, names: &[String]) -> Result<Vec
 fn to_wire(view: &StateView, r: ImageRecord) -> Result<Image, Status> {
     let names = view.image_names(&r.digest).map_err(internal)?;
     let services = users(view, &r, &names)?;
+    let vouches = view.vouches(&r.digest).map_err(internal)?;
+    let total = view.image_signatures(&r.digest).map_err(internal)?.len();
+    let trusted: std::collections::HashSet<String> = vouches.iter().map(|(_, s, _)| s.id()).collect();
+    let signatures = vouches
+        .into_iter()
+        .map(|(v, _, _)| swarmd_proto::control::ImageSignature { key: v.key, repository: v.repository })
+        .collect();
     Ok(Image {
+        signatures,
+        untrusted_signatures: (total - trusted.len()) as u32,
         size: r.size(),
         digest: r.digest,
         names,
@@ -94,4 +103,105 @@ pub(super) async fn remove_image(
     ctl.store.propose(Command::RemoveImage { digest: r.digest.clone() }).await?;
     tracing::info!(image = %r.digest, "image removed");
     Ok(Response::new(RemoveImageResponse { digest: r.digest }))
+}
+
+fn key_to_wire(k: crate::state::TrustKeyRecord) -> Result<swarmd_proto::control::TrustKey, Status> {
+    let pk = swarmd_image::trust::PublicKey::from_spki_der(&k.public_key).map_err(internal)?;
+    Ok(swarmd_proto::control::TrustKey {
+        name: k.name,
+        public_key_pem: pk.to_pem(),
+        scope: k.scope,
+        fingerprint: pk.fingerprint(),
+        created_at: k.created_at,
+    })
+}
+
+/// Administrator only.
+pub(super) async fn add_trust_key(
+    ctl: &ControlService,
+    req: Request<swarmd_proto::control::AddTrustKeyRequest>,
+) -> Result<Response<swarmd_proto::control::TrustKey>, Status> {
+    let r = req.into_inner();
+    crate::state::check_trust_key_name(&r.name).map_err(Status::invalid_argument)?;
+    let pk = swarmd_image::trust::PublicKey::from_pem(&r.public_key_pem)
+        .map_err(|e| Status::invalid_argument(format!("key {}: {e}", r.name)))?;
+    let scope = if r.scope.is_empty() { "*".to_owned() } else { r.scope };
+    let record = crate::state::TrustKeyRecord {
+        name: r.name.clone(),
+        public_key: pk.spki_der(),
+        scope,
+        created_at: swarmd_certs::now_unix(),
+    };
+    ctl.store.propose(Command::AddTrustKey(Box::new(record.clone()))).await?;
+    tracing::info!(key = %record.name, scope = %record.scope, fingerprint = %pk.fingerprint(), "image signing key trusted");
+    Ok(Response::new(key_to_wire(record)?))
+}
+
+/// Administrator only.
+pub(super) async fn list_trust_keys(
+    ctl: &ControlService,
+    _req: Request<swarmd_proto::control::ListTrustKeysRequest>,
+) -> Result<Response<swarmd_proto::control::ListTrustKeysResponse>, Status> {
+    let keys = ctl.store.view().trust_keys().map_err(internal)?;
+    let keys = keys.into_iter().map(key_to_wire).collect::<Result<Vec<_>, _>>()?;
+    Ok(Response::new(swarmd_proto::control::ListTrustKeysResponse { keys }))
+}
+
+/// Administrator only. Images it alone signed stop getting new tasks
+/// (under content trust); running tasks keep running.
+pub(super) async fn remove_trust_key(
+    ctl: &ControlService,
+    req: Request<swarmd_proto::control::RemoveTrustKeyRequest>,
+) -> Result<Response<swarmd_proto::control::TrustKey>, Status> {
+    let name = req.into_inner().name;
+    let keys = ctl.store.view().trust_keys().map_err(internal)?;
+    let Some(k) = keys.into_iter().find(|k| k.name == name) else {
+        return Err(Status::not_found(format!("no trusted key named {name:?}")));
+    };
+    ctl.store.propose(Command::RemoveTrustKey { name: name.clone() }).await?;
+    tracing::warn!(key = %name, "image signing key no longer trusted");
+    Ok(Response::new(key_to_wire(k)?))
+}
+
+/// Administrator only. Kept only if a trusted key verifies it now and its
+/// payload names the image (a signature made elsewhere — cosign, openssl —
+/// is imported as it is).
+pub(super) async fn add_image_signature(
+    ctl: &ControlService,
+    req: Request<swarmd_proto::control::AddImageSignatureRequest>,
+) -> Result<Response<Image>, Status> {
+    let r = req.into_inner();
+    let view = ctl.store.view();
+    let image = find(view, &r.reference)?;
+    let claim = swarmd_image::trust::parse_payload(&r.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if claim.digest.as_str() != image.digest {
+        return Err(Status::invalid_argument(format!(
+            "the payload signs {}, not the image {} ({})",
+            claim.digest, r.reference, image.digest
+        )));
+    }
+    let keys = view.trust_keys().map_err(internal)?;
+    let verified = keys.iter().any(|k| {
+        swarmd_image::trust::PublicKey::from_spki_der(&k.public_key)
+            .is_ok_and(|pk| pk.verifies(&r.payload, &r.signature))
+    });
+    if !verified {
+        let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+        return Err(Status::invalid_argument(format!(
+            "the signature is not verified by any trusted key (tried: {})",
+            if names.is_empty() { "none: secretctl trust key add".to_owned() } else { names.join(", ") }
+        )));
+    }
+    let signature = crate::state::SignatureRecord {
+        payload: r.payload,
+        signature: r.signature,
+        added_at: swarmd_certs::now_unix(),
+    };
+    ctl.store
+        .propose(Command::AddImageSignature { digest: image.digest.clone(), signature: Box::new(signature) })
+        .await?;
+    tracing::info!(image = %image.digest, repository = %claim.repository, "image signature added");
+    let view = ctl.store.view();
+    let r = view.image(&image.digest).map_err(internal)?.unwrap_or(image);
+    Ok(Response::new(to_wire(view, r)?))
 }

@@ -292,6 +292,34 @@ impl control_server::Control for ControlService {
         images::remove_image(self, req).await
     }
 
+    async fn add_trust_key(
+        &self,
+        req: Request<swarmd_proto::control::AddTrustKeyRequest>,
+    ) -> Result<Response<swarmd_proto::control::TrustKey>, Status> {
+        images::add_trust_key(self, req).await
+    }
+
+    async fn list_trust_keys(
+        &self,
+        req: Request<swarmd_proto::control::ListTrustKeysRequest>,
+    ) -> Result<Response<swarmd_proto::control::ListTrustKeysResponse>, Status> {
+        images::list_trust_keys(self, req).await
+    }
+
+    async fn remove_trust_key(
+        &self,
+        req: Request<swarmd_proto::control::RemoveTrustKeyRequest>,
+    ) -> Result<Response<swarmd_proto::control::TrustKey>, Status> {
+        images::remove_trust_key(self, req).await
+    }
+
+    async fn add_image_signature(
+        &self,
+        req: Request<swarmd_proto::control::AddImageSignatureRequest>,
+    ) -> Result<Response<swarmd_proto::control::Image>, Status> {
+        images::add_image_signature(self, req).await
+    }
+
     async fn get_join_token(
         &self,
         req: Request<GetJoinTokenRequest>,

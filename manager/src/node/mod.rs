@@ -267,6 +267,9 @@ impl Manager {
             if let Some(ttl) = opts.identity_ttl {
                 store.propose(Command::SetIdentityTtl { secs: ttl.duration().as_secs() }).await?;
             }
+            if opts.content_trust {
+                store.propose(Command::SetContentTrust { required: true }).await?;
+            }
             manager.db.flush_async().await.map_err(|e| ManagerError::Raft(e.to_string()))?;
             manager.cfg.save(data_dir)
         };

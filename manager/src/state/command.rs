@@ -23,6 +23,7 @@ use serde::de::{self, DeserializeSeed, EnumAccess, SeqAccess, VariantAccess, Vis
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use swarmd_certs::{NodeId, Role, SecretId, ServiceId, TaskId};
 
+use super::trust::{SignatureRecord, TrustKeyRecord};
 use super::{
     AdminCertRecord, Availability, CaRotation, ClusterRecord, ExternalCaRecord, ImageRecord, NodeRecord, Rejection,
     ResealField, ResealSecret, ServiceRecord, ServiceSpec, StatusChange, TaskRecord, TaskUpdate,
@@ -128,6 +129,14 @@ pub enum Command {
     /// Whether a service's image may be a root filesystem directory on the
     /// workers (a development setting, off by default).
     SetHostRootfs { allowed: bool },
+    /// Trusts a key to sign images.
+    AddTrustKey(Box<TrustKeyRecord>),
+    /// Stops trusting a key.
+    RemoveTrustKey { name: String },
+    /// Keeps a signature of image `digest`.
+    AddImageSignature { digest: String, signature: Box<SignatureRecord> },
+    /// Whether only signed images run.
+    SetContentTrust { required: bool },
 }
 
 /// The outcome of applying one command.

@@ -173,6 +173,16 @@ impl StateView {
     /// Checks a service's (new) image: a host directory only where the
     /// cluster allows it; a pinned image only if the cluster holds it.
     pub fn check_service_image(&self, image: &str) -> Result<Result<(), Rejection>, StateError> {
+        if self.content_trust_required()? {
+            let verdict = match pinned_digest(image) {
+                Some(d) if self.image(d)?.is_some() => self.trust_verdict(d)?.map(drop),
+                Some(d) => Err(format!("no image {d} in this cluster")),
+                None => Err(format!("image {image:?} is a directory: content trust requires a signed image")),
+            };
+            if let Err(why) = verdict {
+                return Ok(Err(Rejection::Invalid(format!("content trust: {why}"))));
+            }
+        }
         if image.starts_with('/') {
             if !self.host_rootfs_allowed()? {
                 return Ok(Err(Rejection::Invalid(format!(
@@ -276,6 +286,9 @@ pub(super) fn plan_images(view: &StateView, cmd: &Command) -> Result<Result<Writ
             batch.remove(image_key(digest));
             for n in names {
                 batch.remove(name_key(&n));
+            }
+            for k in super::trust::signature_keys(view, digest)? {
+                batch.remove(k);
             }
         }
         Command::SetHostRootfs { allowed } => {

@@ -20,6 +20,7 @@
 //! | `ca_rotation` | `carotation`, `caconv/…`, `caprevious`, `certrecovery`, `cachain`, `externalca` | `StartCaRotation`, `CaRotationBatch`, `CaConverged`, `FinishCaRotation`, `SetCertRecoveryWindow`, `SetCaChain`, `SetExternalCa`, `UpdateExternalCa` |
 //! | `workload`    | `workload/identity` | `SetIdentityTtl` |
 //! | `images`      | `image/…`, `imagename/…`, `hostrootfs` | `PutImage`, `ImageHeld`, `RemoveImage`, `SetHostRootfs` |
+//! | `trust`       | `trustkey/…`, `imagesig/…`, `contenttrust` | `AddTrustKey`, `RemoveTrustKey`, `AddImageSignature`, `SetContentTrust` |
 //! | `labels`      | — | the label rules node and secret commands check |
 //!
 //! `command` holds the command enum and its versioned log format,
@@ -44,6 +45,7 @@ mod rejection;
 mod secrets;
 pub(crate) mod services;
 pub(crate) mod tasks;
+mod trust;
 mod workload;
 
 pub use ca_rotation::*;
@@ -57,6 +59,7 @@ pub use rejection::*;
 pub use secrets::*;
 pub use services::*;
 pub use tasks::*;
+pub use trust::*;
 pub use workload::*;
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -246,6 +249,10 @@ pub(crate) fn plan(view: &StateView, cmd: &Command) -> Result<Result<WriteBatch,
         | Command::ImageHeld { .. }
         | Command::RemoveImage { .. }
         | Command::SetHostRootfs { .. } => images::plan_images(view, cmd),
+        Command::AddTrustKey(_)
+        | Command::RemoveTrustKey { .. }
+        | Command::AddImageSignature { .. }
+        | Command::SetContentTrust { .. } => trust::plan_trust(view, cmd),
         // The state machine applies a batch's commands one by one (see
         // `raft::state_machine`); only a nested batch reaches this point.
         Command::Batch(_) => Ok(Err(Rejection::NestedBatch)),

@@ -479,6 +479,7 @@ impl crate::images::ImageSource for NoImages {
         &self,
         _task: &str,
         _digest: &str,
+        _trust: Option<crate::images::Trust>,
     ) -> crate::executor::BoxFuture<'static, Result<crate::images::Prepared, String>> {
         Box::pin(async { Err("no images in unit tests".to_owned()) })
     }

@@ -21,6 +21,7 @@ mod nodes;
 mod secrets;
 mod services;
 mod tasks;
+mod trust;
 mod workload;
 
 /// A fresh, empty state (the database lives as long as the view).

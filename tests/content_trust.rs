@@ -1,0 +1,136 @@
+//! Content trust end to end, with keys and a signature made by `openssl`
+//! (not by swarmd's code): unsigned images, tampered signatures and keys out
+//! of scope are refused with a message naming the keys tried; a signed image
+//! runs under `--content-trust required`; removing the key stops new tasks
+//! (with the reason in `service ps`) and leaves the running one alone.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn openssl(args: &[&str]) {
+    let o = Command::new("openssl").args(args).output().expect("openssl");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A P-256 key pair made by openssl: (private PKCS#8 PEM, public PEM).
+fn keypair(dir: &Path, name: &str) -> (String, String) {
+    let (key, public) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.pub")));
+    let (k, p) = (key.to_str().unwrap(), public.to_str().unwrap());
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", k]);
+    openssl(&["pkey", "-in", k, "-pubout", "-out", p]);
+    (k.to_owned(), p.to_owned())
+}
+
+/// Signs `payload` with openssl; the base64 signature file.
+fn openssl_sign(key: &str, payload: &Path) -> std::path::PathBuf {
+    let der = payload.with_extension("der");
+    openssl(&["dgst", "-sha256", "-sign", key, "-out", der.to_str().unwrap(), payload.to_str().unwrap()]);
+    let b64 = payload.with_extension("sig");
+    let o = Command::new("base64").arg("-w0").arg(&der).output().unwrap();
+    std::fs::write(&b64, o.stdout).unwrap();
+    b64
+}
+
+fn err(o: &std::process::Output) -> String {
+    assert!(!o.status.success(), "unexpected success: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tasks(m: &Manager, service: &str) -> Vec<Value> {
+    let o = m.ctl(&["--format", "json", "service", "ps", service]);
+    serde_json::from_slice(&o.stdout).unwrap_or_default()
+}
+
+#[test]
+fn only_images_signed_by_a_trusted_key_in_scope_run() {
+    if !can_run_containers("content_trust::only_images_signed_by_a_trusted_key_in_scope_run") {
+        return;
+    }
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &["--heartbeat", "1s", "--content-trust", "required"]);
+    let _w = env.join_worker("w1", &m.token("worker"), &m.addr);
+    m.wait_ready(2);
+    let dir = env.path("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k1, k1_pub) = keypair(&dir, "k1");
+    let (k2, k2_pub) = keypair(&dir, "k2");
+
+    let app = busybox_image(&env, &m);
+    let digest = m.ctl_ok(&["image", "ls", "-q"]).trim().to_owned();
+    let create = |name: &str, image: &str| {
+        m.ctl(&["service", "create", name, "--image", image, "--", "sh", "-c", "echo up; sleep 3600"])
+    };
+
+    // Unsigned, and no key trusted: refused, saying so.
+    let e = err(&create("web", &app));
+    assert!(e.contains("content trust") && e.contains("no signature") && e.contains("no key is trusted"), "{e}");
+
+    // A signature made by openssl over a cosign payload.
+    m.ctl_ok(&["trust", "key", "add", "k1", &k1_pub, "--scope", "busybox"]);
+    let payload = dir.join("payload.json");
+    let body = format!(
+        r#"{{"critical":{{"identity":{{"docker-reference":"busybox"}},"image":{{"docker-manifest-digest":"{digest}"}},"type":"cosign container image signature"}},"optional":null}}"#
+    );
+    std::fs::write(&payload, body).unwrap();
+    let sig = openssl_sign(&k1, &payload);
+    // Tampered first: one byte of the DER flipped.
+    let der = dir.join("payload.der");
+    let mut bytes = std::fs::read(&der).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x01;
+    std::fs::write(dir.join("bad.der"), &bytes).unwrap();
+    let o = Command::new("base64").arg("-w0").arg(dir.join("bad.der")).output().unwrap();
+    std::fs::write(dir.join("bad.sig"), o.stdout).unwrap();
+    let (p, bad) = (payload.to_str().unwrap(), dir.join("bad.sig"));
+    let e = err(&m.ctl(&["trust", "signature", "add", &app, "--payload", p, "--signature", bad.to_str().unwrap()]));
+    assert!(e.contains("not verified by any trusted key") && e.contains("k1"), "{e}");
+    let inspect: Value = serde_json::from_str(&m.ctl_ok(&["--format", "json", "image", "inspect", &app])).unwrap();
+    assert_eq!(inspect["signatures"].as_array().unwrap().len(), 0, "a refused signature was kept: {inspect}");
+    let e = err(&create("web", &app));
+    assert!(e.contains("no signature") && e.contains("k1 (scope busybox)"), "{e}");
+
+    m.ctl_ok(&["trust", "signature", "add", &app, "--payload", p, "--signature", sig.to_str().unwrap()]);
+    let inspect: Value = serde_json::from_str(&m.ctl_ok(&["--format", "json", "image", "inspect", &app])).unwrap();
+    assert_eq!(inspect["signatures"][0]["key"], "k1", "{inspect}");
+
+    // Another image, signed by a key whose scope does not cover it.
+    let other_root = env.path("other-rootfs");
+    busybox_rootfs(&other_root);
+    std::fs::write(other_root.join("etc/other"), "other").unwrap();
+    let other = load_rootfs(&env, &m, &other_root, "other:1");
+    m.ctl_ok(&["trust", "key", "add", "k2", &k2_pub, "--scope", "acme/*"]);
+    m.ctl_ok(&["image", "sign", &other, "--key", &k2]);
+    let e = err(&create("other", &other));
+    assert!(e.contains("for other") && e.contains("k2 (scope acme/*)"), "{e}");
+    // A payload for another image is refused outright.
+    let e = err(&m.ctl(&["trust", "signature", "add", &other, "--payload", p, "--signature", sig.to_str().unwrap()]));
+    assert!(e.contains("the payload signs"), "{e}");
+
+    // The openssl-signed image runs.
+    let o = create("web", &app);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = wait_for("web running", Duration::from_secs(90), || {
+        tasks(&m, "web").into_iter().find(|t| t["state"] == "running")
+    });
+
+    // The key goes: the running task stays, a new one is refused with the reason.
+    m.ctl_ok(&["trust", "key", "rm", "k1"]);
+    m.ctl_ok(&["service", "update", "web", "--replicas", "2"]);
+    let refused = wait_for("the new task refused", Duration::from_secs(90), || {
+        tasks(&m, "web").into_iter().find(|t| t["message"].as_str().is_some_and(|s| s.contains("content trust")))
+    });
+    assert!(refused["message"].as_str().unwrap().contains("not trusted"), "{refused}");
+    let still = tasks(&m, "web").into_iter().find(|t| t["id"] == first["id"]).unwrap();
+    assert_eq!(still["state"], "running", "{still}");
+
+    // Off again: any image the cluster holds runs.
+    m.ctl_ok(&["cluster", "update", "--content-trust", "off"]);
+    let o = create("other", &other);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
