@@ -134,3 +134,77 @@ fn only_images_signed_by_a_trusted_key_in_scope_run() {
     let o = create("other", &other);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes `bytes` as a blob of `layout`; its descriptor fields.
+fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let hex = sha256_hex(bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+#[test]
+fn cosign_signatures_stored_in_a_layout_are_imported_with_the_image() {
+    let mut env = Env::new();
+    let m = env.start_manager("m1", &[]);
+    let dir = env.path("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k1, k1_pub) = keypair(&dir, "k1");
+    let (stranger, _) = keypair(&dir, "stranger");
+    m.ctl_ok(&["trust", "key", "add", "k1", &k1_pub]);
+    let rootfs = env.path("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    std::fs::write(rootfs.join("etc/hello"), "hi").unwrap();
+    let layout = env.path("layout");
+    let digest = build_image(&rootfs, &layout, "hello:1");
+
+    // What `cosign sign` stores beside an image, as `skopeo copy` brings it into a layout:
+    // a manifest tagged sha256-<hex>.sig whose layers are signed payloads.
+    let payload = dir.join("payload.json");
+    std::fs::write(
+        &payload,
+        format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"hello"}},"image":{{"docker-manifest-digest":"{digest}"}},"type":"cosign container image signature"}},"optional":null}}"#
+        ),
+    )
+    .unwrap();
+    let mut layers = Vec::new();
+    for key in [&k1, &stranger] {
+        let sig = std::fs::read_to_string(openssl_sign(key, &payload)).unwrap();
+        let (d, n) = put_blob(&layout, &std::fs::read(&payload).unwrap());
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": d, "size": n,
+            "annotations": {"dev.cosignproject.cosign/signature": sig}
+        }));
+    }
+    let (cd, cn) = put_blob(&layout, b"{}");
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cn},
+        "layers": layers,
+    });
+    let (md, mn) = put_blob(&layout, &serde_json::to_vec(&manifest).unwrap());
+    let index_path = layout.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let tag = format!("sha256-{}.sig", digest.trim_start_matches("sha256:"));
+    index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mn,
+        "annotations": {"org.opencontainers.image.ref.name": tag}
+    }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+
+    let o = m.ctl(&["image", "load", layout.to_str().unwrap(), "--name", "hello:1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), digest);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("imported a cosign signature"), "{stderr}");
+    assert!(stderr.contains("not imported") && stderr.contains("not verified by any trusted key"), "{stderr}");
+    let inspect: Value = serde_json::from_str(&m.ctl_ok(&["--format", "json", "image", "inspect", "hello:1"])).unwrap();
+    assert_eq!(inspect["digest"], digest.as_str(), "image inspect shows the digest as `digest`");
+    let sigs = inspect["signatures"].as_array().unwrap();
+    assert_eq!((sigs.len(), &sigs[0]["key"], &sigs[0]["repository"]), (1, &Value::from("k1"), &Value::from("hello")));
+}

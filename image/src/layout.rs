@@ -438,6 +438,49 @@ pub fn load(source: &Source, platform: &Platform, name: Option<&str>) -> Result<
     })
 }
 
+/// The media type of a cosign simple signing payload layer.
+pub const COSIGN_PAYLOAD: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+
+/// The annotation holding a cosign signature (base64 of the DER).
+pub const COSIGN_SIGNATURE: &str = "dev.cosignproject.cosign/signature";
+
+/// Most cosign signatures read for one image.
+const MAX_COSIGN_SIGNATURES: usize = 32;
+
+/// The cosign signatures stored beside image `image` in the layout (the
+/// manifest tagged `sha256-<hex>.sig`, as `cosign` and `skopeo copy` keep
+/// them): each payload (checked against its descriptor) with its signature
+/// as written (base64). None when there are none.
+pub fn cosign_signatures(source: &Source, image: &Digest) -> Result<Vec<(Vec<u8>, String)>, LayoutError> {
+    if !source.has("index.json") {
+        return Ok(Vec::new());
+    }
+    let index: ImageIndex =
+        serde_json::from_slice(&source.document("index.json")?).map_err(|e| invalid(format!("index.json: {e}")))?;
+    let tag = format!("sha256-{}.sig", image.hex());
+    let mut out = Vec::new();
+    for d in index.manifests().iter().take(MAX_MANIFESTS) {
+        if !ref_name(d).is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}"))) {
+            continue;
+        }
+        let digest = descriptor_digest(d)?;
+        if d.size() > MAX_DOCUMENT {
+            return Err(invalid(format!("signature manifest {digest} is larger than {} MiB", MAX_DOCUMENT >> 20)));
+        }
+        let m: ImageManifest = serde_json::from_slice(&source.blob_bytes(&digest, d.size())?)
+            .map_err(|e| invalid(format!("signature manifest {digest}: {e}")))?;
+        for l in m.layers().iter().filter(|l| l.media_type().to_string() == COSIGN_PAYLOAD) {
+            let Some(sig) = l.annotations().as_ref().and_then(|a| a.get(COSIGN_SIGNATURE)) else { continue };
+            if out.len() >= MAX_COSIGN_SIGNATURES || l.size() > crate::trust::MAX_PAYLOAD as u64 {
+                continue;
+            }
+            let payload = source.blob_bytes(&descriptor_digest(l)?, l.size())?;
+            out.push((payload, sig.clone()));
+        }
+    }
+    Ok(out)
+}
+
 /// Streams a layer blob: its sha256 and size as `digest` and `size` say,
 /// and its uncompressed sha256 as `diff_id` says (at most `budget` bytes
 /// uncompressed). Returns the uncompressed size.
@@ -486,10 +529,12 @@ fn pick_from_index(source: &Source, platform: &Platform, name: Option<&str>) -> 
     if entries.len() > MAX_MANIFESTS {
         return Err(invalid(format!("index.json lists more than {MAX_MANIFESTS} manifests")));
     }
-    // Signatures and attestations stored beside images are not images.
+    // Signatures and attestations stored beside images are not images (by
+    // media type, or by cosign's tags: sha256-<hex>.sig|.att|.sbom).
     entries.retain(|d| {
         let t = d.media_type().to_string();
-        t == media::MANIFEST || t == media::DOCKER_MANIFEST || t == media::INDEX || t == media::DOCKER_LIST
+        (t == media::MANIFEST || t == media::DOCKER_MANIFEST || t == media::INDEX || t == media::DOCKER_LIST)
+            && !ref_name(d).is_some_and(is_cosign_tag)
     });
     if let Some(want) = name {
         entries.retain(|d| ref_name(d).is_some_and(|n| n == want || n.rsplit(':').next() == Some(want)));
@@ -539,6 +584,14 @@ fn pick_from_index(source: &Source, platform: &Platform, name: Option<&str>) -> 
     let digest = descriptor_digest(&d)?;
     let bytes = source.blob_bytes(&digest, d.size())?;
     Ok(Picked { digest, bytes, name, files: HashMap::new() })
+}
+
+/// Whether a ref name is a cosign artifact's tag (`sha256-<hex>.sig`, `.att`, `.sbom`).
+fn is_cosign_tag(name: &str) -> bool {
+    let tag = name.rsplit(':').next().unwrap_or(name);
+    tag.strip_prefix("sha256-").and_then(|t| t.split_once('.')).is_some_and(|(hex, kind)| {
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && matches!(kind, "sig" | "att" | "sbom")
+    })
 }
 
 fn ref_name(d: &Descriptor) -> Option<&str> {

@@ -174,11 +174,13 @@ fn load_stream(
     source: PathBuf,
     name: Option<String>,
     platform: String,
-) -> anyhow::Result<(swarmd_image::Image, tokio::sync::mpsc::Receiver<LoadImageChunk>)> {
+) -> anyhow::Result<(swarmd_image::Image, Signatures, tokio::sync::mpsc::Receiver<LoadImageChunk>)> {
     let want: swarmd_image::Platform = platform.parse().map_err(|e| anyhow::anyhow!("--platform {platform:?}: {e}"))?;
     let src = swarmd_image::Source::open(&source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
     // Verified here first: a broken or tampered layout fails before a byte is sent.
     let image = swarmd_image::load(&src, &want, None).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let signatures = swarmd_image::layout::cosign_signatures(&src, &image.digest)
+        .map_err(|e| anyhow::anyhow!("{}: cosign signatures: {e}", source.display()))?;
     let name = name.or_else(|| image.name.clone()).unwrap_or_default();
     let header = LoadImageHeader {
         manifest: image.manifest.clone(),
@@ -210,20 +212,39 @@ fn load_stream(
             }
         }
     });
-    Ok((image, rx))
+    Ok((image, signatures, rx))
 }
+
+/// Cosign signatures found beside an image: payload and base64 signature.
+type Signatures = Vec<(Vec<u8>, String)>;
 
 pub(super) async fn run(channel: Channel, cmd: ImageCmd, format: Format) -> anyhow::Result<()> {
     let mut client = super::client::control(channel);
     match cmd {
         ImageCmd::Load { source, name, platform } => {
-            let (image, rx) = tokio::task::spawn_blocking(move || load_stream(source, name, platform)).await??;
+            let (image, signatures, rx) =
+                tokio::task::spawn_blocking(move || load_stream(source, name, platform)).await??;
             let r =
                 client.load_image(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(explain)?.into_inner();
             if r.digest != image.digest.as_str() {
                 anyhow::bail!("the manager recorded {}, not {}", r.digest, image.digest);
             }
             println!("{}", r.digest);
+            // Cosign signatures stored in the layout go with it (kept only if
+            // a trusted key verifies them; the load stands either way).
+            for (payload, b64) in signatures {
+                use base64::Engine;
+                let Ok(signature) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+                    eprintln!("warning: a cosign signature in the layout is not base64: not imported");
+                    continue;
+                };
+                let req =
+                    swarmd_proto::control::AddImageSignatureRequest { reference: r.digest.clone(), payload, signature };
+                match client.add_image_signature(req).await {
+                    Ok(_) => eprintln!("imported a cosign signature of {}", r.digest),
+                    Err(e) => eprintln!("warning: cosign signature not imported: {}", explain(e)),
+                }
+            }
         }
         ImageCmd::Ls { quiet } => {
             let images = client.list_images(ListImagesRequest {}).await.map_err(explain)?.into_inner().images;
