@@ -271,7 +271,16 @@ async fn images_survive_a_restart_a_snapshot_and_a_manager_that_joins_later() {
     let layout = env.path("layout");
     let digest = build_image(&rootfs, &layout, "hello:1");
     assert_eq!(m1.ctl_ok(&["image", "load", layout.to_str().unwrap()]).trim(), digest);
+    // Signed by a trusted key: the signature must come through too.
+    let key = env.path("k.pem");
+    let public = env.path("k.pub");
+    let openssl = |args: &[&str]| assert!(std::process::Command::new("openssl").args(args).status().unwrap().success());
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key.to_str().unwrap()]);
+    openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
+    m1.ctl_ok(&["trust", "key", "add", "k", public.to_str().unwrap()]);
+    m1.ctl_ok(&["image", "sign", "hello:1", "--key", key.to_str().unwrap()]);
     let image = image_json(&m1, "hello:1").unwrap();
+    assert_eq!(image["signatures"][0]["key"], "k");
 
     // Past a snapshot (the log behind it compacted), then a restart, which
     // keeps the record and the blobs.
@@ -280,7 +289,8 @@ async fn images_survive_a_restart_a_snapshot_and_a_manager_that_joins_later() {
     let exit = env.proc(m1.proc_idx).terminate();
     assert!(exit.success(), "{exit:?}");
     m1.proc_idx = env.run_node(&m1.name, &m1.data);
-    wait_for("m1 back", DEADLINE, || image_json(&m1, "hello:1"));
+    let back = wait_for("m1 back", DEADLINE, || image_json(&m1, "hello:1"));
+    assert_eq!(back["signatures"], image["signatures"]);
     for b in blobs_of(&image) {
         assert!(blob_file(&m1, &b).is_file());
     }
@@ -294,6 +304,7 @@ async fn images_survive_a_restart_a_snapshot_and_a_manager_that_joins_later() {
         i["holders"].as_array()?.iter().any(|h| h == m2_id.as_str()).then_some(i)
     });
     assert_eq!(held["names"][0], "hello:1");
+    assert_eq!(held["signatures"], image["signatures"], "the signature did not come through");
     let log = env.procs[m2.proc_idx].log_text();
     assert!(log.contains("installed a snapshot"), "m2 was not brought up through a snapshot");
     for b in blobs_of(&image) {

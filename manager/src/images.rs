@@ -134,29 +134,21 @@ impl Images {
         }))
     }
 
-    /// `Control.LoadImage`: see the module doc. Returns the record and the
-    /// name it was given.
-    pub(crate) async fn load(
-        &self,
-        mut input: Streaming<LoadImageChunk>,
-    ) -> Result<(ImageRecord, Option<String>), Status> {
-        let _one = self.0.loading.acquire().await.map_err(internal)?;
-        let _busy = Busy::new(&self.0.busy);
-        let header = match input.message().await? {
-            Some(LoadImageChunk { part: Some(Part::Header(h)) }) => h,
-            _ => return Err(Status::invalid_argument("an image load starts with its header (manifest and config)")),
-        };
-        let parsed = swarmd_image::parse(&header.manifest, &header.config)
-            .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
-        let want: Platform = if header.platform.is_empty() {
+    /// Checks a manifest and config (the config is the manifest's, the
+    /// platform the one wanted, the name well formed, the sizes bounded)
+    /// and stores both; the layers come next ([`Ingest::layer`]).
+    fn ingest(&self, manifest: &[u8], config: &[u8], name: &str, platform: &str) -> Result<Ingest<'_>, Status> {
+        let parsed =
+            swarmd_image::parse(manifest, config).map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+        let want: Platform = if platform.is_empty() {
             Platform::default()
         } else {
-            header.platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+            platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
         };
         if parsed.platform.os != want.os || parsed.platform.arch != want.arch {
             return Err(Status::invalid_argument(format!("the image is for {}, not {want}", parsed.platform)));
         }
-        let name = match header.name.as_str() {
+        let name = match name {
             "" => None,
             n => {
                 let n = normalize_image_name(n);
@@ -164,93 +156,22 @@ impl Images {
                 Some(n)
             }
         };
-        let total = parsed
-            .layers
-            .iter()
-            .fold(header.manifest.len() as u64 + header.config.len() as u64, |a, l| a.saturating_add(l.size));
+        let total =
+            parsed.layers.iter().fold(manifest.len() as u64 + config.len() as u64, |a, l| a.saturating_add(l.size));
         if total > MAX_IMAGE_BYTES {
             return Err(Status::invalid_argument(format!("the image holds more than {} GiB", MAX_IMAGE_BYTES >> 30)));
         }
-        let digest = Digest::of(&header.manifest);
-        let config_media_type = serde_json::from_slice::<oci_spec::image::ImageManifest>(&header.manifest)
+        let digest = Digest::of(manifest);
+        let config_media_type = serde_json::from_slice::<oci_spec::image::ImageManifest>(manifest)
             .map(|m| m.config().media_type().to_string())
             .map_err(|e| Status::invalid_argument(format!("manifest: {e}")))?;
-        // What this load added: removed again if it fails.
-        let mut created: Vec<Digest> = Vec::new();
-        let result = async {
-            for (d, bytes) in [(&digest, &header.manifest), (&parsed.config_digest, &header.config)] {
-                if !self.0.blobs.has(d) {
-                    let blobs = &self.0.blobs;
-                    tokio::task::block_in_place(|| blobs.put(d, bytes)).map_err(store_status)?;
-                    created.push(d.clone());
-                }
-            }
-            let mut carry = Bytes::new();
-            let mut budget = swarmd_image::layout::MAX_UNCOMPRESSED;
-            for l in &parsed.layers {
-                let existed = self.0.blobs.has(&l.digest);
-                let mut w = self.0.blobs.writer(&l.digest, l.size).map_err(store_status)?;
-                while w.written() < l.size {
-                    if carry.is_empty() {
-                        carry = match input.message().await? {
-                            Some(LoadImageChunk { part: Some(Part::Data(d)) }) => d,
-                            Some(_) => return Err(Status::invalid_argument("a second header in one load")),
-                            None => {
-                                return Err(Status::invalid_argument(format!(
-                                    "layer {}: the stream ended after {} of its {} bytes",
-                                    l.digest,
-                                    w.written(),
-                                    l.size
-                                )))
-                            }
-                        };
-                    }
-                    let take = carry.len().min(usize::try_from(l.size - w.written()).unwrap_or(usize::MAX));
-                    let chunk = carry.split_to(take);
-                    tokio::task::block_in_place(|| w.write_chunk(&chunk)).map_err(store_status)?;
-                }
-                tokio::task::block_in_place(|| w.commit()).map_err(store_status)?;
-                if !existed {
-                    created.push(l.digest.clone());
-                }
-                // The DiffID, checked on what was stored.
-                let (blobs, layer) = (self.0.blobs.clone(), l.clone());
-                let used = tokio::task::spawn_blocking(move || {
-                    let compression = swarmd_image::Compression::of_media_type(&layer.media_type)
-                        .ok_or_else(|| format!("layer {}: media type {:?}", layer.digest, layer.media_type))?;
-                    let f = blobs.open_blob(&layer.digest).map_err(|e| e.to_string())?;
-                    swarmd_image::layout::verify_layer(
-                        std::io::BufReader::new(f),
-                        &layer.digest,
-                        layer.size,
-                        compression,
-                        &layer.diff_id,
-                        budget,
-                    )
-                    .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(internal)?
-                .map_err(Status::invalid_argument)?;
-                budget -= used;
-            }
-            if !carry.is_empty() || input.message().await?.is_some() {
-                return Err(Status::invalid_argument("more bytes than the manifest's layers hold"));
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            self.forget_unreferenced(&created);
-            return Err(e);
-        }
         let record = ImageRecord {
             digest: digest.to_string(),
-            manifest_size: header.manifest.len() as u64,
+            manifest_size: manifest.len() as u64,
             platform: parsed.platform.to_string(),
             config: ImageBlob {
                 digest: parsed.config_digest.to_string(),
-                size: header.config.len() as u64,
+                size: config.len() as u64,
                 media_type: config_media_type,
                 diff_id: String::new(),
             },
@@ -267,11 +188,141 @@ impl Images {
             holders: vec![self.0.me.clone()],
             created_at: now_unix(),
         };
-        let mut record = record;
-        record.holders.extend(self.replicate(&record).await);
-        tracing::info!(image = %record.digest, holders = record.holders.len(), "image loaded");
-        self.0.store.propose(Command::PutImage { image: Box::new(record.clone()), name: name.clone() }).await?;
-        Ok((record, name))
+        let mut ingest = Ingest {
+            images: self,
+            layers: parsed.layers,
+            record,
+            name,
+            created: Vec::new(),
+            budget: swarmd_image::layout::MAX_UNCOMPRESSED,
+            done: false,
+        };
+        for (d, bytes) in [(&digest, manifest), (&parsed.config_digest, config)] {
+            if !self.0.blobs.has(d) {
+                let blobs = &self.0.blobs;
+                tokio::task::block_in_place(|| blobs.put(d, bytes)).map_err(store_status)?;
+                ingest.created.push(d.clone());
+            }
+        }
+        Ok(ingest)
+    }
+
+    /// `Control.LoadImage`: see the module doc. Returns the record and the
+    /// name it was given.
+    pub(crate) async fn load(
+        &self,
+        mut input: Streaming<LoadImageChunk>,
+    ) -> Result<(ImageRecord, Option<String>), Status> {
+        let _one = self.0.loading.acquire().await.map_err(internal)?;
+        let _busy = Busy::new(&self.0.busy);
+        let header = match input.message().await? {
+            Some(LoadImageChunk { part: Some(Part::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("an image load starts with its header (manifest and config)")),
+        };
+        let mut ingest = self.ingest(&header.manifest, &header.config, &header.name, &header.platform)?;
+        let mut carry = Bytes::new();
+        for l in ingest.layers.clone() {
+            let mut w = ingest.layer(&l)?;
+            while w.written() < l.size {
+                if carry.is_empty() {
+                    carry = match input.message().await? {
+                        Some(LoadImageChunk { part: Some(Part::Data(d)) }) => d,
+                        Some(_) => return Err(Status::invalid_argument("a second header in one load")),
+                        None => {
+                            return Err(Status::invalid_argument(format!(
+                                "layer {}: the stream ended after {} of its {} bytes",
+                                l.digest,
+                                w.written(),
+                                l.size
+                            )))
+                        }
+                    };
+                }
+                let take = carry.len().min(usize::try_from(l.size - w.written()).unwrap_or(usize::MAX));
+                let chunk = carry.split_to(take);
+                tokio::task::block_in_place(|| w.write_chunk(&chunk)).map_err(store_status)?;
+            }
+            ingest.finish_layer(&l, w).await?;
+        }
+        if !carry.is_empty() || input.message().await?.is_some() {
+            return Err(Status::invalid_argument("more bytes than the manifest's layers hold"));
+        }
+        ingest.record().await
+    }
+
+    /// `Control.PullImage`: the image `reference` names, from its registry
+    /// (see [`crate::registry`]), checked and recorded as a load is.
+    pub(crate) async fn pull(
+        &self,
+        reference: &str,
+        platform: &str,
+        name: &str,
+    ) -> Result<(ImageRecord, Option<String>), Status> {
+        let bad = |e: String| Status::invalid_argument(e);
+        let unavailable = |e: String| Status::unavailable(format!("pull {reference}: {e}"));
+        let r = crate::registry::Reference::parse(reference).map_err(bad)?;
+        let want: Platform = if platform.is_empty() {
+            Platform::default()
+        } else {
+            platform.parse().map_err(|e| Status::invalid_argument(format!("platform: {e}")))?
+        };
+        let _one = self.0.loading.acquire().await.map_err(internal)?;
+        let _busy = Busy::new(&self.0.busy);
+        let registry = crate::registry::Registry::new(r.clone()).map_err(unavailable)?;
+        let asked = r.digest.clone().or(r.tag.clone()).unwrap_or_default();
+        let (mut manifest, media_type) = registry.manifest(&asked).await.map_err(unavailable)?;
+        if let Some(d) = &r.digest {
+            let actual = Digest::of(&manifest);
+            if actual.as_str() != d {
+                return Err(Status::invalid_argument(format!("the registry's {d} hashes to {actual}")));
+            }
+        }
+        let is_index = media_type.contains("index") || media_type.contains("list") || {
+            serde_json::from_slice::<serde_json::Value>(&manifest).is_ok_and(|v| v.get("manifests").is_some())
+        };
+        if is_index {
+            let index: oci_spec::image::ImageIndex =
+                serde_json::from_slice(&manifest).map_err(|e| bad(format!("{reference}: index: {e}")))?;
+            let pick = index
+                .manifests()
+                .iter()
+                .find(|m| {
+                    m.platform()
+                        .as_ref()
+                        .is_some_and(|p| p.os().to_string() == want.os && p.architecture().to_string() == want.arch)
+                })
+                .ok_or_else(|| bad(format!("{reference}: the index has no image for {want}")))?;
+            let d = pick.digest().to_string();
+            let (bytes, _) = registry.manifest(&d).await.map_err(unavailable)?;
+            let actual = Digest::of(&bytes);
+            if actual.as_str() != d || bytes.len() as u64 != pick.size() {
+                return Err(bad(format!(
+                    "{reference}: the registry's {d} is {} bytes hashing to {actual}",
+                    bytes.len()
+                )));
+            }
+            manifest = bytes;
+        }
+        let m: oci_spec::image::ImageManifest =
+            serde_json::from_slice(&manifest).map_err(|e| bad(format!("{reference}: manifest: {e}")))?;
+        let cd = m.config().digest().to_string();
+        if m.config().size() > swarmd_image::layout::MAX_DOCUMENT {
+            return Err(bad(format!("{reference}: a config larger than 4 MiB")));
+        }
+        let body = registry.blob(&cd).await.map_err(unavailable)?;
+        let config =
+            crate::registry::read_document(body.body, crate::registry::MAX_DOCUMENT).await.map_err(unavailable)?;
+        let name = if name.is_empty() { r.name().unwrap_or_default() } else { name.to_owned() };
+        let mut ingest = self.ingest(&manifest, &config, &name, platform)?;
+        for l in ingest.layers.clone() {
+            let mut w = ingest.layer(&l)?;
+            let mut answer = registry.blob(l.digest.as_str()).await.map_err(unavailable)?;
+            while let Some(chunk) = crate::registry::next_chunk(&mut answer.body).await.map_err(unavailable)? {
+                tokio::task::block_in_place(|| w.write_chunk(&chunk)).map_err(store_status)?;
+            }
+            ingest.finish_layer(&l, w).await?;
+        }
+        ingest.record().await
     }
 
     /// Removes blobs in `digests` that no record names.
@@ -495,6 +546,74 @@ impl Images {
                     Err(e) => tracing::warn!(blob = %d, error = %e, "cannot remove an unused blob"),
                 }
             }
+        }
+    }
+}
+
+/// An image coming in (loaded or pulled): what it wrote so far, removed
+/// again unless it ends in a record.
+struct Ingest<'a> {
+    images: &'a Images,
+    layers: Vec<swarmd_image::Layer>,
+    record: ImageRecord,
+    name: Option<String>,
+    created: Vec<Digest>,
+    budget: u64,
+    done: bool,
+}
+
+impl Ingest<'_> {
+    /// A writer for layer `l`.
+    fn layer(&mut self, l: &swarmd_image::Layer) -> Result<swarmd_image::BlobWriter, Status> {
+        self.images.0.blobs.writer(&l.digest, l.size).map_err(store_status)
+    }
+
+    /// Commits layer `l` (its sha256 and size) and checks its DiffID on
+    /// what was stored.
+    async fn finish_layer(&mut self, l: &swarmd_image::Layer, w: swarmd_image::BlobWriter) -> Result<(), Status> {
+        let existed = self.images.0.blobs.has(&l.digest);
+        tokio::task::block_in_place(|| w.commit()).map_err(store_status)?;
+        if !existed {
+            self.created.push(l.digest.clone());
+        }
+        let (blobs, layer, budget) = (self.images.0.blobs.clone(), l.clone(), self.budget);
+        let used = tokio::task::spawn_blocking(move || {
+            let compression = swarmd_image::Compression::of_media_type(&layer.media_type)
+                .ok_or_else(|| format!("layer {}: media type {:?}", layer.digest, layer.media_type))?;
+            let f = blobs.open_blob(&layer.digest).map_err(|e| e.to_string())?;
+            swarmd_image::layout::verify_layer(
+                std::io::BufReader::new(f),
+                &layer.digest,
+                layer.size,
+                compression,
+                &layer.diff_id,
+                budget,
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(Status::invalid_argument)?;
+        self.budget -= used;
+        Ok(())
+    }
+
+    /// Has a majority of managers hold the image, then records it.
+    async fn record(mut self) -> Result<(ImageRecord, Option<String>), Status> {
+        let mut record = self.record.clone();
+        record.holders.extend(self.images.replicate(&record).await);
+        tracing::info!(image = %record.digest, holders = record.holders.len(), "image loaded");
+        let name = self.name.clone();
+        self.images.0.store.propose(Command::PutImage { image: Box::new(record.clone()), name: name.clone() }).await?;
+        self.done = true;
+        Ok((record, name))
+    }
+}
+
+impl Drop for Ingest<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.images.forget_unreferenced(&self.created);
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod limits;
 mod membership;
 mod node;
 pub mod raft;
+mod registry;
 mod rotation;
 mod scheduler;
 mod secret_store;

@@ -33,6 +33,18 @@ pub(super) enum ImageCmd {
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
     },
+    /// Have a manager pull an image from its registry (anonymous; plain
+    /// HTTP only for a loopback registry); prints its digest.
+    Pull {
+        /// HOST[:PORT]/REPOSITORY[:TAG][@sha256:…]
+        reference: String,
+        /// REPO[:TAG] to give it (default: the reference without its digest).
+        #[arg(long)]
+        name: Option<String>,
+        /// OS/ARCH to pick from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+    },
     /// List the cluster's images.
     Ls {
         /// Only digests.
@@ -245,6 +257,11 @@ pub(super) async fn run(channel: Channel, cmd: ImageCmd, format: Format) -> anyh
                     Err(e) => eprintln!("warning: cosign signature not imported: {}", explain(e)),
                 }
             }
+        }
+        ImageCmd::Pull { reference, name, platform } => {
+            let req = swarmd_proto::control::PullImageRequest { reference, platform, name: name.unwrap_or_default() };
+            let i = client.pull_image(req).await.map_err(explain)?.into_inner();
+            println!("{}", i.digest);
         }
         ImageCmd::Ls { quiet } => {
             let images = client.list_images(ListImagesRequest {}).await.map_err(explain)?.into_inner().images;

@@ -74,6 +74,19 @@ pub(super) async fn load_image(
     Ok(Response::new(to_wire(view, r)?))
 }
 
+/// Administrator only. See [`crate::registry`].
+pub(super) async fn pull_image(
+    ctl: &ControlService,
+    req: Request<swarmd_proto::control::PullImageRequest>,
+) -> Result<Response<Image>, Status> {
+    let r = req.into_inner();
+    let (record, _) = ctl.images.pull(&r.reference, &r.platform, &r.name).await?;
+    tracing::info!(image = %record.digest, reference = %r.reference, "image pulled");
+    let view = ctl.store.view();
+    let rec = view.image(&record.digest).map_err(internal)?.unwrap_or(record);
+    Ok(Response::new(to_wire(view, rec)?))
+}
+
 /// Administrator only.
 pub(super) async fn list_images(
     ctl: &ControlService,

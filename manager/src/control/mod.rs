@@ -292,6 +292,13 @@ impl control_server::Control for ControlService {
         images::remove_image(self, req).await
     }
 
+    async fn pull_image(
+        &self,
+        req: Request<swarmd_proto::control::PullImageRequest>,
+    ) -> Result<Response<swarmd_proto::control::Image>, Status> {
+        images::pull_image(self, req).await
+    }
+
     async fn add_trust_key(
         &self,
         req: Request<swarmd_proto::control::AddTrustKeyRequest>,
