@@ -79,6 +79,17 @@ async fn an_image_is_held_by_every_manager_and_runs_from_the_worker_s_cache() {
 
     // Loaded through m2 (any manager may take a load): every manager holds every blob.
     let rootfs = busybox_rootfs(&env.path("rootfs"));
+    // 16 MiB that do not compress: a layer larger than any flow-control window.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let noise: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(rootfs.join("etc/noise"), noise).unwrap();
     let layout = env.path("layout");
     let built = build_image(&rootfs, &layout, "busybox:1");
     let loaded = m2.ctl_ok(&["image", "load", layout.to_str().unwrap()]);
@@ -133,6 +144,27 @@ async fn an_image_is_held_by_every_manager_and_runs_from_the_worker_s_cache() {
     let trees = image_dir(&w1_id).join("rootfs");
     assert_eq!(std::fs::read_dir(&trees).unwrap().count(), 1);
 
+    // What a local user reaches: the tasks' path to the tree, read-only and
+    // nosuid — nothing planted in the shared tree (even in its 1777 /tmp),
+    // nothing listed, and the trees themselves out of reach.
+    let exposed = std::fs::read_dir(&trees).unwrap().next().unwrap().unwrap().path();
+    let as_nobody = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody(&format!("echo x > {}/tmp/planted", exposed.display()));
+    assert!(!o.status.success(), "nobody wrote into the shared tree");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Read-only"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!as_nobody(&format!("ls {}", trees.display())).status.success(), "nobody listed the exposures");
+    assert!(!as_nobody(&format!("ls {}", image_dir(&w1_id).join("trees").display())).status.success());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo.lines().find(|l| l.split(' ').nth(4) == exposed.to_str()).expect("the exposure is a mount");
+    for flag in ["ro", "nosuid", "nodev"] {
+        assert!(line.split(' ').nth(5).unwrap().split(',').any(|f| f == flag), "{flag} missing: {line}");
+    }
+
     // A second task of the image starts from the same tree.
     m1.ctl_ok(&["service", "update", "web", "--replicas", "2"]);
     wait_for("two tasks running", Duration::from_secs(90), || (running_tasks(&m1, "web").len() == 2).then_some(()));
@@ -150,6 +182,19 @@ async fn an_image_is_held_by_every_manager_and_runs_from_the_worker_s_cache() {
     );
     let other = format!("sha256:{}", "0".repeat(64));
     assert_eq!(fetch_as(&w1.data, &m1, &task, &other).await.unwrap_err(), Code::PermissionDenied, "not of the image");
+    // A node holds at most four streams at once: one that stops reading
+    // cannot starve the others.
+    let id = NodeIdentity::load(&w1.data.join("certs")).unwrap();
+    let ch = dial::connect(&m1.addr, Arc::new(client_config(&id).unwrap())).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let req = FetchTaskBlobRequest { task_id: task.clone(), digest: layer.clone() };
+        held.push(DispatcherClient::new(ch.clone()).fetch_blob(req).await.expect("a stream"));
+    }
+    let req = FetchTaskBlobRequest { task_id: task.clone(), digest: layer.clone() };
+    let fifth = DispatcherClient::new(ch.clone()).fetch_blob(req).await;
+    assert_eq!(fifth.err().map(|s| s.code()), Some(Code::ResourceExhausted));
+    drop(held);
     // And never through the managers' own service.
     let wid = NodeIdentity::load(&w2.data.join("certs")).unwrap();
     let ch = dial::connect(&m1.addr, Arc::new(client_config(&wid).unwrap())).await.unwrap();

@@ -4,9 +4,16 @@
 //!
 //! A tree is unpacked into `tmp/<random>` — each layer fetched, its blob
 //! checked against its digest and size and its tar against its DiffID while
-//! it is applied ([`crate::apply_layer`]) — and renamed to
-//! `rootfs/<chain ID>-<shift>` only once every layer checked out; a tree
-//! that is there is complete. What a crash left in `tmp/` is removed at open.
+//! it is applied ([`crate::apply_layer`]) — synced, and renamed to
+//! `trees/<chain ID>-<shift>` only once every layer checked out; a tree that
+//! is there is complete. What a crash left in `tmp/` is removed at open.
+//!
+//! `trees/` and `tmp/` stay 0700. With [`Exposure::ReadOnlyBind`] (the
+//! worker's) a tree is reached only through a bind mount of it at
+//! `rootfs/<key>`, read-only, `nosuid` and `nodev`: whoever can reach that
+//! path (a task's root in its own user namespace must) can neither write
+//! into the tree shared by every task of the image, nor gain privileges
+//! from its set-ID files.
 
 use std::collections::HashMap;
 use std::fs;
@@ -77,6 +84,17 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> CacheError + '_ {
 struct Refs {
     held: HashMap<String, usize>,
     idle_since: HashMap<String, std::time::Instant>,
+    /// Trees bind-mounted at `rootfs/<key>`.
+    mounted: std::collections::HashSet<String>,
+}
+
+/// How tasks reach a tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// At `trees/<key>` itself (tests without root).
+    Direct,
+    /// Through a read-only, `nosuid`, `nodev` bind mount at `rootfs/<key>`.
+    ReadOnlyBind,
 }
 
 /// The cache in one directory.
@@ -85,6 +103,7 @@ pub struct RootfsCache {
     dir: PathBuf,
     refs: Arc<Mutex<Refs>>,
     opened: std::time::Instant,
+    exposure: Exposure,
 }
 
 /// A tree in use by one task; released on drop.
@@ -121,9 +140,17 @@ impl std::fmt::Debug for Rootfs {
 }
 
 impl RootfsCache {
-    /// Opens (creating, 0700) the cache in `dir`, removing unfinished trees.
+    /// Opens (creating, 0700) the cache in `dir`, removing unfinished
+    /// trees; tasks reach trees where they are ([`Exposure::Direct`]).
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        for d in [dir.to_owned(), dir.join("rootfs"), dir.join("tmp")] {
+        Self::open_with(dir, Exposure::Direct)
+    }
+
+    /// Opens the cache in `dir` with `exposure`. With
+    /// [`Exposure::ReadOnlyBind`] the mounts a previous process left are
+    /// detached first (its tasks ended with it).
+    pub fn open_with(dir: &Path, exposure: Exposure) -> Result<Self, CacheError> {
+        for d in [dir.to_owned(), dir.join("trees"), dir.join("rootfs"), dir.join("tmp")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).map_err(io_at(&d))?;
         }
         let tmp = dir.join("tmp");
@@ -131,7 +158,40 @@ impl RootfsCache {
             let p = e.map_err(io_at(&tmp))?.path();
             let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
         }
-        Ok(Self { dir: dir.to_owned(), refs: Arc::default(), opened: std::time::Instant::now() })
+        let exposed = dir.join("rootfs");
+        for e in fs::read_dir(&exposed).map_err(io_at(&exposed))? {
+            let p = e.map_err(io_at(&exposed))?.path();
+            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            // Empty once unmounted (a tree of an older layout goes too; a
+            // mount that stayed is read-only and refuses the removal).
+            let _ = fs::remove_dir(&p).or_else(|_| fs::remove_dir_all(&p));
+        }
+        Ok(Self { dir: dir.to_owned(), refs: Arc::default(), opened: std::time::Instant::now(), exposure })
+    }
+
+    /// Makes tree `key` reachable as `exposure` says; the path tasks use.
+    fn expose(&self, key: &str, refs: &mut Refs) -> Result<PathBuf, CacheError> {
+        let tree = self.dir.join("trees").join(key);
+        if self.exposure == Exposure::Direct {
+            return Ok(tree);
+        }
+        let at = self.dir.join("rootfs").join(key);
+        if refs.mounted.contains(key) {
+            return Ok(at);
+        }
+        use rustix::mount::{mount_bind, mount_remount, MountFlags};
+        match fs::create_dir(&at) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io_at(&at)(e)),
+            _ => {}
+        }
+        mount_bind(&tree, &at).map_err(|e| io_at(&at)(e.into()))?;
+        let flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV;
+        if let Err(e) = mount_remount(&at, flags, c"") {
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
+            return Err(io_at(&at)(e.into()));
+        }
+        refs.mounted.insert(key.to_owned());
+        Ok(at)
     }
 
     fn key(layers: &[LayerRef], owners: Owners) -> Result<String, CacheError> {
@@ -146,7 +206,7 @@ impl RootfsCache {
 
     /// Whether the tree of `layers` is unpacked already.
     pub fn has(&self, layers: &[LayerRef], owners: Owners) -> bool {
-        Self::key(layers, owners).is_ok_and(|k| self.dir.join("rootfs").join(k).is_dir())
+        Self::key(layers, owners).is_ok_and(|k| self.dir.join("trees").join(k).is_dir())
     }
 
     /// The tree of `layers` (owned as `owners` says), unpacked now if it is
@@ -158,14 +218,14 @@ impl RootfsCache {
         mut fetch: impl FnMut(&LayerRef) -> io::Result<Box<dyn Read>>,
     ) -> Result<Rootfs, CacheError> {
         let key = Self::key(layers, owners)?;
-        let path = self.dir.join("rootfs").join(&key);
+        let path = self.dir.join("trees").join(&key);
         // Held before it is looked for, so that garbage collection cannot
         // take it between the look and the use.
         let mut refs = self.refs.lock().expect("cache lock");
         *refs.held.entry(key.clone()).or_default() += 1;
         refs.idle_since.remove(&key);
         drop(refs);
-        let held = Rootfs { path: path.clone(), key: key.clone(), refs: self.refs.clone() };
+        let mut held = Rootfs { path: path.clone(), key: key.clone(), refs: self.refs.clone() };
         if !path.is_dir() {
             // Two tasks of one image may unpack at once: each in its own place.
             static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -182,6 +242,12 @@ impl RootfsCache {
                 let _ = fs::remove_dir_all(&tmp);
                 return Err(e);
             }
+            // On disk before it is named complete.
+            let synced = fs::File::open(&tmp).and_then(|d| rustix::fs::syncfs(&d).map_err(io::Error::from));
+            if let Err(e) = synced {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(io_at(&tmp)(e));
+            }
             if let Err(e) = fs::rename(&tmp, &path) {
                 let _ = fs::remove_dir_all(&tmp);
                 // Another task of the image finished first: use its tree.
@@ -190,7 +256,21 @@ impl RootfsCache {
                 }
             }
         }
+        let mut refs = self.refs.lock().expect("cache lock");
+        held.path = self.expose(&key, &mut refs)?;
+        drop(refs);
         Ok(held)
+    }
+
+    /// Detaches every exposure mount (the worker stops: its tasks are gone);
+    /// the trees stay for the next start.
+    pub fn unmount_all(&self) {
+        let mut refs = self.refs.lock().expect("cache lock");
+        for key in refs.mounted.drain() {
+            let at = self.dir.join("rootfs").join(&key);
+            let _ = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH);
+            let _ = fs::remove_dir(&at);
+        }
     }
 
     /// Where a caller may keep files for a tree being made (emptied at open).
@@ -202,7 +282,7 @@ impl RootfsCache {
     /// (a tree found at open counts as released then); returns how many.
     pub fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize, CacheError> {
         let mut refs = self.refs.lock().expect("cache lock");
-        let root = self.dir.join("rootfs");
+        let root = self.dir.join("trees");
         let mut removed = 0;
         for e in fs::read_dir(&root).map_err(io_at(&root))? {
             let e = e.map_err(io_at(&root))?;
@@ -213,6 +293,12 @@ impl RootfsCache {
             let since = *refs.idle_since.entry(name.clone()).or_insert(self.opened);
             if since.elapsed() >= grace {
                 refs.idle_since.remove(&name);
+                if refs.mounted.remove(&name) {
+                    let at = self.dir.join("rootfs").join(&name);
+                    rustix::mount::unmount(&at, rustix::mount::UnmountFlags::DETACH)
+                        .map_err(|e| io_at(&at)(e.into()))?;
+                    let _ = fs::remove_dir(&at);
+                }
                 fs::remove_dir_all(e.path()).map_err(io_at(&e.path()))?;
                 removed += 1;
             }
@@ -329,8 +415,56 @@ mod tests {
         // A fetch that fails.
         let e = cache.acquire(&layers, Owners::Ignore, |_| Err(io::Error::other("refused"))).unwrap_err();
         assert!(matches!(e, CacheError::Fetch { .. }), "{e}");
-        assert_eq!(fs::read_dir(dir.path().join("cache/rootfs")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("cache/trees")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_exposed_tree_is_read_only_nosuid_and_unmounted_when_collected() {
+        if !rustix::process::geteuid().is_root() {
+            return eprintln!("skipped: mounts need root");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("bin")).unwrap();
+        fs::create_dir_all(rootfs.join("tmp")).unwrap();
+        fs::write(rootfs.join("bin/tool"), b"x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(rootfs.join("bin/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+        let out = dir.path().join("layout");
+        crate::build_layout(&rootfs, &out, "t:1").unwrap();
+        let image = crate::load(&crate::Source::open(&out).unwrap(), &Default::default(), None).unwrap();
+        let layers: Vec<LayerRef> = image
+            .layers
+            .iter()
+            .map(|l| LayerRef {
+                digest: l.digest.clone(),
+                size: l.size,
+                compression: Compression::of_media_type(&l.media_type).unwrap(),
+                diff_id: l.diff_id.clone(),
+            })
+            .collect();
+        let cache = RootfsCache::open_with(&dir.path().join("cache"), Exposure::ReadOnlyBind).unwrap();
+        let t = cache.acquire(&layers, Owners::Shift(0), from(&out)).unwrap();
+        assert!(t.path().starts_with(dir.path().join("cache/rootfs")), "{:?}", t.path());
+        // The shared tree cannot be written through the exposure, even where it is 1777.
+        let e = fs::write(t.path().join("tmp/planted"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_erofs()), "{e}");
+        let st = rustix::fs::statvfs(t.path()).unwrap();
+        assert!(st.f_flag.contains(rustix::fs::StatVfsMountFlags::NOSUID));
+        assert!(st.f_flag.contains(rustix::fs::StatVfsMountFlags::NODEV));
+        assert_eq!(fs::metadata(t.path().join("bin/tool")).unwrap().permissions().mode() & 0o7777, 0o4755);
+        let at = t.path().to_owned();
+        drop(t);
+        assert_eq!(cache.collect_garbage(std::time::Duration::ZERO).unwrap(), 1);
+        assert!(!at.exists(), "the exposure outlived its tree");
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(at.to_str().unwrap()), "still mounted");
+    }
+
+    fn libc_erofs() -> i32 {
+        rustix::io::Errno::ROFS.raw_os_error()
     }
 
     #[test]

@@ -111,6 +111,13 @@ impl BlobStore {
         Ok(size)
     }
 
+    /// Marks blob `d` as just written (its age starts again); nothing if absent.
+    pub fn touch(&self, d: &Digest) {
+        if let Ok(f) = fs::File::options().write(true).open(self.path(d)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
     /// How long ago blob `d` was written, if it is here.
     pub fn age(&self, d: &Digest) -> Option<std::time::Duration> {
         let modified = fs::metadata(self.path(d)).and_then(|m| m.modified()).ok()?;

@@ -364,6 +364,8 @@ fn ensure_dir(root: BorrowedFd<'_>, path: &RelPath, owners: Owners) -> Result<Ow
             Err(Errno::NOENT) => {
                 rustix::fs::mkdirat(at.as_fd(), c.as_slice(), Mode::from_raw_mode(0o755))?;
                 let fd = open_dir(root, &prefix)?;
+                // 0755 whatever the umask: a directory the layer did not list.
+                rustix::fs::fchmod(fd.as_fd(), Mode::from_raw_mode(0o755))?;
                 if let Owners::Shift(off) = owners {
                     rustix::fs::fchown(
                         fd.as_fd(),

@@ -56,8 +56,16 @@ const CATCH_UP_EVERY: Duration = Duration::from_secs(5);
 /// How long a silent peer may keep a blob stream waiting for its next chunk.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Blob streams served at once by one manager.
+/// Blob streams served at once to nodes, and to managers (separately: nodes
+/// cannot starve replication).
 const SERVING: usize = 32;
+
+/// Blob streams one node may hold open at once (a worker fetches one at a time).
+const PER_NODE: usize = 4;
+
+/// How long a stream may wait for a free slot, or for its reader to take
+/// the next chunk, before it is dropped.
+const STALL: Duration = Duration::from_secs(30);
 
 struct Inner {
     store: Store,
@@ -66,8 +74,12 @@ struct Inner {
     me: NodeId,
     /// One load at a time on this manager.
     loading: Semaphore,
-    /// Streams being served.
+    /// Streams being served to nodes.
     serving: Arc<Semaphore>,
+    /// Streams being served to managers.
+    serving_managers: Arc<Semaphore>,
+    /// Streams open per node.
+    per_node: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, usize>>>,
     /// Loads and holds running (garbage is not collected meanwhile).
     busy: AtomicUsize,
 }
@@ -85,6 +97,58 @@ fn store_status(e: StoreError) -> Status {
 
 fn parse_digest(d: &str) -> Result<Digest, Status> {
     d.parse::<Digest>().map_err(|e| Status::invalid_argument(format!("digest {d:?}: {e}")))
+}
+
+/// A blob on its way out: its slot (in the pool, and of its node) is held
+/// until the stream is read to its end or dropped, not merely buffered.
+pub(crate) struct BlobStream {
+    chunks: ReceiverStream<Result<Bytes, Status>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Option<NodeSlot>,
+}
+
+impl tokio_stream::Stream for BlobStream {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.chunks).poll_next(cx)
+    }
+}
+
+/// One of a node's [`PER_NODE`] streams, given back on drop.
+struct NodeSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, usize>>>,
+    node: NodeId,
+}
+
+impl NodeSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<NodeId, usize>>>,
+        node: &NodeId,
+    ) -> Result<Self, Status> {
+        let mut c = counts.lock().expect("slots lock");
+        let n = c.entry(node.clone()).or_default();
+        if *n >= PER_NODE {
+            return Err(Status::resource_exhausted(format!("node {node} has {PER_NODE} blob streams open already")));
+        }
+        *n += 1;
+        Ok(Self { counts: counts.clone(), node: node.clone() })
+    }
+}
+
+impl Drop for NodeSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("slots lock");
+        if let Some(n) = c.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// Counts a load or hold as running for as long as it lives.
@@ -130,6 +194,8 @@ impl Images {
             me,
             loading: Semaphore::new(1),
             serving: Arc::new(Semaphore::new(SERVING)),
+            serving_managers: Arc::new(Semaphore::new(SERVING)),
+            per_node: Arc::default(),
             busy: AtomicUsize::new(0),
         }))
     }
@@ -198,6 +264,8 @@ impl Images {
             done: false,
         };
         for (d, bytes) in [(&digest, manifest), (&parsed.config_digest, config)] {
+            // A blob already here is fresh again: collection counts its grace from now.
+            self.0.blobs.touch(d);
             if !self.0.blobs.has(d) {
                 let blobs = &self.0.blobs;
                 tokio::task::block_in_place(|| blobs.put(d, bytes)).map_err(store_status)?;
@@ -215,7 +283,7 @@ impl Images {
     ) -> Result<(ImageRecord, Option<String>), Status> {
         let _one = self.0.loading.acquire().await.map_err(internal)?;
         let _busy = Busy::new(&self.0.busy);
-        let header = match input.message().await? {
+        let header = match next_message(&mut input).await? {
             Some(LoadImageChunk { part: Some(Part::Header(h)) }) => h,
             _ => return Err(Status::invalid_argument("an image load starts with its header (manifest and config)")),
         };
@@ -225,7 +293,7 @@ impl Images {
             let mut w = ingest.layer(&l)?;
             while w.written() < l.size {
                 if carry.is_empty() {
-                    carry = match input.message().await? {
+                    carry = match next_message(&mut input).await? {
                         Some(LoadImageChunk { part: Some(Part::Data(d)) }) => d,
                         Some(_) => return Err(Status::invalid_argument("a second header in one load")),
                         None => {
@@ -244,7 +312,7 @@ impl Images {
             }
             ingest.finish_layer(&l, w).await?;
         }
-        if !carry.is_empty() || input.message().await?.is_some() {
+        if !carry.is_empty() || next_message(&mut input).await?.is_some() {
             return Err(Status::invalid_argument("more bytes than the manifest's layers hold"));
         }
         ingest.record().await
@@ -327,15 +395,17 @@ impl Images {
 
     /// Removes blobs in `digests` that no record names.
     fn forget_unreferenced(&self, digests: &[Digest]) {
-        let named: HashSet<String> = self.named_blobs();
+        let Some(named) = self.named_blobs() else { return };
         for d in digests.iter().filter(|d| !named.contains(d.as_str())) {
             let _ = self.0.blobs.remove(d);
         }
     }
 
-    fn named_blobs(&self) -> HashSet<String> {
-        let images = self.0.store.view().images().unwrap_or_default();
-        images.iter().flat_map(|i| i.blobs().into_iter().map(str::to_owned)).collect()
+    /// Every blob a record names; `None` if the records cannot be read
+    /// (then nothing is collected).
+    fn named_blobs(&self) -> Option<HashSet<String>> {
+        let images = self.0.store.view().images().ok()?;
+        Some(images.iter().flat_map(|i| i.blobs().into_iter().map(str::to_owned)).collect())
     }
 
     /// Asks every other manager that is a raft member to hold `record`'s
@@ -388,10 +458,15 @@ impl Images {
     /// store, unless it is there.
     async fn fetch_from(&self, addr: &str, d: &Digest, size: u64) -> Result<(), Status> {
         if self.0.blobs.has(d) {
+            // Fresh again: garbage collection counts its grace from now.
+            self.0.blobs.touch(d);
             return Ok(());
         }
         let mut client = ClusterClient::new(self.0.peers.channel(addr));
-        let mut stream = client.fetch_blob(FetchBlobRequest { digest: d.to_string() }).await?.into_inner();
+        let stream = tokio::time::timeout(CHUNK_TIMEOUT, client.fetch_blob(FetchBlobRequest { digest: d.to_string() }))
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("blob {d}: {addr} did not answer")))??;
+        let mut stream = stream.into_inner();
         let mut w = self.0.blobs.writer(d, size).map_err(store_status)?;
         loop {
             let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message())
@@ -421,9 +496,24 @@ impl Images {
         Err(last)
     }
 
-    /// Streams blob `d` from this manager's store.
-    pub(crate) async fn serve(&self, d: &Digest) -> Result<ReceiverStream<Result<Bytes, Status>>, Status> {
-        let permit = self.0.serving.clone().acquire_owned().await.map_err(internal)?;
+    /// Streams blob `d` to a manager.
+    pub(crate) async fn serve(&self, d: &Digest) -> Result<BlobStream, Status> {
+        self.stream(d, self.0.serving_managers.clone(), None).await
+    }
+
+    /// Streams blob `d` from this manager's store, in a slot of `pool` (and
+    /// of `node`'s own allowance): a stream whose reader stops taking chunks
+    /// for [`STALL`] is dropped, and one that finds no slot within it is
+    /// refused.
+    async fn stream(&self, d: &Digest, pool: Arc<Semaphore>, node: Option<&NodeId>) -> Result<BlobStream, Status> {
+        let slot = match node {
+            Some(n) => Some(NodeSlot::take(&self.0.per_node, n)?),
+            None => None,
+        };
+        let permit = tokio::time::timeout(STALL, pool.acquire_owned())
+            .await
+            .map_err(|_| Status::resource_exhausted("this manager is serving as many blobs as it can: retry"))?
+            .map_err(internal)?;
         let file = match self.0.blobs.open_blob(d) {
             Ok(f) => f,
             Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -432,37 +522,34 @@ impl Images {
             Err(e) => return Err(internal(e)),
         };
         let (tx, rx) = mpsc::channel(4);
+        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
-            let _permit = permit;
             let mut file = file;
+            // A reader that takes nothing for STALL loses its stream (and the slot).
+            let send = |item| handle.block_on(async { tokio::time::timeout(STALL, tx.send(item)).await });
             loop {
                 let mut buf = vec![0u8; CHUNK];
                 match file.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         buf.truncate(n);
-                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        if !matches!(send(Ok(Bytes::from(buf))), Ok(Ok(()))) {
                             break;
                         }
                     }
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
+                        let _ = send(Err(Status::internal(e.to_string())));
                         break;
                     }
                 }
             }
         });
-        Ok(ReceiverStream::new(rx))
+        Ok(BlobStream { chunks: ReceiverStream::new(rx), _permit: permit, _slot: slot })
     }
 
     /// `Dispatcher.FetchBlob` for `node`: see [`authorize_task_blob`].
-    pub(crate) async fn serve_task_blob(
-        &self,
-        node: &NodeId,
-        task: &str,
-        digest: &str,
-    ) -> Result<ReceiverStream<Result<Bytes, Status>>, Status> {
+    pub(crate) async fn serve_task_blob(&self, node: &NodeId, task: &str, digest: &str) -> Result<BlobStream, Status> {
         let d = parse_digest(digest)?;
         let task_id: TaskId = task.parse().map_err(crate::status::bad_id)?;
         let view = self.0.store.view();
@@ -488,7 +575,7 @@ impl Images {
         }
         let size = blob_sizes(&image)?.into_iter().find(|(b, _)| *b == d).map(|(_, s)| s).unwrap_or(0);
         self.fetch_from_holders(&image, &d, size).await?;
-        self.serve(&d).await
+        self.stream(&d, self.0.serving.clone(), Some(node)).await
     }
 
     /// Catch-up and garbage collection, until `stop`.
@@ -535,7 +622,7 @@ impl Images {
         if self.0.busy.load(Ordering::SeqCst) > 0 {
             return;
         }
-        let named = self.named_blobs();
+        let Some(named) = self.named_blobs() else { return };
         for d in self.0.blobs.list().unwrap_or_default() {
             if named.contains(d.as_str()) {
                 continue;
@@ -573,7 +660,9 @@ impl Ingest<'_> {
     async fn finish_layer(&mut self, l: &swarmd_image::Layer, w: swarmd_image::BlobWriter) -> Result<(), Status> {
         let existed = self.images.0.blobs.has(&l.digest);
         tokio::task::block_in_place(|| w.commit()).map_err(store_status)?;
-        if !existed {
+        if existed {
+            self.images.0.blobs.touch(&l.digest);
+        } else {
             self.created.push(l.digest.clone());
         }
         let (blobs, layer, budget) = (self.images.0.blobs.clone(), l.clone(), self.budget);
@@ -616,6 +705,14 @@ impl Drop for Ingest<'_> {
             self.images.forget_unreferenced(&self.created);
         }
     }
+}
+
+/// The next message of a load, or DEADLINE_EXCEEDED after [`CHUNK_TIMEOUT`]
+/// of silence (a stalled client must not hold the one load slot).
+async fn next_message(input: &mut Streaming<LoadImageChunk>) -> Result<Option<LoadImageChunk>, Status> {
+    tokio::time::timeout(CHUNK_TIMEOUT, input.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("the image load stalled: nothing for 30 s"))?
 }
 
 /// Every blob of `record` with its size: manifest, config, layers.

@@ -148,6 +148,12 @@ impl Env {
             else {
                 continue;
             };
+            // Exposure mounts a killed worker left, then its image cache.
+            if let Ok(entries) = fs::read_dir(image_dir(&id).join("rootfs")) {
+                for e in entries.flatten() {
+                    let _ = Command::new("umount").arg("-l").arg(e.path()).output();
+                }
+            }
             let _ = fs::remove_dir_all(image_dir(&id));
             let dir = run.join(&id);
             if !dir.exists() {

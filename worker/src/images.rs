@@ -12,7 +12,11 @@
 //! The cache lives in `$SWARMD_IMAGE_DIR/<node ID>` (default
 //! `/var/cache/swarmd/images`), not in the data dir: a task in its own user
 //! namespace must be able to reach its root filesystem, so the directories
-//! down to each tree are searchable (0711), never listable. Trees are shared
+//! down to it are searchable (0711), never listable — and what they lead to
+//! is a read-only, `nosuid`, `nodev` bind mount of the tree, which itself
+//! stays in a 0700 directory: a local user who learns the path (a task's
+//! mountinfo shows it) can neither plant files in the tree every task of the
+//! image shares nor run its set-ID files as their owner. Trees are shared
 //! read-only by every task of the image on this node, owned as the image
 //! says (without idmapped mounts one tree cannot be shifted into every task's
 //! own block of IDs: a task in a user namespace reads the image's files
@@ -22,6 +26,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use swarmd_image::cache::Exposure;
 use swarmd_image::{Digest, LayerRef, Owners, Rootfs, RootfsCache};
 use swarmd_proto::dispatcher::dispatcher_client::DispatcherClient;
 use swarmd_proto::dispatcher::FetchTaskBlobRequest;
@@ -144,7 +149,7 @@ impl DispatcherImages {
     }
 
     /// The cache, if it opened.
-    pub(crate) fn cache(&self) -> Option<RootfsCache> {
+    pub fn cache(&self) -> Option<RootfsCache> {
         self.cache.as_ref().ok().cloned()
     }
 }
@@ -160,7 +165,7 @@ fn open_cache(dir: &Path) -> Result<RootfsCache, String> {
         let default = Path::new(DEFAULT_IMAGE_DIR);
         open_up.extend(default.ancestors().take(2).map(Path::to_owned));
     }
-    let cache = RootfsCache::open(dir).map_err(|e| e.to_string())?;
+    let cache = RootfsCache::open_with(dir, Exposure::ReadOnlyBind).map_err(|e| e.to_string())?;
     open_up.extend([dir.to_owned(), dir.join("rootfs")]);
     for d in open_up {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
@@ -196,9 +201,9 @@ impl Fetcher {
     ) -> Result<u64, String> {
         let mut client = self.client.clone();
         let req = FetchTaskBlobRequest { task_id: self.task.clone(), digest: digest.to_owned() };
-        let mut stream = client
-            .fetch_blob(req)
+        let mut stream = tokio::time::timeout(CHUNK_TIMEOUT, client.fetch_blob(req))
             .await
+            .map_err(|_| format!("blob {digest}: the manager did not answer"))?
             .map_err(|s| format!("blob {digest}: {}: {}", s.code(), s.message()))?
             .into_inner();
         let mut n = 0u64;

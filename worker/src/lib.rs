@@ -127,6 +127,7 @@ impl Worker {
         let (session_tx, session_rx) = tokio::sync::watch::channel(String::new());
         let (assign_tx, assign_rx) = tokio::sync::mpsc::unbounded_channel();
         let images = images::DispatcherImages::new(channel.clone(), &images::image_dir(&self.cfg.node_id));
+        let image_cache = images.cache();
         if let Some(cache) = images.cache() {
             swarmd_certs::spawn_loop("image-gc", images::DispatcherImages::collect_garbage(cache, tasks.clone()));
         }
@@ -170,6 +171,10 @@ impl Worker {
         // Nothing is left running: the runtime state, bundles and status go too.
         let _ = writer.await;
         let _ = std::fs::remove_dir_all(crate::run_dir(&self.cfg.node_id));
+        // Its tasks are gone: so are the mounts through which they reached their images.
+        if let Some(cache) = image_cache {
+            cache.unmount_all();
+        }
         if end == session::SessionEnd::Removed {
             // Out of the cluster: its images go too.
             let _ = std::fs::remove_dir_all(images::image_dir(&self.cfg.node_id));
