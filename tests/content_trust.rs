@@ -105,9 +105,13 @@ fn only_images_signed_by_a_trusted_key_in_scope_run() {
     std::fs::write(other_root.join("etc/other"), "other").unwrap();
     let other = load_rootfs(&env, &m, &other_root, "other:1");
     m.ctl_ok(&["trust", "key", "add", "k2", &k2_pub, "--scope", "acme/*"]);
-    m.ctl_ok(&["image", "sign", &other, "--key", &k2]);
+    let e = err(&m.ctl(&["image", "sign", &other, "--key", &k2]));
+    assert!(e.contains("does not cover") && e.contains("k2 (scope acme/*)"), "{e}");
+    // Its holder writes a repository in scope into the payload: kept, but it
+    // vouches for acme/anything, not for the name the service uses.
+    m.ctl_ok(&["image", "sign", &other, "--key", &k2, "--repository", "acme/anything"]);
     let e = err(&create("other", &other));
-    assert!(e.contains("for other") && e.contains("k2 (scope acme/*)"), "{e}");
+    assert!(e.contains("(for acme/anything) is for other") && e.contains("k2 (scope acme/*)"), "{e}");
     // A payload for another image is refused outright.
     let e = err(&m.ctl(&["trust", "signature", "add", &other, "--payload", p, "--signature", sig.to_str().unwrap()]));
     assert!(e.contains("the payload signs"), "{e}");
@@ -129,10 +133,22 @@ fn only_images_signed_by_a_trusted_key_in_scope_run() {
     let still = tasks(&m, "web").into_iter().find(|t| t["id"] == first["id"]).unwrap();
     assert_eq!(still["state"], "running", "{still}");
 
-    // Off again: any image the cluster holds runs.
+    // Off again: any image the cluster holds runs, and a directory where allowed.
     m.ctl_ok(&["cluster", "update", "--content-trust", "off"]);
     let o = create("other", &other);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    m.ctl_ok(&["cluster", "update", "--allow-host-rootfs=true"]);
+    let dir = env.path("busybox-rootfs");
+    let o = create("dir", dir.to_str().unwrap());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("dir running", Duration::from_secs(90), || tasks(&m, "dir").into_iter().find(|t| t["state"] == "running"));
+    // Required again: the directory service's new tasks are refused on the worker.
+    m.ctl_ok(&["cluster", "update", "--content-trust", "required"]);
+    m.ctl_ok(&["service", "update", "dir", "--replicas", "2"]);
+    let refused = wait_for("the directory's new task refused", Duration::from_secs(90), || {
+        tasks(&m, "dir").into_iter().find(|t| t["message"].as_str().is_some_and(|s| s.contains("content trust")))
+    });
+    assert_eq!(refused["state"], "rejected", "{refused}");
 }
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -79,7 +79,7 @@ fn to_wire(t: &TaskRecord, service: &str, view: &StateView) -> Result<(Task, Vec
         spec.content_trust = true;
         if let Some(d) = crate::state::pinned_digest(&t.spec.image) {
             spec.trusted_signatures = view
-                .vouches(d)?
+                .vouches(d, &view.repositories_of(&t.spec.image)?)?
                 .into_iter()
                 .map(|(_, s, k)| swarmd_proto::dispatcher::TrustedSignature {
                     payload: s.payload,

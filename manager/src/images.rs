@@ -385,9 +385,18 @@ impl Images {
         for l in ingest.layers.clone() {
             let mut w = ingest.layer(&l)?;
             let mut answer = registry.blob(l.digest.as_str()).await.map_err(unavailable)?;
-            while let Some(chunk) = crate::registry::next_chunk(&mut answer.body).await.map_err(unavailable)? {
-                tokio::task::block_in_place(|| w.write_chunk(&chunk)).map_err(store_status)?;
-            }
+            // At least 256 KiB/s on average: a registry that trickles cannot
+            // hold the one load slot for long.
+            let deadline = Duration::from_secs(60) + Duration::from_secs(l.size / (256 << 10));
+            let download = async {
+                while let Some(chunk) = crate::registry::next_chunk(&mut answer.body).await.map_err(unavailable)? {
+                    tokio::task::block_in_place(|| w.write_chunk(&chunk)).map_err(store_status)?;
+                }
+                Ok::<_, Status>(())
+            };
+            tokio::time::timeout(deadline, download)
+                .await
+                .map_err(|_| unavailable(format!("layer {}: slower than 256 KiB/s", l.digest)))??;
             ingest.finish_layer(&l, w).await?;
         }
         ingest.record().await
@@ -568,7 +577,8 @@ impl Images {
         // Content trust: the image must be vouched for now (a key removed
         // since the task was placed stops its blobs).
         if view.content_trust_required().map_err(internal)? {
-            if let Err(why) = view.trust_verdict(&image.digest).map_err(internal)? {
+            let pinned = t.as_ref().map(|t| t.spec.image.clone()).unwrap_or_default();
+            if let Err(why) = view.trust_verdict(&pinned).map_err(internal)? {
                 tracing::warn!(node.id = %node, task.id = %task_id, image = %image.digest, "image refused: content trust");
                 return Err(Status::permission_denied(format!("content trust: {why}")));
             }

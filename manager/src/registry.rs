@@ -89,8 +89,23 @@ impl Reference {
 
     fn loopback(&self) -> bool {
         let host = self.registry.rsplit_once(':').map_or(self.registry.as_str(), |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        is_loopback(host)
+    }
+}
+
+/// Whether `host` (a name or an address, maybe in brackets) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses a URL a registry sends us to (a redirect, a token realm) unless
+/// it is `https`, or `http` to this machine itself.
+fn check_target(to: &http::Uri) -> Result<(), String> {
+    match (to.scheme_str(), to.host()) {
+        (Some("https"), Some(_)) => Ok(()),
+        (Some("http"), Some(h)) if is_loopback(h) => Ok(()),
+        _ => Err(format!("the registry sent us to {to}: only https, or http to this machine")),
     }
 }
 
@@ -176,7 +191,10 @@ impl Registry {
             req = req.header(http::header::ACCEPT, a);
         }
         if let Some(t) = self.token.lock().await.as_ref() {
-            if url.host() == http::Uri::try_from(self.base()).ok().as_ref().and_then(|u| u.host()) {
+            // Only to the registry itself: same scheme, host and port.
+            let base = http::Uri::try_from(self.base()).ok();
+            let same = base.as_ref().is_some_and(|b| b.scheme() == url.scheme() && b.authority() == url.authority());
+            if same {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
             }
         }
@@ -212,9 +230,7 @@ impl Registry {
             let to: http::Uri = if to.starts_with('/') { format!("{}{to}", self.base()) } else { to.to_owned() }
                 .parse()
                 .map_err(|e| format!("redirect: {e}"))?;
-            if to.scheme_str() != Some("https") && !self.reference.loopback() {
-                return Err(format!("a redirect to {to} that is not https"));
-            }
+            check_target(&to)?;
             a = self.connect(&to).await?;
         }
         Ok(a)
@@ -246,9 +262,7 @@ impl Registry {
             }
         }
         let uri: http::Uri = url.parse().map_err(|e| format!("token realm: {e}"))?;
-        if uri.scheme_str() != Some("https") && !self.reference.loopback() {
-            return Err("a token realm that is not https".into());
-        }
+        check_target(&uri)?;
         let a = self.connect(&uri).await?;
         if !a.status.is_success() {
             return Err(format!("the token service answered {}: only anonymous pulls are supported", a.status));
@@ -325,6 +339,23 @@ pub async fn next_chunk(body: &mut hyper::body::Incoming) -> Result<Option<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registry_sends_us_only_to_https_or_to_this_machine() {
+        for ok in
+            ["https://storage.example.com/blob", "http://127.0.0.1:5000/x", "http://localhost/x", "http://[::1]:1/x"]
+        {
+            assert!(check_target(&ok.parse().unwrap()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://192.0.2.2:5099/latest/meta-data/",
+            "http://169.254.169.254/",
+            "file://host/etc/passwd",
+            "ftp://h/x",
+        ] {
+            assert!(check_target(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn references_name_a_registry_and_a_repository() {

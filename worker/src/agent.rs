@@ -438,6 +438,12 @@ async fn run_task(ctx: TaskCtx, t: Task, mut files: Vec<SecretFile>, mut ctl: mp
     // The image first: checked digest by digest, unpacked (or found) in the
     // node's cache, and held until the task ends.
     let (rootfs, defaults, _image) = if spec.image_digest.is_empty() {
+        if spec.trust.is_some() {
+            // A directory has no digest to sign: under content trust it never runs.
+            rep(TaskState::Rejected, "content trust: a directory on the node cannot be trusted as an image".into());
+            let _ = ctx.ended.send(Ended { task: id, container_gone: true });
+            return;
+        }
         (PathBuf::from(&spec.image), ImageDefaults::default(), None)
     } else {
         let mut newer = None;

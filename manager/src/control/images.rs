@@ -28,7 +28,7 @@ fn users(view: &StateView, record: &ImageRecord, names: &[String]) -> Result<Vec
 fn to_wire(view: &StateView, r: ImageRecord) -> Result<Image, Status> {
     let names = view.image_names(&r.digest).map_err(internal)?;
     let services = users(view, &r, &names)?;
-    let vouches = view.vouches(&r.digest).map_err(internal)?;
+    let vouches = view.vouches(&r.digest, &view.repositories_of(&r.digest).map_err(internal)?).map_err(internal)?;
     let total = view.image_signatures(&r.digest).map_err(internal)?.len();
     let trusted: std::collections::HashSet<String> = vouches.iter().map(|(_, s, _)| s.id()).collect();
     let signatures = vouches
@@ -194,15 +194,26 @@ pub(super) async fn add_image_signature(
         )));
     }
     let keys = view.trust_keys().map_err(internal)?;
-    let verified = keys.iter().any(|k| {
-        swarmd_image::trust::PublicKey::from_spki_der(&k.public_key)
-            .is_ok_and(|pk| pk.verifies(&r.payload, &r.signature))
-    });
-    if !verified {
+    let verifying: Vec<&crate::state::TrustKeyRecord> = keys
+        .iter()
+        .filter(|k| {
+            swarmd_image::trust::PublicKey::from_spki_der(&k.public_key)
+                .is_ok_and(|pk| pk.verifies(&r.payload, &r.signature))
+        })
+        .collect();
+    if verifying.is_empty() {
         let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
         return Err(Status::invalid_argument(format!(
             "the signature is not verified by any trusted key (tried: {})",
             if names.is_empty() { "none: secretctl trust key add".to_owned() } else { names.join(", ") }
+        )));
+    }
+    if !verifying.iter().any(|k| swarmd_image::trust::scope_matches(&k.scope, &claim.repository)) {
+        let scopes: Vec<String> = verifying.iter().map(|k| format!("{} (scope {})", k.name, k.scope)).collect();
+        return Err(Status::invalid_argument(format!(
+            "the signature vouches for {}, which the scope of the key that made it does not cover: {}",
+            claim.repository,
+            scopes.join(", ")
         )));
     }
     let signature = crate::state::SignatureRecord {

@@ -175,7 +175,7 @@ impl StateView {
     pub fn check_service_image(&self, image: &str) -> Result<Result<(), Rejection>, StateError> {
         if self.content_trust_required()? {
             let verdict = match pinned_digest(image) {
-                Some(d) if self.image(d)?.is_some() => self.trust_verdict(d)?.map(drop),
+                Some(d) if self.image(d)?.is_some() => self.trust_verdict(image)?.map(drop),
                 Some(d) => Err(format!("no image {d} in this cluster")),
                 None => Err(format!("image {image:?} is a directory: content trust requires a signed image")),
             };

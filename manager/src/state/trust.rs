@@ -7,12 +7,15 @@
 //! | `imagesig/<digest>/<id>`      | [`SignatureRecord`] (`id`: sha256 of payload and signature) |
 //! | `contenttrust`                | `true` when only signed images run |
 //!
-//! A signature is cosign's (see `swarmd_image::trust`): it counts for an
-//! image when a trusted key verifies it, its payload names the image's
-//! manifest digest, and the key's scope (a glob over repositories) covers
-//! the repository the payload names. Whether one counts is decided when it
-//! is used (admission, the dispatcher, the worker) against the keys then: a
-//! key removed stops vouching at once.
+//! A signature is cosign's (see `swarmd_image::trust`): it counts for a
+//! service's image when a trusted key verifies it, its payload names the
+//! image's manifest digest, the payload's repository is the one the service
+//! names the image by (for a service pinned by digest alone: one of the
+//! image's names), and the key's scope (a glob over repositories) covers that
+//! repository — so a key vouches only for names in its scope, whatever
+//! repository its holder writes into a payload. Whether one counts is decided
+//! when it is used (admission, the dispatcher, the worker) against the keys
+//! then: a key removed stops vouching at once.
 
 use serde::{Deserialize, Serialize};
 use swarmd_image::trust::{parse_payload, scope_matches, PublicKey, MAX_PAYLOAD, MAX_SIGNATURE};
@@ -106,14 +109,31 @@ impl StateView {
         Ok(self.get::<bool>(CONTENT_TRUST_KEY)?.unwrap_or(false))
     }
 
-    /// The signatures of image `digest` that count now, with the keys that
-    /// verify them (see the module doc).
-    pub fn vouches(&self, digest: &str) -> Result<Vec<(Vouch, SignatureRecord, TrustKeyRecord)>, StateError> {
+    /// The repositories a service's image reference `image` names it by:
+    /// the name it was pinned with, or (a digest alone) every name the image has.
+    pub fn repositories_of(&self, image: &str) -> Result<Vec<String>, StateError> {
+        use swarmd_image::trust::repository_of;
+        Ok(match image.rsplit_once('@') {
+            Some((name, _)) => vec![repository_of(name).to_owned()],
+            None => {
+                let names = self.image_names(image)?;
+                names.iter().map(|n| repository_of(n).to_owned()).collect()
+            }
+        })
+    }
+
+    /// The signatures of image `digest` that count now for `repositories`,
+    /// with the keys that verify them (see the module doc).
+    pub fn vouches(
+        &self,
+        digest: &str,
+        repositories: &[String],
+    ) -> Result<Vec<(Vouch, SignatureRecord, TrustKeyRecord)>, StateError> {
         let keys = self.trust_keys()?;
         let mut out = Vec::new();
         for s in self.image_signatures(digest)? {
             let Ok(claim) = parse_payload(&s.payload) else { continue };
-            if claim.digest.as_str() != digest {
+            if claim.digest.as_str() != digest || !repositories.contains(&claim.repository) {
                 continue;
             }
             for k in &keys {
@@ -127,10 +147,13 @@ impl StateView {
         Ok(out)
     }
 
-    /// Whether image `digest` may run under content trust; if not, why (the
-    /// keys tried, and what each lacked).
-    pub fn trust_verdict(&self, digest: &str) -> Result<Result<Vouch, String>, StateError> {
-        if let Some((v, _, _)) = self.vouches(digest)?.into_iter().next() {
+    /// Whether a service's image `image` (`NAME@sha256:…` or `sha256:…`)
+    /// may run under content trust; if not, why (the keys tried, and what
+    /// each lacked).
+    pub fn trust_verdict(&self, image: &str) -> Result<Result<Vouch, String>, StateError> {
+        let digest = super::images::pinned_digest(image).unwrap_or(image);
+        let repositories = self.repositories_of(image)?;
+        if let Some((v, _, _)) = self.vouches(digest, &repositories)?.into_iter().next() {
             return Ok(Ok(v));
         }
         let sigs = self.image_signatures(digest)?;
@@ -147,9 +170,10 @@ impl StateView {
             let repos: Vec<String> =
                 sigs.iter().filter_map(|s| parse_payload(&s.payload).ok()).map(|c| c.repository).collect();
             format!(
-                "none of its {} signature(s) (for {}) is by a trusted key whose scope covers it",
+                "none of its {} signature(s) (for {}) is for {} by a trusted key whose scope covers it",
                 sigs.len(),
-                repos.join(", ")
+                repos.join(", "),
+                if repositories.is_empty() { "a name it has".to_owned() } else { repositories.join(" or ") }
             )
         };
         Ok(Err(format!("image {digest} is not trusted: {what}; {tried}")))
