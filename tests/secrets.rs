@@ -179,7 +179,7 @@ fn bad_service_specs_are_refused_and_change_nothing() {
     assert!(create(&m, "db_pass", b"x", &[]).status.success());
     let before = digest(&m);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--image", "relative/dir"], "absolute path"),
+        (vec!["--image", "relative/dir"], "no such image"),
         (vec!["--image", "/img", "--constraint", "node.cpu==4"], "invalid constraint"),
         (vec!["--image", "/img", "--secret", "nosuch"], "no such secret"),
         (vec!["--image", "/img", "--secret", "db_pass@7"], "no version 7"),

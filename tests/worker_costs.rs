@@ -112,6 +112,8 @@ fn last_log_index(m: &Manager) -> u64 {
 }
 
 fn service_on(m: &Manager, name: &str, constraint: &str, secrets: &[&str]) {
+    // The raw workers run nothing: a directory that exists nowhere will do.
+    m.ctl_ok(&["cluster", "update", "--allow-host-rootfs=true"]);
     let mut args = vec!["service", "create", name, "--image", "/nonexistent", "--constraint", constraint];
     for s in secrets {
         args.extend(["--secret", s]);
