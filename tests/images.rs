@@ -329,7 +329,7 @@ async fn images_survive_a_restart_a_snapshot_and_a_manager_that_joins_later() {
 
     // Past a snapshot (the log behind it compacted), then a restart, which
     // keeps the record and the blobs.
-    fill_log(&m1, 1_100).await;
+    fill_log(&m1, 1_100, 16).await;
     wait_snapshot_covering(&m1, 900);
     let exit = env.proc(m1.proc_idx).terminate();
     assert!(exit.success(), "{exit:?}");

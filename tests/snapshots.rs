@@ -22,42 +22,12 @@ async fn a_late_manager_catches_up_through_a_snapshot() {
     // share entries, so entries are what counts here, not writes).
     let m1 = env.start_manager("m1", &["--snapshot-interval", "1000"]);
     let me = m1.node_id();
-    let channel = connect(&Host::Unix(m1.socket())).await.unwrap();
 
     // 64 concurrent clients write until the log holds more than 2,050 entries.
     const ENTRIES: u64 = 2_050;
     const CLIENTS: usize = 64;
     let started = std::time::Instant::now();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
-        let mut client = ControlClient::new(channel.clone());
-        let (me, stop) = (me.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let req = UpdateNodeRequest {
-                    id_or_prefix: me.clone(),
-                    labels_add: [(format!("c{c}"), i.to_string())].into(),
-                    ..Default::default()
-                };
-                client.update_node(req).await.unwrap();
-                i += 1;
-            }
-            i
-        }));
-    }
-    let m1_ref = &m1;
-    tokio::task::block_in_place(|| {
-        wait_for("the log to pass 2,050 entries", DEADLINE, || {
-            (info(m1_ref)?["last_log_index"].as_u64()? > ENTRIES).then_some(())
-        })
-    });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut writes = 0;
-    for t in tasks {
-        writes += t.await.unwrap();
-    }
+    let writes = fill_log(&m1, ENTRIES, CLIENTS).await;
     eprintln!("{writes} writes from {CLIENTS} clients in {:?}", started.elapsed());
     // One snapshot at or past 1,000 means the log behind it is gone, so the
     // joiner can only catch up through a snapshot.

@@ -40,6 +40,19 @@ pub struct LayerRef {
     pub diff_id: Digest,
 }
 
+impl LayerRef {
+    /// What the cache needs of a manifest's layer; `None` for a media type
+    /// it cannot decompress (never one [`crate::parse`] accepted).
+    pub fn of(l: &crate::Layer) -> Option<Self> {
+        Some(Self {
+            digest: l.digest.clone(),
+            size: l.size,
+            compression: Compression::of_media_type(&l.media_type)?,
+            diff_id: l.diff_id.clone(),
+        })
+    }
+}
+
 /// The OCI chain ID of `diff_ids`: the first DiffID, then
 /// `sha256(previous + " " + next)` for each next one.
 pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
@@ -354,16 +367,7 @@ mod tests {
         let out = dir.join("layout");
         build_layout(&root, &out, "x").unwrap();
         let img = load(&Source::open(&out).unwrap(), &Platform::default(), None).unwrap();
-        let layers = img
-            .layers
-            .iter()
-            .map(|l| LayerRef {
-                digest: l.digest.clone(),
-                size: l.size,
-                compression: Compression::of_media_type(&l.media_type).unwrap(),
-                diff_id: l.diff_id.clone(),
-            })
-            .collect();
+        let layers = img.layers.iter().map(|l| LayerRef::of(l).unwrap()).collect();
         (out, layers)
     }
 
@@ -435,16 +439,7 @@ mod tests {
         let out = dir.path().join("layout");
         crate::build_layout(&rootfs, &out, "t:1").unwrap();
         let image = crate::load(&crate::Source::open(&out).unwrap(), &Default::default(), None).unwrap();
-        let layers: Vec<LayerRef> = image
-            .layers
-            .iter()
-            .map(|l| LayerRef {
-                digest: l.digest.clone(),
-                size: l.size,
-                compression: Compression::of_media_type(&l.media_type).unwrap(),
-                diff_id: l.diff_id.clone(),
-            })
-            .collect();
+        let layers: Vec<LayerRef> = image.layers.iter().map(|l| LayerRef::of(l).unwrap()).collect();
         let cache = RootfsCache::open_with(&dir.path().join("cache"), Exposure::ReadOnlyBind).unwrap();
         let t = cache.acquire(&layers, Owners::Shift(0), from(&out)).unwrap();
         assert!(t.path().starts_with(dir.path().join("cache/rootfs")), "{:?}", t.path());

@@ -648,16 +648,17 @@ pub fn load_rootfs(env: &Env, m: &Manager, rootfs: &Path, name: &str) -> String 
     name.to_owned()
 }
 
-/// Writes label updates to `m` from 16 concurrent clients until its raft
-/// log holds more than `entries` entries.
-pub async fn fill_log(m: &Manager, entries: u64) {
+/// Writes label updates (`c<client>=<n>` on `m`'s own node) to `m` from
+/// `clients` concurrent clients until its raft log holds more than
+/// `entries` entries; returns how many writes were made.
+pub async fn fill_log(m: &Manager, entries: u64, clients: usize) -> usize {
     use swarmd_proto::control::control_client::ControlClient;
     use swarmd_proto::control::UpdateNodeRequest;
     let channel = swarmd::secretctl::connect(&swarmd::secretctl::Host::Unix(m.socket())).await.unwrap();
     let me = m.node_id();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for c in 0..16 {
+    for c in 0..clients {
         let mut client = ControlClient::new(channel.clone());
         let (me, stop) = (me.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -665,21 +666,24 @@ pub async fn fill_log(m: &Manager, entries: u64) {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let req = UpdateNodeRequest {
                     id_or_prefix: me.clone(),
-                    labels_add: [(format!("fill{c}"), i.to_string())].into(),
+                    labels_add: [(format!("c{c}"), i.to_string())].into(),
                     ..Default::default()
                 };
                 client.update_node(req).await.unwrap();
                 i += 1;
             }
+            i
         }));
     }
     tokio::task::block_in_place(|| {
         wait_for("the log to fill", DEADLINE, || (info(m)?["last_log_index"].as_u64()? > entries).then_some(()))
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut writes = 0;
     for t in tasks {
-        t.await.unwrap();
+        writes += t.await.unwrap();
     }
+    writes
 }
 
 /// Waits until `m`'s latest snapshot covers log index `index`. openraft checks

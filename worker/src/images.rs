@@ -257,16 +257,8 @@ async fn prepare(
     if parsed.platform.os != "linux" {
         return Err(format!("image {digest} is for {}, not linux", parsed.platform));
     }
-    let layers: Vec<LayerRef> = parsed
-        .layers
-        .iter()
-        .map(|l| LayerRef {
-            digest: l.digest.clone(),
-            size: l.size,
-            compression: swarmd_image::Compression::of_media_type(&l.media_type).expect("checked by parse"),
-            diff_id: l.diff_id.clone(),
-        })
-        .collect();
+    let layers: Vec<LayerRef> =
+        parsed.layers.iter().map(|l| LayerRef::of(l).expect("parse accepts only layers the cache reads")).collect();
     let owners = Owners::Shift(0);
     // Downloaded first (the gRPC stream is async, the unpacker is not), then
     // checked and unpacked from the files, which go at the end.
