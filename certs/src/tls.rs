@@ -370,6 +370,18 @@ pub fn anonymous_client_config(ca_pem: &str) -> Result<ClientConfig, CertError> 
     Ok(cfg)
 }
 
+/// A client configuration for HTTP/1.1 over TLS to a server outside the
+/// cluster (an image registry, an external CA): the server verified against
+/// `roots`, no client certificate.
+pub fn http1_client_config(roots: RootCertStore) -> Result<ClientConfig, CertError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// The server name clients verify in a manager's certificate.
 pub fn manager_server_name() -> ServerName<'static> {
     ServerName::try_from(crate::MANAGER_SERVER_NAME).expect("valid DNS name")

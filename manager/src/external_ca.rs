@@ -112,12 +112,7 @@ impl ExternalCa {
             ServerName::try_from(host.clone()).map_err(|e| format!("external CA URL {:?}: {e}", record.url))?;
         let roots_pem = if record.tls_roots_pem.is_empty() { cluster_root_pem } else { &record.tls_roots_pem };
         let roots = swarmd_certs::tls::roots_from_pem(roots_pem).map_err(|e| format!("external CA TLS roots: {e}"))?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = swarmd_certs::tls::http1_client_config(roots).map_err(|e| e.to_string())?;
         Ok(Self { url: record.url.clone(), host, port, authority, path, server_name, tls: Arc::new(tls), auth })
     }
 

@@ -144,13 +144,7 @@ impl Registry {
             let pem = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
                 .map_err(|e| format!("the system's CA roots (/etc/ssl/certs/ca-certificates.crt): {e}"))?;
             let roots = swarmd_certs::tls::roots_from_pem(&pem).map_err(|e| format!("the system's CA roots: {e}"))?;
-            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(Arc::new(c))
+            Some(Arc::new(swarmd_certs::tls::http1_client_config(roots).map_err(|e| e.to_string())?))
         };
         Ok(Self { reference, tls, token: tokio::sync::Mutex::new(None) })
     }
