@@ -83,7 +83,8 @@ impl LeaderContact {
         *self.0.lock().expect("contact lock") = Some(std::time::Instant::now());
     }
 
-    fn within(&self, d: std::time::Duration) -> bool {
+    /// Whether an append from the leader was accepted in the last `d`.
+    pub(crate) fn within(&self, d: std::time::Duration) -> bool {
         self.0.lock().expect("contact lock").is_some_and(|t| t.elapsed() <= d)
     }
 }

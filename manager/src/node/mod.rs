@@ -417,7 +417,7 @@ impl Manager {
         );
         swarmd_certs::spawn_loop(
             "leader-watch",
-            raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), tasks.clone()),
+            raft::leader_watch::run(self.raft.clone(), self.cfg.raft.clone(), auth.leader_contact(), tasks.clone()),
         );
         if self.forget_other_managers {
             swarmd_certs::spawn_loop(

@@ -9,6 +9,12 @@
 //! follower starts an election at once (after a random 0–100 ms, so two
 //! followers rarely split the vote). A live but slow leader keeps accepting
 //! connections and is never challenged by this.
+//!
+//! Nor is a leader whose appends still arrive: a port that takes no new
+//! connections is not a dead leader. Under a join storm the leader's accept
+//! queue overflows and new connections time out, while raft travels on
+//! connections opened long before (seen in CI: both followers called an
+//! election against a leader that was heartbeating them).
 
 use std::time::{Duration, Instant};
 
@@ -17,11 +23,13 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Raft, RaftSettings};
+use crate::auth::LeaderContact;
 
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs until cancelled.
-pub async fn run(raft: Raft, settings: RaftSettings, shutdown: CancellationToken) {
+pub async fn run(raft: Raft, settings: RaftSettings, contact: LeaderContact, shutdown: CancellationToken) {
+    let lease = settings.election_max + PROBE_EVERY;
     let mut last_ok = Instant::now();
     let mut watched = None;
     let mut last_trigger: Option<Instant> = None;
@@ -43,13 +51,13 @@ pub async fn run(raft: Raft, settings: RaftSettings, shutdown: CancellationToken
             watched = Some(leader);
             last_ok = Instant::now();
         }
-        let up = matches!(tokio::time::timeout(PROBE_EVERY, TcpStream::connect(&addr)).await, Ok(Ok(_)));
+        let up = contact.within(lease)
+            || matches!(tokio::time::timeout(PROBE_EVERY, TcpStream::connect(&addr)).await, Ok(Ok(_)));
         let now = Instant::now();
         if up {
             last_ok = now;
             continue;
         }
-        let lease = settings.election_max + PROBE_EVERY;
         let recently = last_trigger.is_some_and(|t| now.duration_since(t) < settings.election_min);
         if now.duration_since(last_ok) > lease && !recently {
             tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 100)).await;
